@@ -1,0 +1,160 @@
+"""A webhook receiver on 127.0.0.1 that verifies signatures and records every request it gets.
+
+Used by the demo and the tests. Each CDR can be given a *script*: the statuses to answer its
+successive requests with (e.g. ``[503, 200]`` fails once, then accepts). Unscripted CDRs get 200.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """One request as the receiver saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    signature_ok: bool | None  # None: the receiver has no secret to check with
+    answered: int
+
+    @property
+    def payload(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    @property
+    def cdr_id(self) -> str | None:
+        try:
+            return self.payload.get("cdr_id")
+        except (ValueError, AttributeError):
+            return None
+
+
+class Receiver:
+    """
+    A threaded HTTP server on 127.0.0.1 (an ephemeral port unless given).
+
+    :param secret: The ``whsec_`` secret to verify ``webhook-signature`` with (the reference library).
+    :param api_key: When set, a request without this ``x-api-key`` gets 401.
+    :param redirect_to: The Location of 302 answers.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        api_key: str | None = None,
+        redirect_to: str = "http://127.0.0.1:9/elsewhere",
+        port: int = 0,
+    ) -> None:
+        self._verifier = Webhook(secret) if secret else None
+        self.api_key = api_key
+        self.redirect_to = redirect_to
+        self.requests: list[Received] = []
+        self._scripts: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/cdr-hook"
+
+    def script(self, cdr_id: str, statuses: Iterable[int]) -> None:
+        """Answer the CDR's next requests with these statuses, in order (then 200)."""
+        with self._lock:
+            self._scripts[str(cdr_id)] = list(statuses)
+
+    def received(self, cdr_id: str | None = None) -> list[Received]:
+        with self._lock:
+            return [r for r in self.requests if cdr_id is None or r.cdr_id == cdr_id]
+
+    def start(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> int:
+        signature_ok = None
+        if self._verifier is not None:
+            try:
+                self._verifier.verify(body, headers, json_parse=False)
+                signature_ok = True
+            except WebhookVerificationError:
+                signature_ok = False
+        status = 200
+        if method != "POST":
+            status = 405
+        elif self.api_key is not None and headers.get("x-api-key") != self.api_key:
+            status = 401
+        elif signature_ok is False:
+            status = 401
+        else:
+            try:
+                cdr_id = json.loads(body).get("cdr_id")
+            except (ValueError, AttributeError):
+                cdr_id = None
+            with self._lock:
+                script = self._scripts.get(str(cdr_id))
+                if script:
+                    status = script.pop(0)
+        with self._lock:
+            self.requests.append(
+                Received(
+                    method=method,
+                    path=path,
+                    headers=headers,
+                    body=body,
+                    signature_ok=signature_ok,
+                    answered=status,
+                )
+            )
+        return status
+
+    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {key.lower(): value for key, value in self.headers.items()}
+                status = receiver._answer(self.command, self.path, headers, body)
+                reply = json.dumps({"status": status}).encode()
+                self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("location", receiver.redirect_to)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            do_POST = _serve
+            do_GET = _serve
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # the recorded requests are the log
+
+        return Handler

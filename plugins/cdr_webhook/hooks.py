@@ -1,0 +1,173 @@
+"""The HTTP hook that POSTs one CDR: exactly our headers, no redirects, timeouts, a bounded read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import requests
+from airflow.providers.http.hooks.http import HttpHook
+from requests import Session
+
+from cdr_webhook import __version__
+from cdr_webhook.ledger import EXCERPT_BYTES
+
+#: Connection extra holding the Standard Webhooks signing secret (a ``whsec_…`` string, or a list).
+SIGNING_SECRET_EXTRA = "signing_secret"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptResult:
+    """What one POST produced: a status line, or the network error that prevented one."""
+
+    http_status: int | None
+    reason: str | None
+    response_excerpt: str | None
+    latency_ms: int
+    error: str | None = None
+
+
+class CdrWebhookHook(HttpHook):
+    """
+    POST webhook bodies to the endpoint of an HTTP connection, safely.
+
+    Unlike :class:`~airflow.providers.http.hooks.http.HttpHook` it never follows a redirect (a 302
+    would turn the POST into a GET and hand ``x-api-key`` to another host), always sets connect and
+    read timeouts, ignores proxy environment variables, sends none of the connection's extras as
+    headers (the signing secret lives there), and reads at most :data:`EXCERPT_BYTES` of a response.
+
+    The connection's ``host`` holds the full URL; its ``password`` is the ``x-api-key`` value and the
+    extra ``signing_secret`` the ``whsec_…`` signing secret (or a list of them).
+
+    :param http_conn_id: The HTTP connection of the endpoint.
+    :param timeout: Connect and read timeout, in seconds, and the bound on reading the response.
+    """
+
+    def __init__(self, http_conn_id: str, *, timeout: float = 15.0) -> None:
+        super().__init__(method="POST", http_conn_id=http_conn_id)
+        self.timeout = timeout
+
+    def get_conn(
+        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
+    ) -> Session:
+        """Return a session with no auth, no extras as headers, no proxies from the environment."""
+        connection = self.get_connection(self.http_conn_id)
+        self._set_base_url(connection)
+        session = Session()
+        session.trust_env = False
+        session.max_redirects = 0
+        session.headers.clear()
+        session.headers["user-agent"] = f"cdr-webhook/{__version__}"
+        session = self._configure_session_from_mount_adapters(session)
+        if headers:
+            session.headers.update(headers)
+        return session
+
+    def credentials(self) -> tuple[str | None, list[str]]:
+        """Return the connection's API key and signing secrets."""
+        connection = self.get_connection(self.http_conn_id)
+        raw = connection.extra_dejson.get(SIGNING_SECRET_EXTRA)
+        if raw is None or raw == "":
+            secrets: list[str] = []
+        elif isinstance(raw, str):
+            secrets = [raw]
+        elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            secrets = list(raw)
+        else:
+            raise ValueError(
+                f"connection {self.http_conn_id!r}: extra {SIGNING_SECRET_EXTRA!r} must be a whsec_ string "
+                "or a list of them"
+            )
+        return connection.password or None, secrets
+
+    def post(self, body: bytes, headers: dict[str, str]) -> AttemptResult:
+        """POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble."""
+        session = self.get_conn()
+        url = self.url_from_endpoint(None)
+        started = time.monotonic()
+        try:
+            with session.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=(self.timeout, self.timeout),
+                allow_redirects=False,
+                stream=True,
+            ) as response:
+                excerpt = _read_excerpt(response, started + self.timeout)
+                return AttemptResult(
+                    http_status=response.status_code,
+                    reason=response.reason,
+                    response_excerpt=excerpt,
+                    latency_ms=_elapsed_ms(started),
+                )
+        except requests.Timeout as err:
+            error = f"timed out after {self.timeout:g} s ({_network_reason(err)})"
+        except requests.RequestException as err:
+            error = f"connection failed: {_network_reason(err)}"
+        finally:
+            session.close()
+        return AttemptResult(
+            http_status=None, reason=None, response_excerpt=None, latency_ms=_elapsed_ms(started), error=error
+        )
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+def _read_excerpt(response: requests.Response, deadline: float) -> str | None:
+    """Read at most EXCERPT_BYTES of the body, giving up at the deadline (a drip-feeding server)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_content(chunk_size=512):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= EXCERPT_BYTES or time.monotonic() > deadline:
+                break
+    except requests.RequestException:
+        pass  # the status line arrived, which is what decides the outcome; the excerpt is a courtesy
+    if not chunks:
+        return None
+    return _excerpt_text(b"".join(chunks))
+
+
+def _excerpt_text(raw: bytes) -> str:
+    text = raw[:EXCERPT_BYTES].decode("utf-8", errors="replace").replace("\x00", "")
+    while len(text.encode("utf-8")) > EXCERPT_BYTES:  # replacement characters are 3 bytes each
+        text = text[:-1]
+    return text
+
+
+def _network_reason(err: BaseException) -> str:
+    """
+    Describe a network error by its innermost cause.
+
+    requests' own messages repeat the URL, and a webhook URL may carry a token in its path or query:
+    the innermost urllib3/socket error names only the host and the problem.
+    """
+    reason: BaseException = err
+    seen = set()
+    while id(reason) not in seen:
+        seen.add(id(reason))
+        inner = getattr(reason, "reason", None)
+        if not isinstance(inner, BaseException) and reason.args and isinstance(reason.args[0], BaseException):
+            inner = reason.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        reason = inner
+    text = str(reason)
+    if "url:" in text:  # a wrapper that still quotes the URL: keep only its class
+        text = type(reason).__name__
+    return text
+
+
+def describe_excerpt(excerpt: str | None) -> str:
+    """Return a short, log-safe rendering of a response excerpt."""
+    if not excerpt:
+        return "(empty body)"
+    shown = excerpt if len(excerpt) <= 200 else excerpt[:200] + "…"
+    return json.dumps(shown, ensure_ascii=False)

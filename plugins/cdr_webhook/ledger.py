@@ -1,0 +1,320 @@
+"""The delivery ledger and the watermark, in schema ``cdr_webhook`` of the CDR database.
+
+One ``delivery`` row per (CDR, endpoint) is both the outbox and the record: a run *enqueues* the
+CDRs it selects (``status = 'queued'``, no owner), then *assigns* at most ``max_cdrs_per_run`` of
+them to itself; its mapped tasks record every attempt. Claims are atomic (``ON CONFLICT DO
+NOTHING`` and ``FOR UPDATE SKIP LOCKED``), so two runs never own one CDR, and what a run could not
+take waits in the ledger for the next run: nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from psycopg import sql
+from psycopg.rows import class_row
+
+from cdr_webhook.source import relation_identifier
+
+if TYPE_CHECKING:
+    import datetime as dt
+
+    import psycopg
+
+    from cdr_webhook.window import Scan, Window
+
+STATUSES = ("queued", "delivered", "failed", "skipped")
+EXCERPT_BYTES = 2048
+#: Ledger key prefix for source rows whose cdr_id is NULL: they are recorded (skipped), never sent.
+NULL_CDR_ID_PREFIX = "null-cdr-id:"
+
+_LOCK_KEY = 0x0CD2_3EB0  # advisory lock serialising the DDL of concurrent first runs
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS cdr_webhook;
+
+CREATE TABLE IF NOT EXISTS cdr_webhook.delivery (
+    cdr_id           text        NOT NULL,
+    endpoint         text        NOT NULL,
+    client_id        bigint,
+    cdr_created_at   timestamptz NOT NULL,
+    status           text        NOT NULL DEFAULT 'queued'
+                     CHECK (status IN ('queued', 'delivered', 'failed', 'skipped')),
+    attempts         integer     NOT NULL DEFAULT 0,
+    http_status      integer,
+    error            text,
+    response_excerpt text        CHECK (octet_length(response_excerpt) <= 2048),
+    latency_ms       integer,
+    dag_id           text,
+    run_id           text,
+    map_index        integer,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    claimed_at       timestamptz,
+    last_attempt_at  timestamptz,
+    delivered_at     timestamptz,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (cdr_id, endpoint)
+);
+CREATE INDEX IF NOT EXISTS delivery_queued_idx
+    ON cdr_webhook.delivery (cdr_created_at, cdr_id) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS delivery_cdr_created_at_idx ON cdr_webhook.delivery (cdr_created_at);
+CREATE INDEX IF NOT EXISTS delivery_run_idx ON cdr_webhook.delivery (dag_id, run_id);
+
+CREATE TABLE IF NOT EXISTS cdr_webhook.watermark (
+    source_relation text        PRIMARY KEY,
+    created_at      timestamptz,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A ledger row a run owns: one CDR to POST to one endpoint."""
+
+    cdr_id: str
+    endpoint: str
+    client_id: int | None
+    cdr_created_at: dt.datetime
+    status: str
+    attempts: int
+
+
+class ClaimLost(RuntimeError):
+    """The CDR's ledger row is owned by another live run (or is gone); this task must not POST it."""
+
+
+_CLAIM_COLUMNS = sql.SQL("d.cdr_id, d.endpoint, d.client_id, d.cdr_created_at, d.status, d.attempts")
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the ledger schema and tables if they do not exist (safe to run concurrently)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute(DDL)
+
+
+def owned_claims(conn: psycopg.Connection[Any], *, dag_id: str, run_id: str) -> list[Claim]:
+    """Return the sendable CDRs a run already owns (its select task ran before and was cleared)."""
+    query = sql.SQL(
+        "SELECT {columns} FROM cdr_webhook.delivery AS d "
+        "WHERE d.dag_id = %s AND d.run_id = %s AND d.status <> 'skipped' "
+        "ORDER BY d.cdr_created_at, d.cdr_id"
+    ).format(columns=_CLAIM_COLUMNS)
+    with conn.cursor(row_factory=class_row(Claim)) as cur:
+        return cur.execute(query, (dag_id, run_id)).fetchall()
+
+
+def lock_watermark(conn: psycopg.Connection[Any], relation: str) -> dt.datetime | None:
+    """Return the stored watermark, locking its row until the transaction ends (None before run 1)."""
+    conn.execute(
+        "INSERT INTO cdr_webhook.watermark (source_relation) VALUES (%s) "
+        "ON CONFLICT (source_relation) DO NOTHING",
+        (relation,),
+    )
+    row = conn.execute(
+        "SELECT created_at FROM cdr_webhook.watermark WHERE source_relation = %s FOR UPDATE", (relation,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def advance_watermark(conn: psycopg.Connection[Any], relation: str, created_at: dt.datetime) -> None:
+    """Move the watermark forward to ``created_at`` (never backward)."""
+    # GREATEST ignores NULL, so the first run's NULL watermark simply becomes created_at.
+    conn.execute(
+        "UPDATE cdr_webhook.watermark SET created_at = GREATEST(created_at, %s), updated_at = now() "
+        "WHERE source_relation = %s",
+        (created_at, relation),
+    )
+
+
+def enqueue_new(
+    conn: psycopg.Connection[Any],
+    *,
+    relation: str,
+    endpoint: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    client_id: int | None = None,
+) -> int:
+    """
+    Queue every source CDR with ``start <= created_at < end`` that has no ledger row yet.
+
+    A row whose ``cdr_id`` is NULL cannot be sent; it is recorded as ``skipped`` under a key derived
+    from the row, so it is accounted for once however often the window is read. Returns how many
+    CDRs were queued.
+    """
+    client_filter = sql.SQL(" AND s.client_id = %(client_id)s" if client_id is not None else "")
+    params = {"endpoint": endpoint, "start": start, "end": end, "client_id": client_id, "relation": relation}
+    queue = sql.SQL(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at) "
+        "SELECT s.cdr_id::text, %(endpoint)s, s.client_id, s.created_at FROM {relation} AS s "
+        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND s.cdr_id IS NOT NULL{client} "
+        "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
+    ).format(relation=relation_identifier(relation), client=client_filter)
+    record_null_ids = sql.SQL(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
+        "SELECT {prefix} || md5(s::text), %(endpoint)s, s.client_id, s.created_at, 'skipped', "
+        "'column cdr_id is NULL in ' || %(relation)s || ' (row created_at ' || s.created_at || ')' "
+        "FROM {relation} AS s "
+        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND s.cdr_id IS NULL{client} "
+        "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
+    ).format(
+        prefix=sql.Literal(NULL_CDR_ID_PREFIX), relation=relation_identifier(relation), client=client_filter
+    )
+    queued = conn.execute(queue, params).rowcount
+    conn.execute(record_null_ids, params)
+    return queued
+
+
+def requeue(conn: psycopg.Connection[Any], *, window: Window, statuses: tuple[str, ...]) -> int:
+    """Put finished ledger rows of the window back in the queue, unowned (a deliberate redelivery)."""
+    client_filter = sql.SQL(" AND client_id = %(client_id)s" if window.client_id is not None else "")
+    query = sql.SQL(
+        "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
+        "updated_at = now() "
+        "WHERE cdr_created_at >= %(start)s AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s) "
+        "AND cdr_id NOT LIKE %(null_ids)s{client}"
+    ).format(client=client_filter)
+    params = {
+        "start": window.start,
+        "end": window.end,
+        "statuses": list(statuses),
+        "client_id": window.client_id,
+        "null_ids": NULL_CDR_ID_PREFIX + "%",
+    }
+    return conn.execute(query, params).rowcount
+
+
+def assign(
+    conn: psycopg.Connection[Any],
+    *,
+    dag_id: str,
+    run_id: str,
+    limit: int,
+    claim_timeout_seconds: int,
+    window: Window | Scan | None = None,
+    client_id: int | None = None,
+) -> list[Claim]:
+    """
+    Take ownership of at most ``limit`` queued CDRs, oldest first, and return them.
+
+    Eligible are queued rows with no owner, and *stale* claims: queued rows whose owner has not
+    touched them for ``claim_timeout_seconds`` (its run died, or its task was marked failed by hand
+    before it could record an outcome). ``SKIP LOCKED`` keeps concurrent runs' picks disjoint.
+    """
+    filters = [sql.SQL("")]
+    if window is not None:
+        filters.append(sql.SQL(" AND cdr_created_at >= %(start)s AND cdr_created_at < %(end)s"))
+    if client_id is not None:
+        filters.append(sql.SQL(" AND client_id = %(client_id)s"))
+    query = sql.SQL(
+        "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, map_index = NULL, "
+        "claimed_at = now(), updated_at = now() "
+        "FROM (SELECT cdr_id, endpoint FROM cdr_webhook.delivery "
+        "      WHERE status = 'queued' "
+        "        AND (run_id IS NULL OR updated_at < now() - make_interval(secs => %(timeout)s)){filters} "
+        "      ORDER BY cdr_created_at, cdr_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS pick "
+        "WHERE d.cdr_id = pick.cdr_id AND d.endpoint = pick.endpoint "
+        "RETURNING {columns}"
+    ).format(filters=sql.Composed(filters), columns=_CLAIM_COLUMNS)
+    params = {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "timeout": claim_timeout_seconds,
+        "limit": limit,
+        "start": window.start if window is not None else None,
+        "end": window.end if window is not None else None,
+        "client_id": client_id,
+    }
+    with conn.cursor(row_factory=class_row(Claim)) as cur:
+        claims = cur.execute(query, params).fetchall()
+    return sorted(claims, key=lambda claim: (claim.cdr_created_at, claim.cdr_id))
+
+
+def mark_skipped(conn: psycopg.Connection[Any], claim: Claim, reason: str) -> None:
+    """Record that a CDR will not be sent, and why."""
+    conn.execute(
+        "UPDATE cdr_webhook.delivery SET status = 'skipped', error = %s, updated_at = now() "
+        "WHERE cdr_id = %s AND endpoint = %s",
+        (reason, claim.cdr_id, claim.endpoint),
+    )
+
+
+def start_attempt(
+    conn: psycopg.Connection[Any],
+    *,
+    cdr_id: str,
+    endpoint: str,
+    dag_id: str,
+    run_id: str,
+    map_index: int,
+    claim_timeout_seconds: int,
+) -> Claim:
+    """
+    Confirm this task may POST the CDR now, recording the task as its owner; return the row.
+
+    A task may send when its run owns the row, or when no live run does (the row is finished,
+    unowned or stale): so a cleared task re-sends its CDR. It raises :class:`ClaimLost` when another
+    run owns the row and is still working on it.
+    """
+    query = sql.SQL(
+        "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, "
+        "map_index = %(map_index)s, status = 'queued', updated_at = now() "
+        "WHERE d.cdr_id = %(cdr_id)s AND d.endpoint = %(endpoint)s AND ("
+        "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s) OR d.status <> 'queued' OR d.run_id IS NULL"
+        "  OR d.updated_at < now() - make_interval(secs => %(timeout)s)) "
+        "RETURNING {columns}"
+    ).format(columns=_CLAIM_COLUMNS)
+    params = {
+        "cdr_id": cdr_id,
+        "endpoint": endpoint,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "map_index": map_index,
+        "timeout": claim_timeout_seconds,
+    }
+    with conn.transaction(), conn.cursor(row_factory=class_row(Claim)) as cur:
+        claim = cur.execute(query, params).fetchone()
+    if claim is not None:
+        return claim
+    owner = conn.execute(
+        "SELECT dag_id, run_id FROM cdr_webhook.delivery WHERE cdr_id = %s AND endpoint = %s",
+        (cdr_id, endpoint),
+    ).fetchone()
+    if owner is None:
+        raise ClaimLost(f"CDR {cdr_id!r} has no ledger row for endpoint {endpoint!r}")
+    raise ClaimLost(f"CDR {cdr_id!r} for endpoint {endpoint!r} is being delivered by run {owner[1]!r}")
+
+
+def record_attempt(
+    conn: psycopg.Connection[Any],
+    claim: Claim,
+    *,
+    status: str,
+    http_status: int | None,
+    error: str | None,
+    response_excerpt: str | None,
+    latency_ms: int | None,
+) -> None:
+    """Record one attempt's result on the CDR's row: its count, status, HTTP status, error and latency."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown ledger status {status!r}")
+    with conn.transaction():
+        conn.execute(
+            "UPDATE cdr_webhook.delivery SET attempts = attempts + 1, status = %(status)s, "
+            "http_status = %(http_status)s, error = %(error)s, response_excerpt = %(excerpt)s, "
+            "latency_ms = %(latency_ms)s, last_attempt_at = now(), updated_at = now(), "
+            "delivered_at = CASE WHEN %(status)s = 'delivered' THEN now() ELSE delivered_at END "
+            "WHERE cdr_id = %(cdr_id)s AND endpoint = %(endpoint)s",
+            {
+                "status": status,
+                "http_status": http_status,
+                "error": error,
+                "excerpt": response_excerpt,
+                "latency_ms": latency_ms,
+                "cdr_id": claim.cdr_id,
+                "endpoint": claim.endpoint,
+            },
+        )

@@ -1,0 +1,209 @@
+"""Map one row of the source relation to the webhook payload (the 19 fields of the spec) and its bytes.
+
+Pure: no Airflow, no database. A row that cannot be mapped raises :class:`InvalidCdr`, whose message
+names the CDR, the column and the value, so the ledger can record why the CDR was skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from cdr_webhook.q850 import cause_name
+
+#: The payload's fields, in the order the spec lists them (and the order of the JSON object).
+PAYLOAD_FIELDS: tuple[str, ...] = (
+    "client_id",
+    "cdr_id",
+    "callerid",
+    "callrequest_id",
+    "call_id",
+    "campaign_id",
+    "campaign_name",
+    "leg_type",
+    "phone_number",
+    "list_phonebook_id",
+    "list_phonebook_name",
+    "gateway",
+    "amd_status",
+    "hangup_cause_code",
+    "hangup_cause",
+    "cost",
+    "billed_duration",
+    "incremental_duration",
+    "call_date",
+)
+
+#: The columns the source relation must expose: the payload fields plus ``created_at``.
+SOURCE_COLUMNS: tuple[str, ...] = (*PAYLOAD_FIELDS, "created_at")
+
+_REQUIRED = frozenset({"client_id", "cdr_id", "phone_number", "call_date"})
+_STRINGS = ("cdr_id", "callerid", "callrequest_id", "call_id", "campaign_name", "phone_number", "gateway")
+_INTEGERS = ("client_id", "campaign_id", "leg_type", "amd_status", "hangup_cause_code")
+_NUMBERS = ("cost", "billed_duration", "incremental_duration")
+_NON_NEGATIVE = frozenset({"billed_duration", "incremental_duration"})
+_MAX_VALUE_IN_MESSAGE = 80
+
+
+class InvalidCdr(ValueError):
+    """A source row that cannot become a payload; the message says which column and why."""
+
+    def __init__(self, cdr_id: object, column: str, value: object, problem: str) -> None:
+        self.cdr_id = cdr_id
+        self.column = column
+        self.value = value
+        self.problem = problem
+        shown = repr(value)
+        if len(shown) > _MAX_VALUE_IN_MESSAGE:
+            shown = shown[: _MAX_VALUE_IN_MESSAGE - 3] + "..."
+        super().__init__(f"CDR {cdr_id!r}: column {column} = {shown}: {problem}")
+
+
+def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Return the payload of one source row: every field present, each of the spec's JSON type.
+
+    Numbers from NUMERIC columns stay :class:`~decimal.Decimal` so that :func:`encode_body` writes
+    them exactly; a NULL ``hangup_cause`` with a known Q.850 ``hangup_cause_code`` gets its name.
+    """
+    missing = [column for column in PAYLOAD_FIELDS if column not in row]
+    if missing:
+        raise InvalidCdr(row.get("cdr_id"), missing[0], None, "column missing from the source relation")
+    cdr_id = row["cdr_id"]
+    payload: dict[str, Any] = {}
+    for column in PAYLOAD_FIELDS:
+        value = row[column]
+        if value is None and column in _REQUIRED:
+            raise InvalidCdr(cdr_id, column, value, "must not be NULL")
+        if column in _STRINGS:
+            payload[column] = _string(cdr_id, column, value)
+        elif column in _INTEGERS:
+            payload[column] = _integer(cdr_id, column, value)
+        elif column in _NUMBERS:
+            payload[column] = _number(cdr_id, column, value)
+        elif column == "call_date":
+            payload[column] = _timestamp(cdr_id, column, value)
+        elif column == "hangup_cause":
+            payload[column] = _string(cdr_id, column, value)
+        else:
+            payload[column] = value  # the two phonebook arrays, checked together below
+    if payload["cdr_id"] == "":
+        raise InvalidCdr(cdr_id, "cdr_id", cdr_id, "must not be empty")
+    if payload["phone_number"] == "":
+        raise InvalidCdr(cdr_id, "phone_number", "", "must not be empty")
+    payload["list_phonebook_id"], payload["list_phonebook_name"] = _phonebooks(
+        cdr_id, row["list_phonebook_id"], row["list_phonebook_name"]
+    )
+    if payload["hangup_cause"] is None:
+        payload["hangup_cause"] = cause_name(payload["hangup_cause_code"])
+    return payload
+
+
+def encode_body(payload: Mapping[str, Any]) -> bytes:
+    """
+    Return the exact bytes to POST: compact UTF-8 JSON, fields in spec order.
+
+    A Decimal is written with its own digits (``0.0525`` stays ``0.0525``, never
+    ``0.052500000000000005``); text is written as is, not \\u-escaped.
+    """
+    parts = [f"{json.dumps(key)}:{_json_value(value)}" for key, value in payload.items()]
+    return ("{" + ",".join(parts) + "}").encode("utf-8")
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _string(cdr_id: object, column: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidCdr(cdr_id, column, value, f"expected text, got {type(value).__name__}")
+
+
+def _integer(cdr_id: object, column: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidCdr(cdr_id, column, value, "expected an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (Decimal, float)) and _finite(value) and value == int(value):
+        return int(value)
+    raise InvalidCdr(cdr_id, column, value, "expected an integer")
+
+
+def _number(cdr_id: object, column: str, value: Any) -> int | Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise InvalidCdr(cdr_id, column, value, f"expected a number, got {type(value).__name__}")
+    if not _finite(value):
+        raise InvalidCdr(cdr_id, column, value, "must be a finite number (NaN and Infinity are not JSON)")
+    if column in _NON_NEGATIVE and value < 0:
+        raise InvalidCdr(cdr_id, column, value, "must not be negative")
+    if isinstance(value, float):
+        # repr gives the shortest digits that read back as the same float: no binary noise.
+        value = Decimal(repr(value))
+    if isinstance(value, Decimal):
+        if value == 0:
+            return 0  # also turns -0 into 0
+        if value == value.to_integral_value():
+            return int(value)
+        # NUMERIC(12,5) 0.05250 is written 0.0525. Not Decimal.normalize(): it rounds to 28 digits.
+        return Decimal(format(value, "f").rstrip("0"))
+    return value
+
+
+def _finite(value: float | Decimal) -> bool:
+    return value.is_finite() if isinstance(value, Decimal) else math.isfinite(value)
+
+
+def _timestamp(cdr_id: object, column: str, value: Any) -> str:
+    if not isinstance(value, dt.datetime):
+        raise InvalidCdr(cdr_id, column, value, "expected a timestamp with time zone")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidCdr(
+            cdr_id,
+            column,
+            value,
+            "has no time zone; expose it as timestamptz in the source view "
+            "(e.g. call_date AT TIME ZONE 'UTC')",
+        )
+    return value.astimezone(dt.UTC).isoformat()
+
+
+def _phonebooks(cdr_id: object, ids: Any, names: Any) -> tuple[list[int], list[str]]:
+    ids = [] if ids is None else ids
+    names = [] if names is None else names
+    for column, value in (("list_phonebook_id", ids), ("list_phonebook_name", names)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise InvalidCdr(cdr_id, column, value, "expected an array")
+    if len(ids) != len(names):
+        raise InvalidCdr(
+            cdr_id,
+            "list_phonebook_name",
+            names,
+            f"has {len(names)} elements but list_phonebook_id has {len(ids)}; they must pair up",
+        )
+    checked_ids = []
+    for element in ids:
+        if element is None:
+            raise InvalidCdr(cdr_id, "list_phonebook_id", ids, "has a NULL element")
+        checked_ids.append(_integer(cdr_id, "list_phonebook_id", element))
+    checked_names = []
+    for element in names:
+        if element is None:
+            raise InvalidCdr(cdr_id, "list_phonebook_name", names, "has a NULL element")
+        checked_names.append(_string(cdr_id, "list_phonebook_name", element))
+    return checked_ids, checked_names  # type: ignore[return-value]

@@ -1,0 +1,172 @@
+"""The select step of a run: queue the CDRs it selects, take at most ``max_cdrs_per_run``, check them.
+
+Scheduled runs scan from the watermark; backfill and manual runs use a window and a policy (see
+:mod:`cdr_webhook.window`). What a run returns is what its ``post_cdr`` tasks are mapped over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from cdr_webhook import ledger
+from cdr_webhook.payload import InvalidCdr, build_payload
+from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
+from cdr_webhook.source import check_source, fetch_rows
+from cdr_webhook.window import SCHEDULED, plan_scan, plan_window
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Mapping
+
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What the select step needs to know about its DAG run."""
+
+    dag_id: str
+    run_id: str
+    run_type: str
+    interval_start: dt.datetime | None
+    interval_end: dt.datetime | None
+    params: Mapping[str, Any]
+
+
+def select_cdrs(
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, *, now: dt.datetime
+) -> list[dict[str, str]]:
+    """
+    Claim this run's CDRs and return one ``{"cdr_id", "http_conn_id"}`` mapping per CDR to POST.
+
+    A run that already owns CDRs (its select task was cleared) gets exactly those back.
+    """
+    ledger.ensure_schema(conn)
+    check_source(conn, settings.source_relation)
+    owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
+    if owned:
+        log.info("Run %s already owns %d CDR(s); mapping them again", run.run_id, len(owned))
+        return [_mapped(claim) for claim in owned]
+    with conn.transaction():
+        claims = _claim(conn, run, settings, now=now)
+        sendable = _drop_invalid(conn, settings.source_relation, claims)
+    backlog = conn.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
+    ).fetchone()
+    log.info(
+        "Claimed %d CDR(s), %d to send, %d skipped as invalid; %d queued CDR(s) wait for later runs",
+        len(claims),
+        len(sendable),
+        len(claims) - len(sendable),
+        backlog[0] if backlog else 0,
+    )
+    return [_mapped(claim) for claim in sendable]
+
+
+def _claim(
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, *, now: dt.datetime
+) -> list[ledger.Claim]:
+    relation = settings.source_relation
+    endpoint = DEFAULT_ENDPOINT_CONN_ID
+    common = {
+        "dag_id": run.dag_id,
+        "run_id": run.run_id,
+        "limit": settings.max_cdrs_per_run,
+        "claim_timeout_seconds": settings.claim_timeout_seconds,
+    }
+    if run.run_type == SCHEDULED:
+        if run.interval_start is None or run.interval_end is None:
+            raise ValueError(
+                f"scheduled run {run.run_id} has no data interval; use CronDataIntervalTimetable"
+            )
+        watermark = ledger.lock_watermark(conn, relation)
+        scan = plan_scan(
+            watermark=watermark,
+            interval_start=run.interval_start,
+            interval_end=run.interval_end,
+            lag_seconds=settings.lag_seconds,
+            start_from=settings.start_from,
+        )
+        queued = ledger.enqueue_new(
+            conn, relation=relation, endpoint=endpoint, start=scan.start, end=scan.end
+        )
+        ledger.advance_watermark(conn, relation, scan.end)
+        log.info(
+            "Scanned created_at in [%s, %s) (watermark %s): %d new CDR(s) queued",
+            scan.start.isoformat(),
+            scan.end.isoformat(),
+            watermark.isoformat() if watermark else "not set: first run",
+            queued,
+        )
+        return ledger.assign(conn, **common)
+
+    window = plan_window(
+        params=run.params, interval_start=run.interval_start, interval_end=run.interval_end, now=now
+    )
+    queued = 0
+    if window.policy in ("missing", "all"):
+        queued += ledger.enqueue_new(
+            conn,
+            relation=relation,
+            endpoint=endpoint,
+            start=window.start,
+            end=window.end,
+            client_id=window.client_id,
+        )
+    if window.policy == "failed":
+        queued += ledger.requeue(conn, window=window, statuses=("failed",))
+    if window.policy == "all":
+        queued += ledger.requeue(conn, window=window, statuses=("delivered", "failed", "skipped"))
+    log.info(
+        "Window [%s, %s), policy %s%s: %d CDR(s) queued",
+        window.start.isoformat(),
+        window.end.isoformat(),
+        window.policy,
+        f", client {window.client_id}" if window.client_id is not None else "",
+        queued,
+    )
+    return ledger.assign(conn, window=window, client_id=window.client_id, **common)
+
+
+def _drop_invalid(
+    conn: psycopg.Connection[Any], relation: str, claims: list[ledger.Claim]
+) -> list[ledger.Claim]:
+    """Mark claims whose source row cannot become a payload as skipped; return the rest."""
+    rows = fetch_rows(conn, relation, ((claim.cdr_id, claim.cdr_created_at) for claim in claims))
+    sendable = []
+    for claim in claims:
+        row = rows.get(claim.cdr_id)
+        if row is None:
+            reason = f"CDR {claim.cdr_id!r} is no longer in the source relation {relation!r}"
+        else:
+            try:
+                build_payload(row)
+            except InvalidCdr as err:
+                reason = str(err)
+            else:
+                sendable.append(claim)
+                continue
+        log.warning("Skipping: %s", reason)
+        ledger.mark_skipped(conn, claim, reason)
+    return sendable
+
+
+def _mapped(claim: ledger.Claim) -> dict[str, str]:
+    return {"cdr_id": claim.cdr_id, "http_conn_id": claim.endpoint}
+
+
+def run_info(context: Mapping[str, Any]) -> RunInfo:
+    """Extract the :class:`RunInfo` of the running task's DAG run from its Airflow context."""
+    dag_run = context["dag_run"]
+    return RunInfo(
+        dag_id=dag_run.dag_id,
+        run_id=dag_run.run_id,
+        run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
+        interval_start=context.get("data_interval_start"),
+        interval_end=context.get("data_interval_end"),
+        params=dict(context.get("params") or {}),
+    )

@@ -1,0 +1,152 @@
+"""The ``[cdr_webhook]`` settings: one object, read once, each with a documented default.
+
+Every setting is an Airflow option, so ``AIRFLOW__CDR_WEBHOOK__<NAME>`` sets it. :func:`parse_settings`
+is pure (it takes the raw strings); :func:`load_settings` reads them from Airflow's configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+SECTION = "cdr_webhook"
+
+#: Connection ids: the CDR database (Postgres) and the default endpoint (HTTP).
+CDR_DB_CONN_ID = "cdr_db"
+DEFAULT_ENDPOINT_CONN_ID = "cdr_webhook"
+
+
+class SettingsError(ValueError):
+    """A ``[cdr_webhook]`` option with a value that cannot be used; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of the pipeline. Parse-time settings shape the DAG; the rest are read by tasks."""
+
+    # Read when the DAG file is parsed (the dag-processor must see these too).
+    schedule: str = "* * * * *"
+    retries: int = 6
+    retry_delay_seconds: int = 30
+    max_retry_delay_seconds: int = 900
+    # Read by the tasks when they run.
+    lag_seconds: int = 60
+    max_cdrs_per_run: int = 500
+    request_timeout_seconds: float = 15.0
+    source_relation: str = "cdr_webhook_source"
+    start_from: dt.datetime | None = None
+    claim_timeout_seconds: int = 3600
+
+    def validate(self, *, max_map_length: int) -> None:
+        """Check the rules that tie settings together; raise :class:`SettingsError` naming the fix."""
+        if self.max_cdrs_per_run >= max_map_length:
+            raise SettingsError(
+                f"{_env('max_cdrs_per_run')}={self.max_cdrs_per_run} must stay below Airflow's "
+                f"[core] max_map_length ({max_map_length}): every CDR of a run is one mapped task"
+            )
+        horizon = self.max_retry_delay_seconds + self.request_timeout_seconds
+        if self.claim_timeout_seconds <= horizon:
+            raise SettingsError(
+                f"{_env('claim_timeout_seconds')}={self.claim_timeout_seconds} must exceed "
+                f"max_retry_delay_seconds + request_timeout_seconds ({horizon:g}), or a CDR waiting "
+                "for its next retry would be taken over by another run"
+            )
+
+
+def _env(name: str) -> str:
+    return f"AIRFLOW__{SECTION.upper()}__{name.upper()}"
+
+
+def _whole_number(name: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{_env(name)}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise SettingsError(f"{_env(name)}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _positive_int(name: str, raw: str) -> int:
+    return _whole_number(name, raw, 1)
+
+
+def _non_negative_int(name: str, raw: str) -> int:
+    return _whole_number(name, raw, 0)
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{_env(name)}={raw!r} is not a number") from None
+    if not value > 0:
+        raise SettingsError(f"{_env(name)}={raw!r} must be greater than 0")
+    return value
+
+
+def _relation(name: str, raw: str) -> str:
+    parts = raw.split(".")
+    if not 1 <= len(parts) <= 2 or not all(parts):
+        raise SettingsError(f"{_env(name)}={raw!r} must be a relation name, optionally schema-qualified")
+    return raw
+
+
+def _timestamp(name: str, raw: str) -> dt.datetime | None:
+    if not raw.strip():
+        return None
+    try:
+        value = dt.datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{_env(name)}={raw!r} is not an ISO 8601 timestamp") from None
+    if value.tzinfo is None:
+        raise SettingsError(f"{_env(name)}={raw!r} needs a UTC offset, e.g. 2026-01-01T00:00:00+00:00")
+    return value
+
+
+def _cron(name: str, raw: str) -> str:
+    from croniter import croniter  # Airflow's own cron parser; imported only when a schedule is read
+
+    if not croniter.is_valid(raw):
+        raise SettingsError(f"{_env(name)}={raw!r} is not a valid cron expression")
+    return raw
+
+
+_PARSERS: dict[str, Callable[[str, str], object]] = {
+    "schedule": _cron,
+    "retries": _non_negative_int,
+    "retry_delay_seconds": _positive_int,
+    "max_retry_delay_seconds": _positive_int,
+    "lag_seconds": _non_negative_int,
+    "max_cdrs_per_run": _positive_int,
+    "request_timeout_seconds": _positive_float,
+    "source_relation": _relation,
+    "start_from": _timestamp,
+    "claim_timeout_seconds": _positive_int,
+}
+
+
+def parse_settings(raw: Mapping[str, str], *, max_map_length: int = 1024) -> Settings:
+    """Build and validate :class:`Settings` from option strings; absent options keep their defaults."""
+    values = {name: _PARSERS[name](name, text) for name, text in raw.items() if name in _PARSERS}
+    settings = Settings(**values)  # type: ignore[arg-type]
+    settings.validate(max_map_length=max_map_length)
+    return settings
+
+
+@functools.cache
+def load_settings() -> Settings:
+    """Read ``[cdr_webhook]`` from Airflow's configuration (file or environment), once per process."""
+    from airflow.sdk import conf
+
+    raw = {}
+    for name in _PARSERS:
+        value = conf.get(SECTION, name, fallback=None)
+        if value is not None:
+            raw[name] = value
+    return parse_settings(raw, max_map_length=conf.getint("core", "max_map_length", fallback=1024))

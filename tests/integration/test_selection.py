@@ -1,0 +1,264 @@
+"""Selection and claiming against a real PostgreSQL: watermark, lag, overflow, windows, concurrency."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import threading
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from cdr_webhook import ledger
+from cdr_webhook.selection import RunInfo, select_cdrs
+from cdr_webhook.settings import Settings
+from cdr_webhook.window import InvalidRunRequest
+from demo.dialer import Dialer
+
+T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
+MINUTE = dt.timedelta(minutes=1)
+SETTINGS = Settings(lag_seconds=60, max_cdrs_per_run=500)
+
+
+def scheduled(run: int, start: dt.datetime, end: dt.datetime) -> RunInfo:
+    return RunInfo("cdr_webhook", f"scheduled__{run}", "scheduled", start, end, {})
+
+
+def manual(run: str, **params) -> RunInfo:
+    return RunInfo("cdr_webhook", f"manual__{run}", "manual", None, None, params)
+
+
+def ids(mapped: list[dict[str, str]]) -> list[str]:
+    return [item["cdr_id"] for item in mapped]
+
+
+def ledger_rows(conn) -> dict[str, tuple]:
+    rows = conn.execute("SELECT cdr_id, status, run_id, error FROM cdr_webhook.delivery").fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def watermark(conn) -> dt.datetime | None:
+    row = conn.execute("SELECT created_at FROM cdr_webhook.watermark").fetchone()
+    return row[0] if row else None
+
+
+def finish(conn, cdr_ids, status: str) -> None:
+    conn.execute(
+        "UPDATE cdr_webhook.delivery SET status = %s WHERE cdr_id = ANY(%s)", (status, list(cdr_ids))
+    )
+
+
+def test_first_run_starts_at_its_interval_and_history_is_left_to_backfill(cdr_db):
+    dialer = Dialer(cdr_db)
+    old = dialer.cdr(created_at=T0 - dt.timedelta(hours=2))
+    new = [dialer.cdr(created_at=T0 + dt.timedelta(seconds=s)) for s in (5, 30)]
+    later = dialer.cdr(created_at=T0 + 2 * MINUTE)
+
+    mapped = select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + 2 * MINUTE)
+
+    assert ids(mapped) == new
+    assert all(item["http_conn_id"] == "cdr_webhook" for item in mapped)
+    assert old not in ledger_rows(cdr_db)
+    assert later not in ledger_rows(cdr_db)
+    assert watermark(cdr_db) == T0 + MINUTE
+
+
+def test_start_from_sends_history_on_the_first_run(cdr_db):
+    dialer = Dialer(cdr_db)
+    old = dialer.cdr(created_at=T0 - dt.timedelta(hours=2))
+    settings = dataclasses.replace(SETTINGS, start_from=T0 - dt.timedelta(days=1))
+    assert ids(select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), settings, now=T0 + MINUTE)) == [old]
+
+
+def test_late_commit_within_the_lag_is_still_delivered(cdr_db):
+    dialer = Dialer(cdr_db)
+    first = dialer.cdr(created_at=T0 + dt.timedelta(seconds=10))
+    assert ids(select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)) == [first]
+    # A transaction that began before the first run ends commits afterwards: its created_at is
+    # earlier than the watermark, but within lag_seconds of it.
+    late = dialer.cdr(created_at=T0 + dt.timedelta(seconds=50))
+    fresh = dialer.cdr(created_at=T0 + MINUTE + dt.timedelta(seconds=5))
+    second = select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), SETTINGS, now=T0 + 2 * MINUTE)
+    assert ids(second) == [late, fresh]
+    assert watermark(cdr_db) == T0 + 2 * MINUTE
+
+
+def test_overflow_waits_in_the_ledger_and_is_sent_by_the_next_runs(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdrs = [dialer.cdr(created_at=T0 + dt.timedelta(seconds=s)) for s in range(1, 8)]
+    settings = dataclasses.replace(SETTINGS, max_cdrs_per_run=3)
+
+    runs = [
+        select_cdrs(cdr_db, scheduled(n, T0 + (n - 1) * MINUTE, T0 + n * MINUTE), settings, now=T0 + n * MINUTE)
+        for n in (1, 2, 3, 4)
+    ]
+
+    assert [ids(run) for run in runs] == [cdrs[0:3], cdrs[3:6], cdrs[6:7], []]
+    assert {row[0] for row in ledger_rows(cdr_db).values()} == {"queued"}
+    assert len(ledger_rows(cdr_db)) == 7
+
+
+def test_two_runs_at_once_never_claim_the_same_cdr(cdr_db, cdr_dsn):
+    dialer = Dialer(cdr_db)
+    cdrs = {dialer.cdr(created_at=T0 + dt.timedelta(milliseconds=10 * n)) for n in range(200)}
+    settings = dataclasses.replace(SETTINGS, max_cdrs_per_run=150)
+    barrier = threading.Barrier(2)
+    results: dict[str, list[str]] = {}
+
+    def run(name: str, info: RunInfo) -> None:
+        with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+            barrier.wait()
+            results[name] = ids(select_cdrs(conn, info, settings, now=T0 + MINUTE))
+
+    threads = [
+        threading.Thread(target=run, args=("a", scheduled(1, T0, T0 + MINUTE))),
+        threading.Thread(target=run, args=("b", manual("b", window_start=T0.isoformat(),
+                                                       window_end=(T0 + MINUTE).isoformat()))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert not set(results["a"]) & set(results["b"])
+    assert set(results["a"]) | set(results["b"]) == cdrs
+
+
+def test_cleared_select_maps_exactly_what_its_run_claimed(cdr_db):
+    dialer = Dialer(cdr_db)
+    first = [dialer.cdr(created_at=T0 + dt.timedelta(seconds=s)) for s in (1, 2)]
+    run = scheduled(1, T0, T0 + MINUTE)
+    assert ids(select_cdrs(cdr_db, run, SETTINGS, now=T0 + MINUTE)) == first
+    dialer.cdr(created_at=T0 + dt.timedelta(seconds=3))  # arrives after the run claimed
+    finish(cdr_db, first[:1], "delivered")
+
+    again = select_cdrs(cdr_db, run, SETTINGS, now=T0 + MINUTE)
+
+    assert ids(again) == first
+
+
+def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db):
+    cdr_db.execute(
+        """
+        CREATE TABLE public.cdr_feed (
+            client_id bigint, cdr_id text, callerid text, callrequest_id text, call_id text,
+            campaign_id bigint, campaign_name text, leg_type int, phone_number text,
+            list_phonebook_id bigint[], list_phonebook_name text[], gateway text, amd_status int,
+            hangup_cause_code int, hangup_cause text, cost numeric, billed_duration int,
+            incremental_duration int, call_date timestamptz, created_at timestamptz
+        )
+        """
+    )
+
+    def add(cdr_id, second, **overrides):
+        row = {
+            "client_id": 7, "cdr_id": cdr_id, "callerid": "x", "callrequest_id": "r", "call_id": "c",
+            "campaign_id": 1, "campaign_name": "n", "leg_type": 1, "phone_number": "+3465",
+            "list_phonebook_id": [1], "list_phonebook_name": ["a"], "gateway": "g", "amd_status": 1,
+            "hangup_cause_code": 16, "hangup_cause": None, "cost": Decimal("0.1"), "billed_duration": 1,
+            "incremental_duration": 1, "call_date": T0, "created_at": T0 + dt.timedelta(seconds=second),
+        }
+        row.update(overrides)
+        columns = ", ".join(row)
+        cdr_db.execute(
+            f"INSERT INTO public.cdr_feed ({columns}) VALUES ({', '.join(['%s'] * len(row))})",
+            list(row.values()),
+        )
+
+    add("good-1", 1)
+    add(None, 2)
+    add("nan-cost", 3, cost=Decimal("NaN"))
+    add("no-phone", 4, phone_number=None)
+    add("uneven", 5, list_phonebook_name=["a", "b"])
+    add("good-2", 6)
+    settings = dataclasses.replace(SETTINGS, source_relation="public.cdr_feed")
+
+    mapped = select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), settings, now=T0 + MINUTE)
+
+    assert ids(mapped) == ["good-1", "good-2"]
+    rows = ledger_rows(cdr_db)
+    assert rows["nan-cost"][0] == "skipped"
+    assert "column cost = Decimal('NaN'): must be a finite number" in rows["nan-cost"][2]
+    assert "column phone_number = None: must not be NULL" in rows["no-phone"][2]
+    assert "list_phonebook_name" in rows["uneven"][2]
+    null_rows = [row for key, row in rows.items() if key.startswith(ledger.NULL_CDR_ID_PREFIX)]
+    assert len(null_rows) == 1
+    assert null_rows[0][0] == "skipped"
+    assert "column cdr_id is NULL in public.cdr_feed" in null_rows[0][2]
+    # Read again (the next run's lag re-read): nothing is recorded twice, nothing new is sent.
+    assert select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), settings, now=T0 + 2 * MINUTE) == []
+    assert len(ledger_rows(cdr_db)) == 6
+
+
+def test_stale_claims_become_eligible_again(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdr = dialer.cdr(created_at=T0 + dt.timedelta(seconds=1))
+    assert ids(select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)) == [cdr]
+    # Run 1 dies: its claim stays queued. While it is fresh, nobody else takes it.
+    assert select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), SETTINGS, now=T0 + 2 * MINUTE) == []
+    cdr_db.execute(
+        "UPDATE cdr_webhook.delivery SET updated_at = now() - make_interval(secs => %s)",
+        (SETTINGS.claim_timeout_seconds + 1,),
+    )
+
+    taken = select_cdrs(cdr_db, scheduled(3, T0 + 2 * MINUTE, T0 + 3 * MINUTE), SETTINGS, now=T0 + 3 * MINUTE)
+
+    assert ids(taken) == [cdr]
+    assert ledger_rows(cdr_db)[cdr][1] == "scheduled__3"
+
+
+def test_window_policies(cdr_db):
+    dialer = Dialer(cdr_db)
+    delivered, failed, never, other_client = (
+        dialer.cdr(created_at=T0 + dt.timedelta(seconds=1)),
+        dialer.cdr(created_at=T0 + dt.timedelta(seconds=2)),
+        dialer.cdr(created_at=T0 + dt.timedelta(seconds=3)),
+        dialer.cdr(client_id=8, created_at=T0 + dt.timedelta(seconds=4)),
+    )
+    outside = dialer.cdr(created_at=T0 + 10 * MINUTE)
+    window = {"window_start": T0.isoformat(), "window_end": (T0 + 5 * MINUTE).isoformat()}
+    now = T0 + dt.timedelta(hours=1)
+    ledger.ensure_schema(cdr_db)
+    cdr_db.execute("INSERT INTO cdr_webhook.watermark VALUES ('cdr_webhook_source', %s)", (T0,))
+    for cdr, status in ((delivered, "delivered"), (failed, "failed")):
+        cdr_db.execute(
+            "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status) "
+            "SELECT cdr_id, 'cdr_webhook', client_id, created_at, %s FROM cdr_webhook_source WHERE cdr_id = %s",
+            (status, cdr),
+        )
+
+    assert ids(select_cdrs(cdr_db, manual("m1", **window), SETTINGS, now=now)) == [never, other_client]
+    assert select_cdrs(cdr_db, manual("m2", **window), SETTINGS, now=now) == []
+    assert ids(select_cdrs(cdr_db, manual("f1", policy="failed", **window), SETTINGS, now=now)) == [failed]
+    finish(cdr_db, [never, other_client, failed], "delivered")
+    assert ids(select_cdrs(cdr_db, manual("a1", policy="all", client_id=1, **window), SETTINGS, now=now)) == [
+        delivered,
+        failed,
+        never,
+    ]
+    assert outside not in ledger_rows(cdr_db)
+    assert watermark(cdr_db) == T0  # window runs never move it
+
+
+def test_window_run_with_a_bad_request_claims_nothing(cdr_db):
+    Dialer(cdr_db).cdr(created_at=T0)
+    with pytest.raises(InvalidRunRequest, match="give both Params window_start and window_end"):
+        select_cdrs(cdr_db, manual("x"), SETTINGS, now=T0 + MINUTE)
+    assert ledger_rows(cdr_db) == {}
+
+
+def test_a_task_cannot_send_a_cdr_another_live_run_owns(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdr = dialer.cdr(created_at=T0 + dt.timedelta(seconds=1))
+    select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)
+    common = {"cdr_id": cdr, "endpoint": "cdr_webhook", "dag_id": "cdr_webhook", "map_index": 0,
+              "claim_timeout_seconds": 3600}
+
+    with pytest.raises(ledger.ClaimLost, match="is being delivered by run 'scheduled__1'"):
+        ledger.start_attempt(cdr_db, run_id="scheduled__9", **common)
+    claim = ledger.start_attempt(cdr_db, run_id="scheduled__1", **common)
+    assert claim.cdr_id == cdr
+    finish(cdr_db, [cdr], "failed")
+    # Once no run is working on it (here: failed), a cleared task of another run may resend it.
+    assert ledger.start_attempt(cdr_db, run_id="scheduled__9", **common).status == "queued"

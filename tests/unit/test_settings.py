@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from cdr_webhook.settings import Settings, SettingsError, parse_settings
+
+
+def test_defaults():
+    settings = parse_settings({})
+    assert settings == Settings()
+    assert settings.schedule == "* * * * *"
+    assert settings.max_cdrs_per_run == 500
+    assert settings.retries == 6
+    assert settings.request_timeout_seconds == 15
+    assert settings.source_relation == "cdr_webhook_source"
+    assert settings.start_from is None
+
+
+def test_values_are_parsed():
+    settings = parse_settings(
+        {
+            "schedule": "*/5 * * * *",
+            "lag_seconds": "0",
+            "max_cdrs_per_run": "200",
+            "request_timeout_seconds": "2.5",
+            "source_relation": "billing.cdr_feed",
+            "start_from": "2026-11-01T00:00:00+00:00",
+        }
+    )
+    assert settings.lag_seconds == 0
+    assert settings.request_timeout_seconds == 2.5
+    assert settings.source_relation == "billing.cdr_feed"
+    assert settings.start_from == dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"max_cdrs_per_run": "1024"}, "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN=1024 must stay below"),
+        ({"max_cdrs_per_run": "many"}, "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN='many' is not a whole number"),
+        ({"retries": "-1"}, "AIRFLOW__CDR_WEBHOOK__RETRIES='-1' must be at least 0"),
+        ({"schedule": "every minute"}, "AIRFLOW__CDR_WEBHOOK__SCHEDULE='every minute' is not a valid cron"),
+        ({"start_from": "2026-11-01"}, "needs a UTC offset"),
+        ({"source_relation": "a.b.c"}, "must be a relation name"),
+        ({"request_timeout_seconds": "0"}, "must be greater than 0"),
+        ({"claim_timeout_seconds": "600"}, "CLAIM_TIMEOUT_SECONDS=600 must exceed"),
+    ],
+)
+def test_bad_values_name_the_variable(raw, message):
+    with pytest.raises(SettingsError, match=message):
+        parse_settings(raw)
