@@ -57,9 +57,9 @@ class CdrWebhookHook(HttpHook):
         self._set_base_url(connection)
         session = Session()
         session.trust_env = False
-        session.max_redirects = 0
         session.headers.clear()
         session.headers["user-agent"] = f"cdr-webhook/{__version__}"
+        session.headers["accept-encoding"] = "identity"  # no compressed replies: no decompression bombs
         session = self._configure_session_from_mount_adapters(session)
         if headers:
             session.headers.update(headers)

@@ -90,7 +90,9 @@ def test_overflow_waits_in_the_ledger_and_is_sent_by_the_next_runs(cdr_db):
     settings = dataclasses.replace(SETTINGS, max_cdrs_per_run=3)
 
     runs = [
-        select_cdrs(cdr_db, scheduled(n, T0 + (n - 1) * MINUTE, T0 + n * MINUTE), settings, now=T0 + n * MINUTE)
+        select_cdrs(
+            cdr_db, scheduled(n, T0 + (n - 1) * MINUTE, T0 + n * MINUTE), settings, now=T0 + n * MINUTE
+        )
         for n in (1, 2, 3, 4)
     ]
 
@@ -113,8 +115,10 @@ def test_two_runs_at_once_never_claim_the_same_cdr(cdr_db, cdr_dsn):
 
     threads = [
         threading.Thread(target=run, args=("a", scheduled(1, T0, T0 + MINUTE))),
-        threading.Thread(target=run, args=("b", manual("b", window_start=T0.isoformat(),
-                                                       window_end=(T0 + MINUTE).isoformat()))),
+        threading.Thread(
+            target=run,
+            args=("b", manual("b", window_start=T0.isoformat(), window_end=(T0 + MINUTE).isoformat())),
+        ),
     ]
     for thread in threads:
         thread.start()
@@ -153,11 +157,26 @@ def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db):
 
     def add(cdr_id, second, **overrides):
         row = {
-            "client_id": 7, "cdr_id": cdr_id, "callerid": "x", "callrequest_id": "r", "call_id": "c",
-            "campaign_id": 1, "campaign_name": "n", "leg_type": 1, "phone_number": "+3465",
-            "list_phonebook_id": [1], "list_phonebook_name": ["a"], "gateway": "g", "amd_status": 1,
-            "hangup_cause_code": 16, "hangup_cause": None, "cost": Decimal("0.1"), "billed_duration": 1,
-            "incremental_duration": 1, "call_date": T0, "created_at": T0 + dt.timedelta(seconds=second),
+            "client_id": 7,
+            "cdr_id": cdr_id,
+            "callerid": "x",
+            "callrequest_id": "r",
+            "call_id": "c",
+            "campaign_id": 1,
+            "campaign_name": "n",
+            "leg_type": 1,
+            "phone_number": "+3465",
+            "list_phonebook_id": [1],
+            "list_phonebook_name": ["a"],
+            "gateway": "g",
+            "amd_status": 1,
+            "hangup_cause_code": 16,
+            "hangup_cause": None,
+            "cost": Decimal("0.1"),
+            "billed_duration": 1,
+            "incremental_duration": 1,
+            "call_date": T0,
+            "created_at": T0 + dt.timedelta(seconds=second),
         }
         row.update(overrides)
         columns = ", ".join(row)
@@ -187,7 +206,9 @@ def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db):
     assert null_rows[0][0] == "skipped"
     assert "column cdr_id is NULL in public.cdr_feed" in null_rows[0][2]
     # Read again (the next run's lag re-read): nothing is recorded twice, nothing new is sent.
-    assert select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), settings, now=T0 + 2 * MINUTE) == []
+    assert (
+        select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), settings, now=T0 + 2 * MINUTE) == []
+    )
     assert len(ledger_rows(cdr_db)) == 6
 
 
@@ -196,7 +217,9 @@ def test_stale_claims_become_eligible_again(cdr_db):
     cdr = dialer.cdr(created_at=T0 + dt.timedelta(seconds=1))
     assert ids(select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)) == [cdr]
     # Run 1 dies: its claim stays queued. While it is fresh, nobody else takes it.
-    assert select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), SETTINGS, now=T0 + 2 * MINUTE) == []
+    assert (
+        select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), SETTINGS, now=T0 + 2 * MINUTE) == []
+    )
     cdr_db.execute(
         "UPDATE cdr_webhook.delivery SET updated_at = now() - make_interval(secs => %s)",
         (SETTINGS.claim_timeout_seconds + 1,),
@@ -252,8 +275,13 @@ def test_a_task_cannot_send_a_cdr_another_live_run_owns(cdr_db):
     dialer = Dialer(cdr_db)
     cdr = dialer.cdr(created_at=T0 + dt.timedelta(seconds=1))
     select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)
-    common = {"cdr_id": cdr, "endpoint": "cdr_webhook", "dag_id": "cdr_webhook", "map_index": 0,
-              "claim_timeout_seconds": 3600}
+    common = {
+        "cdr_id": cdr,
+        "endpoint": "cdr_webhook",
+        "dag_id": "cdr_webhook",
+        "map_index": 0,
+        "claim_timeout_seconds": 3600,
+    }
 
     with pytest.raises(ledger.ClaimLost, match="is being delivered by run 'scheduled__1'"):
         ledger.start_attempt(cdr_db, run_id="scheduled__9", **common)

@@ -22,7 +22,7 @@ def test_webhook_id_is_stable_per_cdr_and_endpoint_and_has_no_dot():
 
 
 def test_signature_verifies_with_the_reference_library():
-    body = '{"cdr_id":"1","callerid":"{{ 7 * 7 }}"}'.encode()
+    body = b'{"cdr_id":"1","callerid":"{{ 7 * 7 }}"}'
     now = int(time.time())
     headers = build_headers(msg_id="msg_1", timestamp=now, body=body, api_key="k", signing_secrets=[SECRET])
     assert Webhook(SECRET).verify(body, headers) == {"cdr_id": "1", "callerid": "{{ 7 * 7 }}"}
@@ -34,7 +34,9 @@ def test_one_byte_tamper_and_stale_timestamp_are_rejected():
     headers = build_headers(msg_id="msg_1", timestamp=now, body=body, api_key=None, signing_secrets=[SECRET])
     with pytest.raises(WebhookVerificationError):
         Webhook(SECRET).verify(b'{"cdr_id":"2"}', headers)
-    old = build_headers(msg_id="msg_1", timestamp=now - 360, body=body, api_key=None, signing_secrets=[SECRET])
+    old = build_headers(
+        msg_id="msg_1", timestamp=now - 360, body=body, api_key=None, signing_secrets=[SECRET]
+    )
     with pytest.raises(WebhookVerificationError):
         Webhook(SECRET).verify(body, old)
 
@@ -42,7 +44,11 @@ def test_one_byte_tamper_and_stale_timestamp_are_rejected():
 def test_two_secrets_give_two_signatures_each_verifying():
     body = b"{}"
     headers = build_headers(
-        msg_id="msg_1", timestamp=int(time.time()), body=body, api_key=None, signing_secrets=[SECRET, OTHER_SECRET]
+        msg_id="msg_1",
+        timestamp=int(time.time()),
+        body=body,
+        api_key=None,
+        signing_secrets=[SECRET, OTHER_SECRET],
     )
     assert len(headers["webhook-signature"].split(" ")) == 2
     Webhook(SECRET).verify(body, headers)

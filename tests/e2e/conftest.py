@@ -1,0 +1,69 @@
+"""Fixtures for running the real DAG with ``dag.test()``: a migrated metadata DB, the endpoint, a runner."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from demo.receiver import Receiver
+from tests.conftest import AIRFLOW_HOME, ROOT
+
+API_KEY = "k3y-7d41c0ffee9b2e"
+SIGNING_SECRET = "whsec_" + base64.b64encode(b"cdr-webhook-test-signing-key-32b").decode()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """Migrate this session's SQLite metadata DB (in the throwaway AIRFLOW_HOME) once."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+        cwd=AIRFLOW_HOME,
+    )
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """A verifying receiver registered as the default endpoint, connection ``cdr_webhook``."""
+    with Receiver(secret=SIGNING_SECRET, api_key=API_KEY) as server:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_CDR_WEBHOOK",
+            json.dumps(
+                {
+                    "conn_type": "http",
+                    "host": server.url,
+                    "password": API_KEY,
+                    "extra": {"signing_secret": SIGNING_SECRET},
+                }
+            ),
+        )
+        yield server
+
+
+@pytest.fixture
+def run_dag(airflow_db: None, cdr_db: Any) -> Callable[..., Any]:
+    """Run the ``cdr_webhook`` DAG once with ``dag.test()``, with the given Params; return the run."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from cdr_webhook.settings import load_settings
+
+    def run(**params: Any) -> Any:
+        load_settings.cache_clear()
+        bag = DagBag(dag_folder=str(ROOT / "dags"))
+        assert not bag.import_errors, bag.import_errors
+        dag = bag.get_dag("cdr_webhook")
+        conf = {
+            key: value.isoformat() if isinstance(value, dt.datetime) else value
+            for key, value in params.items()
+        }
+        return dag.test(logical_date=None, run_conf=conf)
+
+    return run

@@ -1,0 +1,157 @@
+"""CdrWebhookHook against real HTTP servers on 127.0.0.1: headers, redirects, timeouts, bounded reads."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from cdr_webhook.hooks import CdrWebhookHook
+from cdr_webhook.signing import build_headers
+from demo.receiver import Receiver
+
+API_KEY = "key-5f2b9c1e7a"
+SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
+BODY = b'{"cdr_id":"1","callerid":"{{ 7 * 7 }}"}'
+
+
+def http_conn(monkeypatch, conn_id: str, url: str, *, password: str | None = API_KEY, **extra) -> None:
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{conn_id.upper()}",
+        json.dumps({"conn_type": "http", "host": url, "password": password, "extra": extra}),
+    )
+
+
+def headers_for(body: bytes = BODY) -> dict[str, str]:
+    return build_headers(
+        msg_id="msg_1", timestamp=int(time.time()), body=body, api_key=API_KEY, signing_secrets=[SECRET]
+    )
+
+
+@pytest.fixture
+def receiver():
+    with Receiver(secret=SECRET, api_key=API_KEY) as server:
+        yield server
+
+
+def test_sends_exactly_our_headers_and_none_of_the_extras(monkeypatch, receiver):
+    http_conn(monkeypatch, "hook_test", receiver.url, login="user", signing_secret=SECRET, x_leak="nope")
+    hook = CdrWebhookHook("hook_test", timeout=5)
+
+    result = hook.post(BODY, headers_for())
+
+    assert (result.http_status, result.error) == (200, None)
+    [request] = receiver.received()
+    assert request.signature_ok is True
+    assert request.body == BODY
+    assert set(request.headers) == {
+        "host",
+        "user-agent",
+        "accept-encoding",
+        "content-length",
+        "content-type",
+        "x-api-key",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+    assert request.headers["x-api-key"] == API_KEY
+    assert request.headers["accept-encoding"] == "identity"
+    assert request.path == "/cdr-hook"
+
+
+def test_credentials_come_from_password_and_signing_secret_extra(monkeypatch):
+    http_conn(monkeypatch, "hook_test", "http://127.0.0.1:9/x", signing_secret=[SECRET, SECRET])
+    assert CdrWebhookHook("hook_test").credentials() == (API_KEY, [SECRET, SECRET])
+    http_conn(monkeypatch, "hook_test", "http://127.0.0.1:9/x", password=None)
+    assert CdrWebhookHook("hook_test").credentials() == (None, [])
+    http_conn(monkeypatch, "hook_test", "http://127.0.0.1:9/x", signing_secret={"a": 1})
+    with pytest.raises(ValueError, match="extra 'signing_secret' must be a whsec_ string or a list"):
+        CdrWebhookHook("hook_test").credentials()
+
+
+def test_redirect_is_a_failure_and_its_target_is_never_contacted(monkeypatch):
+    with Receiver() as target, Receiver(redirect_to=target.url) as redirecting:
+        redirecting.script("1", [302])
+        http_conn(monkeypatch, "hook_test", redirecting.url)
+
+        result = CdrWebhookHook("hook_test", timeout=5).post(BODY, headers_for())
+
+        assert result.http_status == 302
+        assert len(redirecting.received()) == 1
+        assert target.received() == []
+
+
+def test_a_silent_server_times_out(monkeypatch):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
+        started = time.monotonic()
+
+        result = CdrWebhookHook("hook_test", timeout=1).post(BODY, headers_for())
+
+        assert result.http_status is None
+        assert result.error.startswith("timed out after 1 s")
+        assert time.monotonic() - started < 5
+
+
+def test_connection_refused_is_described_without_the_url(monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{port}/hook/tok-abc123?token=tok-abc123")
+
+    result = CdrWebhookHook("hook_test", timeout=2).post(BODY, headers_for())
+
+    assert result.http_status is None
+    assert result.error.startswith("connection failed:")
+    assert "Connection refused" in result.error
+    assert "tok-abc123" not in result.error
+
+
+def test_proxy_environment_variables_are_ignored(monkeypatch, receiver):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    http_conn(monkeypatch, "hook_test", receiver.url)
+
+    assert CdrWebhookHook("hook_test", timeout=5).post(BODY, headers_for()).http_status == 200
+
+
+class _HugeBody(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(500)
+        self.send_header("content-length", str(10 * 1024 * 1024))
+        self.end_headers()
+        chunk = b"\xff" + b"x" * 65535
+        try:
+            for _ in range(160):
+                self.wfile.write(chunk)
+        except OSError:
+            pass  # the client stopped reading, as it should
+
+    def log_message(self, *args):
+        pass
+
+
+def test_only_a_bounded_excerpt_of_the_response_is_read(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HugeBody)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{server.server_address[1]}/")
+        result = CdrWebhookHook("hook_test", timeout=5).post(BODY, headers_for())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.http_status == 500
+    assert 0 < len(result.response_excerpt.encode()) <= 2048
+    assert result.response_excerpt.startswith("\ufffd")

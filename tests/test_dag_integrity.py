@@ -1,0 +1,54 @@
+"""The DAG folder and the plugins folder load cleanly, and the DAG has the shape DESIGN.md promises."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert list(dagbag.dags) == ["cdr_webhook"]
+
+
+def test_dag_shape(dagbag):
+    from airflow.sdk import CronDataIntervalTimetable
+
+    from cdr_webhook.operators import CdrWebhookOperator
+
+    dag = dagbag.dags["cdr_webhook"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.max_active_runs == 1
+    assert dag.catchup is False
+    assert set(dag.params) == {"window_start", "window_end", "policy", "client_id"}
+    assert dag.params.get_param("policy").value == "missing"
+    assert dag.doc_md and "CDR webhook delivery" in dag.doc_md
+    post = dag.get_task("post_cdr")
+    assert post.operator_class is CdrWebhookOperator or issubclass(post.operator_class, CdrWebhookOperator)
+    assert post.partial_kwargs["map_index_template"] == "{{ task.cdr_id }}"
+    assert post.partial_kwargs["retries"] == 6
+    assert [t.task_id for t in post.upstream_list] == ["select_cdrs"]
+    # Nothing of the CDR is ever a template field (Jinja in CDR text must arrive verbatim).
+    assert CdrWebhookOperator.template_fields == ()
+
+
+def test_plugin_loading_does_not_import_package_modules_under_bare_names():
+    """Airflow imports every .py under plugins/ as a top-level module; plugins/.airflowignore stops it."""
+    from airflow import plugins_manager
+
+    plugins_manager.ensure_plugins_loaded()
+
+    assert plugins_manager.get_import_errors() == {}
+    for bare in ("payload", "ledger", "settings", "operators", "hooks", "signing", "window", "source", "db"):
+        module = sys.modules.get(bare)
+        assert module is None or "cdr_webhook" not in str(getattr(module, "__file__", "")), bare
