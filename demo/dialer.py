@@ -10,9 +10,10 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_SCHEMA = ROOT / "sql" / "reference_schema.sql"
@@ -120,7 +121,8 @@ class Dialer:
             "INSERT INTO dialer.cdr (id, callrequest_id, call_id, leg_type, phone_number, callerid, "
             "gateway_id, amd_status, hangup_cause_code, hangup_cause, cost, billed_duration, "
             "incremental_duration, call_date, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, COALESCE(%s, clock_timestamp()))",
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "COALESCE(%s, clock_timestamp()))",
             (
                 cdr_uuid,
                 callrequest_id,

@@ -10,10 +10,12 @@ import dataclasses
 import http.server
 import json
 import threading
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,13 +7,15 @@ import datetime as dt
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from demo.receiver import Receiver
 from tests.conftest import AIRFLOW_HOME, ROOT
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 API_KEY = "k3y-7d41c0ffee9b2e"
 SIGNING_SECRET = "whsec_" + base64.b64encode(b"cdr-webhook-test-signing-key-32b").decode()

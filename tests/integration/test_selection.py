@@ -247,7 +247,8 @@ def test_window_policies(cdr_db):
     for cdr, status in ((delivered, "delivered"), (failed, "failed")):
         cdr_db.execute(
             "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status) "
-            "SELECT cdr_id, 'cdr_webhook', client_id, created_at, %s FROM cdr_webhook_source WHERE cdr_id = %s",
+            "SELECT cdr_id, 'cdr_webhook', client_id, created_at, %s FROM cdr_webhook_source "
+            "WHERE cdr_id = %s",
             (status, cdr),
         )
 
