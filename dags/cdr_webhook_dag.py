@@ -18,19 +18,24 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
 from cdr_webhook.operators import CdrWebhookOperator
-from cdr_webhook.settings import load_settings
+from cdr_webhook.settings import load_settings, schedule_interval
 from cdr_webhook.window import POLICIES
 
 settings = load_settings()
+interval = schedule_interval(settings.schedule)
 
 
 @dag(
     dag_id="cdr_webhook",
     # A plain cron string gives empty data intervals on Airflow 3.3; the scan needs real ones.
-    schedule=CronDataIntervalTimetable(settings.schedule, timezone="UTC"),
+    schedule=(
+        DeltaDataIntervalTimetable(interval)
+        if interval
+        else CronDataIntervalTimetable(settings.schedule, timezone="UTC")
+    ),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
 from cdr_webhook.source import relation_identifier
 
@@ -61,6 +62,16 @@ CREATE INDEX IF NOT EXISTS delivery_queued_idx
 CREATE INDEX IF NOT EXISTS delivery_cdr_created_at_idx ON cdr_webhook.delivery (cdr_created_at);
 CREATE INDEX IF NOT EXISTS delivery_run_idx ON cdr_webhook.delivery (dag_id, run_id);
 
+-- What each run asked for when it claimed: a cleared run that asks again for the same thing gets
+-- its own claims back; a run cleared with new Params (a reprocessing backfill) selects anew.
+CREATE TABLE IF NOT EXISTS cdr_webhook.run_selection (
+    dag_id      text        NOT NULL,
+    run_id      text        NOT NULL,
+    request     jsonb       NOT NULL,
+    selected_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dag_id, run_id)
+);
+
 CREATE TABLE IF NOT EXISTS cdr_webhook.watermark (
     source_relation text        PRIMARY KEY,
     created_at      timestamptz,
@@ -96,14 +107,39 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
 
 
 def owned_claims(conn: psycopg.Connection[Any], *, dag_id: str, run_id: str) -> list[Claim]:
-    """Return the sendable CDRs a run already owns (its select task ran before and was cleared)."""
+    """
+    Return the sendable CDRs a run claimed for its current request (its select task was cleared).
+
+    Claims and the request are written in one transaction, so they share its ``now()``: rows the
+    run claimed for an earlier request (before a reprocessing backfill gave it new Params) are older.
+    """
     query = sql.SQL(
         "SELECT {columns} FROM cdr_webhook.delivery AS d "
-        "WHERE d.dag_id = %s AND d.run_id = %s AND d.status <> 'skipped' "
+        "JOIN cdr_webhook.run_selection AS r ON r.dag_id = d.dag_id AND r.run_id = d.run_id "
+        "WHERE d.dag_id = %s AND d.run_id = %s AND d.status <> 'skipped' AND d.claimed_at >= r.selected_at "
         "ORDER BY d.cdr_created_at, d.cdr_id"
     ).format(columns=_CLAIM_COLUMNS)
     with conn.cursor(row_factory=class_row(Claim)) as cur:
         return cur.execute(query, (dag_id, run_id)).fetchall()
+
+
+def recorded_request(conn: psycopg.Connection[Any], *, dag_id: str, run_id: str) -> dict[str, Any] | None:
+    """Return what the run asked for when it last claimed CDRs, or None if it never did."""
+    row = conn.execute(
+        "SELECT request FROM cdr_webhook.run_selection WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def record_request(
+    conn: psycopg.Connection[Any], *, dag_id: str, run_id: str, request: dict[str, Any]
+) -> None:
+    """Remember what the run asked for (in the transaction of its claims)."""
+    conn.execute(
+        "INSERT INTO cdr_webhook.run_selection (dag_id, run_id, request) VALUES (%s, %s, %s) "
+        "ON CONFLICT (dag_id, run_id) DO UPDATE SET request = EXCLUDED.request, selected_at = now()",
+        (dag_id, run_id, Jsonb(request)),
+    )
 
 
 def lock_watermark(conn: psycopg.Connection[Any], relation: str) -> dt.datetime | None:

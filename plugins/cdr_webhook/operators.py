@@ -101,12 +101,19 @@ class CdrWebhookOperator(HttpOperator):
                 ledger.mark_skipped(conn, claim, str(err))
                 raise AirflowFailException(f"CDR {claim.cdr_id} cannot be sent: {err}") from None
 
+            msg_id = webhook_id(claim.cdr_id, endpoint)
+            self.log.info(
+                "Sending CDR %s to endpoint %s (try %d, webhook-id %s)",
+                claim.cdr_id,
+                endpoint,
+                ti.try_number,
+                msg_id,
+            )
             hook = self.hook
             api_key, secrets = hook.credentials()
             for secret in (api_key, *secrets):
                 if secret:
                     mask_secret(secret)
-            msg_id = webhook_id(claim.cdr_id, endpoint)
             headers = build_headers(
                 msg_id=msg_id,
                 timestamp=int(time.time()),
@@ -138,6 +145,7 @@ class CdrWebhookOperator(HttpOperator):
             )
 
         attempt = claim.attempts + 1
+        _count("retried" if will_retry else status, endpoint, result)
         if outcome is Outcome.DELIVERED:
             self.log.info(
                 "CDR %s delivered to %s: HTTP %s in %d ms (attempt %d, webhook-id %s)",
@@ -172,3 +180,12 @@ class CdrWebhookOperator(HttpOperator):
         )
         if result.response_excerpt is not None:
             self.log.error("Response body starts: %s", describe_excerpt(result.response_excerpt))
+
+
+def _count(event: str, endpoint: str, result: AttemptResult) -> None:
+    """Emit Airflow metrics (StatsD / OpenTelemetry, as configured): the outcome and the latency."""
+    from airflow.sdk.observability.stats import Stats
+
+    tags = {"endpoint": endpoint}
+    Stats.incr(f"cdr_webhook.{event}", tags=tags)
+    Stats.timing("cdr_webhook.latency", result.latency_ms, tags=tags)

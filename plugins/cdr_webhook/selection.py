@@ -14,7 +14,7 @@ from cdr_webhook import ledger
 from cdr_webhook.payload import InvalidCdr, build_payload
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
 from cdr_webhook.source import check_source, fetch_rows
-from cdr_webhook.window import SCHEDULED, plan_scan, plan_window
+from cdr_webhook.window import SCHEDULED, Window, plan_scan, plan_window
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -43,17 +43,31 @@ def select_cdrs(
     """
     Claim this run's CDRs and return one ``{"cdr_id", "http_conn_id"}`` mapping per CDR to POST.
 
-    A run that already owns CDRs (its select task was cleared) gets exactly those back.
+    A run cleared and run again with the same request (the same kind of run, window, policy and
+    client) gets exactly the CDRs it had claimed; a run cleared with new Params, as a reprocessing
+    backfill does, selects anew.
     """
     ledger.ensure_schema(conn)
     check_source(conn, settings.source_relation)
-    owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
-    if owned:
-        log.info("Run %s already owns %d CDR(s); mapping them again", run.run_id, len(owned))
+    window = (
+        None
+        if run.run_type == SCHEDULED
+        else plan_window(
+            params=run.params, interval_start=run.interval_start, interval_end=run.interval_end, now=now
+        )
+    )
+    request = _request(window)
+    if ledger.recorded_request(conn, dag_id=run.dag_id, run_id=run.run_id) == request:
+        owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
+        log.info("Run %s was cleared: mapping again the %d CDR(s) it had claimed", run.run_id, len(owned))
         return [_mapped(claim) for claim in owned]
     with conn.transaction():
-        claims = _claim(conn, run, settings, now=now)
+        if window is None:
+            claims = _claim_scan(conn, run, settings)
+        else:
+            claims = _claim_window(conn, run, settings, window)
         sendable = _drop_invalid(conn, settings.source_relation, claims)
+        ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
     backlog = conn.execute(
         "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
     ).fetchone()
@@ -67,52 +81,69 @@ def select_cdrs(
     return [_mapped(claim) for claim in sendable]
 
 
-def _claim(
-    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, *, now: dt.datetime
-) -> list[ledger.Claim]:
-    relation = settings.source_relation
-    endpoint = DEFAULT_ENDPOINT_CONN_ID
-    common = {
-        "dag_id": run.dag_id,
-        "run_id": run.run_id,
-        "limit": settings.max_cdrs_per_run,
-        "claim_timeout_seconds": settings.claim_timeout_seconds,
+def _request(window: Window | None) -> dict[str, Any]:
+    """What a run asks for, as stored with its claims: the watermark scan, or a window and policy."""
+    if window is None:
+        return {"mode": "scan"}
+    return {
+        "mode": "window",
+        "start": window.start.isoformat(),
+        "end": window.end.isoformat(),
+        "policy": window.policy,
+        "client_id": window.client_id,
     }
-    if run.run_type == SCHEDULED:
-        if run.interval_start is None or run.interval_end is None:
-            raise ValueError(
-                f"scheduled run {run.run_id} has no data interval; use CronDataIntervalTimetable"
-            )
-        watermark = ledger.lock_watermark(conn, relation)
-        scan = plan_scan(
-            watermark=watermark,
-            interval_start=run.interval_start,
-            interval_end=run.interval_end,
-            lag_seconds=settings.lag_seconds,
-            start_from=settings.start_from,
-        )
-        queued = ledger.enqueue_new(
-            conn, relation=relation, endpoint=endpoint, start=scan.start, end=scan.end
-        )
-        ledger.advance_watermark(conn, relation, scan.end)
-        log.info(
-            "Scanned created_at in [%s, %s) (watermark %s): %d new CDR(s) queued",
-            scan.start.isoformat(),
-            scan.end.isoformat(),
-            watermark.isoformat() if watermark else "not set: first run",
-            queued,
-        )
-        return ledger.assign(conn, **common)
 
-    window = plan_window(
-        params=run.params, interval_start=run.interval_start, interval_end=run.interval_end, now=now
+
+def _assign(
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, **scope: Any
+) -> list[ledger.Claim]:
+    return ledger.assign(
+        conn,
+        dag_id=run.dag_id,
+        run_id=run.run_id,
+        limit=settings.max_cdrs_per_run,
+        claim_timeout_seconds=settings.claim_timeout_seconds,
+        **scope,
     )
+
+
+def _claim_scan(conn: psycopg.Connection[Any], run: RunInfo, settings: Settings) -> list[ledger.Claim]:
+    """A scheduled run: queue what the watermark scan finds, move the watermark, take the oldest queued."""
+    if run.interval_start is None or run.interval_end is None:
+        raise ValueError(f"scheduled run {run.run_id} has no data interval; use CronDataIntervalTimetable")
+    relation = settings.source_relation
+    watermark = ledger.lock_watermark(conn, relation)
+    scan = plan_scan(
+        watermark=watermark,
+        interval_start=run.interval_start,
+        interval_end=run.interval_end,
+        lag_seconds=settings.lag_seconds,
+        start_from=settings.start_from,
+    )
+    queued = ledger.enqueue_new(
+        conn, relation=relation, endpoint=DEFAULT_ENDPOINT_CONN_ID, start=scan.start, end=scan.end
+    )
+    ledger.advance_watermark(conn, relation, scan.end)
+    log.info(
+        "Scanned created_at in [%s, %s) (watermark %s): %d new CDR(s) queued",
+        scan.start.isoformat(),
+        scan.end.isoformat(),
+        watermark.isoformat() if watermark else "not set: first run",
+        queued,
+    )
+    return _assign(conn, run, settings)
+
+
+def _claim_window(
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, window: Window
+) -> list[ledger.Claim]:
+    """A backfill or manual run: queue what its policy selects in the window, take the oldest of it."""
     queued = 0
     if window.policy in ("missing", "all"):
         queued += ledger.enqueue_new(
             conn,
-            relation=relation,
-            endpoint=endpoint,
+            relation=settings.source_relation,
+            endpoint=DEFAULT_ENDPOINT_CONN_ID,
             start=window.start,
             end=window.end,
             client_id=window.client_id,
@@ -129,7 +160,7 @@ def _claim(
         f", client {window.client_id}" if window.client_id is not None else "",
         queued,
     )
-    return ledger.assign(conn, window=window, client_id=window.client_id, **common)
+    return _assign(conn, run, settings, window=window, client_id=window.client_id)
 
 
 def _drop_invalid(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ class Settings:
     """Every setting of the pipeline. Parse-time settings shape the DAG; the rest are read by tasks."""
 
     # Read when the DAG file is parsed (the dag-processor must see these too).
-    schedule: str = "* * * * *"
+    schedule: str = "* * * * *"  # a 5-field cron expression, or a fixed interval: 30s, 5m, 1h
     retries: int = 6
     retry_delay_seconds: int = 30
     max_retry_delay_seconds: int = 900
@@ -109,16 +110,35 @@ def _timestamp(name: str, raw: str) -> dt.datetime | None:
     return value
 
 
-def _cron(name: str, raw: str) -> str:
+_INTERVAL = re.compile(r"^\s*(\d+)\s*([smh])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def schedule_interval(schedule: str) -> dt.timedelta | None:
+    """Return the fixed interval of a schedule such as ``30s`` or ``5m``; None for a cron expression."""
+    match = _INTERVAL.match(schedule)
+    if match is None:
+        return None
+    return dt.timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def _schedule(name: str, raw: str) -> str:
+    interval = schedule_interval(raw)
+    if interval is not None:
+        if interval < dt.timedelta(seconds=5):
+            raise SettingsError(f"{_env(name)}={raw!r}: an interval schedule must be at least 5s")
+        return raw.strip()
     from croniter import croniter  # Airflow's own cron parser; imported only when a schedule is read
 
-    if not croniter.is_valid(raw):
-        raise SettingsError(f"{_env(name)}={raw!r} is not a valid cron expression")
+    if len(raw.split()) != 5 or not croniter.is_valid(raw):
+        raise SettingsError(
+            f"{_env(name)}={raw!r} is neither a 5-field cron expression nor an interval such as 30s or 5m"
+        )
     return raw
 
 
 _PARSERS: dict[str, Callable[[str, str], object]] = {
-    "schedule": _cron,
+    "schedule": _schedule,
     "retries": _non_negative_int,
     "retry_delay_seconds": _positive_int,
     "max_retry_delay_seconds": _positive_int,

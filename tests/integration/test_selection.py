@@ -291,3 +291,25 @@ def test_a_task_cannot_send_a_cdr_another_live_run_owns(cdr_db):
     finish(cdr_db, [cdr], "failed")
     # Once no run is working on it (here: failed), a cleared task of another run may resend it.
     assert ledger.start_attempt(cdr_db, run_id="scheduled__9", **common).status == "queued"
+
+
+def test_a_run_cleared_with_new_params_selects_anew(cdr_db):
+    """A reprocessing backfill clears existing runs and may give them new Params (and run type)."""
+    dialer = Dialer(cdr_db)
+    sent = dialer.cdr(created_at=T0 + dt.timedelta(seconds=1))
+    run = scheduled(1, T0, T0 + MINUTE)
+    assert ids(select_cdrs(cdr_db, run, SETTINGS, now=T0 + MINUTE)) == [sent]
+    finish(cdr_db, [sent], "delivered")
+    missed = dialer.cdr(created_at=T0 + dt.timedelta(seconds=2))  # committed too late for run 1's scan
+    cdr_db.execute("UPDATE cdr_webhook.watermark SET created_at = %s", (T0 + 10 * MINUTE,))
+    later = T0 + dt.timedelta(hours=1)
+
+    # `airflow backfill create --reprocess-behavior completed` turns it into a backfill run:
+    as_backfill = dataclasses.replace(run, run_type="backfill")
+    assert ids(select_cdrs(cdr_db, as_backfill, SETTINGS, now=later)) == [missed]
+    # cleared again with the same request: the same claims, nothing new
+    assert ids(select_cdrs(cdr_db, as_backfill, SETTINGS, now=later)) == [missed]
+    # and with policy=failed, only failures of its interval
+    finish(cdr_db, [missed], "failed")
+    as_failed = dataclasses.replace(as_backfill, params={"policy": "failed"})
+    assert ids(select_cdrs(cdr_db, as_failed, SETTINGS, now=later)) == [missed]

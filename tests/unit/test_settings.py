@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from cdr_webhook.settings import Settings, SettingsError, parse_settings
+from cdr_webhook.settings import Settings, SettingsError, parse_settings, schedule_interval
 
 
 def test_defaults():
@@ -16,6 +16,14 @@ def test_defaults():
     assert settings.request_timeout_seconds == 15
     assert settings.source_relation == "cdr_webhook_source"
     assert settings.start_from is None
+
+
+def test_schedule_is_cron_or_a_fixed_interval():
+    assert parse_settings({"schedule": "0 * * * *"}).schedule == "0 * * * *"
+    assert parse_settings({"schedule": "30s"}).schedule == "30s"
+    assert schedule_interval("30s") == dt.timedelta(seconds=30)
+    assert schedule_interval("5m") == dt.timedelta(minutes=5)
+    assert schedule_interval("0 * * * *") is None
 
 
 def test_values_are_parsed():
@@ -41,7 +49,9 @@ def test_values_are_parsed():
         ({"max_cdrs_per_run": "1024"}, "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN=1024 must stay below"),
         ({"max_cdrs_per_run": "many"}, "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN='many' is not a whole number"),
         ({"retries": "-1"}, "AIRFLOW__CDR_WEBHOOK__RETRIES='-1' must be at least 0"),
-        ({"schedule": "every minute"}, "AIRFLOW__CDR_WEBHOOK__SCHEDULE='every minute' is not a valid cron"),
+        ({"schedule": "every minute"}, "SCHEDULE='every minute' is neither a 5-field cron expression nor"),
+        ({"schedule": "*/10 * * * * *"}, "is neither a 5-field cron expression"),
+        ({"schedule": "2s"}, "an interval schedule must be at least 5s"),
         ({"start_from": "2026-11-01"}, "needs a UTC offset"),
         ({"source_relation": "a.b.c"}, "must be a relation name"),
         ({"request_timeout_seconds": "0"}, "must be greater than 0"),

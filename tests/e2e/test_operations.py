@@ -1,0 +1,365 @@
+"""Operators' workflows against a real scheduler: backfill, clearing, redelivery, monitoring.
+
+One Airflow deployment (hourly schedule, so scheduled runs stay out of the way) serves the module.
+Each test works in hours of its own two days back, so tests never see each other's CDRs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import threading
+import time
+from collections import Counter
+
+import psycopg
+import pytest
+
+from cdr_webhook.ledger import ensure_schema
+from cdr_webhook.signing import webhook_id
+from demo.dialer import Dialer, load_reference_schema
+from demo.receiver import Receiver
+from tests.conftest import airflow_postgres_conn
+from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+from tests.stack import AirflowStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
+
+HOUR = dt.timedelta(hours=1)
+BASE = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).replace(minute=0, second=0, microsecond=0)
+
+
+class StatsdListener:
+    """Collects the StatsD datagrams Airflow's components send to 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            self.lines.extend(data.decode(errors="replace").splitlines())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(pg_server, cdr_dsn, tmp_path_factory):
+    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS cdr_webhook, dialer CASCADE")
+        conn.execute("DROP VIEW IF EXISTS public.cdr_webhook_source")
+        load_reference_schema(conn)
+        ensure_schema(conn)
+    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+    statsd = StatsdListener()
+    endpoint = {
+        "conn_type": "http",
+        "host": receiver.url,
+        "password": API_KEY,
+        "extra": {"signing_secret": SIGNING_SECRET},
+    }
+    stack = AirflowStack(
+        tmp_path_factory.mktemp("airflow-operations"),
+        pg_server,
+        {
+            "AIRFLOW_CONN_CDR_DB": airflow_postgres_conn(cdr_dsn),
+            "AIRFLOW_CONN_CDR_WEBHOOK": json.dumps(endpoint),
+            "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",
+            "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
+            "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+            "AIRFLOW__METRICS__STATSD_INFLUXDB_ENABLED": "True",
+        },
+    ).start()
+    stack.unpause()
+    # Unpausing starts a scheduled run for the last complete hour at once: let it settle the watermark.
+    deadline = time.monotonic() + 120
+    while not [run for run in stack.runs(run_type="scheduled") if run["state"] in ("success", "failed")]:
+        assert time.monotonic() < deadline, stack.dump()
+        time.sleep(1)
+    try:
+        yield stack, receiver, statsd
+    finally:
+        leftovers = stack.stop()
+        receiver.stop()
+        statsd.stop()
+        assert not leftovers, leftovers
+
+
+@pytest.fixture
+def cdr_conn(cdr_dsn):
+    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+        yield conn
+
+
+def hours(n: int) -> dt.datetime:
+    """The start of this test's own hour: BASE + n hours."""
+    return BASE + n * HOUR
+
+
+def ledger(conn, cdr_ids) -> dict[str, dict]:
+    rows = conn.execute(
+        "SELECT cdr_id, status, attempts, http_status, run_id FROM cdr_webhook.delivery "
+        "WHERE cdr_id = ANY(%s)",
+        (list(cdr_ids),),
+    ).fetchall()
+    return {r[0]: {"status": r[1], "attempts": r[2], "http_status": r[3], "run_id": r[4]} for r in rows}
+
+
+def record(conn, cdr_id: str, status: str, attempts: int = 1) -> None:
+    """Write a ledger row as an earlier run would have left it."""
+    conn.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, attempts, "
+        "dag_id, run_id) SELECT cdr_id, 'cdr_webhook', client_id, created_at, %s, %s, 'cdr_webhook', "
+        "'scheduled__earlier' FROM cdr_webhook_source WHERE cdr_id = %s",
+        (status, attempts, cdr_id),
+    )
+
+
+def watermark(conn):
+    row = conn.execute("SELECT created_at FROM cdr_webhook.watermark").fetchone()
+    return row[0] if row else None
+
+
+def wait_backfill_runs(stack: AirflowStack, start: dt.datetime, end: dt.datetime, count: int) -> list[dict]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        runs = [
+            run
+            for run in stack.runs(run_type="backfill")
+            if start <= dt.datetime.fromisoformat(run["logical_date"]) <= end
+        ]
+        if len(runs) == count and all(run["state"] in ("success", "failed") for run in runs):
+            stack.wait_backfills()
+            return runs
+        time.sleep(1)
+    raise TimeoutError(f"backfill runs not finished: {stack.runs(run_type='backfill')}")
+
+
+def post_cdr_index(stack: AirflowStack, run_id: str, cdr_id: str) -> dict:
+    [ti] = [t for t in stack.task_instances(run_id) if t["rendered_map_index"] == cdr_id]
+    return ti
+
+
+def window_conf(start: dt.datetime, end: dt.datetime, **more) -> dict:
+    return {"window_start": start.isoformat(), "window_end": end.isoformat(), **more}
+
+
+def test_backfill_delivers_exactly_the_missing_ones_then_the_failed_ones(deployment, cdr_conn):
+    stack, receiver, _ = deployment
+    start = hours(0)
+    dialer = Dialer(cdr_conn)
+    delivered = dialer.cdr(created_at=start + dt.timedelta(minutes=5))
+    failed = dialer.cdr(created_at=start + dt.timedelta(minutes=10))
+    never = [
+        dialer.cdr(created_at=start + dt.timedelta(minutes=15)),
+        dialer.cdr(created_at=start + dt.timedelta(minutes=75)),
+    ]
+    outside = dialer.cdr(created_at=start + 2 * HOUR + dt.timedelta(minutes=5))
+    record(cdr_conn, delivered, "delivered")
+    record(cdr_conn, failed, "failed", attempts=7)
+    mark = watermark(cdr_conn)
+
+    stack.airflow(
+        "backfill", "create", "--dag-id", "cdr_webhook",
+        "--from-date", start.isoformat(), "--to-date", (start + HOUR).isoformat(),
+    )  # fmt: skip
+    runs = wait_backfill_runs(stack, start, start + HOUR, count=2)
+
+    assert {run["state"] for run in runs} == {"success"}
+    assert sorted(r.cdr_id for r in receiver.received() if r.cdr_id in {*never, delivered, failed}) == sorted(
+        never
+    )
+    assert ledger(cdr_conn, [failed])[failed]["status"] == "failed"
+    assert outside not in ledger(cdr_conn, [outside])
+    assert watermark(cdr_conn) == mark  # backfill runs never move it
+
+    # The same range again with policy=failed: the existing runs are reprocessed with the new Params.
+    stack.airflow(
+        "backfill", "create", "--dag-id", "cdr_webhook",
+        "--from-date", start.isoformat(), "--to-date", (start + HOUR).isoformat(),
+        "--dag-run-conf", json.dumps({"policy": "failed"}), "--reprocess-behavior", "completed",
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not receiver.received(failed) and time.monotonic() < deadline:
+        time.sleep(1)
+    wait_backfill_runs(stack, start, start + HOUR, count=2)
+
+    sent = Counter(r.cdr_id for r in receiver.received() if r.cdr_id in {*never, delivered, failed})
+    assert sent == Counter({never[0]: 1, never[1]: 1, failed: 1})
+    assert ledger(cdr_conn, [failed])[failed] | {"run_id": None} == {
+        "status": "delivered",
+        "attempts": 8,
+        "http_status": 200,
+        "run_id": None,
+    }
+    assert watermark(cdr_conn) == mark
+
+
+def test_clearing_one_failed_task_resends_its_cdr_once_with_the_same_webhook_id(deployment, cdr_conn):
+    stack, receiver, statsd = deployment
+    start = hours(3)
+    dialer = Dialer(cdr_conn)
+    good = dialer.cdr(created_at=start + dt.timedelta(minutes=1))
+    refused = dialer.cdr(created_at=start + dt.timedelta(minutes=2))
+    receiver.script(refused, [400])
+
+    run_id = stack.trigger(conf=window_conf(start, start + HOUR))
+    assert stack.wait_run(run_id) == "failed"
+    ti = post_cdr_index(stack, run_id, refused)
+    assert (ti["state"], ti["try_number"]) == ("failed", 1)
+
+    # Monitoring: the grid names tasks by cdr_id; the failed try's log says what happened, first.
+    assert {t["rendered_map_index"] for t in stack.task_instances(run_id) if t["task_id"] == "post_cdr"} == {
+        good,
+        refused,
+    }
+    ours = [line for line in stack.task_log(run_id, ti["map_index"]) if refused in line]
+    assert ours[0].startswith(f"Sending CDR {refused} to endpoint cdr_webhook")
+    assert f"CDR {refused} to endpoint cdr_webhook failed: HTTP 400, HTTP 400 Bad Request" in ours[1]
+
+    stack.api(
+        "POST",
+        "/dags/cdr_webhook/clearTaskInstances",
+        json={
+            "dry_run": False,
+            "dag_run_id": run_id,
+            "task_ids": [["post_cdr", ti["map_index"]]],
+            "reset_dag_runs": True,
+        },
+    )
+    assert stack.wait_run(run_id) == "success"
+
+    requests = receiver.received(refused)
+    assert [r.answered for r in requests] == [400, 200]
+    assert {r.headers["webhook-id"] for r in requests} == {webhook_id(refused, "cdr_webhook")}
+    assert len(receiver.received(good)) == 1
+    assert ledger(cdr_conn, [refused])[refused] == {
+        "status": "delivered",
+        "attempts": 2,
+        "http_status": 200,
+        "run_id": run_id,
+    }
+    # Airflow's own metrics carry ours, tagged by endpoint.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("cdr_webhook.failed" in line for line in statsd.lines):
+        time.sleep(0.5)
+    ours = [line for line in statsd.lines if "cdr_webhook." in line]
+    assert any(line.startswith("airflow.cdr_webhook.delivered,endpoint=cdr_webhook:1|c") for line in ours), (
+        ours
+    )
+    assert any(line.startswith("airflow.cdr_webhook.failed,endpoint=cdr_webhook:1|c") for line in ours), ours
+    assert any(line.startswith("airflow.cdr_webhook.latency,endpoint=cdr_webhook:") for line in ours), ours
+
+
+def test_clearing_failed_tasks_of_a_date_range_and_a_whole_run(deployment, cdr_conn):
+    stack, receiver, _ = deployment
+    start = hours(6)
+    dialer = Dialer(cdr_conn)
+    first = [dialer.cdr(created_at=start + dt.timedelta(minutes=m)) for m in (1, 2)]
+    second = [dialer.cdr(created_at=start + HOUR + dt.timedelta(minutes=m)) for m in (1, 2)]
+    receiver.script(first[1], [400])
+    receiver.script(second[1], [400])
+    run_ids = [
+        stack.trigger(conf=window_conf(start, start + HOUR), logical_date=(start + 2 * HOUR).isoformat()),
+        stack.trigger(
+            conf=window_conf(start + HOUR, start + 2 * HOUR), logical_date=(start + 3 * HOUR).isoformat()
+        ),
+    ]
+    assert [stack.wait_run(run_id) for run_id in run_ids] == ["failed", "failed"]
+
+    # All failed post_cdr tasks of runs whose logical date falls in the range.
+    stack.api(
+        "POST",
+        "/dags/cdr_webhook/clearTaskInstances",
+        json={
+            "dry_run": False,
+            "only_failed": True,
+            "task_ids": ["post_cdr"],
+            "start_date": (start + 2 * HOUR).isoformat(),
+            "end_date": (start + 3 * HOUR).isoformat(),
+            "reset_dag_runs": True,
+        },
+    )
+    assert [stack.wait_run(run_id) for run_id in run_ids] == ["success", "success"]
+    assert Counter(r.cdr_id for r in receiver.received() if r.cdr_id in first + second) == Counter(
+        {first[0]: 1, first[1]: 2, second[0]: 1, second[1]: 2}
+    )
+
+    # A whole run cleared: it maps again exactly what it had claimed, not what arrived since.
+    late = dialer.cdr(created_at=start + dt.timedelta(minutes=30))
+    stack.api(
+        "POST",
+        "/dags/cdr_webhook/clearTaskInstances",
+        json={
+            "dry_run": False,
+            "dag_run_id": run_ids[0],
+            "task_ids": ["select_cdrs"],
+            "include_downstream": True,
+            "only_failed": False,  # the API's default is True: a successful task would not be cleared
+            "reset_dag_runs": True,
+        },
+    )
+    assert stack.wait_run(run_ids[0]) == "success"
+    mapped = {t["rendered_map_index"] for t in stack.task_instances(run_ids[0]) if t["task_id"] == "post_cdr"}
+    assert mapped == set(first)
+    assert late not in {r.cdr_id for r in receiver.received()}
+    assert Counter(r.cdr_id for r in receiver.received() if r.cdr_id in first) == Counter(
+        {first[0]: 2, first[1]: 3}
+    )
+
+
+def test_redelivery_from_the_trigger_form(deployment, cdr_conn):
+    stack, receiver, _ = deployment
+    start = hours(10)
+    dialer = Dialer(cdr_conn)
+    mine = [dialer.cdr(client_id=8, created_at=start + dt.timedelta(minutes=m)) for m in (1, 2)]
+    other = dialer.cdr(client_id=9, created_at=start + dt.timedelta(minutes=3))
+    for cdr in (*mine, other):
+        record(cdr_conn, cdr, "delivered")
+
+    run_id = stack.trigger(conf=window_conf(start, start + HOUR, client_id=8, policy="all"))
+    assert stack.wait_run(run_id) == "success"
+    assert sorted(r.cdr_id for r in receiver.received() if r.cdr_id in (*mine, other)) == sorted(mine)
+
+    # Params are validated when the run is triggered: a bad one is refused, saying why.
+    refused = stack.api(
+        "POST",
+        "/dags/cdr_webhook/dagRuns",
+        expect=400,
+        json={"logical_date": None, "conf": {"policy": "everything"}},
+    )
+    assert "everything" in json.dumps(refused)
+    refused = stack.api(
+        "POST",
+        "/dags/cdr_webhook/dagRuns",
+        expect=400,
+        json={"logical_date": None, "conf": {"window_start": "yesterday", "window_end": "today"}},
+    )
+    assert "yesterday" in json.dumps(refused)
+    # Rules that tie Params together are checked by select_cdrs: the run fails, its log says why.
+    run_id = stack.trigger(conf=window_conf(start + HOUR, start))
+    assert stack.wait_run(run_id) == "failed"
+    log = stack.api(
+        "GET",
+        f"/dags/cdr_webhook/dagRuns/{run_id}/taskInstances/select_cdrs/logs/1",
+        params={"full_content": True},
+        headers={"accept": "application/json"},
+    )
+    assert "must be after window_start" in json.dumps(log)

@@ -1,0 +1,234 @@
+"""A real Airflow on 127.0.0.1 for tests: scheduler, dag-processor and api-server, LocalExecutor.
+
+The metadata DB is a database of its own on the tests' PostgreSQL. Components are driven the way a
+user drives them: the REST API (``/api/v2``) and the ``airflow`` CLI. Every process runs in a
+session of its own, so teardown can end each one with everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import psycopg
+import requests
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tests.conftest import ROOT
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    """Return the SQLAlchemy URL (psycopg 3 driver) of a libpq conninfo."""
+    params = conninfo_to_dict(dsn)
+    user = params.get("user", "postgres")
+    password = f":{params['password']}" if params.get("password") else ""
+    host = params.get("host", "")
+    database = params.get("dbname", "postgres")
+    if host.startswith("/"):  # a Unix socket directory (the embedded server)
+        return f"postgresql+psycopg://{user}{password}@/{database}?host={host}"
+    port = params.get("port", "5432")
+    return f"postgresql+psycopg://{user}{password}@{host}:{port}/{database}"
+
+
+class AirflowStack:
+    """Starts, drives and stops one Airflow deployment."""
+
+    def __init__(self, home: Path, pg_server: str, env: Mapping[str, str]) -> None:
+        self.home = home
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.meta_db = f"airflow_meta_{uuid.uuid4().hex[:10]}"
+        self._pg_server = pg_server
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = os.environ | {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "8",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(
+                make_conninfo(pg_server, dbname=self.meta_db)
+            ),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.base,
+            "AIRFLOW__API__SECRET_KEY": uuid.uuid4().hex,
+            "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            **env,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 180) -> AirflowStack:
+        with psycopg.connect(self._pg_server, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{self.meta_db}"')
+        self.airflow("db", "migrate")
+        for component in COMPONENTS:
+            log = (self.home / f"{component}.log").open("wb")
+            self.processes[component] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", component],
+                env=self.env,
+                cwd=self.home,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_healthy(timeout)
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            for component, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"airflow {component} exited: {self.log_tail(component)}")
+            try:
+                health = requests.get(f"{self.base}/api/v2/monitor/health", timeout=5).json()
+                dag = requests.get(f"{self.base}/api/v2/dags/cdr_webhook", timeout=5)
+                last = (health, dag.status_code)
+                if (
+                    health["scheduler"]["status"] == "healthy"
+                    and (health.get("dag_processor") or {}).get("status") == "healthy"
+                    and dag.status_code == 200
+                ):
+                    return
+            except (requests.RequestException, ValueError, KeyError) as err:
+                last = err
+            time.sleep(1)
+        raise TimeoutError(f"Airflow did not become healthy in {timeout:.0f} s: {last}")
+
+    def stop(self) -> list[str]:
+        """Stop every component with SIGINT (then SIGKILL); return the processes that outlived it."""
+        sessions = {process.pid for process in self.processes.values()}
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+        deadline = time.monotonic() + 30
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        leftovers = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getsid(proc.pid) in sessions:
+                    leftovers.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
+                    proc.kill()
+            except (ProcessLookupError, psutil.Error):
+                continue
+        with psycopg.connect(self._pg_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.meta_db}" WITH (FORCE)')
+        return leftovers
+
+    def log_tail(self, component: str, chars: int = 4000) -> str:
+        path = self.home / f"{component}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    # -- driving it ----------------------------------------------------------------------------
+
+    def airflow(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run an ``airflow`` CLI command against this deployment; raise with its output on failure."""
+        result = subprocess.run(
+            [sys.executable, "-m", "airflow", *args],
+            env=self.env,
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"airflow {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+        return result
+
+    def api(self, method: str, path: str, *, expect: int | None = 200, **kwargs: Any) -> Any:
+        response = requests.request(method, f"{self.base}/api/v2{path}", timeout=30, **kwargs)
+        if expect is not None and response.status_code != expect:
+            raise AssertionError(f"{method} {path}: HTTP {response.status_code} {response.text[:2000]}")
+        return response.json() if response.content else None
+
+    def unpause(self) -> None:
+        self.api("PATCH", "/dags/cdr_webhook", json={"is_paused": False})
+
+    def trigger(self, conf: Mapping[str, Any] | None = None, **body: Any) -> str:
+        run = self.api(
+            "POST", "/dags/cdr_webhook/dagRuns", json={"logical_date": None, "conf": conf or {}, **body}
+        )
+        return run["dag_run_id"]
+
+    def runs(self, **query: Any) -> list[dict[str, Any]]:
+        return self.api("GET", "/dags/cdr_webhook/dagRuns", params={"limit": 100, **query})["dag_runs"]
+
+    def wait_run(self, run_id: str, timeout: float = 120) -> str:
+        """Wait until the run finishes; return its state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s:\n{self.log_tail('scheduler')}")
+
+    def wait_backfills(self, timeout: float = 180) -> list[dict[str, Any]]:
+        """Wait until every backfill of the DAG is completed (the scheduler closes it after its runs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            backfills = self.api("GET", "/backfills", params={"dag_id": "cdr_webhook"})["backfills"]
+            if all(backfill["completed_at"] for backfill in backfills):
+                return backfills
+            time.sleep(1)
+        raise TimeoutError(f"backfills not completed after {timeout:.0f} s")
+
+    def task_instances(self, run_id: str) -> list[dict[str, Any]]:
+        return self.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}/taskInstances", params={"limit": 1000})[
+            "task_instances"
+        ]
+
+    def task_log(self, run_id: str, map_index: int, try_number: int = 1) -> list[str]:
+        """Return the event lines of one mapped post_cdr try's log."""
+        content = self.api(
+            "GET",
+            f"/dags/cdr_webhook/dagRuns/{run_id}/taskInstances/post_cdr/logs/{try_number}",
+            params={"map_index": map_index, "full_content": True},
+            headers={"accept": "application/json"},
+        )["content"]
+        return [entry.get("event", "") if isinstance(entry, dict) else str(entry) for entry in content]
+
+    def conn_env(self) -> dict[str, str]:
+        return {key: value for key, value in self.env.items() if key.startswith("AIRFLOW_CONN_")}
+
+    def dump(self) -> str:
+        return json.dumps({component: self.log_tail(component, 1500) for component in COMPONENTS}, indent=1)
