@@ -21,11 +21,14 @@ import datetime as dt
 from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
 from cdr_webhook.operators import CdrWebhookOperator
-from cdr_webhook.settings import load_settings, schedule_interval
+from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
 from cdr_webhook.window import POLICIES
 
 settings = load_settings()
 interval = schedule_interval(settings.schedule)
+notifier = (
+    resolve_import_path("failure_notifier", settings.failure_notifier) if settings.failure_notifier else None
+)
 
 
 @dag(
@@ -39,6 +42,7 @@ interval = schedule_interval(settings.schedule)
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
+    on_failure_callback=notifier,
     doc_md=__doc__,
     tags=["cdr", "webhook"],
     params={

@@ -53,3 +53,23 @@ def test_plugin_loading_does_not_import_package_modules_under_bare_names():
     for bare in ("payload", "ledger", "settings", "operators", "hooks", "signing", "window", "source", "db"):
         module = sys.modules.get(bare)
         assert module is None or "cdr_webhook" not in str(getattr(module, "__file__", "")), bare
+
+
+def test_failure_notifier_setting_becomes_the_dags_failure_callback(settings_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER", "tests.notifier_probe:notifier")
+    from tests.notifier_probe import notifier
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
+    assert dag.on_failure_callback is notifier or notifier in (dag.on_failure_callback or [])
+
+
+def test_a_notifier_that_cannot_be_imported_is_an_import_error_naming_the_setting(settings_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER", "tests.no_such_module:notifier")
+    [error] = DagBag(dag_folder=str(ROOT / "dags")).import_errors.values()
+    assert (
+        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER='tests.no_such_module:notifier' cannot be imported" in error
+    )

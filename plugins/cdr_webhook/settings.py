@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import importlib
 import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+from typing import Any
 
 SECTION = "cdr_webhook"
 
@@ -35,6 +37,7 @@ class Settings:
     retries: int = 6
     retry_delay_seconds: int = 30
     max_retry_delay_seconds: int = 900
+    failure_notifier: str | None = None  # "module:attribute" of an Airflow notifier for failed runs
     # Read by the tasks when they run.
     lag_seconds: int = 60
     max_cdrs_per_run: int = 500
@@ -137,11 +140,30 @@ def _schedule(name: str, raw: str) -> str:
     return raw
 
 
+def _import_path(name: str, raw: str) -> str | None:
+    if not raw.strip():
+        return None
+    module, _, attribute = raw.strip().partition(":")
+    if not module or not attribute:
+        raise SettingsError(f"{_env(name)}={raw!r} must be 'module:attribute', e.g. cdr_alerts:notifier")
+    return raw.strip()
+
+
+def resolve_import_path(name: str, path: str) -> Any:
+    """Import the object a ``module:attribute`` setting names; the error names the setting."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise SettingsError(f"{_env(name)}={path!r} cannot be imported: {err}") from err
+
+
 _PARSERS: dict[str, Callable[[str, str], object]] = {
     "schedule": _schedule,
     "retries": _non_negative_int,
     "retry_delay_seconds": _positive_int,
     "max_retry_delay_seconds": _positive_int,
+    "failure_notifier": _import_path,
     "lag_seconds": _non_negative_int,
     "max_cdrs_per_run": _positive_int,
     "request_timeout_seconds": _positive_float,

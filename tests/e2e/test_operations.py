@@ -20,7 +20,7 @@ from cdr_webhook.ledger import ensure_schema
 from cdr_webhook.signing import webhook_id
 from demo.dialer import Dialer, load_reference_schema
 from demo.receiver import Receiver
-from tests.conftest import airflow_postgres_conn
+from tests.conftest import ROOT, airflow_postgres_conn
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 from tests.stack import AirflowStack
 
@@ -72,10 +72,14 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
         "password": API_KEY,
         "extra": {"signing_secret": SIGNING_SECRET},
     }
+    home = tmp_path_factory.mktemp("airflow-operations")
     stack = AirflowStack(
-        tmp_path_factory.mktemp("airflow-operations"),
+        home,
         pg_server,
         {
+            "PYTHONPATH": str(ROOT),
+            "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.notifier_probe:notifier",
+            "CDR_NOTIFIER_PROBE": str(home / "notified.jsonl"),
             "AIRFLOW_CONN_CDR_DB": airflow_postgres_conn(cdr_dsn),
             "AIRFLOW_CONN_CDR_WEBHOOK": json.dumps(endpoint),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",
@@ -230,6 +234,12 @@ def test_clearing_one_failed_task_resends_its_cdr_once_with_the_same_webhook_id(
         good,
         refused,
     }
+    # The DAG's failure notifier was told about the failed run.
+    probe = stack.home / "notified.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run_id not in (probe.read_text() if probe.exists() else ""):
+        time.sleep(0.5)
+    assert {"run_id": run_id} in [json.loads(line) for line in probe.read_text().splitlines()]
     ours = [line for line in stack.task_log(run_id, ti["map_index"]) if refused in line]
     assert ours[0].startswith(f"Sending CDR {refused} to endpoint cdr_webhook")
     assert f"CDR {refused} to endpoint cdr_webhook failed: HTTP 400, HTTP 400 Bad Request" in ours[1]
