@@ -20,7 +20,7 @@ import datetime as dt
 
 from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
-from cdr_webhook.operators import CdrWebhookOperator
+from cdr_webhook.operators import CdrWebhookOperator, RetryAfterPolicy
 from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
 from cdr_webhook.window import POLICIES
 
@@ -80,11 +80,17 @@ def cdr_webhook_dag() -> None:
     def select_cdrs(**context) -> list[dict[str, str]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
         from cdr_webhook.db import connect
-        from cdr_webhook.selection import run_info
+        from cdr_webhook.selection import airflow_connections, run_info
         from cdr_webhook.selection import select_cdrs as claim_cdrs
 
         with connect() as conn:
-            return claim_cdrs(conn, run_info(context), settings, now=dt.datetime.now(dt.UTC))
+            return claim_cdrs(
+                conn,
+                run_info(context),
+                load_settings(),  # run-time settings, read when the task runs
+                now=dt.datetime.now(dt.UTC),
+                connections=airflow_connections(),
+            )
 
     CdrWebhookOperator.partial(
         task_id="post_cdr",
@@ -92,6 +98,8 @@ def cdr_webhook_dag() -> None:
         retry_delay=dt.timedelta(seconds=settings.retry_delay_seconds),
         retry_exponential_backoff=2.0,
         max_retry_delay=dt.timedelta(seconds=settings.max_retry_delay_seconds),
+        retry_policy=RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
+        max_active_tis_per_dagrun=settings.max_active_posts_per_run,
         map_index_template="{{ task.cdr_id }}",
     ).expand_kwargs(select_cdrs())
 

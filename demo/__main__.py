@@ -141,6 +141,8 @@ def airflow_env(dsn: str, url: str) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME}/airflow.db",
         "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "2",
         "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "4",
+        # The demo's receiver is on loopback, which the egress guard refuses unless allowed.
+        "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
         "AIRFLOW_CONN_CDR_DB": json.dumps(cdr_db),
         "AIRFLOW_CONN_CDR_WEBHOOK": json.dumps(endpoint),
     }

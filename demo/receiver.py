@@ -10,6 +10,7 @@ import dataclasses
 import http.server
 import json
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -28,6 +29,7 @@ class Received:
     body: bytes
     signature_ok: bool | None  # None: the receiver has no secret to check with
     answered: int
+    at: float = 0.0  # when it arrived (time.time())
 
     @property
     def payload(self) -> Any:
@@ -62,7 +64,7 @@ class Receiver:
         self.api_key = api_key
         self.redirect_to = redirect_to
         self.requests: list[Received] = []
-        self._scripts: dict[str, list[int]] = {}
+        self._scripts: dict[str, list[int | tuple[int, dict[str, str]]]] = {}
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
@@ -73,8 +75,8 @@ class Receiver:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}/cdr-hook"
 
-    def script(self, cdr_id: str, statuses: Iterable[int]) -> None:
-        """Answer the CDR's next requests with these statuses, in order (then 200)."""
+    def script(self, cdr_id: str, statuses: Iterable[int | tuple[int, dict[str, str]]]) -> None:
+        """Answer the CDR's next requests with these statuses (or (status, headers)), in order; then 200."""
         with self._lock:
             self._scripts[str(cdr_id)] = list(statuses)
 
@@ -96,8 +98,11 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> int:
+    def _answer(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str]]:
         signature_ok = None
+        extra_headers: dict[str, str] = {}
         if self._verifier is not None:
             try:
                 self._verifier.verify(body, headers, json_parse=False)
@@ -119,7 +124,8 @@ class Receiver:
             with self._lock:
                 script = self._scripts.get(str(cdr_id))
                 if script:
-                    status = script.pop(0)
+                    step = script.pop(0)
+                    status, extra_headers = step if isinstance(step, tuple) else (step, {})
         with self._lock:
             self.requests.append(
                 Received(
@@ -129,9 +135,10 @@ class Receiver:
                     body=body,
                     signature_ok=signature_ok,
                     answered=status,
+                    at=time.time(),
                 )
             )
-        return status
+        return status, extra_headers
 
     def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         receiver = self
@@ -143,9 +150,11 @@ class Receiver:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 headers = {key.lower(): value for key, value in self.headers.items()}
-                status = receiver._answer(self.command, self.path, headers, body)
+                status, extra_headers = receiver._answer(self.command, self.path, headers, body)
                 reply = json.dumps({"status": status}).encode()
                 self.send_response(status)
+                for name, value in extra_headers.items():
+                    self.send_header(name, value)
                 if 300 <= status < 400:
                     self.send_header("location", receiver.redirect_to)
                 self.send_header("content-type", "application/json")

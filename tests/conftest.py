@@ -35,6 +35,8 @@ os.environ.update(
         "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
         "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
         "AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS": "5",
+        # The tests' receivers listen on loopback, which the egress guard refuses unless allowed.
+        "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.0/8",
     }
 )
 for _name in list(os.environ):
@@ -42,6 +44,7 @@ for _name in list(os.environ):
         "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS",
         "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS",
         "AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS",
+        "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS",
     }:
         del os.environ[_name]  # a developer's own settings must not change what the tests see
 

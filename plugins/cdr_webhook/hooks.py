@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from airflow.providers.http.hooks.http import HttpHook
 from requests import Session
 
 from cdr_webhook import __version__
+from cdr_webhook.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 from cdr_webhook.ledger import EXCERPT_BYTES
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from cdr_webhook.egress import Resolver
 
 #: Connection extra holding the Standard Webhooks signing secret (a ``whsec_…`` string, or a list).
 SIGNING_SECRET_EXTRA = "signing_secret"
@@ -27,6 +34,8 @@ class AttemptResult:
     response_excerpt: str | None
     latency_ms: int
     error: str | None = None
+    refused: bool = False  # the egress guard refused the endpoint: no request was sent
+    retry_after: float | None = None  # seconds the receiver asked us to wait (Retry-After)
 
 
 class CdrWebhookHook(HttpHook):
@@ -37,22 +46,41 @@ class CdrWebhookHook(HttpHook):
     would turn the POST into a GET and hand ``x-api-key`` to another host), always sets connect and
     read timeouts, ignores proxy environment variables, sends none of the connection's extras as
     headers (the signing secret lives there), and reads at most :data:`EXCERPT_BYTES` of a response.
+    Every request goes through the egress guard (:mod:`cdr_webhook.egress`): no internal address
+    unless ``allowed_networks`` lets it, no plain http outside them, the checked address is the one
+    connected to, and TLS is always verified.
 
-    The connection's ``host`` holds the full URL; its ``password`` is the ``x-api-key`` value and the
-    extra ``signing_secret`` the ``whsec_…`` signing secret (or a list of them).
+    The connection's ``host`` holds the full URL; its ``password`` is the ``x-api-key`` value; its
+    extra may hold ``signing_secret`` (a ``whsec_…`` secret or a list of them), ``ca_bundle`` (PEM:
+    the CAs to trust instead of the public ones) and ``client_cert`` / ``client_key`` (PEM: mutual TLS).
 
     :param http_conn_id: The HTTP connection of the endpoint.
     :param timeout: Connect and read timeout, in seconds, and the bound on reading the response.
+    :param allowed_networks: CIDRs the egress guard lets through (internal receivers).
+    :param resolver: ``(host, port) -> addresses``, for tests; the default is the system resolver.
     """
 
-    def __init__(self, http_conn_id: str, *, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        http_conn_id: str,
+        *,
+        timeout: float = 15.0,
+        allowed_networks: Sequence[str] = (),
+        resolver: Resolver | None = None,
+    ) -> None:
         super().__init__(method="POST", http_conn_id=http_conn_id)
         self.timeout = timeout
+        self.allowed_networks = parse_networks(",".join(allowed_networks))
+        self.resolver = resolver
 
     def get_conn(
-        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
+        self,
+        headers: dict[Any, Any] | None = None,
+        extra_options: dict[str, Any] | None = None,
+        *,
+        tls: TlsFiles | None = None,
     ) -> Session:
-        """Return a session with no auth, no extras as headers, no proxies from the environment."""
+        """Return a session with no auth, no extras as headers, no proxies, and the egress guard."""
         connection = self.get_connection(self.http_conn_id)
         self._set_base_url(connection)
         session = Session()
@@ -60,7 +88,15 @@ class CdrWebhookHook(HttpHook):
         session.headers.clear()
         session.headers["user-agent"] = f"cdr-webhook/{__version__}"
         session.headers["accept-encoding"] = "identity"  # no compressed replies: no decompression bombs
-        session = self._configure_session_from_mount_adapters(session)
+        tls = tls or TlsFiles()
+        guard = GuardedAdapter(
+            self.allowed_networks,
+            ca_bundle=tls.ca_bundle,
+            client_cert=tls.client_cert,
+            resolver=self.resolver,
+        )
+        session.mount("http://", guard)
+        session.mount("https://", guard)
         if headers:
             session.headers.update(headers)
         return session
@@ -82,36 +118,71 @@ class CdrWebhookHook(HttpHook):
             )
         return connection.password or None, secrets
 
+    def tls_secrets(self) -> list[str]:
+        """Return the connection's TLS client key material, for the secrets masker."""
+        extra = self.get_connection(self.http_conn_id).extra_dejson
+        return [value for name in ("client_cert", "client_key") if isinstance(value := extra.get(name), str)]
+
     def post(self, body: bytes, headers: dict[str, str]) -> AttemptResult:
-        """POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble."""
-        session = self.get_conn()
-        url = self.url_from_endpoint(None)
+        """POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal."""
         started = time.monotonic()
+        refused = False
         try:
-            with session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=(self.timeout, self.timeout),
-                allow_redirects=False,
-                stream=True,
-            ) as response:
-                excerpt = _read_excerpt(response, started + self.timeout)
-                return AttemptResult(
-                    http_status=response.status_code,
-                    reason=response.reason,
-                    response_excerpt=excerpt,
-                    latency_ms=_elapsed_ms(started),
-                )
+            with pem_files(self.get_connection(self.http_conn_id).extra_dejson) as tls:
+                session = self.get_conn(tls=tls)
+                try:
+                    with session.post(
+                        self.url_from_endpoint(None),
+                        data=body,
+                        headers=headers,
+                        timeout=(self.timeout, self.timeout),
+                        allow_redirects=False,
+                        stream=True,
+                    ) as response:
+                        excerpt = _read_excerpt(response, started + self.timeout)
+                        return AttemptResult(
+                            http_status=response.status_code,
+                            reason=response.reason,
+                            response_excerpt=excerpt,
+                            latency_ms=_elapsed_ms(started),
+                            retry_after=retry_after_seconds(response.headers.get("retry-after")),
+                        )
+                finally:
+                    session.close()
+        except EndpointRefused as err:
+            error, refused = f"refused by the egress guard: {err}", True
+        except ValueError as err:  # the endpoint URL or a TLS extra is malformed: no retry can help
+            error, refused = f"endpoint misconfigured: {err}", True
         except requests.Timeout as err:
             error = f"timed out after {self.timeout:g} s ({_network_reason(err)})"
+        except requests.exceptions.SSLError as err:
+            error = f"TLS failed: {_network_reason(err)}"
         except requests.RequestException as err:
             error = f"connection failed: {_network_reason(err)}"
-        finally:
-            session.close()
         return AttemptResult(
-            http_status=None, reason=None, response_excerpt=None, latency_ms=_elapsed_ms(started), error=error
+            http_status=None,
+            reason=None,
+            response_excerpt=None,
+            latency_ms=_elapsed_ms(started),
+            error=error,
+            refused=refused,
         )
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """Return the wait a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _elapsed_ms(started: float) -> int:

@@ -20,9 +20,11 @@ from cdr_webhook.source import relation_identifier
 
 if TYPE_CHECKING:
     import datetime as dt
+    from collections.abc import Mapping, Sequence
 
     import psycopg
 
+    from cdr_webhook.routing import Route
     from cdr_webhook.window import Scan, Window
 
 STATUSES = ("queued", "delivered", "failed", "skipped")
@@ -169,39 +171,54 @@ def enqueue_new(
     conn: psycopg.Connection[Any],
     *,
     relation: str,
-    endpoint: str,
+    routes: Mapping[int | None, Route],
     start: dt.datetime,
     end: dt.datetime,
     client_id: int | None = None,
 ) -> int:
     """
-    Queue every source CDR with ``start <= created_at < end`` that has no ledger row yet.
+    Queue every source CDR with ``start <= created_at < end`` that has no ledger row for its endpoint.
 
-    A row whose ``cdr_id`` is NULL cannot be sent; it is recorded as ``skipped`` under a key derived
-    from the row, so it is accounted for once however often the window is read. Returns how many
-    CDRs were queued.
+    ``routes`` gives each client's endpoint (every client of the window must be in it); a client
+    routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. A row whose
+    ``cdr_id`` is NULL cannot be sent; it is recorded as ``skipped`` under a key derived from the
+    row, so it is accounted for once however often the window is read. Returns how many CDRs were
+    queued.
     """
     client_filter = sql.SQL(" AND s.client_id = %(client_id)s" if client_id is not None else "")
-    params = {"endpoint": endpoint, "start": start, "end": end, "client_id": client_id, "relation": relation}
-    queue = sql.SQL(
-        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at) "
-        "SELECT s.cdr_id::text, %(endpoint)s, s.client_id, s.created_at FROM {relation} AS s "
-        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND s.cdr_id IS NOT NULL{client} "
-        "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
+    clients = list(routes)
+    params = {
+        "start": start,
+        "end": end,
+        "client_id": client_id,
+        "relation": relation,
+        "clients": clients,
+        "endpoints": [routes[c].endpoint for c in clients],
+        "statuses": ["skipped" if routes[c].skip_reason else "queued" for c in clients],
+        "errors": [routes[c].skip_reason for c in clients],
+    }
+    routed = sql.SQL(
+        "FROM {relation} AS s "
+        "JOIN unnest(%(clients)s::bigint[], %(endpoints)s::text[], %(statuses)s::text[], %(errors)s::text[]) "
+        "  AS r(client_id, endpoint, status, error) ON r.client_id IS NOT DISTINCT FROM s.client_id "
+        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s{client} "
     ).format(relation=relation_identifier(relation), client=client_filter)
+    queue = sql.SQL(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
+        "SELECT s.cdr_id::text, r.endpoint, s.client_id, s.created_at, r.status, r.error {routed}"
+        "AND s.cdr_id IS NOT NULL "
+        "ON CONFLICT (cdr_id, endpoint) DO NOTHING RETURNING status"
+    ).format(routed=routed)
     record_null_ids = sql.SQL(
         "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
-        "SELECT {prefix} || md5(s::text), %(endpoint)s, s.client_id, s.created_at, 'skipped', "
+        "SELECT {prefix} || md5(s::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
         "'column cdr_id is NULL in ' || %(relation)s || ' (row created_at ' || s.created_at || ')' "
-        "FROM {relation} AS s "
-        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND s.cdr_id IS NULL{client} "
+        "{routed}AND s.cdr_id IS NULL "
         "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
-    ).format(
-        prefix=sql.Literal(NULL_CDR_ID_PREFIX), relation=relation_identifier(relation), client=client_filter
-    )
-    queued = conn.execute(queue, params).rowcount
+    ).format(prefix=sql.Literal(NULL_CDR_ID_PREFIX), routed=routed)
+    statuses = [row[0] for row in conn.execute(queue, params).fetchall()]
     conn.execute(record_null_ids, params)
-    return queued
+    return statuses.count("queued")
 
 
 def requeue(conn: psycopg.Connection[Any], *, window: Window, statuses: tuple[str, ...]) -> int:
@@ -232,15 +249,17 @@ def assign(
     claim_timeout_seconds: int,
     window: Window | Scan | None = None,
     client_id: int | None = None,
+    paused_endpoints: Sequence[str] = (),
 ) -> list[Claim]:
     """
     Take ownership of at most ``limit`` queued CDRs, oldest first, and return them.
 
     Eligible are queued rows with no owner, and *stale* claims: queued rows whose owner has not
     touched them for ``claim_timeout_seconds`` (its run died, or its task was marked failed by hand
-    before it could record an outcome). ``SKIP LOCKED`` keeps concurrent runs' picks disjoint.
+    before it could record an outcome). ``SKIP LOCKED`` keeps concurrent runs' picks disjoint. CDRs
+    of paused endpoints stay queued, in order, until their endpoint is resumed.
     """
-    filters = [sql.SQL("")]
+    filters = [sql.SQL(" AND endpoint <> ALL(%(paused)s)")]
     if window is not None:
         filters.append(sql.SQL(" AND cdr_created_at >= %(start)s AND cdr_created_at < %(end)s"))
     if client_id is not None:
@@ -263,6 +282,7 @@ def assign(
         "start": window.start if window is not None else None,
         "end": window.end if window is not None else None,
         "client_id": client_id,
+        "paused": list(paused_endpoints),
     }
     with conn.cursor(row_factory=class_row(Claim)) as cur:
         claims = cur.execute(query, params).fetchall()
@@ -275,6 +295,15 @@ def mark_skipped(conn: psycopg.Connection[Any], claim: Claim, reason: str) -> No
         "UPDATE cdr_webhook.delivery SET status = 'skipped', error = %s, updated_at = now() "
         "WHERE cdr_id = %s AND endpoint = %s",
         (reason, claim.cdr_id, claim.endpoint),
+    )
+
+
+def release(conn: psycopg.Connection[Any], claim: Claim) -> None:
+    """Give a CDR back to the queue, unowned: the next run takes it, in order."""
+    conn.execute(
+        "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
+        "updated_at = now() WHERE cdr_id = %s AND endpoint = %s",
+        (claim.cdr_id, claim.endpoint),
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.http.operators.http import HttpOperator
+from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
+from airflow.sdk.exceptions import AirflowException
 
 from cdr_webhook.hooks import CdrWebhookHook, describe_excerpt
 from cdr_webhook.outcome import Outcome, classify_response, describe_status
@@ -14,9 +17,47 @@ from cdr_webhook.settings import CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    import psycopg
     from airflow.sdk import Context
 
     from cdr_webhook.hooks import AttemptResult
+    from cdr_webhook.ledger import Claim
+    from cdr_webhook.settings import Settings
+
+GONE = 410
+
+
+class RetryLater(AirflowException):
+    """A retryable failure; ``retry_after`` is the wait the receiver asked for (Retry-After), if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RetryAfterPolicy(RetryPolicy):
+    """Wait as long as the receiver's ``Retry-After`` asks (capped), else Airflow's own backoff."""
+
+    def __init__(self, max_delay_seconds: float) -> None:
+        self.max_delay_seconds = max_delay_seconds
+
+    def evaluate(
+        self, exception: BaseException, try_number: int, max_tries: int, context: Context | None = None
+    ) -> RetryDecision:
+        if isinstance(exception, RetryLater) and exception.retry_after is not None:
+            delay = min(exception.retry_after, self.max_delay_seconds)
+            return RetryDecision.retry(
+                delay=dt.timedelta(seconds=delay),
+                reason=f"the receiver sent Retry-After: waiting {delay:g} s",
+            )
+        return RetryDecision.default()
+
+    def serialize(self) -> dict[str, Any]:
+        return {"__type": "RetryAfterPolicy", "max_delay_seconds": self.max_delay_seconds}
+
+    @classmethod
+    def deserialize(cls, data: dict[str, Any]) -> RetryAfterPolicy:
+        return cls(max_delay_seconds=data["max_delay_seconds"])
 
 
 class CdrWebhookOperator(HttpOperator):
@@ -26,8 +67,9 @@ class CdrWebhookOperator(HttpOperator):
     The body is read from the source relation and built when the task runs: it is never a template
     field (CDR text such as ``{{ 7 * 7 }}`` must arrive verbatim) and never travels through XCom, so
     phone numbers stay out of Airflow's metadata database. Outcome: 2xx delivered; 408, 429, 5xx,
-    timeouts and connection errors raise for Airflow to retry with backoff; any other status fails
-    the task at once, without using its retries.
+    timeouts and connection errors raise for Airflow to retry with backoff (or after the receiver's
+    ``Retry-After``); any other status, and an endpoint the egress guard refuses, fails the task at
+    once, without using its retries. A 410, or sustained failure, pauses the endpoint.
 
     :param cdr_id: The CDR to send.
     :param http_conn_id: The HTTP connection of the endpoint: ``host`` is the full URL, ``password``
@@ -55,52 +97,30 @@ class CdrWebhookOperator(HttpOperator):
 
     @property
     def hook(self) -> CdrWebhookHook:
-        """The hook that sends the request; its timeout is the ``request_timeout_seconds`` setting."""
+        """The hook that sends the request, with the ``request_timeout_seconds`` and egress settings."""
         from cdr_webhook.settings import load_settings
 
-        return CdrWebhookHook(self.http_conn_id, timeout=load_settings().request_timeout_seconds)
+        settings = load_settings()
+        return CdrWebhookHook(
+            self.http_conn_id,
+            timeout=settings.request_timeout_seconds,
+            allowed_networks=settings.allowed_networks,
+        )
 
     def execute(self, context: Context) -> None:
-        from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
-        from airflow.sdk.log import mask_secret
+        from airflow.sdk.exceptions import AirflowFailException
 
-        from cdr_webhook import ledger
+        from cdr_webhook import endpoints, ledger
         from cdr_webhook.db import connect
-        from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
         from cdr_webhook.settings import load_settings
-        from cdr_webhook.signing import build_headers, webhook_id
-        from cdr_webhook.source import fetch_rows
+        from cdr_webhook.signing import webhook_id
 
         settings = load_settings()
         ti = context["ti"]
         endpoint = self.http_conn_id
         with connect(self.db_conn_id) as conn:
-            try:
-                claim = ledger.start_attempt(
-                    conn,
-                    cdr_id=self.cdr_id,
-                    endpoint=endpoint,
-                    dag_id=ti.dag_id,
-                    run_id=ti.run_id,
-                    map_index=ti.map_index,
-                    claim_timeout_seconds=settings.claim_timeout_seconds,
-                )
-            except ledger.ClaimLost as err:
-                raise AirflowSkipException(f"{err}; not sending it from this task") from None
-
-            row = fetch_rows(conn, settings.source_relation, [(claim.cdr_id, claim.cdr_created_at)]).get(
-                claim.cdr_id
-            )
-            try:
-                if row is None:
-                    raise InvalidCdr(
-                        claim.cdr_id, "cdr_id", claim.cdr_id, f"no longer in {settings.source_relation}"
-                    )
-                body = encode_body(build_payload(row))
-            except InvalidCdr as err:
-                ledger.mark_skipped(conn, claim, str(err))
-                raise AirflowFailException(f"CDR {claim.cdr_id} cannot be sent: {err}") from None
-
+            claim = self._take(conn, ti, settings)
+            body = self._body(conn, claim, settings)
             msg_id = webhook_id(claim.cdr_id, endpoint)
             self.log.info(
                 "Sending CDR %s to endpoint %s (try %d, webhook-id %s)",
@@ -109,31 +129,15 @@ class CdrWebhookOperator(HttpOperator):
                 ti.try_number,
                 msg_id,
             )
-            hook = self.hook
-            api_key, secrets = hook.credentials()
-            for secret in (api_key, *secrets):
-                if secret:
-                    mask_secret(secret)
-            headers = build_headers(
-                msg_id=msg_id,
-                timestamp=int(time.time()),
-                body=body,
-                api_key=api_key,
-                signing_secrets=secrets,
-            )
-            result = hook.post(body, headers)
-            outcome = Outcome.RETRY if result.http_status is None else classify_response(result.http_status)
+            result = self._post(conn, body, msg_id, settings)
+            outcome = _judge(result)
             error = result.error or (
                 None
                 if outcome is Outcome.DELIVERED
                 else describe_status(result.http_status or 0, result.reason)
             )
             will_retry = outcome is Outcome.RETRY and ti.try_number <= self.retries
-            status = {
-                Outcome.DELIVERED: "delivered",
-                Outcome.FAIL: "failed",
-                Outcome.RETRY: "queued" if will_retry else "failed",
-            }[outcome]
+            status = "delivered" if outcome is Outcome.DELIVERED else "queued" if will_retry else "failed"
             ledger.record_attempt(
                 conn,
                 claim,
@@ -143,6 +147,18 @@ class CdrWebhookOperator(HttpOperator):
                 response_excerpt=result.response_excerpt,
                 latency_ms=result.latency_ms,
             )
+            if not will_retry:
+                event = endpoints.record_outcome(
+                    conn,
+                    endpoint,
+                    delivered=status == "delivered",
+                    gone=result.http_status == GONE,
+                    pause_after_failures=settings.pause_after_failures,
+                    pause_after_hours=settings.pause_after_hours,
+                )
+                if event is not None:
+                    self.log.warning("Endpoint %s paused: %s", endpoint, event.reason)
+                    endpoints.notify(event)
 
         attempt = claim.attempts + 1
         _count("retried" if will_retry else status, endpoint, result)
@@ -161,9 +177,85 @@ class CdrWebhookOperator(HttpOperator):
         message = f"CDR {claim.cdr_id} to {endpoint}: {error}"
         if outcome is Outcome.FAIL:
             raise AirflowFailException(f"{message}; not retried, no retry can help")
-        raise AirflowException(
-            message + ("; Airflow will retry" if will_retry else "; retries exhausted, marked failed")
+        if not will_retry:
+            raise AirflowException(f"{message}; retries exhausted, marked failed")
+        raise RetryLater(f"{message}; Airflow will retry", retry_after=result.retry_after)
+
+    def _take(self, conn: psycopg.Connection[Any], ti: Any, settings: Settings) -> Claim:
+        """Own the CDR's ledger row for this try; skip when another run has it or its endpoint is paused."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from cdr_webhook import endpoints, ledger
+
+        try:
+            claim = ledger.start_attempt(
+                conn,
+                cdr_id=self.cdr_id,
+                endpoint=self.http_conn_id,
+                dag_id=ti.dag_id,
+                run_id=ti.run_id,
+                map_index=ti.map_index,
+                claim_timeout_seconds=settings.claim_timeout_seconds,
+            )
+        except ledger.ClaimLost as err:
+            raise AirflowSkipException(f"{err}; not sending it from this task") from None
+        if endpoints.is_paused(conn, self.http_conn_id):
+            ledger.release(conn, claim)
+            raise AirflowSkipException(
+                f"endpoint {self.http_conn_id} is paused: CDR {claim.cdr_id} stays queued and goes out, "
+                "in order, once the endpoint is resumed"
+            )
+        return claim
+
+    def _body(self, conn: psycopg.Connection[Any], claim: Claim, settings: Settings) -> bytes:
+        """Build the body from the CDR's current source row; an unmappable row is skipped and fails."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from cdr_webhook import ledger
+        from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+        from cdr_webhook.source import fetch_rows
+
+        row = fetch_rows(conn, settings.source_relation, [(claim.cdr_id, claim.cdr_created_at)]).get(
+            claim.cdr_id
         )
+        try:
+            if row is None:
+                raise InvalidCdr(
+                    claim.cdr_id, "cdr_id", claim.cdr_id, f"no longer in {settings.source_relation}"
+                )
+            return encode_body(build_payload(row))
+        except InvalidCdr as err:
+            ledger.mark_skipped(conn, claim, str(err))
+            raise AirflowFailException(f"CDR {claim.cdr_id} cannot be sent: {err}") from None
+
+    def _post(
+        self, conn: psycopg.Connection[Any], body: bytes, msg_id: str, settings: Settings
+    ) -> AttemptResult:
+        """Sign and send, holding one of the endpoint's in-flight slots."""
+        from airflow.sdk.log import mask_secret
+
+        from cdr_webhook.signing import build_headers
+        from cdr_webhook.slots import NoSlot, endpoint_slot
+
+        hook = self.hook
+        api_key, secrets = hook.credentials()
+        for secret in (api_key, *secrets, *hook.tls_secrets()):
+            if secret:
+                mask_secret(secret)
+        limit = _max_in_flight(hook, settings)
+        wait = max(60.0, 4 * settings.request_timeout_seconds)
+        try:
+            with endpoint_slot(conn, self.http_conn_id, limit=limit, wait_seconds=wait):
+                headers = build_headers(
+                    msg_id=msg_id,
+                    timestamp=int(time.time()),
+                    body=body,
+                    api_key=api_key,
+                    signing_secrets=secrets,
+                )
+                return hook.post(body, headers)
+        except NoSlot as err:
+            raise RetryLater(str(err)) from None
 
     def _log_failure(
         self, cdr_id: str, endpoint: str, result: AttemptResult, error: str | None, attempt: int, msg_id: str
@@ -180,6 +272,25 @@ class CdrWebhookOperator(HttpOperator):
         )
         if result.response_excerpt is not None:
             self.log.error("Response body starts: %s", describe_excerpt(result.response_excerpt))
+
+
+def _judge(result: AttemptResult) -> Outcome:
+    if result.refused:
+        return Outcome.FAIL
+    if result.http_status is None:
+        return Outcome.RETRY  # a timeout or a connection error
+    return classify_response(result.http_status)
+
+
+def _max_in_flight(hook: CdrWebhookHook, settings: Settings) -> int:
+    value = hook.get_connection(hook.http_conn_id).extra_dejson.get("max_in_flight")
+    if value is None:
+        return settings.max_in_flight_per_endpoint
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"connection {hook.http_conn_id!r}: extra 'max_in_flight' must be a positive integer"
+        )
+    return value
 
 
 def _count(event: str, endpoint: str, result: AttemptResult) -> None:

@@ -10,17 +10,21 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook import ledger
+from cdr_webhook import endpoints, ledger
 from cdr_webhook.payload import InvalidCdr, build_payload
+from cdr_webhook.routing import EndpointFilters, Route, Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
-from cdr_webhook.source import check_source, fetch_rows
+from cdr_webhook.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.window import SCHEDULED, Window, plan_scan, plan_window
 
 if TYPE_CHECKING:
     import datetime as dt
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     import psycopg
+
+    #: ``conn_id -> its extra`` (a dict), or None when the connection does not exist.
+    Connections = Callable[[str], Mapping[str, Any] | None]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,31 @@ class RunInfo:
     params: Mapping[str, Any]
 
 
+@dataclasses.dataclass
+class _Endpoints:
+    """Per-run knowledge of endpoints: client routes and filters, each connection looked up once."""
+
+    connections: Connections
+    router: Router
+    paused: set[str]
+    filters: dict[str, EndpointFilters] = dataclasses.field(default_factory=dict)
+
+    def routes(self, clients: list[int | None]) -> dict[int | None, Route]:
+        return {client: self.router.route(client) for client in clients}
+
+    def filters_of(self, endpoint: str) -> EndpointFilters:
+        if endpoint not in self.filters:
+            self.filters[endpoint] = EndpointFilters.from_extra(endpoint, self.connections(endpoint) or {})
+        return self.filters[endpoint]
+
+
 def select_cdrs(
-    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, *, now: dt.datetime
+    conn: psycopg.Connection[Any],
+    run: RunInfo,
+    settings: Settings,
+    *,
+    now: dt.datetime,
+    connections: Connections,
 ) -> list[dict[str, str]]:
     """
     Claim this run's CDRs and return one ``{"cdr_id", "http_conn_id"}`` mapping per CDR to POST.
@@ -48,6 +75,7 @@ def select_cdrs(
     backfill does, selects anew.
     """
     ledger.ensure_schema(conn)
+    endpoints.ensure_endpoint_schema(conn)
     check_source(conn, settings.source_relation)
     window = (
         None
@@ -61,12 +89,23 @@ def select_cdrs(
         owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
         log.info("Run %s was cleared: mapping again the %d CDR(s) it had claimed", run.run_id, len(owned))
         return [_mapped(claim) for claim in owned]
+    known = _Endpoints(
+        connections=connections,
+        router=Router(
+            lambda conn_id: connections(conn_id) is not None,
+            unrouted=settings.unrouted_clients,
+            default_endpoint=DEFAULT_ENDPOINT_CONN_ID,
+        ),
+        paused=endpoints.paused_endpoints(conn),
+    )
+    if known.paused:
+        log.warning("Paused endpoints (their CDRs wait, queued): %s", ", ".join(sorted(known.paused)))
     with conn.transaction():
         if window is None:
-            claims = _claim_scan(conn, run, settings)
+            claims = _claim_scan(conn, run, settings, known)
         else:
-            claims = _claim_window(conn, run, settings, window)
-        sendable = _drop_invalid(conn, settings.source_relation, claims)
+            claims = _claim_window(conn, run, settings, known, window)
+        sendable = _drop_invalid(conn, settings.source_relation, claims, known)
         ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
     backlog = conn.execute(
         "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
@@ -95,7 +134,7 @@ def _request(window: Window | None) -> dict[str, Any]:
 
 
 def _assign(
-    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, **scope: Any
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints, **scope: Any
 ) -> list[ledger.Claim]:
     return ledger.assign(
         conn,
@@ -103,11 +142,14 @@ def _assign(
         run_id=run.run_id,
         limit=settings.max_cdrs_per_run,
         claim_timeout_seconds=settings.claim_timeout_seconds,
+        paused_endpoints=sorted(known.paused),
         **scope,
     )
 
 
-def _claim_scan(conn: psycopg.Connection[Any], run: RunInfo, settings: Settings) -> list[ledger.Claim]:
+def _claim_scan(
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints
+) -> list[ledger.Claim]:
     """A scheduled run: queue what the watermark scan finds, move the watermark, take the oldest queued."""
     if run.interval_start is None or run.interval_end is None:
         raise ValueError(f"scheduled run {run.run_id} has no data interval; use CronDataIntervalTimetable")
@@ -120,8 +162,9 @@ def _claim_scan(conn: psycopg.Connection[Any], run: RunInfo, settings: Settings)
         lag_seconds=settings.lag_seconds,
         start_from=settings.start_from,
     )
+    clients = distinct_clients(conn, relation, start=scan.start, end=scan.end)
     queued = ledger.enqueue_new(
-        conn, relation=relation, endpoint=DEFAULT_ENDPOINT_CONN_ID, start=scan.start, end=scan.end
+        conn, relation=relation, routes=known.routes(clients), start=scan.start, end=scan.end
     )
     ledger.advance_watermark(conn, relation, scan.end)
     log.info(
@@ -131,23 +174,19 @@ def _claim_scan(conn: psycopg.Connection[Any], run: RunInfo, settings: Settings)
         watermark.isoformat() if watermark else "not set: first run",
         queued,
     )
-    return _assign(conn, run, settings)
+    return _assign(conn, run, settings, known)
 
 
 def _claim_window(
-    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, window: Window
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints, window: Window
 ) -> list[ledger.Claim]:
     """A backfill or manual run: queue what its policy selects in the window, take the oldest of it."""
     queued = 0
     if window.policy in ("missing", "all"):
-        queued += ledger.enqueue_new(
-            conn,
-            relation=settings.source_relation,
-            endpoint=DEFAULT_ENDPOINT_CONN_ID,
-            start=window.start,
-            end=window.end,
-            client_id=window.client_id,
-        )
+        relation = settings.source_relation
+        span = {"start": window.start, "end": window.end, "client_id": window.client_id}
+        clients = distinct_clients(conn, relation, **span)
+        queued += ledger.enqueue_new(conn, relation=relation, routes=known.routes(clients), **span)
     if window.policy == "failed":
         queued += ledger.requeue(conn, window=window, statuses=("failed",))
     if window.policy == "all":
@@ -160,13 +199,13 @@ def _claim_window(
         f", client {window.client_id}" if window.client_id is not None else "",
         queued,
     )
-    return _assign(conn, run, settings, window=window, client_id=window.client_id)
+    return _assign(conn, run, settings, known, window=window, client_id=window.client_id)
 
 
 def _drop_invalid(
-    conn: psycopg.Connection[Any], relation: str, claims: list[ledger.Claim]
+    conn: psycopg.Connection[Any], relation: str, claims: list[ledger.Claim], known: _Endpoints
 ) -> list[ledger.Claim]:
-    """Mark claims whose source row cannot become a payload as skipped; return the rest."""
+    """Mark claims that cannot become a payload, or that their endpoint filters out, as skipped."""
     rows = fetch_rows(conn, relation, ((claim.cdr_id, claim.cdr_created_at) for claim in claims))
     sendable = []
     for claim in claims:
@@ -175,10 +214,10 @@ def _drop_invalid(
             reason = f"CDR {claim.cdr_id!r} is no longer in the source relation {relation!r}"
         else:
             try:
-                build_payload(row)
+                reason = known.filters_of(claim.endpoint).exclusion(build_payload(row))
             except InvalidCdr as err:
                 reason = str(err)
-            else:
+            if reason is None:
                 sendable.append(claim)
                 continue
         log.warning("Skipping: %s", reason)
@@ -188,6 +227,24 @@ def _drop_invalid(
 
 def _mapped(claim: ledger.Claim) -> dict[str, str]:
     return {"cdr_id": claim.cdr_id, "http_conn_id": claim.endpoint}
+
+
+def airflow_connections() -> Connections:
+    """Return a per-run, cached lookup of Airflow connections' extras (None: no such connection)."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    cache: dict[str, Mapping[str, Any] | None] = {}
+
+    def extra_of(conn_id: str) -> Mapping[str, Any] | None:
+        if conn_id not in cache:
+            try:
+                cache[conn_id] = BaseHook.get_connection(conn_id).extra_dejson
+            except AirflowNotFoundException:
+                cache[conn_id] = None
+        return cache[conn_id]
+
+    return extra_of
 
 
 def run_info(context: Mapping[str, Any]) -> RunInfo:

@@ -38,6 +38,7 @@ class Settings:
     retry_delay_seconds: int = 30
     max_retry_delay_seconds: int = 900
     failure_notifier: str | None = None  # "module:attribute" of an Airflow notifier for failed runs
+    max_active_posts_per_run: int = 16  # post_cdr tasks of one run in flight (max_active_tis_per_dagrun)
     # Read by the tasks when they run.
     lag_seconds: int = 60
     max_cdrs_per_run: int = 500
@@ -45,6 +46,11 @@ class Settings:
     source_relation: str = "cdr_webhook_source"
     start_from: dt.datetime | None = None
     claim_timeout_seconds: int = 3600
+    unrouted_clients: str = "default"  # clients without their own connection: "default" or "skip"
+    allowed_networks: tuple[str, ...] = ()  # CIDRs the egress guard lets through (e.g. 10.0.0.0/8)
+    pause_after_failures: int = 50
+    pause_after_hours: float = 72.0
+    max_in_flight_per_endpoint: int = 8  # POSTs at once to one endpoint; extra max_in_flight overrides
 
     def validate(self, *, max_map_length: int) -> None:
         """Check the rules that tie settings together; raise :class:`SettingsError` naming the fix."""
@@ -158,6 +164,29 @@ def resolve_import_path(name: str, path: str) -> Any:
         raise SettingsError(f"{_env(name)}={path!r} cannot be imported: {err}") from err
 
 
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.strip() not in choices:
+            raise SettingsError(f"{_env(name)}={raw!r} must be one of: {', '.join(choices)}")
+        return raw.strip()
+
+    return parse
+
+
+def _networks(name: str, raw: str) -> tuple[str, ...]:
+    import ipaddress
+
+    networks = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(entry, strict=True)))
+        except ValueError as err:
+            raise SettingsError(f"{_env(name)}: {entry!r} is not a CIDR network ({err})") from None
+    return tuple(networks)
+
+
 _PARSERS: dict[str, Callable[[str, str], object]] = {
     "schedule": _schedule,
     "retries": _non_negative_int,
@@ -170,6 +199,12 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "source_relation": _relation,
     "start_from": _timestamp,
     "claim_timeout_seconds": _positive_int,
+    "max_active_posts_per_run": _positive_int,
+    "unrouted_clients": _choice("default", "skip"),
+    "allowed_networks": _networks,
+    "pause_after_failures": _positive_int,
+    "pause_after_hours": _positive_float,
+    "max_in_flight_per_endpoint": _positive_int,
 }
 
 

@@ -69,3 +69,21 @@ def fetch_rows(
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(query, params)
         return {str(row["cdr_id"]): row for row in cur.fetchall()}
+
+
+def distinct_clients(
+    conn: psycopg.Connection[Any],
+    relation: str,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    client_id: int | None = None,
+) -> list[int | None]:
+    """Return the client ids of the CDRs with ``start <= created_at < end`` (to route them)."""
+    client_filter = sql.SQL(" AND client_id = %(client_id)s" if client_id is not None else "")
+    query = sql.SQL(
+        "SELECT DISTINCT client_id FROM {relation} "
+        "WHERE created_at >= %(start)s AND created_at < %(end)s{client}"
+    ).format(relation=relation_identifier(relation), client=client_filter)
+    rows = conn.execute(query, {"start": start, "end": end, "client_id": client_id}).fetchall()
+    return [row[0] for row in rows]

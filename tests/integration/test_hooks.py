@@ -16,6 +16,7 @@ from cdr_webhook.signing import build_headers
 from demo.receiver import Receiver
 
 API_KEY = "key-5f2b9c1e7a"
+LOOPBACK = ("127.0.0.0/8",)
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
 BODY = b'{"cdr_id":"1","callerid":"{{ 7 * 7 }}"}'
 
@@ -41,7 +42,7 @@ def receiver():
 
 def test_sends_exactly_our_headers_and_none_of_the_extras(monkeypatch, receiver):
     http_conn(monkeypatch, "hook_test", receiver.url, login="user", signing_secret=SECRET, x_leak="nope")
-    hook = CdrWebhookHook("hook_test", timeout=5)
+    hook = CdrWebhookHook("hook_test", timeout=5, allowed_networks=LOOPBACK)
 
     result = hook.post(BODY, headers_for())
 
@@ -80,7 +81,7 @@ def test_redirect_is_a_failure_and_its_target_is_never_contacted(monkeypatch):
         redirecting.script("1", [302])
         http_conn(monkeypatch, "hook_test", redirecting.url)
 
-        result = CdrWebhookHook("hook_test", timeout=5).post(BODY, headers_for())
+        result = CdrWebhookHook("hook_test", timeout=5, allowed_networks=LOOPBACK).post(BODY, headers_for())
 
         assert result.http_status == 302
         assert len(redirecting.received()) == 1
@@ -94,7 +95,7 @@ def test_a_silent_server_times_out(monkeypatch):
         http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
         started = time.monotonic()
 
-        result = CdrWebhookHook("hook_test", timeout=1).post(BODY, headers_for())
+        result = CdrWebhookHook("hook_test", timeout=1, allowed_networks=LOOPBACK).post(BODY, headers_for())
 
         assert result.http_status is None
         assert result.error.startswith("timed out after 1 s")
@@ -107,7 +108,7 @@ def test_connection_refused_is_described_without_the_url(monkeypatch):
         port = probe.getsockname()[1]
     http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{port}/hook/tok-abc123?token=tok-abc123")
 
-    result = CdrWebhookHook("hook_test", timeout=2).post(BODY, headers_for())
+    result = CdrWebhookHook("hook_test", timeout=2, allowed_networks=LOOPBACK).post(BODY, headers_for())
 
     assert result.http_status is None
     assert result.error.startswith("connection failed:")
@@ -122,7 +123,12 @@ def test_proxy_environment_variables_are_ignored(monkeypatch, receiver):
     monkeypatch.delenv("no_proxy", raising=False)
     http_conn(monkeypatch, "hook_test", receiver.url)
 
-    assert CdrWebhookHook("hook_test", timeout=5).post(BODY, headers_for()).http_status == 200
+    assert (
+        CdrWebhookHook("hook_test", timeout=5, allowed_networks=LOOPBACK)
+        .post(BODY, headers_for())
+        .http_status
+        == 200
+    )
 
 
 class _HugeBody(http.server.BaseHTTPRequestHandler):
@@ -148,7 +154,7 @@ def test_only_a_bounded_excerpt_of_the_response_is_read(monkeypatch):
     thread.start()
     try:
         http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{server.server_address[1]}/")
-        result = CdrWebhookHook("hook_test", timeout=5).post(BODY, headers_for())
+        result = CdrWebhookHook("hook_test", timeout=5, allowed_networks=LOOPBACK).post(BODY, headers_for())
     finally:
         server.shutdown()
         server.server_close()

@@ -11,7 +11,8 @@ import psycopg
 import pytest
 
 from cdr_webhook import ledger
-from cdr_webhook.selection import RunInfo, select_cdrs
+from cdr_webhook.selection import RunInfo
+from cdr_webhook.selection import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
 from demo.dialer import Dialer
@@ -19,6 +20,11 @@ from demo.dialer import Dialer
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
 SETTINGS = Settings(lag_seconds=60, max_cdrs_per_run=500)
+CONNECTIONS = {"cdr_webhook": {}}  # the Airflow connections that exist, with their extras
+
+
+def select_cdrs(conn, run, settings, *, now, connections=None):
+    return claim_cdrs(conn, run, settings, now=now, connections=(connections or CONNECTIONS).get)
 
 
 def scheduled(run: int, start: dt.datetime, end: dt.datetime) -> RunInfo:

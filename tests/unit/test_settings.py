@@ -41,6 +41,10 @@ def test_values_are_parsed():
     assert settings.request_timeout_seconds == 2.5
     assert settings.source_relation == "billing.cdr_feed"
     assert settings.start_from == dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    assert parse_settings({"allowed_networks": "127.0.0.0/8, ::1/128"}).allowed_networks == (
+        "127.0.0.0/8",
+        "::1/128",
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,6 +60,9 @@ def test_values_are_parsed():
         ({"source_relation": "a.b.c"}, "must be a relation name"),
         ({"request_timeout_seconds": "0"}, "must be greater than 0"),
         ({"claim_timeout_seconds": "600"}, "CLAIM_TIMEOUT_SECONDS=600 must exceed"),
+        ({"unrouted_clients": "drop"}, "UNROUTED_CLIENTS='drop' must be one of: default, skip"),
+        ({"allowed_networks": "10.0.0.1/8"}, "ALLOWED_NETWORKS: '10.0.0.1/8' is not a CIDR network"),
+        ({"pause_after_hours": "-1"}, "PAUSE_AFTER_HOURS='-1' must be greater than 0"),
     ],
 )
 def test_bad_values_name_the_variable(raw, message):

@@ -1,0 +1,185 @@
+"""The operator's command line: ``python -m cdr_webhook endpoints list|pause|resume`` (plugins/ on sys.path).
+
+The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow connection ``cdr_db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import os
+import re
+import sys
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from cdr_webhook import endpoints, ledger
+from cdr_webhook.settings import CDR_DB_CONN_ID
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+DSN_ENV = "CDR_DATABASE_URL"
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr, with exit status 1."""
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dsn",
+        help=f"libpq conninfo or URL of the CDR database (default: ${DSN_ENV}, "
+        f"else the Airflow connection {CDR_DB_CONN_ID!r})",
+    )
+    parser = argparse.ArgumentParser(prog="python -m cdr_webhook", description=__doc__.splitlines()[0])
+    groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints")
+    group = groups.add_parser("endpoints", help="pause, resume and list webhook endpoints")
+    commands = group.add_subparsers(dest="command", required=True, metavar="list|pause|resume")
+    commands.add_parser("list", parents=[common], help="every endpoint: state, backlog and failures")
+    pause = commands.add_parser("pause", parents=[common], help="stop sending to an endpoint")
+    resume = commands.add_parser("resume", parents=[common], help="send to a paused endpoint again")
+    for sub in (pause, resume):
+        sub.add_argument("endpoint", type=_non_empty, help="the endpoint's Airflow connection id")
+        sub.add_argument("--by", type=_non_empty, help="who does it (default: the OS user)")
+    pause.add_argument("--reason", type=_non_empty, required=True, help="why, for the audit trail")
+    resume.add_argument("--reason", type=_non_empty, help="why, for the audit trail")
+    return parser
+
+
+def _secrets(dsn: str) -> list[str]:
+    # The DSN may be malformed, so every way of finding its password is tried.
+    found = re.findall(r"password\s*=\s*'?([^\s']+)", dsn)
+    try:
+        found.append(conninfo_to_dict(dsn).get("password") or "")
+    except psycopg.Error:
+        pass
+    try:
+        found.append(urlsplit(dsn).password or "")
+    except ValueError:
+        pass
+    return [secret for secret in found if secret]
+
+
+def _one_line(err: BaseException, secrets: list[str]) -> str:
+    message = " ".join(str(err).split()) or type(err).__name__
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
+
+
+def connect(dsn: str | None) -> psycopg.Connection[Any]:
+    """Open the CDR database from the first source given; :class:`CliError` names the source on failure."""
+    if dsn is None and os.environ.get(DSN_ENV):
+        dsn, source = os.environ[DSN_ENV], f"${DSN_ENV}"
+    else:
+        source = "--dsn"
+    try:
+        if dsn is not None:
+            return psycopg.connect(dsn, autocommit=True)
+        from cdr_webhook.db import connect as airflow_connect
+
+        source = f"Airflow connection {CDR_DB_CONN_ID!r}"
+        return airflow_connect()
+    except Exception as err:
+        raise CliError(
+            f"cannot connect to the CDR database (from {source}): {_one_line(err, _secrets(dsn or ''))}"
+        ) from err
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
+
+
+def print_table(statuses: list[endpoints.EndpointStatus]) -> None:
+    if not statuses:
+        print("no endpoints yet: none paused and nothing in the ledger")
+        return
+    header = ("endpoint", "state", "since", "by", "queued", "failed", "consecutive failures", "reason")
+    rows = [
+        (
+            s.endpoint,
+            "paused" if s.paused else "active",
+            _when(s.changed_at),
+            s.changed_by or "-",
+            str(s.queued),
+            str(s.failed),
+            str(s.consecutive_failures),
+            s.reason or "",
+        )
+        for s in statuses
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    numeric = {4, 5, 6}
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            cell.rjust(w) if i in numeric else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))
+        ]
+        return "  ".join([*cells, row[-1]]).rstrip()
+
+    print(line(header))
+    print("-" * len(line(header)))
+    for row in rows:
+        print(line(row))
+
+
+def _status(conn: psycopg.Connection[Any], endpoint: str) -> endpoints.EndpointStatus | None:
+    found = endpoints.list_endpoints(conn, endpoint=endpoint)
+    return found[0] if found else None
+
+
+def run(args: argparse.Namespace) -> None:
+    with connect(args.dsn) as conn:
+        ledger.ensure_schema(conn)
+        endpoints.ensure_endpoint_schema(conn)
+        if args.command == "list":
+            print_table(endpoints.list_endpoints(conn))
+            return
+        actor = args.by or getpass.getuser()
+        if args.command == "pause":
+            event = endpoints.pause(conn, args.endpoint, reason=args.reason, actor=actor)
+            if event is None:
+                status = _status(conn, args.endpoint)
+                assert status is not None
+                print(
+                    f"endpoint {args.endpoint!r} already paused since {_when(status.changed_at)} "
+                    f"by {status.changed_by}: {status.reason}"
+                )
+        else:
+            event = endpoints.resume(conn, args.endpoint, actor=actor, reason=args.reason)
+            if event is None:
+                print(f"endpoint {args.endpoint!r} is not paused: nothing to resume")
+    if event is not None:
+        why = f": {event.reason}" if event.reason else ""
+        print(f"{event.action} endpoint {event.endpoint!r} at {_when(event.at)} by {event.actor}{why}")
+        endpoints.notify(event)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # exits 2 with the usage on bad usage
+    try:
+        run(args)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except psycopg.Error as err:
+        print(f"error: the CDR database refused: {_one_line(err, [])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

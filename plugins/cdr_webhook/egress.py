@@ -1,0 +1,306 @@
+"""Egress guard for webhook POSTs: no internal addresses (SSRF), no DNS rebinding, TLS always verified.
+
+:func:`check_url` resolves an endpoint's host once and refuses it when any address is internal;
+:class:`GuardedAdapter` does that for every request and then connects to exactly the checked address,
+while Host, TLS SNI and certificate verification still use the URL's hostname.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import os
+import socket
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
+from urllib3.util import parse_url
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+    from requests import PreparedRequest, Response
+    from urllib3 import HTTPConnectionPool
+
+    Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+    Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+    #: ``(host, port) -> addresses``; the default is :func:`socket.getaddrinfo` over TCP.
+    Resolver = Callable[[str, int], Iterable[str]]
+
+ALLOWED_NETWORKS_ENV = "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS"
+ALLOW_HINT = (
+    f"refused; to allow it, add its network to {ALLOWED_NETWORKS_ENV} "
+    "(a comma-separated CIDR list, empty by default)"
+)
+
+_N = ipaddress.ip_network
+# Checked in this order; the first match names the rule. 0.0.0.0 must precede 0.0.0.0/8, and the
+# broadcast address the reserved 240.0.0.0/4 that contains it.
+_RULES: tuple[tuple[str, tuple[Network, ...]], ...] = (
+    ("an unspecified address", (_N("0.0.0.0/32"), _N("::/128"))),
+    ("a 'this network' address (0.0.0.0/8)", (_N("0.0.0.0/8"),)),
+    ("a loopback address", (_N("127.0.0.0/8"), _N("::1/128"))),
+    ("a private address (RFC 1918)", (_N("10.0.0.0/8"), _N("172.16.0.0/12"), _N("192.168.0.0/16"))),
+    ("a private address (IPv6 unique local, fc00::/7)", (_N("fc00::/7"),)),
+    ("a link-local address (cloud metadata lives at 169.254.169.254)", (_N("169.254.0.0/16"),)),
+    ("a link-local address", (_N("fe80::/10"),)),
+    ("an IPv6 site-local address", (_N("fec0::/10"),)),
+    ("a shared CGNAT address (100.64.0.0/10)", (_N("100.64.0.0/10"),)),
+    ("a multicast address", (_N("224.0.0.0/4"), _N("ff00::/8"))),
+    ("the broadcast address", (_N("255.255.255.255/32"),)),
+    ("a reserved address", (_N("240.0.0.0/4"),)),
+)
+# IPv6 forms that carry an IPv4 address the packets end up at: (rule, network, shift of the IPv4 bits).
+_EMBEDDING: tuple[tuple[str, Network, int], ...] = (
+    ("an IPv4-mapped address", _N("::ffff:0:0/96"), 0),
+    ("an IPv4-compatible address", _N("::/96"), 0),
+    ("a NAT64 address", _N("64:ff9b::/96"), 0),
+    ("a 6to4 address", _N("2002::/16"), 80),
+)
+
+
+class EndpointRefused(Exception):
+    """An endpoint the egress guard will not connect to; the message names the rule and the setting."""
+
+    def __init__(self, reason: str, rule: str, *, hint: str = ALLOW_HINT) -> None:
+        super().__init__(f"{reason}: {hint}")
+        self.reason = reason
+        self.rule = rule
+
+
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """Parse the comma-separated CIDR list of ``ALLOWED_NETWORKS``; an empty string allows nothing."""
+    networks = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=True))
+        except ValueError as err:
+            raise ValueError(f"{ALLOWED_NETWORKS_ENV}: {entry!r} is not a CIDR network ({err})") from None
+    return tuple(networks)
+
+
+def check_address(address: str | Address, allowed_networks: Sequence[Network]) -> None:
+    """Raise :class:`EndpointRefused` unless ``address`` is public or inside ``allowed_networks``."""
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    rule = _refused_rule(ip, allowed_networks)
+    if rule is not None:
+        raise EndpointRefused(f"{ip} is {rule}", rule)
+
+
+def _refused_rule(ip: Address, allowed_networks: Sequence[Network]) -> str | None:
+    """Return the rule that refuses ``ip``, or None. An allowed network overrides every rule."""
+    if any(ip in network for network in allowed_networks):
+        return None
+    for rule, networks in _RULES:
+        if any(ip in network for network in networks):
+            return rule
+    if isinstance(ip, ipaddress.IPv6Address):
+        for rule, network, shift in _EMBEDDING:
+            if ip in network:
+                embedded = ipaddress.IPv4Address((int(ip) >> shift) & 0xFFFFFFFF)
+                inner = _refused_rule(embedded, allowed_networks)
+                # A public IPv4 behind these prefixes is reachable on purpose (IPv6-only networks).
+                return None if inner is None else f"{rule} of {embedded}, {inner}"
+    if ip.is_reserved:
+        return "a reserved address"
+    if not ip.is_global:
+        return "a special-purpose (not globally reachable) address"
+    return None
+
+
+def _system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return [str(info[4][0]) for info in infos]
+
+
+def resolve(
+    host: str, port: int, allowed_networks: Sequence[Network], resolver: Resolver | None = None
+) -> list[str]:
+    """
+    Resolve ``host`` once and check every address; return them, in the resolver's order.
+
+    One refused address refuses the host: a name answering both a public and an internal address
+    would otherwise reach the internal one whenever a client picks it. A literal IP skips DNS.
+    Resolution failures raise :class:`OSError` (as :func:`socket.getaddrinfo` does).
+    """
+    try:
+        answers: Iterable[str] = [str(ipaddress.ip_address(host.strip("[]")))]
+        literal = True
+    except ValueError:
+        answers = (resolver or _system_resolver)(host, port)
+        literal = False
+    addresses = list(dict.fromkeys(str(ipaddress.ip_address(answer)) for answer in answers))
+    if not addresses:
+        raise OSError(f"{host!r} resolved to no address")
+    for address in addresses:
+        rule = _refused_rule(ipaddress.ip_address(address), allowed_networks)
+        if rule is not None:
+            subject = address if literal else f"{host!r} resolves to {address}, which"
+            raise EndpointRefused(f"{subject} is {rule}", rule)
+    return addresses
+
+
+def check_url(url: str, allowed_networks: Sequence[Network], resolver: Resolver | None = None) -> list[str]:
+    """
+    Check an endpoint URL: http or https, a host whose every address passes :func:`resolve`.
+
+    Plain http is allowed only when every address is inside ``allowed_networks``: the API key and
+    the CDR would otherwise cross the internet in clear text. Messages never quote the URL's path or
+    query, which may carry a token. Return the checked addresses.
+    """
+    parsed = parse_url(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"endpoint must be an http(s) URL with a host, not {parsed.scheme}://{parsed.host}")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    addresses = resolve(parsed.host, port, allowed_networks, resolver)
+    if parsed.scheme == "http":
+        outside = [a for a in addresses if not any(ipaddress.ip_address(a) in n for n in allowed_networks)]
+        if outside:
+            raise EndpointRefused(
+                f"plain http is refused for http://{parsed.host}:{port}, which reaches {', '.join(outside)}",
+                "plain http is refused",
+                hint=f"use https, or add its network to {ALLOWED_NETWORKS_ENV} (comma-separated CIDRs)",
+            )
+    return addresses
+
+
+class GuardedAdapter(HTTPAdapter):
+    """
+    A requests adapter that checks each request's host and connects to exactly the checked address.
+
+    Per request the host is resolved and checked once (:func:`check_url`); the connection pool is then
+    keyed by that IP address, so no later DNS answer (rebinding) is ever used. The Host header is the
+    URL's, and for https the TLS SNI and certificate hostname check use the URL's hostname (urllib3's
+    ``server_hostname``). Only the first checked address is tried. Certificates are always verified:
+    against ``ca_bundle`` when given (it replaces the default store), else requests' CA bundle.
+    ``client_cert`` is ``(cert_path, key_path)`` for mutual TLS. Proxies are refused.
+    """
+
+    def __init__(
+        self,
+        allowed_networks: Sequence[Network],
+        *,
+        ca_bundle: str | None = None,
+        client_cert: tuple[str, str] | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        for path in (ca_bundle, *(client_cert or ())):
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"TLS file not found: {path}")
+        self.allowed_networks = tuple(allowed_networks)
+        self.ca_bundle = ca_bundle
+        self.client_cert = client_cert
+        self.resolver = resolver
+        super().__init__()
+
+    def send(
+        self,
+        request: PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Send with the URL's Host header (the pool's host is an IP address); refuse ``verify=False``."""
+        if verify is False:
+            raise ValueError("GuardedAdapter always verifies TLS certificates; verify=False is refused")
+        request = request.copy()
+        parsed = parse_url(request.url)
+        default_port = 443 if parsed.scheme == "https" else 80
+        port = f":{parsed.port}" if parsed.port and parsed.port != default_port else ""
+        request.headers["Host"] = f"{parsed.host}{port}"
+        return super().send(
+            request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
+        )
+
+    def get_connection_with_tls_context(
+        self,
+        request: PreparedRequest,
+        verify: Any,
+        proxies: Mapping[str, str] | None = None,
+        cert: Any = None,
+    ) -> HTTPConnectionPool:
+        """Resolve and check the host once, and return the pool of the checked IP address."""
+        url = str(request.url)
+        if select_proxy(url, dict(proxies or {})):
+            raise ValueError("GuardedAdapter connects only to the checked address; proxies are refused")
+        parsed = parse_url(url)
+        try:
+            address = check_url(url, self.allowed_networks, self.resolver)[0]
+        except OSError as err:
+            raise requests.ConnectionError(f"cannot resolve {parsed.host}: {err}", request=request) from err
+        pool_kwargs: dict[str, Any] = {}
+        if parsed.scheme == "https":
+            pool_kwargs = {
+                "cert_reqs": "CERT_REQUIRED",
+                "ca_certs": self.ca_bundle or DEFAULT_CA_BUNDLE_PATH,
+                "server_hostname": parsed.host.strip("[]"),  # SNI and the certificate hostname check
+                "cert_file": self.client_cert[0] if self.client_cert else None,
+                "key_file": self.client_cert[1] if self.client_cert else None,
+            }
+        return self.poolmanager.connection_from_host(
+            address, parsed.port or (443 if parsed.scheme == "https" else 80), parsed.scheme, pool_kwargs
+        )
+
+    def get_connection(self, url: str, proxies: Mapping[str, str] | None = None) -> HTTPConnectionPool:
+        """Refused: this deprecated entry point would connect to the URL's host unchecked."""
+        raise NotImplementedError(
+            "GuardedAdapter.get_connection is unchecked; use get_connection_with_tls_context"
+        )
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """Do nothing: the TLS settings are in the pool's key (requests would overwrite them per request)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """Paths for :class:`GuardedAdapter`: a CA bundle and a ``(cert, key)`` pair, each optional."""
+
+    ca_bundle: str | None = None
+    client_cert: tuple[str, str] | None = None
+
+
+@contextlib.contextmanager
+def pem_files(extra: Mapping[str, Any]) -> Iterator[TlsFiles]:
+    """
+    Write the PEM text of connection extras ``ca_bundle``, ``client_cert``, ``client_key`` to files.
+
+    requests and ssl want paths; the files live in a private directory, each 0600, and are removed
+    when the block ends, so use the adapter only inside it (new connections reload them). The key may
+    also sit in ``client_cert`` itself. Only PEM text is accepted, never a path on the worker.
+    """
+    texts: dict[str, str] = {}
+    for name in ("ca_bundle", "client_cert", "client_key"):
+        value = extra.get(name)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str) or "-----BEGIN " not in value:
+            raise ValueError(f"connection extra {name!r} must be PEM text (-----BEGIN …)")
+        texts[name] = value
+    if "client_key" in texts and "client_cert" not in texts:
+        raise ValueError("connection extra 'client_key' needs 'client_cert'")
+    if (
+        "client_cert" in texts
+        and "client_key" not in texts
+        and "PRIVATE KEY-----" not in texts["client_cert"]
+    ):
+        raise ValueError("connection extra 'client_cert' holds no private key and 'client_key' is not set")
+    with tempfile.TemporaryDirectory(prefix="cdr-webhook-tls-") as directory:
+        paths: dict[str, str] = {}
+        for name, text in texts.items():
+            paths[name] = os.path.join(directory, f"{name}.pem")
+            fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
+        cert = paths.get("client_cert")
+        yield TlsFiles(
+            ca_bundle=paths.get("ca_bundle"),
+            client_cert=(cert, paths.get("client_key", cert)) if cert else None,
+        )

@@ -1,0 +1,276 @@
+"""Pause and resume of webhook endpoints: their state, the automatic pause rules and the audit trail.
+
+An endpoint is an HTTP connection id; its row in ``cdr_webhook.endpoint_state`` may be paused by hand or
+by :func:`record_outcome`, and every pause and resume is written to ``cdr_webhook.endpoint_event``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from psycopg.rows import class_row
+
+from cdr_webhook.settings import load_settings, resolve_import_path
+
+if TYPE_CHECKING:
+    import datetime as dt
+
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("paused", "resumed")
+GONE_REASON = "HTTP 410 Gone: the receiver says this endpoint is gone"
+
+_LOCK_KEY = 0x0CD2_3EB1  # advisory lock serialising this DDL; the ledger's key is 0x0CD2_3EB0
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS cdr_webhook;
+
+CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_state (
+    endpoint             text        PRIMARY KEY,
+    paused               boolean     NOT NULL DEFAULT false,
+    reason               text,
+    changed_by           text,
+    changed_at           timestamptz,
+    consecutive_failures integer     NOT NULL DEFAULT 0,
+    failing_since        timestamptz,
+    last_success_at      timestamptz,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_event (
+    id       bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    endpoint text        NOT NULL,
+    action   text        NOT NULL CHECK (action IN ('paused', 'resumed')),
+    reason   text,
+    actor    text        NOT NULL,
+    at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS endpoint_event_endpoint_idx ON cdr_webhook.endpoint_event (endpoint, at);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointEvent:
+    """One pause or resume of an endpoint: who did it, when and why."""
+
+    endpoint: str
+    action: str
+    reason: str | None
+    actor: str
+    at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointStatus:
+    """An endpoint's state and its ledger backlog, as ``endpoints list`` shows it."""
+
+    endpoint: str
+    paused: bool
+    reason: str | None
+    changed_by: str | None
+    changed_at: dt.datetime | None
+    consecutive_failures: int
+    last_success_at: dt.datetime | None
+    queued: int
+    failed: int
+
+
+def ensure_endpoint_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the endpoint tables if they do not exist (safe to run concurrently)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute(DDL)
+
+
+def _record_event(
+    conn: psycopg.Connection[Any], endpoint: str, action: str, reason: str | None, actor: str
+) -> EndpointEvent:
+    with conn.cursor(row_factory=class_row(EndpointEvent)) as cur:
+        event = cur.execute(
+            "INSERT INTO cdr_webhook.endpoint_event (endpoint, action, reason, actor) "
+            "VALUES (%s, %s, %s, %s) RETURNING endpoint, action, reason, actor, at",
+            (endpoint, action, reason, actor),
+        ).fetchone()
+    assert event is not None
+    return event
+
+
+def _set_paused(
+    conn: psycopg.Connection[Any], endpoint: str, reason: str, actor: str
+) -> EndpointEvent | None:
+    # The WHERE on the conflict branch makes "already paused" a no-op that returns no row, and the
+    # row lock it takes makes two concurrent pauses record one event, not two.
+    row = conn.execute(
+        "INSERT INTO cdr_webhook.endpoint_state AS s (endpoint, paused, reason, changed_by, changed_at) "
+        "VALUES (%(endpoint)s, true, %(reason)s, %(actor)s, now()) "
+        "ON CONFLICT (endpoint) DO UPDATE SET paused = true, reason = EXCLUDED.reason, "
+        "changed_by = EXCLUDED.changed_by, changed_at = now(), updated_at = now() WHERE NOT s.paused "
+        "RETURNING 1",
+        {"endpoint": endpoint, "reason": reason, "actor": actor},
+    ).fetchone()
+    if row is None:
+        return None
+    return _record_event(conn, endpoint, "paused", reason, actor)
+
+
+def pause(conn: psycopg.Connection[Any], endpoint: str, *, reason: str, actor: str) -> EndpointEvent | None:
+    """Pause an endpoint; return the event, or None when it was paused already (nothing changes)."""
+    with conn.transaction():
+        return _set_paused(conn, endpoint, reason, actor)
+
+
+def resume(
+    conn: psycopg.Connection[Any], endpoint: str, *, actor: str, reason: str | None = None
+) -> EndpointEvent | None:
+    """Resume a paused endpoint with a clean failure count; return the event, or None if it was not paused."""
+    with conn.transaction():
+        # The count starts again: the old failures must not pause the endpoint on its next one.
+        row = conn.execute(
+            "UPDATE cdr_webhook.endpoint_state SET paused = false, reason = %(reason)s, "
+            "changed_by = %(actor)s, changed_at = now(), consecutive_failures = 0, failing_since = NULL, "
+            "updated_at = now() WHERE endpoint = %(endpoint)s AND paused RETURNING 1",
+            {"endpoint": endpoint, "reason": reason, "actor": actor},
+        ).fetchone()
+        if row is None:
+            return None
+        return _record_event(conn, endpoint, "resumed", reason, actor)
+
+
+def record_outcome(
+    conn: psycopg.Connection[Any],
+    endpoint: str,
+    *,
+    delivered: bool,
+    gone: bool = False,
+    pause_after_failures: int,
+    pause_after_hours: float,
+    actor: str = "cdr_webhook",
+) -> EndpointEvent | None:
+    """
+    Count one CDR's final outcome for its endpoint and pause the endpoint when a rule says so.
+
+    Rules: an HTTP 410 (``gone``); ``pause_after_failures`` failures in a row; or no success since the
+    first failure ``pause_after_hours`` ago. Returns the event only when this call paused the endpoint.
+    """
+    if delivered and gone:
+        raise ValueError("an outcome cannot be both delivered and HTTP 410 Gone")
+    if pause_after_failures < 1 or not pause_after_hours > 0:
+        raise ValueError(
+            f"pause_after_failures ({pause_after_failures}) must be at least 1 and "
+            f"pause_after_hours ({pause_after_hours}) greater than 0"
+        )
+    with conn.transaction():
+        # One upsert both counts and locks the row until commit: concurrent outcomes of one endpoint
+        # queue on it, so every count is exact and only one of them can see the threshold crossed.
+        row = conn.execute(
+            "INSERT INTO cdr_webhook.endpoint_state AS s "
+            "(endpoint, consecutive_failures, failing_since, last_success_at) "
+            "VALUES (%(endpoint)s, CASE WHEN %(ok)s THEN 0 ELSE 1 END, "
+            "CASE WHEN %(ok)s THEN NULL ELSE now() END, CASE WHEN %(ok)s THEN now() END) "
+            "ON CONFLICT (endpoint) DO UPDATE SET "
+            "consecutive_failures = CASE WHEN %(ok)s THEN 0 ELSE s.consecutive_failures + 1 END, "
+            "failing_since = CASE WHEN %(ok)s THEN NULL ELSE COALESCE(s.failing_since, now()) END, "
+            "last_success_at = CASE WHEN %(ok)s THEN now() ELSE s.last_success_at END, updated_at = now() "
+            "RETURNING paused, consecutive_failures, "
+            "COALESCE(failing_since <= now() - make_interval(secs => %(secs)s), false), "
+            "extract(epoch FROM now() - failing_since)::float8",
+            {"endpoint": endpoint, "ok": delivered, "secs": pause_after_hours * 3600.0},
+        ).fetchone()
+        assert row is not None
+        paused, failures, failing_too_long, failing_seconds = row
+        if paused or delivered:
+            return None
+        if gone:
+            reason = GONE_REASON
+        elif failures >= pause_after_failures:
+            reason = (
+                f"{failures} consecutive failed deliveries (pause_after_failures = {pause_after_failures})"
+            )
+        elif failing_too_long:
+            reason = (
+                f"no successful delivery for {failing_seconds / 3600:.3g} h "
+                f"(pause_after_hours = {pause_after_hours:g})"
+            )
+        else:
+            return None
+        return _set_paused(conn, endpoint, reason, actor)
+
+
+def paused_endpoints(conn: psycopg.Connection[Any]) -> set[str]:
+    """Return the connection ids of every paused endpoint."""
+    rows = conn.execute("SELECT endpoint FROM cdr_webhook.endpoint_state WHERE paused").fetchall()
+    return {row[0] for row in rows}
+
+
+def is_paused(conn: psycopg.Connection[Any], endpoint: str) -> bool:
+    """Return whether the endpoint is paused (an endpoint never seen is not)."""
+    row = conn.execute(
+        "SELECT paused FROM cdr_webhook.endpoint_state WHERE endpoint = %s", (endpoint,)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def list_endpoints(conn: psycopg.Connection[Any], *, endpoint: str | None = None) -> list[EndpointStatus]:
+    """
+    Return every endpoint with a state row or ledger rows (or just ``endpoint``), ordered by name.
+
+    Needs the ledger table too (:func:`cdr_webhook.ledger.ensure_schema`). It reads the whole ledger,
+    since an endpoint with only delivered CDRs must be listed as well.
+    """
+    query = """
+        WITH backlog AS (
+            SELECT endpoint, count(*) FILTER (WHERE status = 'queued') AS queued,
+                   count(*) FILTER (WHERE status = 'failed') AS failed
+            FROM cdr_webhook.delivery WHERE %(endpoint)s::text IS NULL OR endpoint = %(endpoint)s
+            GROUP BY endpoint
+        )
+        SELECT COALESCE(s.endpoint, b.endpoint) AS endpoint, COALESCE(s.paused, false) AS paused,
+               s.reason, s.changed_by, s.changed_at,
+               COALESCE(s.consecutive_failures, 0) AS consecutive_failures, s.last_success_at,
+               COALESCE(b.queued, 0)::int AS queued, COALESCE(b.failed, 0)::int AS failed
+        FROM cdr_webhook.endpoint_state AS s FULL JOIN backlog AS b ON b.endpoint = s.endpoint
+        WHERE %(endpoint)s::text IS NULL OR COALESCE(s.endpoint, b.endpoint) = %(endpoint)s
+        ORDER BY 1
+    """
+    with conn.cursor(row_factory=class_row(EndpointStatus)) as cur:
+        return cur.execute(query, {"endpoint": endpoint}).fetchall()
+
+
+def notify(event: EndpointEvent) -> None:
+    """Log the event and hand it to the ``failure_notifier``, if set; a notifier's error is only logged."""
+    level = logging.WARNING if event.action == "paused" else logging.INFO
+    log.log(
+        level,
+        "Endpoint %s %s by %s at %s: %s",
+        event.endpoint,
+        event.action,
+        event.actor,
+        event.at,
+        event.reason or "no reason given",
+    )
+    try:
+        path = load_settings().failure_notifier
+        if not path:
+            return
+        notifier = resolve_import_path("failure_notifier", path)
+        context: dict[str, Any] = {}
+        try:
+            from airflow.sdk import get_current_context
+
+            context.update(get_current_context())
+        except RuntimeError:
+            pass  # not inside a task (the CLI): the event alone is the context
+        context["cdr_webhook_event"] = dataclasses.asdict(event)
+        # A BaseNotifier's __call__ would render its templates against a task context we may lack.
+        if hasattr(notifier, "notify"):
+            notifier.notify(context)
+        else:
+            notifier(context)
+    except Exception:
+        log.exception(
+            "The failure notifier could not be told that endpoint %s was %s", event.endpoint, event.action
+        )
