@@ -231,3 +231,18 @@ def test_two_signing_secrets_both_verify_for_a_zero_downtime_rotation(cdr_db, re
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     for secret in (SIGNING_SECRET, NEW_SECRET):
         Webhook(secret).verify(request.body, request.headers)
+
+
+def test_an_endpoint_the_egress_guard_refuses_fails_at_once_naming_rule_and_setting(
+    cdr_db, receiver, run_dag, settings_env
+):
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS", "")  # loopback is no longer allowed
+    cdr = Dialer(cdr_db).cdr(created_at=recent(30))
+
+    run_dag(**window())
+
+    assert receiver.received() == []
+    row = rows(cdr_db)[cdr]
+    assert (row["status"], row["attempts"], row["http_status"]) == ("failed", 1, None)
+    assert "127.0.0.1 is a loopback address" in row["error"]
+    assert "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS" in row["error"]

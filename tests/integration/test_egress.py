@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import http.server
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -529,3 +530,47 @@ def test_pem_files_refuse_what_is_not_pem_or_half_a_pair(extra, error):
 def test_missing_tls_file_is_refused_at_construction(tmp_path):
     with pytest.raises(FileNotFoundError, match="TLS file not found"):
         GuardedAdapter((), ca_bundle=str(tmp_path / "missing.pem"))
+
+
+# --- the same through CdrWebhookHook and an Airflow connection's extras ------------------------------
+
+
+def test_hook_uses_the_connection_ca_bundle_and_client_certificate(pki, monkeypatch):
+    from cdr_webhook.hooks import CdrWebhookHook
+
+    def connection(**extra: str) -> None:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_TLS_TEST",
+            json.dumps(
+                {"conn_type": "http", "host": f"https://hooks.test:{server.port}/cdr", "extra": extra}
+            ),
+        )
+
+    with Server(context=tls_context(pki.hooks, client_ca=pki.ca)) as server:
+        hook = CdrWebhookHook(
+            "tls_test", timeout=5, allowed_networks=["127.0.0.1/32"], resolver=hooks_resolver
+        )
+        connection()  # the public CAs only: our test CA is not trusted
+        assert hook.post(b"{}", {}).error.startswith(("TLS failed", "connection failed"))
+        connection(ca_bundle=pki.ca.read_text())  # trusted, but no client certificate
+        assert hook.post(b"{}", {}).http_status is None
+        connection(
+            ca_bundle=pki.ca.read_text(), client_cert=pki.client_cert_pem, client_key=pki.client_key_pem
+        )
+        result = hook.post(b"{}", {})
+        assert (result.http_status, result.error) == (200, None)
+        assert [seen["client"] for seen in server.seen] == ["cdr-webhook-client"]
+        assert hook.tls_secrets() == [pki.client_cert_pem, pki.client_key_pem]
+
+
+def test_hook_refusal_is_reported_not_raised(monkeypatch):
+    from cdr_webhook.hooks import CdrWebhookHook
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TLS_TEST", json.dumps({"conn_type": "http", "host": "http://127.0.0.1:9/x"})
+    )
+    result = CdrWebhookHook("tls_test", timeout=1).post(b"{}", {})
+    assert result.refused is True
+    assert result.http_status is None
+    assert "loopback" in result.error
+    assert "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS" in result.error
