@@ -24,8 +24,9 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
+from demo.connections import http_conn, postgres_conn
 from demo.dialer import ROOT, Dialer, load_reference_schema
 from demo.receiver import Receiver
 
@@ -117,21 +118,6 @@ def make_cdrs(dialer: Dialer) -> dict[str, Expected]:
 
 
 def airflow_env(dsn: str, url: str) -> dict[str, str]:
-    params = conninfo_to_dict(dsn)
-    cdr_db = {
-        "conn_type": "postgres",
-        "host": params.get("host"),
-        "port": int(params["port"]) if params.get("port") else None,
-        "login": params.get("user"),
-        "password": params.get("password") or None,
-        "schema": params.get("dbname"),
-    }
-    endpoint = {
-        "conn_type": "http",
-        "host": url,
-        "password": API_KEY,
-        "extra": {"signing_secret": SIGNING_SECRET},
-    }
     return os.environ | {
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -143,8 +129,8 @@ def airflow_env(dsn: str, url: str) -> dict[str, str]:
         "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "4",
         # The demo's receiver is on loopback, which the egress guard refuses unless allowed.
         "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
-        "AIRFLOW_CONN_CDR_DB": json.dumps(cdr_db),
-        "AIRFLOW_CONN_CDR_WEBHOOK": json.dumps(endpoint),
+        "AIRFLOW_CONN_CDR_DB": postgres_conn(dsn),
+        "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(url, api_key=API_KEY, signing_secret=SIGNING_SECRET),
     }
 
 

@@ -6,7 +6,6 @@ module imports it. Unit tests of the pure modules never import Airflow at all.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -89,6 +88,7 @@ def cdr_dsn(pg_server: str) -> Iterator[str]:
 @pytest.fixture
 def cdr_db(cdr_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[psycopg.Connection[Any]]:
     """A clean CDR database with the reference schema, registered as Airflow connection ``cdr_db``."""
+    from demo.connections import postgres_conn
     from demo.dialer import load_reference_schema
 
     with psycopg.connect(cdr_dsn, autocommit=True) as conn:
@@ -96,23 +96,8 @@ def cdr_db(cdr_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[psycopg.Co
         conn.execute("DROP VIEW IF EXISTS public.cdr_webhook_source")
         conn.execute("DROP TABLE IF EXISTS public.cdr_webhook_source")
         load_reference_schema(conn)
-        monkeypatch.setenv("AIRFLOW_CONN_CDR_DB", airflow_postgres_conn(cdr_dsn))
+        monkeypatch.setenv("AIRFLOW_CONN_CDR_DB", postgres_conn(cdr_dsn))
         yield conn
-
-
-def airflow_postgres_conn(dsn: str) -> str:
-    """Return the JSON form of an Airflow Postgres connection for a libpq conninfo."""
-    params = conninfo_to_dict(dsn)
-    return json.dumps(
-        {
-            "conn_type": "postgres",
-            "host": params.get("host"),
-            "port": int(params["port"]) if params.get("port") else None,
-            "login": params.get("user"),
-            "password": params.get("password") or None,
-            "schema": params.get("dbname"),
-        }
-    )
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-    import psycopg
 
 
 class NoSlot(RuntimeError):
@@ -47,7 +47,9 @@ def endpoint_slot(
                 try:
                     yield slot
                 finally:
-                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (key, slot))
+                    # A connection that broke mid-POST took its locks with it: nothing left to free.
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (key, slot))
                 return
         if time.monotonic() >= deadline:
             raise NoSlot(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from demo.connections import http_conn
 from demo.receiver import Receiver
 from tests.conftest import AIRFLOW_HOME, ROOT
 
@@ -37,15 +37,7 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
     """A verifying receiver registered as the default endpoint, connection ``cdr_webhook``."""
     with Receiver(secret=SIGNING_SECRET, api_key=API_KEY) as server:
         monkeypatch.setenv(
-            "AIRFLOW_CONN_CDR_WEBHOOK",
-            json.dumps(
-                {
-                    "conn_type": "http",
-                    "host": server.url,
-                    "password": API_KEY,
-                    "extra": {"signing_secret": SIGNING_SECRET},
-                }
-            ),
+            "AIRFLOW_CONN_CDR_WEBHOOK", http_conn(server.url, api_key=API_KEY, signing_secret=SIGNING_SECRET)
         )
         yield server
 

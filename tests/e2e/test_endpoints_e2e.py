@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from cdr_webhook.signing import webhook_id
+from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
 from tests.conftest import ROOT
@@ -31,17 +31,13 @@ def client_receivers(monkeypatch, receiver):
             (7, seven, "key-7", {"signing_secret": SIGNING_SECRET}),
             (8, eight, "key-8", {}),
         ):
-            monkeypatch.setenv(
-                f"AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_{client}",
-                json.dumps({"conn_type": "http", "host": server.url, "password": key, "extra": extra}),
-            )
+            set_extra(monkeypatch, client, server, key, extra)
         yield {7: seven, 8: eight, None: receiver}
 
 
 def set_extra(monkeypatch, client: int, server: Receiver, key: str, extra: dict) -> None:
     monkeypatch.setenv(
-        f"AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_{client}",
-        json.dumps({"conn_type": "http", "host": server.url, "password": key, "extra": extra}),
+        f"AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_{client}", http_conn(server.url, api_key=key, **extra)
     )
 
 
@@ -220,9 +216,8 @@ def test_retry_after_is_honoured(cdr_db, receiver, run_dag, settings_env):
 def test_two_signing_secrets_both_verify_for_a_zero_downtime_rotation(cdr_db, receiver, run_dag, monkeypatch):
     monkeypatch.setenv(
         "AIRFLOW_CONN_CDR_WEBHOOK",
-        json.dumps({"conn_type": "http", "host": receiver.url, "password": API_KEY,
-                    "extra": {"signing_secret": [SIGNING_SECRET, NEW_SECRET]}}),
-    )  # fmt: skip
+        http_conn(receiver.url, api_key=API_KEY, signing_secret=[SIGNING_SECRET, NEW_SECRET]),
+    )
     cdr = Dialer(cdr_db).cdr(created_at=recent(30))
 
     run_dag(**window())

@@ -16,13 +16,13 @@ from collections import Counter
 import psycopg
 import pytest
 
-from cdr_webhook.ledger import ensure_schema
 from cdr_webhook.signing import webhook_id
-from demo.dialer import Dialer, load_reference_schema
+from demo.connections import http_conn, postgres_conn
+from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.conftest import ROOT, airflow_postgres_conn
+from tests.conftest import ROOT
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
-from tests.stack import AirflowStack
+from tests.stack import AirflowStack, prepare_cdr_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -59,19 +59,9 @@ class StatsdListener:
 
 @pytest.fixture(scope="module")
 def deployment(pg_server, cdr_dsn, tmp_path_factory):
-    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA IF EXISTS cdr_webhook, dialer CASCADE")
-        conn.execute("DROP VIEW IF EXISTS public.cdr_webhook_source")
-        load_reference_schema(conn)
-        ensure_schema(conn)
+    prepare_cdr_database(cdr_dsn)
     receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
     statsd = StatsdListener()
-    endpoint = {
-        "conn_type": "http",
-        "host": receiver.url,
-        "password": API_KEY,
-        "extra": {"signing_secret": SIGNING_SECRET},
-    }
     home = tmp_path_factory.mktemp("airflow-operations")
     stack = AirflowStack(
         home,
@@ -80,8 +70,10 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "PYTHONPATH": str(ROOT),
             "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.notifier_probe:notifier",
             "CDR_NOTIFIER_PROBE": str(home / "notified.jsonl"),
-            "AIRFLOW_CONN_CDR_DB": airflow_postgres_conn(cdr_dsn),
-            "AIRFLOW_CONN_CDR_WEBHOOK": json.dumps(endpoint),
+            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
+            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
+                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
+            ),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",
             "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
             "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
