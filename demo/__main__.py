@@ -75,7 +75,7 @@ def main() -> int:
         stop_database()
     verdict = "as designed" if ok else "NOT as designed"
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s: {verdict}.")
-    print("\nTo browse the same runs in the Airflow UI (grid, mapped tasks named by cdr_id, tries, logs):")
+    print("\nTo browse the same run in the Airflow UI (the grid, one post_cdr task per cdr_id, its tries):")
     print("    scripts/demo-ui        then open http://127.0.0.1:8080/dags/cdr_webhook")
     return 0 if ok else 1
 
