@@ -15,8 +15,6 @@ import json
 import os
 import shlex
 import shutil
-import sqlite3
-import subprocess
 import sys
 import time
 import uuid
@@ -29,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import ROOT, Dialer, load_reference_schema
 from demo.receiver import Receiver
+from demo.stack import AirflowStack
 
 STATE = ROOT / ".demo"
 AIRFLOW_HOME = STATE / "airflow"
@@ -63,19 +62,16 @@ def main() -> int:
                         receiver.script(cdr_id, want.script)
                 print(f"3. Receiver listening at {receiver.url} (checks x-api-key and webhook-signature)")
                 env = airflow_env(dsn, receiver.url)
-                migrate(env)
-                window_end = dt.datetime.now(dt.UTC)  # after the demo CDRs were written
-                state = run_dag(env, window_start, window_end)
+                state = run_in_airflow(env, window_start, dt.datetime.now(dt.UTC))
                 rows = ledger_rows(conn, list(expected))
                 received = receiver.received()
-        write_ui_env(env)
         # With one CDR refused by the receiver, the run ends failed: that is the design.
         ok = report(expected, rows, received) and state == "failed"
     finally:
         stop_database()
     verdict = "as designed" if ok else "NOT as designed"
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s: {verdict}.")
-    print("\nTo browse the same run in the Airflow UI (the grid, one post_cdr task per cdr_id, its tries):")
+    print("\nTo browse the same run in the Airflow UI (one post_cdr task per cdr_id, its tries and logs):")
     print("    scripts/demo-ui        then open http://127.0.0.1:8080/dags/cdr_webhook")
     return 0 if ok else 1
 
@@ -119,12 +115,8 @@ def make_cdrs(dialer: Dialer) -> dict[str, Expected]:
 
 def airflow_env(dsn: str, url: str) -> dict[str, str]:
     return os.environ | {
-        "AIRFLOW_HOME": str(AIRFLOW_HOME),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME}/airflow.db",
+        # Scheduled runs stay out of the demo's way: the demo triggers one run over its own window.
+        "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 0 1 1 *",
         "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "2",
         "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "4",
         # The demo's receiver is on loopback, which the egress guard refuses unless allowed.
@@ -134,29 +126,30 @@ def airflow_env(dsn: str, url: str) -> dict[str, str]:
     }
 
 
-def migrate(env: dict[str, str]) -> None:
+def run_in_airflow(env: dict[str, str], start: dt.datetime, end: dt.datetime) -> str:
+    """Start Airflow, trigger one run over the demo window, wait for it, stop; return its state."""
     AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True
+    stack = AirflowStack(AIRFLOW_HOME, None, env)
+    write_ui_env(stack.env)
+    started = time.monotonic()
+    stack.start()
+    print(
+        f"4. Airflow 3.3 up in {time.monotonic() - started:.0f} s: scheduler, dag-processor, api-server at "
+        f"{stack.base} (LocalExecutor; metadata in .demo/airflow)"
     )
-    print("4. Airflow 3.3 metadata database ready in .demo/airflow (SQLite)")
-
-
-def run_dag(env: dict[str, str], start: dt.datetime, end: dt.datetime) -> str:
-    """Run the DAG once with ``airflow dags test`` and return the run's final state."""
-    conf = json.dumps({"window_start": start.isoformat(), "window_end": end.isoformat()})
-    command = [sys.executable, "-m", "airflow", "dags", "test", "cdr_webhook", "-c", conf]
-    log = STATE / "dags-test.log"
-    print(f"5. Running the DAG for real: airflow dags test cdr_webhook -c {shlex.quote(conf)}")
-    print("   (one mapped post_cdr task per CDR; full Airflow output in .demo/dags-test.log)")
-    with log.open("w") as out:
-        subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
-    with sqlite3.connect(AIRFLOW_HOME / "airflow.db") as meta:
-        row = meta.execute("SELECT state FROM dag_run WHERE dag_id = 'cdr_webhook' ORDER BY id DESC")
-        row = row.fetchone()
-    state = row[0] if row else "not created"
-    print(f"   DAG run finished: {state} (one CDR is refused by the receiver, so the run fails)\n")
-    return state
+    try:
+        stack.unpause()
+        conf = {"window_start": start.isoformat(), "window_end": end.isoformat()}
+        run_id = stack.trigger(conf=conf)
+        print(f"5. Triggered run {run_id} with Params {json.dumps(conf)}")
+        print("   (one mapped post_cdr task per CDR; retries wait 2 s, then 4 s)")
+        state = stack.wait_run(run_id, timeout=300)
+        print(f"   Run finished: {state} (one CDR is refused by the receiver, so the run fails)\n")
+        return state
+    finally:
+        leftovers = stack.stop()
+        if leftovers:
+            print(f"   warning: Airflow processes outlived the stop: {leftovers}")
 
 
 def ledger_rows(conn: psycopg.Connection[Any], cdr_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -203,7 +196,14 @@ def report(expected: dict[str, Expected], rows: dict[str, dict[str, Any]], recei
 
 
 def write_ui_env(env: dict[str, str]) -> None:
-    wanted = ("AIRFLOW_HOME", "AIRFLOW__CORE__", "AIRFLOW__DATABASE__")
+    """Write what scripts/demo-ui needs to serve the UI on the demo's metadata and task logs."""
+    wanted = (
+        "AIRFLOW_HOME",
+        "AIRFLOW__CORE__DAGS_FOLDER",
+        "AIRFLOW__CORE__PLUGINS_FOLDER",
+        "AIRFLOW__CORE__LOAD_EXAMPLES",
+        "AIRFLOW__DATABASE__",
+    )
     keep = {key: value for key, value in env.items() if key.startswith(wanted)}
     keep["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
     keep["AIRFLOW__API__SECRET_KEY"] = uuid.uuid4().hex

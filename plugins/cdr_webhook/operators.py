@@ -157,8 +157,7 @@ class CdrWebhookOperator(HttpOperator):
                     pause_after_hours=settings.pause_after_hours,
                 )
                 if event is not None:
-                    self.log.warning("Endpoint %s paused: %s", endpoint, event.reason)
-                    endpoints.notify(event)
+                    endpoints.notify(event)  # logs the pause too
 
         attempt = claim.attempts + 1
         _count("retried" if will_retry else status, endpoint, result)

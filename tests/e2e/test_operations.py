@@ -20,9 +20,10 @@ from cdr_webhook.signing import webhook_id
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
+from demo.stack import AirflowStack
 from tests.conftest import ROOT
+from tests.deployments import prepare_cdr_database
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
-from tests.stack import AirflowStack, prepare_cdr_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -93,6 +94,7 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
         yield stack, receiver, statsd
     finally:
         leftovers = stack.stop()
+        stack.drop_metadata()
         receiver.stop()
         statsd.stop()
         assert not leftovers, leftovers

@@ -11,8 +11,9 @@ import pytest
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
+from demo.stack import AirflowStack
+from tests.deployments import prepare_cdr_database
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
-from tests.stack import AirflowStack, prepare_cdr_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -44,6 +45,7 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
         yield stack, receiver
     finally:
         leftovers = stack.stop()
+        stack.drop_metadata()
         receiver.stop()
         assert not leftovers, leftovers
 

@@ -1,8 +1,8 @@
-"""A real Airflow on 127.0.0.1 for tests: scheduler, dag-processor and api-server, LocalExecutor.
+"""A real Airflow on 127.0.0.1: scheduler, dag-processor and api-server, LocalExecutor (demo and tests).
 
-The metadata DB is a database of its own on the tests' PostgreSQL. Components are driven the way a
-user drives them: the REST API (``/api/v2``) and the ``airflow`` CLI. Every process runs in a
-session of its own, so teardown can end each one with everything it started.
+The metadata DB is a database of its own on a PostgreSQL server, or SQLite in the Airflow home.
+Components are driven the way a user drives them: the REST API (``/api/v2``) and the ``airflow``
+CLI. Every process runs in a session of its own, so teardown ends each one with what it started.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import psycopg
 import requests
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.conftest import ROOT
+from demo.dialer import ROOT
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -50,29 +50,21 @@ def sqlalchemy_url(dsn: str) -> str:
     return f"postgresql+psycopg://{user}{password}@{host}:{port}/{database}"
 
 
-def prepare_cdr_database(dsn: str) -> None:
-    """A clean CDR database for a deployment: the reference schema, the ledger and endpoint tables."""
-    from cdr_webhook.endpoints import ensure_endpoint_schema
-    from cdr_webhook.ledger import ensure_schema
-    from demo.dialer import load_reference_schema
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA IF EXISTS cdr_webhook, dialer CASCADE")
-        conn.execute("DROP VIEW IF EXISTS public.cdr_webhook_source")
-        load_reference_schema(conn)
-        ensure_schema(conn)
-        ensure_endpoint_schema(conn)
-
-
 class AirflowStack:
     """Starts, drives and stops one Airflow deployment."""
 
-    def __init__(self, home: Path, pg_server: str, env: Mapping[str, str]) -> None:
+    def __init__(self, home: Path, pg_server: str | None, env: Mapping[str, str]) -> None:
+        """:param pg_server: the PostgreSQL to create the metadata DB on; None: SQLite in ``home``."""
         self.home = home
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.meta_db = f"airflow_meta_{uuid.uuid4().hex[:10]}"
         self._pg_server = pg_server
+        metadata = (
+            sqlalchemy_url(make_conninfo(pg_server, dbname=self.meta_db))
+            if pg_server
+            else f"sqlite:///{home}/airflow.db"
+        )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.env = os.environ | {
             "AIRFLOW_HOME": str(home),
@@ -83,9 +75,7 @@ class AirflowStack:
             "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(
-                make_conninfo(pg_server, dbname=self.meta_db)
-            ),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata,
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.base,
@@ -102,8 +92,9 @@ class AirflowStack:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, timeout: float = 180) -> AirflowStack:
-        with psycopg.connect(self._pg_server, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{self.meta_db}"')
+        if self._pg_server:
+            with psycopg.connect(self._pg_server, autocommit=True) as admin:
+                admin.execute(f'CREATE DATABASE "{self.meta_db}"')
         self.airflow("db", "migrate")
         for component in COMPONENTS:
             log = (self.home / f"{component}.log").open("wb")
@@ -161,9 +152,13 @@ class AirflowStack:
                     proc.kill()
             except (ProcessLookupError, psutil.Error):
                 continue
-        with psycopg.connect(self._pg_server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{self.meta_db}" WITH (FORCE)')
         return leftovers
+
+    def drop_metadata(self) -> None:
+        """Drop the metadata database created on the PostgreSQL server (tests clean up after them)."""
+        if self._pg_server:
+            with psycopg.connect(self._pg_server, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{self.meta_db}" WITH (FORCE)')
 
     def log_tail(self, component: str, chars: int = 4000) -> str:
         path = self.home / f"{component}.log"
