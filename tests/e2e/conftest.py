@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 
 from demo.connections import http_conn
@@ -40,6 +41,13 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
             "AIRFLOW_CONN_CDR_WEBHOOK", http_conn(server.url, api_key=API_KEY, signing_secret=SIGNING_SECRET)
         )
         yield server
+
+
+@pytest.fixture
+def cdr_conn(cdr_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to the CDR database that leaves its schema alone (for module-wide deployments)."""
+    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+        yield conn
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import threading
 import time
 from collections import Counter
 
-import psycopg
 import pytest
 
 from cdr_webhook.signing import webhook_id
@@ -98,12 +97,6 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
         receiver.stop()
         statsd.stop()
         assert not leftovers, leftovers
-
-
-@pytest.fixture
-def cdr_conn(cdr_dsn):
-    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
-        yield conn
 
 
 def hours(n: int) -> dt.datetime:

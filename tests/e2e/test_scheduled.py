@@ -50,12 +50,6 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
         assert not leftovers, leftovers
 
 
-@pytest.fixture
-def cdr_conn(cdr_dsn):
-    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
-        yield conn
-
-
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
