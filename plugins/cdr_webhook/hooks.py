@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,11 @@ class CdrWebhookHook(HttpHook):
         self.allowed_networks = parse_networks(",".join(allowed_networks))
         self.resolver = resolver
 
+    @functools.cached_property
+    def connection(self) -> Any:
+        """The endpoint's Airflow connection, looked up once per hook (once per task)."""
+        return self.get_connection(self.http_conn_id)
+
     def get_conn(
         self,
         headers: dict[Any, Any] | None = None,
@@ -81,7 +87,7 @@ class CdrWebhookHook(HttpHook):
         tls: TlsFiles | None = None,
     ) -> Session:
         """Return a session with no auth, no extras as headers, no proxies, and the egress guard."""
-        connection = self.get_connection(self.http_conn_id)
+        connection = self.connection
         self._set_base_url(connection)
         session = Session()
         session.trust_env = False
@@ -103,7 +109,7 @@ class CdrWebhookHook(HttpHook):
 
     def credentials(self) -> tuple[str | None, list[str]]:
         """Return the connection's API key and signing secrets."""
-        connection = self.get_connection(self.http_conn_id)
+        connection = self.connection
         raw = connection.extra_dejson.get(SIGNING_SECRET_EXTRA)
         if raw is None or raw == "":
             secrets: list[str] = []
@@ -120,7 +126,7 @@ class CdrWebhookHook(HttpHook):
 
     def tls_secrets(self) -> list[str]:
         """Return the connection's TLS client key material, for the secrets masker."""
-        extra = self.get_connection(self.http_conn_id).extra_dejson
+        extra = self.connection.extra_dejson
         return [value for name in ("client_cert", "client_key") if isinstance(value := extra.get(name), str)]
 
     def post(self, body: bytes, headers: dict[str, str]) -> AttemptResult:
@@ -128,7 +134,7 @@ class CdrWebhookHook(HttpHook):
         started = time.monotonic()
         refused = False
         try:
-            with pem_files(self.get_connection(self.http_conn_id).extra_dejson) as tls:
+            with pem_files(self.connection.extra_dejson) as tls:
                 session = self.get_conn(tls=tls)
                 try:
                     with session.post(

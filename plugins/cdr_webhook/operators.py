@@ -282,7 +282,7 @@ def _judge(result: AttemptResult) -> Outcome:
 
 
 def _max_in_flight(hook: CdrWebhookHook, settings: Settings) -> int:
-    value = hook.get_connection(hook.http_conn_id).extra_dejson.get("max_in_flight")
+    value = hook.connection.extra_dejson.get("max_in_flight")
     if value is None:
         return settings.max_in_flight_per_endpoint
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

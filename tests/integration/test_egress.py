@@ -547,20 +547,23 @@ def test_hook_uses_the_connection_ca_bundle_and_client_certificate(pki, monkeypa
         )
 
     with Server(context=tls_context(pki.hooks, client_ca=pki.ca)) as server:
-        hook = CdrWebhookHook(
-            "tls_test", timeout=5, allowed_networks=["127.0.0.1/32"], resolver=hooks_resolver
-        )
+
+        def hook() -> CdrWebhookHook:  # one hook per task: it reads its connection once
+            return CdrWebhookHook(
+                "tls_test", timeout=5, allowed_networks=["127.0.0.1/32"], resolver=hooks_resolver
+            )
+
         connection()  # the public CAs only: our test CA is not trusted
-        assert hook.post(b"{}", {}).error.startswith(("TLS failed", "connection failed"))
+        assert hook().post(b"{}", {}).error.startswith(("TLS failed", "connection failed"))
         connection(ca_bundle=pki.ca.read_text())  # trusted, but no client certificate
-        assert hook.post(b"{}", {}).http_status is None
+        assert hook().post(b"{}", {}).http_status is None
         connection(
             ca_bundle=pki.ca.read_text(), client_cert=pki.client_cert_pem, client_key=pki.client_key_pem
         )
-        result = hook.post(b"{}", {})
+        result = hook().post(b"{}", {})
         assert (result.http_status, result.error) == (200, None)
         assert [seen["client"] for seen in server.seen] == ["cdr-webhook-client"]
-        assert hook.tls_secrets() == [pki.client_cert_pem, pki.client_key_pem]
+        assert hook().tls_secrets() == [pki.client_cert_pem, pki.client_key_pem]
 
 
 def test_hook_refusal_is_reported_not_raised(monkeypatch):
