@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="cdr-webhook-airflow-"))
 
+for _name in list(os.environ):
+    if _name.startswith(("AIRFLOW_CONN_", "AIRFLOW__CDR_WEBHOOK__")):
+        del os.environ[_name]  # a developer's own settings must not change what the tests see
 os.environ.update(
     {
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
@@ -38,14 +41,6 @@ os.environ.update(
         "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.0/8",
     }
 )
-for _name in list(os.environ):
-    if _name.startswith(("AIRFLOW_CONN_", "AIRFLOW__CDR_WEBHOOK__")) and _name not in {
-        "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS",
-        "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS",
-        "AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS",
-        "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS",
-    }:
-        del os.environ[_name]  # a developer's own settings must not change what the tests see
 
 LOCAL_SERVER = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 

@@ -174,17 +174,12 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
 
 
 def _networks(name: str, raw: str) -> tuple[str, ...]:
-    import ipaddress
+    from cdr_webhook.egress import parse_networks  # the egress guard's own parser, one rule for both
 
-    networks = []
-    for entry in (part.strip() for part in raw.split(",")):
-        if not entry:
-            continue
-        try:
-            networks.append(str(ipaddress.ip_network(entry, strict=True)))
-        except ValueError as err:
-            raise SettingsError(f"{_env(name)}: {entry!r} is not a CIDR network ({err})") from None
-    return tuple(networks)
+    try:
+        return tuple(str(network) for network in parse_networks(raw))
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
 
 
 _PARSERS: dict[str, Callable[[str, str], object]] = {
