@@ -7,6 +7,7 @@ CLI. Every process runs in a session of its own, so teardown ends each one with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,33 @@ def sqlalchemy_url(dsn: str) -> str:
         return f"postgresql+psycopg://{user}{password}@/{database}?host={host}"
     port = params.get("port", "5432")
     return f"postgresql+psycopg://{user}{password}@{host}:{port}/{database}"
+
+
+def running_in(sessions: set[int]) -> list[psutil.Process]:
+    """Return the live processes of these sessions.
+
+    Zombies are left out: they have exited, and only their parent (or an init that reaps, which
+    some containers' PID 1 is not) can remove them from the process table.
+    """
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) in sessions:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def end_sessions(sessions: set[int], grace: float = 10) -> list[str]:
+    """Give what still runs in these sessions ``grace`` seconds to exit; kill and return the rest."""
+    deadline = time.monotonic() + grace
+    while (survivors := running_in(sessions)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for proc in survivors:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}" for proc in survivors]
 
 
 class AirflowStack:
@@ -144,15 +172,7 @@ class AirflowStack:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        leftovers = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if os.getsid(proc.pid) in sessions:
-                    leftovers.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
-                    proc.kill()
-            except (ProcessLookupError, psutil.Error):
-                continue
-        return leftovers
+        return end_sessions(sessions)
 
     def drop_metadata(self) -> None:
         """Drop the metadata database created on the PostgreSQL server (tests clean up after them)."""
