@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
+import shutil
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
@@ -69,3 +71,34 @@ def run_dag(airflow_db: None, cdr_db: Any) -> Callable[..., Any]:
         return dag.test(logical_date=None, run_conf=conf)
 
     return run
+
+
+# Flags for a headless Chromium on a machine with no display and a closed network (root needs no sandbox).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A headless Chromium driven by Playwright: ``$CHROMIUM`` (scripts/test sets it), or one on PATH."""
+    executable = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not executable:
+        pytest.fail(
+            "browser test: no Chromium found. scripts/test installs Debian's chromium when run as root; "
+            "otherwise install one or set CHROMIUM=/path/to/chrome (or deselect: -m 'not browser')"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from urllib.parse import quote
 
 import pytest
 
@@ -152,6 +153,41 @@ def window_conf(start: dt.datetime, end: dt.datetime, **more) -> dict:
     return {"window_start": start.isoformat(), "window_end": end.isoformat(), **more}
 
 
+def run_with_one_refused_cdr(stack, receiver, cdr_conn, start: dt.datetime) -> tuple[str, str, str, dict]:
+    """Two CDRs in the hour from start, the receiver refusing one once (400): the run fails on it.
+
+    Return the run id, the delivered CDR, the refused CDR and its failed post_cdr task instance.
+    """
+    dialer = Dialer(cdr_conn)
+    good = dialer.cdr(created_at=start + dt.timedelta(minutes=1))
+    refused = dialer.cdr(created_at=start + dt.timedelta(minutes=2))
+    receiver.script(refused, [400])
+    run_id = stack.trigger(conf=window_conf(start, start + HOUR))
+    assert stack.wait_run(run_id) == "failed"
+    ti = post_cdr_index(stack, run_id, refused)
+    assert (ti["state"], ti["try_number"]) == ("failed", 1)
+    return run_id, good, refused, ti
+
+
+def assert_sent_again_once(stack, receiver, cdr_conn, run_id: str, good: str, refused: str) -> None:
+    """After the refused CDR's task was cleared: sent once more, same webhook-id, the run succeeds."""
+    deadline = time.monotonic() + 120
+    while len(receiver.received(refused)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert stack.wait_run(run_id) == "success"
+    requests = receiver.received(refused)
+    assert [r.answered for r in requests] == [400, 200]
+    assert {r.headers["webhook-id"] for r in requests} == {webhook_id(refused, "cdr_webhook")}
+    assert len(receiver.received(good)) == 1
+    assert post_cdr_index(stack, run_id, refused)["try_number"] == 2
+    assert ledger(cdr_conn, [refused])[refused] == {
+        "status": "delivered",
+        "attempts": 2,
+        "http_status": 200,
+        "run_id": run_id,
+    }
+
+
 def test_backfill_delivers_exactly_the_missing_ones_then_the_failed_ones(deployment, cdr_conn):
     stack, receiver, _ = deployment
     start = hours(0)
@@ -205,16 +241,7 @@ def test_backfill_delivers_exactly_the_missing_ones_then_the_failed_ones(deploym
 
 def test_clearing_one_failed_task_resends_its_cdr_once_with_the_same_webhook_id(deployment, cdr_conn):
     stack, receiver, statsd = deployment
-    start = hours(3)
-    dialer = Dialer(cdr_conn)
-    good = dialer.cdr(created_at=start + dt.timedelta(minutes=1))
-    refused = dialer.cdr(created_at=start + dt.timedelta(minutes=2))
-    receiver.script(refused, [400])
-
-    run_id = stack.trigger(conf=window_conf(start, start + HOUR))
-    assert stack.wait_run(run_id) == "failed"
-    ti = post_cdr_index(stack, run_id, refused)
-    assert (ti["state"], ti["try_number"]) == ("failed", 1)
+    run_id, good, refused, ti = run_with_one_refused_cdr(stack, receiver, cdr_conn, hours(3))
 
     # Monitoring: the grid names tasks by cdr_id; the failed try's log says what happened, first.
     assert {t["rendered_map_index"] for t in stack.task_instances(run_id) if t["task_id"] == "post_cdr"} == {
@@ -241,18 +268,7 @@ def test_clearing_one_failed_task_resends_its_cdr_once_with_the_same_webhook_id(
             "reset_dag_runs": True,
         },
     )
-    assert stack.wait_run(run_id) == "success"
-
-    requests = receiver.received(refused)
-    assert [r.answered for r in requests] == [400, 200]
-    assert {r.headers["webhook-id"] for r in requests} == {webhook_id(refused, "cdr_webhook")}
-    assert len(receiver.received(good)) == 1
-    assert ledger(cdr_conn, [refused])[refused] == {
-        "status": "delivered",
-        "attempts": 2,
-        "http_status": 200,
-        "run_id": run_id,
-    }
+    assert_sent_again_once(stack, receiver, cdr_conn, run_id, good, refused)
     # Airflow's own metrics carry ours, tagged by endpoint.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not any("cdr_webhook.failed" in line for line in statsd.lines):
@@ -263,6 +279,34 @@ def test_clearing_one_failed_task_resends_its_cdr_once_with_the_same_webhook_id(
     )
     assert any(line.startswith("airflow.cdr_webhook.failed,endpoint=cdr_webhook:1|c") for line in ours), ours
     assert any(line.startswith("airflow.cdr_webhook.latency,endpoint=cdr_webhook:") for line in ours), ours
+
+
+@pytest.mark.browser
+def test_clearing_a_failed_task_from_the_ui(deployment, cdr_conn, browser):
+    """The operator's path: the task's page in the UI, its log, the Clear button, Confirm."""
+    from playwright.sync_api import expect
+
+    stack, receiver, _ = deployment
+    run_id, good, refused, ti = run_with_one_refused_cdr(stack, receiver, cdr_conn, hours(13))
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{stack.base}/dags/cdr_webhook/runs/{quote(run_id)}/tasks/post_cdr/mapped/{ti['map_index']}")
+    # The page names the task by its cdr_id, and its log says what failed.
+    expect(page.get_by_role("heading", name=f"post_cdr [{refused}]")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text(f"CDR {refused} to endpoint cdr_webhook failed: HTTP 400")).to_be_visible()
+
+    page.get_by_role("button", name="Press shift+c to clear").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_role("button", name="Affected Tasks: 1")).to_be_visible()
+    expect(dialog.get_by_role("cell", name=str(ti["map_index"]), exact=True)).to_be_visible()
+    dialog.get_by_role("button", name="Confirm").click()
+    expect(dialog).to_be_hidden()
+
+    assert_sent_again_once(stack, receiver, cdr_conn, run_id, good, refused)
+    # The task's page now shows the delivered try.
+    page.reload()
+    delivered = page.get_by_text(f"CDR {refused} delivered to cdr_webhook: HTTP 200")
+    expect(delivered).to_be_visible(timeout=30_000)
 
 
 def test_clearing_failed_tasks_of_a_date_range_and_a_whole_run(deployment, cdr_conn):
