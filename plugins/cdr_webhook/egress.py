@@ -1,7 +1,7 @@
 """Egress guard for webhook POSTs: no internal addresses (SSRF), no DNS rebinding, TLS always verified.
 
 :func:`check_url` resolves an endpoint's host once and refuses it when any address is internal;
-:class:`GuardedAdapter` does that for every request and then connects to exactly the checked address,
+:class:`GuardedAdapter` does that for every request and then connects only to the checked addresses,
 while Host, TLS SNI and certificate verification still use the URL's hostname.
 """
 
@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import logging
 import os
 import socket
 import tempfile
+import threading
 from typing import TYPE_CHECKING, Any
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 from urllib3.util import parse_url
 
 if TYPE_CHECKING:
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     Network = ipaddress.IPv4Network | ipaddress.IPv6Network
     #: ``(host, port) -> addresses``; the default is :func:`socket.getaddrinfo` over TCP.
     Resolver = Callable[[str, int], Iterable[str]]
+
+log = logging.getLogger(__name__)
 
 ALLOWED_NETWORKS_ENV = "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS"
 ALLOW_HINT = (
@@ -177,7 +182,9 @@ class GuardedAdapter(HTTPAdapter):
     Per request the host is resolved and checked once (:func:`check_url`); the connection pool is then
     keyed by that IP address, so no later DNS answer (rebinding) is ever used. The Host header is the
     URL's, and for https the TLS SNI and certificate hostname check use the URL's hostname (urllib3's
-    ``server_hostname``). Only the first checked address is tried. Certificates are always verified:
+    ``server_hostname``). The checked addresses are tried in the resolver's order, moving on only when
+    a connection could not be made (refused, unreachable, connect timeout), so nothing was sent; once
+    connected, an error is the request's. Certificates are always verified:
     against ``ca_bundle`` when given (it replaces the default store), else requests' CA bundle.
     ``client_cert`` is ``(cert_path, key_path)`` for mutual TLS. Proxies are refused.
     """
@@ -197,6 +204,7 @@ class GuardedAdapter(HTTPAdapter):
         self.ca_bundle = ca_bundle
         self.client_cert = client_cert
         self.resolver = resolver
+        self._pinned = threading.local()  # the address this thread's request is sent to
         super().__init__()
 
     def send(
@@ -208,17 +216,44 @@ class GuardedAdapter(HTTPAdapter):
         cert: Any = None,
         proxies: Mapping[str, str] | None = None,
     ) -> Response:
-        """Send with the URL's Host header (the pool's host is an IP address); refuse ``verify=False``."""
+        """Send with the URL's Host header (the pool's host is an IP address); refuse ``verify=False``.
+
+        The host is resolved and checked once; then each checked address is tried in turn until a
+        connection is made.
+        """
         if verify is False:
             raise ValueError("GuardedAdapter always verifies TLS certificates; verify=False is refused")
+        url = str(request.url)
+        if select_proxy(url, dict(proxies or {})):
+            raise ValueError("GuardedAdapter connects only to the checked address; proxies are refused")
+        parsed = parse_url(url)
+        try:
+            addresses = check_url(url, self.allowed_networks, self.resolver)
+        except OSError as err:
+            raise requests.ConnectionError(f"cannot resolve {parsed.host}: {err}", request=request) from err
         request = request.copy()
-        parsed = parse_url(request.url)
         default_port = 443 if parsed.scheme == "https" else 80
         port = f":{parsed.port}" if parsed.port and parsed.port != default_port else ""
         request.headers["Host"] = f"{parsed.host}{port}"
-        return super().send(
-            request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
-        )
+        for position, address in enumerate(addresses, start=1):
+            self._pinned.address = address
+            try:
+                return super().send(
+                    request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
+                )
+            except requests.ConnectionError as err:
+                if position == len(addresses) or not _not_connected(err):
+                    raise
+                log.warning(
+                    "Could not connect to %s at %s (%s); trying its next address, %s",
+                    parsed.host,
+                    address,
+                    _reason(err),
+                    addresses[position],
+                )
+            finally:
+                self._pinned.address = None
+        raise AssertionError("unreachable: check_url returns at least one address")
 
     def get_connection_with_tls_context(
         self,
@@ -227,15 +262,11 @@ class GuardedAdapter(HTTPAdapter):
         proxies: Mapping[str, str] | None = None,
         cert: Any = None,
     ) -> HTTPConnectionPool:
-        """Resolve and check the host once, and return the pool of the checked IP address."""
-        url = str(request.url)
-        if select_proxy(url, dict(proxies or {})):
-            raise ValueError("GuardedAdapter connects only to the checked address; proxies are refused")
-        parsed = parse_url(url)
-        try:
-            address = check_url(url, self.allowed_networks, self.resolver)[0]
-        except OSError as err:
-            raise requests.ConnectionError(f"cannot resolve {parsed.host}: {err}", request=request) from err
+        """Return the pool of the address :meth:`send` checked and is trying now."""
+        address = getattr(self._pinned, "address", None)
+        if address is None:
+            raise RuntimeError("GuardedAdapter opens connections only from send(), to a checked address")
+        parsed = parse_url(str(request.url))
         pool_kwargs: dict[str, Any] = {}
         if parsed.scheme == "https":
             pool_kwargs = {
@@ -257,6 +288,17 @@ class GuardedAdapter(HTTPAdapter):
 
     def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
         """Do nothing: the TLS settings are in the pool's key (requests would overwrite them per request)."""
+
+
+def _not_connected(err: requests.ConnectionError) -> bool:
+    """Whether the request failed before a connection was made (refused, unreachable, connect timeout)."""
+    cause = err.args[0] if err.args else None
+    return isinstance(cause, MaxRetryError) and isinstance(cause.reason, ConnectTimeoutError)
+
+
+def _reason(err: requests.ConnectionError) -> str:
+    cause = err.args[0] if err.args else err
+    return str(getattr(cause, "reason", cause))
 
 
 @dataclasses.dataclass(frozen=True)

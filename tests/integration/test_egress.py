@@ -310,6 +310,51 @@ def test_dns_rebinding_cannot_move_the_connection(monkeypatch):
         assert (len(target.seen), decoy.seen) == (1, [])
 
 
+LOOPBACK_NET = parse_networks("127.0.0.0/8")
+
+
+def test_the_next_checked_address_is_tried_when_one_cannot_be_connected_to(caplog):
+    # Nothing listens on 127.0.0.2 at the target's port: that address refuses the connection.
+    with Server("127.0.0.1") as target:
+        session = guarded_session(
+            GuardedAdapter(LOOPBACK_NET, resolver=lambda h, p: ["127.0.0.2", "127.0.0.1"])
+        )
+
+        response = session.post(f"http://two.test:{target.port}/x", data=b"once", timeout=5)
+
+        assert (response.status_code, response.text) == (200, "ok")
+        assert target.seen == [
+            {"path": "/x", "host": f"two.test:{target.port}", "body": b"once", "client": None}
+        ]
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "cdr_webhook.egress"]
+        assert warning.startswith("Could not connect to two.test at 127.0.0.2 (")
+        assert warning.endswith("; trying its next address, 127.0.0.1")
+
+        # When no address takes the connection, the last error is the request's.
+        session = guarded_session(
+            GuardedAdapter(LOOPBACK_NET, resolver=lambda h, p: ["127.0.0.2", "127.0.0.3"])
+        )
+        with pytest.raises(requests.ConnectionError, match="127.0.0.3"):
+            session.post(f"http://two.test:{target.port}/x", data=b"never", timeout=5)
+        assert len(target.seen) == 1
+
+
+def test_no_other_address_is_tried_once_the_request_was_sent():
+    # 127.0.0.2 takes the connection and the request, then never answers: a read timeout. Sending the
+    # CDR to the next address as well could deliver it twice, so the timeout is the request's.
+    with Server("127.0.0.1") as target, socket.socket() as silent:
+        silent.bind(("127.0.0.2", target.port))
+        silent.listen()
+        session = guarded_session(
+            GuardedAdapter(LOOPBACK_NET, resolver=lambda h, p: ["127.0.0.2", "127.0.0.1"])
+        )
+
+        with pytest.raises(requests.ReadTimeout):
+            session.post(f"http://two.test:{target.port}/x", data=b"once", timeout=(5, 0.5))
+
+        assert target.seen == []
+
+
 @dataclasses.dataclass(frozen=True)
 class Pki:
     ca: Path
