@@ -235,25 +235,39 @@ class GuardedAdapter(HTTPAdapter):
         default_port = 443 if parsed.scheme == "https" else 80
         port = f":{parsed.port}" if parsed.port and parsed.port != default_port else ""
         request.headers["Host"] = f"{parsed.host}{port}"
-        for position, address in enumerate(addresses, start=1):
-            self._pinned.address = address
+        for address, following in zip(addresses, addresses[1:], strict=False):
             try:
-                return super().send(
-                    request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
-                )
+                return self._send_to(address, request, stream, timeout, verify, cert, proxies)
             except requests.ConnectionError as err:
-                if position == len(addresses) or not _not_connected(err):
+                if not _not_connected(err):
                     raise
                 log.warning(
                     "Could not connect to %s at %s (%s); trying its next address, %s",
                     parsed.host,
                     address,
                     _reason(err),
-                    addresses[position],
+                    following,
                 )
-            finally:
-                self._pinned.address = None
-        raise AssertionError("unreachable: check_url returns at least one address")
+        return self._send_to(addresses[-1], request, stream, timeout, verify, cert, proxies)
+
+    def _send_to(
+        self,
+        address: str,
+        request: PreparedRequest,
+        stream: bool,
+        timeout: Any,
+        verify: Any,
+        cert: Any,
+        proxies: Mapping[str, str] | None,
+    ) -> Response:
+        """Send through the pool of ``address`` (read by :meth:`get_connection_with_tls_context`)."""
+        self._pinned.address = address
+        try:
+            return super().send(
+                request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
+            )
+        finally:
+            self._pinned.address = None
 
     def get_connection_with_tls_context(
         self,
