@@ -41,7 +41,8 @@ notifier = (
     ),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
-    max_active_runs=1,
+    # More than one: a run held up by one endpoint's retries must not stop the runs after it.
+    max_active_runs=settings.max_active_runs,
     on_failure_callback=notifier,
     doc_md=__doc__,
     tags=["cdr", "webhook"],
@@ -100,6 +101,7 @@ def cdr_webhook_dag() -> None:
         max_retry_delay=dt.timedelta(seconds=settings.max_retry_delay_seconds),
         retry_policy=RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
         max_active_tis_per_dagrun=settings.max_active_posts_per_run,
+        execution_timeout=settings.attempt_timeout,
         map_index_template="{{ task.cdr_id }}",
     ).expand_kwargs(select_cdrs())
 

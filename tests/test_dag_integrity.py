@@ -28,7 +28,7 @@ def test_dag_shape(dagbag):
 
     dag = dagbag.dags["cdr_webhook"]
     assert isinstance(dag.timetable, CronDataIntervalTimetable)
-    assert dag.max_active_runs == 1
+    assert dag.max_active_runs == 4
     assert dag.catchup is False
     assert set(dag.params) == {"window_start", "window_end", "policy", "client_id"}
     assert dag.params.get_param("policy").value == "missing"

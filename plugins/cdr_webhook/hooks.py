@@ -14,16 +14,15 @@ from airflow.providers.http.hooks.http import HttpHook
 from requests import Session
 
 from cdr_webhook import __version__
+from cdr_webhook.config import scrub
 from cdr_webhook.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 from cdr_webhook.ledger import EXCERPT_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from cdr_webhook.config import EndpointConfig
     from cdr_webhook.egress import Resolver
-
-#: Connection extra holding the Standard Webhooks signing secret (a ``whsec_…`` string, or a list).
-SIGNING_SECRET_EXTRA = "signing_secret"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +36,15 @@ class AttemptResult:
     error: str | None = None
     refused: bool = False  # the egress guard refused the endpoint: no request was sent
     retry_after: float | None = None  # seconds the receiver asked us to wait (Retry-After)
+
+    def scrubbed(self, secrets: Sequence[str]) -> AttemptResult:
+        """The same result with every secret removed from the texts a receiver can echo into."""
+        return dataclasses.replace(
+            self,
+            reason=scrub(self.reason, secrets),
+            error=scrub(self.error, secrets),
+            response_excerpt=scrub(self.response_excerpt, secrets),
+        )
 
 
 class CdrWebhookHook(HttpHook):
@@ -79,6 +87,13 @@ class CdrWebhookHook(HttpHook):
         """The endpoint's Airflow connection, looked up once per hook (once per task)."""
         return self.get_connection(self.http_conn_id)
 
+    @functools.cached_property
+    def endpoint(self) -> EndpointConfig:
+        """The endpoint's configuration; raises :class:`~cdr_webhook.config.EndpointConfigError`."""
+        from cdr_webhook.config import load_endpoint
+
+        return load_endpoint(self.http_conn_id, lambda _: self.connection)
+
     def get_conn(
         self,
         headers: dict[Any, Any] | None = None,
@@ -106,28 +121,6 @@ class CdrWebhookHook(HttpHook):
         if headers:
             session.headers.update(headers)
         return session
-
-    def credentials(self) -> tuple[str | None, list[str]]:
-        """Return the connection's API key and signing secrets."""
-        connection = self.connection
-        raw = connection.extra_dejson.get(SIGNING_SECRET_EXTRA)
-        if raw is None or raw == "":
-            secrets: list[str] = []
-        elif isinstance(raw, str):
-            secrets = [raw]
-        elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
-            secrets = list(raw)
-        else:
-            raise ValueError(
-                f"connection {self.http_conn_id!r}: extra {SIGNING_SECRET_EXTRA!r} must be a whsec_ string "
-                "or a list of them"
-            )
-        return connection.password or None, secrets
-
-    def tls_secrets(self) -> list[str]:
-        """Return the connection's TLS client key material, for the secrets masker."""
-        extra = self.connection.extra_dejson
-        return [value for name in ("client_cert", "client_key") if isinstance(value := extra.get(name), str)]
 
     def post(self, body: bytes, headers: dict[str, str]) -> AttemptResult:
         """POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal."""

@@ -298,12 +298,12 @@ def mark_skipped(conn: psycopg.Connection[Any], claim: Claim, reason: str) -> No
     )
 
 
-def release(conn: psycopg.Connection[Any], claim: Claim) -> None:
-    """Give a CDR back to the queue, unowned: the next run takes it, in order."""
+def release(conn: psycopg.Connection[Any], claim: Claim, *, reason: str | None = None) -> None:
+    """Give a CDR back to the queue, unowned: the next run takes it, in order; ``reason``: why it waits."""
     conn.execute(
         "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
-        "updated_at = now() WHERE cdr_id = %s AND endpoint = %s",
-        (claim.cdr_id, claim.endpoint),
+        "error = COALESCE(%s, error), updated_at = now() WHERE cdr_id = %s AND endpoint = %s",
+        (reason, claim.cdr_id, claim.endpoint),
     )
 
 
@@ -320,16 +320,19 @@ def start_attempt(
     """
     Confirm this task may POST the CDR now, recording the task as its owner; return the row.
 
-    A task may send when its run owns the row, or when no live run does (the row is finished,
-    unowned or stale): so a cleared task re-sends its CDR. It raises :class:`ClaimLost` when another
-    run owns the row and is still working on it.
+    A task may send when its own run owns the row (its first try, a retry, or a cleared try, which
+    re-sends on purpose even a delivered CDR), or when the row is queued and no live run owns it
+    (unowned, or its owner's claim went stale). It raises :class:`ClaimLost` when another run owns
+    the row: that run is delivering it, or delivered it already, and only a clear of *its* task
+    re-sends it. Starting an attempt also refreshes every queued claim of this run, so claims of a
+    live run never go stale while its other tasks wait for a worker.
     """
     query = sql.SQL(
         "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, "
         "map_index = %(map_index)s, status = 'queued', updated_at = now() "
         "WHERE d.cdr_id = %(cdr_id)s AND d.endpoint = %(endpoint)s AND ("
-        "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s) OR d.status <> 'queued' OR d.run_id IS NULL"
-        "  OR d.updated_at < now() - make_interval(secs => %(timeout)s)) "
+        "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s) OR (d.status = 'queued' AND ("
+        "    d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s)))) "
         "RETURNING {columns}"
     ).format(columns=_CLAIM_COLUMNS)
     params = {
@@ -342,15 +345,28 @@ def start_attempt(
     }
     with conn.transaction(), conn.cursor(row_factory=class_row(Claim)) as cur:
         claim = cur.execute(query, params).fetchone()
+        if claim is not None:
+            conn.execute(
+                "UPDATE cdr_webhook.delivery SET updated_at = now() "
+                "WHERE dag_id = %s AND run_id = %s AND status = 'queued'",
+                (dag_id, run_id),
+            )
     if claim is not None:
         return claim
     owner = conn.execute(
-        "SELECT dag_id, run_id FROM cdr_webhook.delivery WHERE cdr_id = %s AND endpoint = %s",
+        "SELECT run_id, map_index, status FROM cdr_webhook.delivery WHERE cdr_id = %s AND endpoint = %s",
         (cdr_id, endpoint),
     ).fetchone()
     if owner is None:
         raise ClaimLost(f"CDR {cdr_id!r} has no ledger row for endpoint {endpoint!r}")
-    raise ClaimLost(f"CDR {cdr_id!r} for endpoint {endpoint!r} is being delivered by run {owner[1]!r}")
+    other_run, other_index, status = owner
+    task = f"run {other_run!r}" + (f", map index {other_index}" if other_index is not None else "")
+    if status == "queued":
+        raise ClaimLost(f"CDR {cdr_id!r} for endpoint {endpoint!r} is being delivered by {task}")
+    raise ClaimLost(
+        f"CDR {cdr_id!r} for endpoint {endpoint!r} belongs to {task} (status {status}): clear that task "
+        "to send it again"
+    )
 
 
 def record_attempt(

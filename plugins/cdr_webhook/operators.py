@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 from airflow.sdk.exceptions import AirflowException
 
 from cdr_webhook.hooks import CdrWebhookHook, describe_excerpt
-from cdr_webhook.outcome import Outcome, classify_response, describe_status
+from cdr_webhook.outcome import Decision, Verdict, decide_attempt
 from cdr_webhook.settings import CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID
 
 if TYPE_CHECKING:
@@ -20,11 +21,10 @@ if TYPE_CHECKING:
     import psycopg
     from airflow.sdk import Context
 
+    from cdr_webhook.config import EndpointConfig
     from cdr_webhook.hooks import AttemptResult
     from cdr_webhook.ledger import Claim
     from cdr_webhook.settings import Settings
-
-GONE = 410
 
 
 class RetryLater(AirflowException):
@@ -95,7 +95,7 @@ class CdrWebhookOperator(HttpOperator):
         self.cdr_id = cdr_id
         self.db_conn_id = db_conn_id
 
-    @property
+    @functools.cached_property
     def hook(self) -> CdrWebhookHook:
         """The hook that sends the request, with the ``request_timeout_seconds`` and egress settings."""
         from cdr_webhook.settings import load_settings
@@ -108,79 +108,37 @@ class CdrWebhookOperator(HttpOperator):
         )
 
     def execute(self, context: Context) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from cdr_webhook import endpoints, ledger
         from cdr_webhook.db import connect
         from cdr_webhook.settings import load_settings
         from cdr_webhook.signing import webhook_id
 
         settings = load_settings()
         ti = context["ti"]
-        endpoint = self.http_conn_id
         with connect(self.db_conn_id) as conn:
-            claim = self._take(conn, ti, settings)
+            claim = self._claim(conn, ti, settings)
+            endpoint = self._endpoint(conn, claim)
             body = self._body(conn, claim, settings)
-            msg_id = webhook_id(claim.cdr_id, endpoint)
+            msg_id = webhook_id(claim.cdr_id, endpoint.conn_id)
             self.log.info(
                 "Sending CDR %s to endpoint %s (try %d, webhook-id %s)",
                 claim.cdr_id,
-                endpoint,
+                endpoint.conn_id,
                 ti.try_number,
                 msg_id,
             )
-            result = self._post(conn, body, msg_id, settings)
-            outcome = _judge(result)
-            error = result.error or (
-                None
-                if outcome is Outcome.DELIVERED
-                else describe_status(result.http_status or 0, result.reason)
-            )
-            will_retry = outcome is Outcome.RETRY and ti.try_number <= self.retries
-            status = "delivered" if outcome is Outcome.DELIVERED else "queued" if will_retry else "failed"
-            ledger.record_attempt(
-                conn,
-                claim,
-                status=status,
+            result = self._post(conn, endpoint, body, msg_id, settings).scrubbed(endpoint.secrets())
+            decision = decide_attempt(
                 http_status=result.http_status,
-                error=error,
-                response_excerpt=result.response_excerpt,
-                latency_ms=result.latency_ms,
+                reason=result.reason,
+                error=result.error,
+                refused=result.refused,
+                try_number=ti.try_number,
+                max_tries=ti.max_tries,
             )
-            if not will_retry:
-                event = endpoints.record_outcome(
-                    conn,
-                    endpoint,
-                    delivered=status == "delivered",
-                    gone=result.http_status == GONE,
-                    pause_after_failures=settings.pause_after_failures,
-                    pause_after_hours=settings.pause_after_hours,
-                )
-                if event is not None:
-                    endpoints.notify(event)  # logs the pause too
+            self._record(conn, claim, result, decision, settings)
+        self._report(claim, endpoint.conn_id, result, decision, msg_id)
 
-        attempt = claim.attempts + 1
-        _count("retried" if will_retry else status, endpoint, result)
-        if outcome is Outcome.DELIVERED:
-            self.log.info(
-                "CDR %s delivered to %s: HTTP %s in %d ms (attempt %d, webhook-id %s)",
-                claim.cdr_id,
-                endpoint,
-                result.http_status,
-                result.latency_ms,
-                attempt,
-                msg_id,
-            )
-            return
-        self._log_failure(claim.cdr_id, endpoint, result, error, attempt, msg_id)
-        message = f"CDR {claim.cdr_id} to {endpoint}: {error}"
-        if outcome is Outcome.FAIL:
-            raise AirflowFailException(f"{message}; not retried, no retry can help")
-        if not will_retry:
-            raise AirflowException(f"{message}; retries exhausted, marked failed")
-        raise RetryLater(f"{message}; Airflow will retry", retry_after=result.retry_after)
-
-    def _take(self, conn: psycopg.Connection[Any], ti: Any, settings: Settings) -> Claim:
+    def _claim(self, conn: psycopg.Connection[Any], ti: Any, settings: Settings) -> Claim:
         """Own the CDR's ledger row for this try; skip when another run has it or its endpoint is paused."""
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -206,6 +164,33 @@ class CdrWebhookOperator(HttpOperator):
             )
         return claim
 
+    def _endpoint(self, conn: psycopg.Connection[Any], claim: Claim) -> EndpointConfig:
+        """
+        Read the endpoint's connection; a configuration error holds the endpoint and fails at once.
+
+        No retry can mend a connection, so the endpoint is paused with the reason (its CDRs, this one
+        included, stay queued and go out once it is fixed and resumed) and the task fails without
+        using its retries.
+        """
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from cdr_webhook import endpoints, ledger
+        from cdr_webhook.config import EndpointConfigError
+
+        try:
+            return self.hook.endpoint
+        except EndpointConfigError as err:
+            reason = f"configuration: {err}"
+            ledger.release(conn, claim, reason=reason)
+            event = endpoints.pause(conn, self.http_conn_id, reason=reason, actor="cdr_webhook")
+            if event is not None:
+                endpoints.notify(event)
+            raise AirflowFailException(
+                f"CDR {claim.cdr_id} not sent: {err}. Endpoint {self.http_conn_id} is paused and its CDRs "
+                f"stay queued: fix the connection, then `python -m cdr_webhook endpoints resume "
+                f"{self.http_conn_id}`"
+            ) from None
+
     def _body(self, conn: psycopg.Connection[Any], claim: Claim, settings: Settings) -> bytes:
         """Build the body from the CDR's current source row; an unmappable row is skipped and fails."""
         from airflow.sdk.exceptions import AirflowFailException
@@ -228,7 +213,12 @@ class CdrWebhookOperator(HttpOperator):
             raise AirflowFailException(f"CDR {claim.cdr_id} cannot be sent: {err}") from None
 
     def _post(
-        self, conn: psycopg.Connection[Any], body: bytes, msg_id: str, settings: Settings
+        self,
+        conn: psycopg.Connection[Any],
+        endpoint: EndpointConfig,
+        body: bytes,
+        msg_id: str,
+        settings: Settings,
     ) -> AttemptResult:
         """Sign and send, holding one of the endpoint's in-flight slots."""
         from airflow.sdk.log import mask_secret
@@ -236,60 +226,91 @@ class CdrWebhookOperator(HttpOperator):
         from cdr_webhook.signing import build_headers
         from cdr_webhook.slots import NoSlot, endpoint_slot
 
-        hook = self.hook
-        api_key, secrets = hook.credentials()
-        for secret in (api_key, *secrets, *hook.tls_secrets()):
-            if secret:
-                mask_secret(secret)
-        limit = _max_in_flight(hook, settings)
-        wait = max(60.0, 4 * settings.request_timeout_seconds)
+        for secret in endpoint.secrets():
+            mask_secret(secret)
+        limit = endpoint.max_in_flight or settings.max_in_flight_per_endpoint
         try:
-            with endpoint_slot(conn, self.http_conn_id, limit=limit, wait_seconds=wait):
+            with endpoint_slot(conn, endpoint.conn_id, limit=limit, wait_seconds=settings.slot_wait_seconds):
                 headers = build_headers(
                     msg_id=msg_id,
                     timestamp=int(time.time()),
                     body=body,
-                    api_key=api_key,
-                    signing_secrets=secrets,
+                    api_key=endpoint.api_key,
+                    signing_secrets=endpoint.signing_secrets,
                 )
-                return hook.post(body, headers)
+                return self.hook.post(body, headers)
         except NoSlot as err:
             raise RetryLater(str(err)) from None
 
-    def _log_failure(
-        self, cdr_id: str, endpoint: str, result: AttemptResult, error: str | None, attempt: int, msg_id: str
+    def _record(
+        self,
+        conn: psycopg.Connection[Any],
+        claim: Claim,
+        result: AttemptResult,
+        decision: Decision,
+        settings: Settings,
     ) -> None:
+        """Record the attempt on the CDR's row, and a delivery's end on its endpoint (which may pause it)."""
+        from cdr_webhook import endpoints, ledger
+
+        ledger.record_attempt(
+            conn,
+            claim,
+            status=decision.status,
+            http_status=result.http_status,
+            error=decision.error,
+            response_excerpt=result.response_excerpt,
+            latency_ms=result.latency_ms,
+        )
+        if decision.final:
+            event = endpoints.record_outcome(
+                conn,
+                claim.endpoint,
+                delivered=decision.status == "delivered",
+                gone=decision.gone,
+                pause_after_failures=settings.pause_after_failures,
+                pause_after_hours=settings.pause_after_hours,
+            )
+            if event is not None:
+                endpoints.notify(event)  # logs the pause too
+
+    def _report(
+        self, claim: Claim, endpoint: str, result: AttemptResult, decision: Decision, msg_id: str
+    ) -> None:
+        """Log the attempt and end the task as the decision says: succeed, retry or fail."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        attempt = claim.attempts + 1
+        _count("retried" if decision.verdict is Verdict.RETRY else decision.status, endpoint, result)
+        if decision.verdict is Verdict.SUCCEED:
+            self.log.info(
+                "CDR %s delivered to %s: HTTP %s in %d ms (attempt %d, webhook-id %s)",
+                claim.cdr_id,
+                endpoint,
+                result.http_status,
+                result.latency_ms,
+                attempt,
+                msg_id,
+            )
+            return
         self.log.error(
             "CDR %s to endpoint %s failed: HTTP %s, %s (attempt %d, %d ms, webhook-id %s)",
-            cdr_id,
+            claim.cdr_id,
             endpoint,
             result.http_status if result.http_status is not None else "-",
-            error,
+            decision.error,
             attempt,
             result.latency_ms,
             msg_id,
         )
         if result.response_excerpt is not None:
             self.log.error("Response body starts: %s", describe_excerpt(result.response_excerpt))
-
-
-def _judge(result: AttemptResult) -> Outcome:
-    if result.refused:
-        return Outcome.FAIL
-    if result.http_status is None:
-        return Outcome.RETRY  # a timeout or a connection error
-    return classify_response(result.http_status)
-
-
-def _max_in_flight(hook: CdrWebhookHook, settings: Settings) -> int:
-    value = hook.connection.extra_dejson.get("max_in_flight")
-    if value is None:
-        return settings.max_in_flight_per_endpoint
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"connection {hook.http_conn_id!r}: extra 'max_in_flight' must be a positive integer"
-        )
-    return value
+        message = f"CDR {claim.cdr_id} to {endpoint}: {decision.error}"
+        if decision.verdict is Verdict.FAIL_NOW:
+            raise AirflowFailException(f"{message}; not retried, no retry can help")
+        if decision.verdict is Verdict.EXHAUSTED:
+            raise AirflowException(f"{message}; retries exhausted, marked failed")
+        raise RetryLater(f"{message}; Airflow will retry", retry_after=result.retry_after)
 
 
 def _count(event: str, endpoint: str, result: AttemptResult) -> None:

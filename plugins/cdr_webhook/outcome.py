@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 
@@ -36,3 +37,60 @@ def describe_status(status: int, reason: str | None) -> str:
     if 300 <= status < 400:
         text += " (redirects are never followed)"
     return text
+
+
+GONE = 410
+
+
+class Verdict(enum.Enum):
+    """What the task does after recording an attempt."""
+
+    SUCCEED = "succeed"  # delivered: the task succeeds
+    RETRY = "retry"  # raise for Airflow to retry (after the receiver's Retry-After, if any)
+    FAIL_NOW = "fail_now"  # no retry can help: fail without using the remaining tries
+    EXHAUSTED = "exhausted"  # retryable, but this was the last try: fail
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The whole decision on one attempt: the ledger's record, the task's verdict, the endpoint's count."""
+
+    status: str  # the ledger status to record: delivered, queued (a retry follows) or failed
+    verdict: Verdict
+    error: str | None  # the ledger's error text; None when delivered
+    final: bool  # the delivery has ended (delivered or given up): it counts in the endpoint's streak
+    gone: bool  # HTTP 410: the endpoint is to be paused
+
+
+def decide_attempt(
+    *,
+    http_status: int | None,
+    reason: str | None,
+    error: str | None,
+    refused: bool,
+    try_number: int,
+    max_tries: int,
+) -> Decision:
+    """
+    Decide one attempt from what the POST produced and where the task stands in its tries.
+
+    ``max_tries`` is the task instance's, not the operator's ``retries``: Airflow raises it when a
+    task is cleared (``try_number + retries``), so a cleared task gets its retries again. A try is
+    retried while ``try_number <= max_tries``. Only a delivery's end (delivered, failed at once or
+    retries exhausted) counts in the endpoint's failure streak, never a try that will be retried.
+    """
+    if refused:
+        outcome = Outcome.FAIL  # the egress guard or a malformed endpoint: nothing was sent
+    elif http_status is None:
+        outcome = Outcome.RETRY  # a timeout or a connection error
+    else:
+        outcome = classify_response(http_status)
+    if outcome is Outcome.DELIVERED:
+        return Decision("delivered", Verdict.SUCCEED, None, final=True, gone=False)
+    text = error or describe_status(http_status or 0, reason)
+    gone = http_status == GONE
+    if outcome is Outcome.FAIL:
+        return Decision("failed", Verdict.FAIL_NOW, text, final=True, gone=gone)
+    if try_number <= max_tries:
+        return Decision("queued", Verdict.RETRY, text, final=False, gone=False)
+    return Decision("failed", Verdict.EXHAUSTED, text, final=True, gone=False)

@@ -24,6 +24,10 @@ CDR_DB_CONN_ID = "cdr_db"
 DEFAULT_ENDPOINT_CONN_ID = "cdr_webhook"
 
 
+#: Seconds a ``post_cdr`` try may spend on the database (its row, the attempt's record), in its timeout.
+DATABASE_ALLOWANCE_SECONDS = 60
+
+
 class SettingsError(ValueError):
     """A ``[cdr_webhook]`` option with a value that cannot be used; the message names the variable."""
 
@@ -39,6 +43,7 @@ class Settings:
     max_retry_delay_seconds: int = 900
     failure_notifier: str | None = None  # "module:attribute" of an Airflow notifier for failed runs
     max_active_posts_per_run: int = 16  # post_cdr tasks of one run in flight (max_active_tis_per_dagrun)
+    max_active_runs: int = 4  # runs at once: a run held up by one endpoint's retries blocks no other
     # Read by the tasks when they run.
     lag_seconds: int = 60
     max_cdrs_per_run: int = 500
@@ -51,6 +56,17 @@ class Settings:
     pause_after_failures: int = 50
     pause_after_hours: float = 72.0
     max_in_flight_per_endpoint: int = 8  # POSTs at once to one endpoint; extra max_in_flight overrides
+    slot_wait_seconds: int = 60  # how long a POST waits for one of its endpoint's in-flight slots
+
+    @property
+    def attempt_timeout(self) -> dt.timedelta:
+        """
+        The ``execution_timeout`` of one ``post_cdr`` try: the slot wait, the POST's deadline, and
+        :data:`DATABASE_ALLOWANCE_SECONDS` for reading the row and recording the attempt.
+        """
+        return dt.timedelta(
+            seconds=self.slot_wait_seconds + self.request_timeout_seconds + DATABASE_ALLOWANCE_SECONDS
+        )
 
     def validate(self, *, max_map_length: int) -> None:
         """Check the rules that tie settings together; raise :class:`SettingsError` naming the fix."""
@@ -59,12 +75,15 @@ class Settings:
                 f"{_env('max_cdrs_per_run')}={self.max_cdrs_per_run} must stay below Airflow's "
                 f"[core] max_map_length ({max_map_length}): every CDR of a run is one mapped task"
             )
-        horizon = self.max_retry_delay_seconds + self.request_timeout_seconds
+        # The longest a live run's claim goes untouched: a retry's wait, then a whole try (slot wait,
+        # the POST's deadline, database work). Each try refreshes every queued claim of its run.
+        horizon = self.max_retry_delay_seconds + self.attempt_timeout.total_seconds()
         if self.claim_timeout_seconds <= horizon:
             raise SettingsError(
                 f"{_env('claim_timeout_seconds')}={self.claim_timeout_seconds} must exceed "
-                f"max_retry_delay_seconds + request_timeout_seconds ({horizon:g}), or a CDR waiting "
-                "for its next retry would be taken over by another run"
+                "max_retry_delay_seconds + slot_wait_seconds + request_timeout_seconds + "
+                f"{DATABASE_ALLOWANCE_SECONDS} ({horizon:g}), or a CDR waiting for its next try would be "
+                "taken over by another run"
             )
 
 
@@ -200,6 +219,8 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "pause_after_failures": _positive_int,
     "pause_after_hours": _positive_float,
     "max_in_flight_per_endpoint": _positive_int,
+    "max_active_runs": _positive_int,
+    "slot_wait_seconds": _non_negative_int,
 }
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from cdr_webhook.config import EndpointConfigError
 from cdr_webhook.hooks import CdrWebhookHook
 from cdr_webhook.signing import build_headers
 from demo.receiver import Receiver
@@ -66,14 +67,21 @@ def test_sends_exactly_our_headers_and_none_of_the_extras(monkeypatch, receiver)
     assert request.path == "/cdr-hook"
 
 
-def test_credentials_come_from_password_and_signing_secret_extra(monkeypatch):
+def test_the_endpoint_comes_from_the_connection_once(monkeypatch):
     http_conn(monkeypatch, "hook_test", "http://127.0.0.1:9/x", signing_secret=[SECRET, SECRET])
-    assert CdrWebhookHook("hook_test").credentials() == (API_KEY, [SECRET, SECRET])
+    hook = CdrWebhookHook("hook_test")
+    assert (hook.endpoint.api_key, hook.endpoint.signing_secrets) == (API_KEY, (SECRET, SECRET))
     http_conn(monkeypatch, "hook_test", "http://127.0.0.1:9/x", password=None)
-    assert CdrWebhookHook("hook_test").credentials() == (None, [])
+    assert hook.endpoint.api_key == API_KEY  # read once per hook (once per task)
+    assert CdrWebhookHook("hook_test").endpoint.api_key is None
     http_conn(monkeypatch, "hook_test", "http://127.0.0.1:9/x", signing_secret={"a": 1})
-    with pytest.raises(ValueError, match="extra 'signing_secret' must be a whsec_ string or a list"):
-        CdrWebhookHook("hook_test").credentials()
+    with pytest.raises(
+        EndpointConfigError, match="extra 'signing_secret': must be a whsec_ string or a list"
+    ):
+        _ = CdrWebhookHook("hook_test").endpoint
+    monkeypatch.delenv("AIRFLOW_CONN_HOOK_TEST")
+    with pytest.raises(EndpointConfigError, match="connection 'hook_test': does not exist"):
+        _ = CdrWebhookHook("hook_test").endpoint
 
 
 def test_redirect_is_a_failure_and_its_target_is_never_contacted(monkeypatch):

@@ -295,8 +295,12 @@ def test_a_task_cannot_send_a_cdr_another_live_run_owns(cdr_db):
     claim = ledger.start_attempt(cdr_db, run_id="scheduled__1", **common)
     assert claim.cdr_id == cdr
     finish(cdr_db, [cdr], "failed")
-    # Once no run is working on it (here: failed), a cleared task of another run may resend it.
-    assert ledger.start_attempt(cdr_db, run_id="scheduled__9", **common).status == "queued"
+    # Finished, it still belongs to its run: only a clear of that run's task sends it again.
+    with pytest.raises(
+        ledger.ClaimLost, match="belongs to run 'scheduled__1', map index 0 \\(status failed\\)"
+    ):
+        ledger.start_attempt(cdr_db, run_id="scheduled__9", **common)
+    assert ledger.start_attempt(cdr_db, run_id="scheduled__1", **common).status == "queued"
 
 
 def test_a_run_cleared_with_new_params_selects_anew(cdr_db):

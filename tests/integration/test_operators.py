@@ -1,0 +1,252 @@
+"""CdrWebhookOperator.execute against real PostgreSQL and real receivers, one try at a time.
+
+Each test plays one try of a mapped ``post_cdr`` task (the task instance's run, map index, try
+number and max_tries are what Airflow hands it) and checks what the ledger, the endpoint's state,
+the receiver and the raised exception show.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import http.server
+import json
+import threading
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+
+from cdr_webhook import endpoints, ledger
+from cdr_webhook.operators import CdrWebhookOperator, RetryLater
+from demo.connections import http_conn
+from demo.dialer import Dialer
+from demo.receiver import Receiver
+
+API_KEY = "k3y-echoed-7d41c0ffee9b2e"
+SECRET = "whsec_" + base64.b64encode(b"operator-test-signing-key-32byte").decode()
+ENDPOINT = "cdr_webhook_client_7"
+NOW = dt.datetime.now(dt.UTC)
+
+
+@dataclasses.dataclass
+class FakeTaskInstance:
+    """The attributes of Airflow's RuntimeTaskInstance that the operator reads."""
+
+    run_id: str = "scheduled__1"
+    map_index: int = 0
+    try_number: int = 1
+    max_tries: int = 2
+    dag_id: str = "cdr_webhook"
+
+
+@pytest.fixture
+def db(cdr_db):
+    ledger.ensure_schema(cdr_db)
+    endpoints.ensure_endpoint_schema(cdr_db)
+    return cdr_db
+
+
+def queue(conn, cdr_id: str, *, run_id: str | None = "scheduled__1", status: str = "queued", **extra) -> None:
+    created = conn.execute(
+        "SELECT created_at FROM cdr_webhook_source WHERE cdr_id::text = %s", (cdr_id,)
+    ).fetchone()[0]
+    conn.execute(
+        "INSERT INTO cdr_webhook.delivery "
+        "(cdr_id, endpoint, client_id, cdr_created_at, status, dag_id, run_id, claimed_at) "
+        "VALUES (%s, %s, 7, %s, %s, 'cdr_webhook', %s, now())",
+        (cdr_id, ENDPOINT, created, status, run_id),
+    )
+    if extra:
+        for column, value in extra.items():
+            conn.execute(
+                f"UPDATE cdr_webhook.delivery SET {column} = %s WHERE cdr_id = %s",  # test-only column names
+                (value, cdr_id),
+            )
+
+
+def row(conn, cdr_id: str) -> dict[str, Any]:
+    cur = conn.execute(
+        "SELECT status, attempts, http_status, error, response_excerpt, run_id FROM cdr_webhook.delivery "
+        "WHERE cdr_id = %s",
+        (cdr_id,),
+    )
+    return dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
+
+
+def endpoint_state(conn) -> dict[str, Any]:
+    cur = conn.execute(
+        "SELECT paused, reason, consecutive_failures FROM cdr_webhook.endpoint_state WHERE endpoint = %s",
+        (ENDPOINT,),
+    )
+    found = cur.fetchone()
+    return dict(zip([c.name for c in cur.description], found, strict=True)) if found else {}
+
+
+def run_try(cdr_id: str, ti: FakeTaskInstance, *, retries: int = 1) -> None:
+    operator = CdrWebhookOperator(task_id="post_cdr", cdr_id=cdr_id, http_conn_id=ENDPOINT, retries=retries)
+    operator.execute({"ti": ti})
+
+
+def connect_endpoint(monkeypatch, url: str, **extra: Any) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{ENDPOINT.upper()}", http_conn(url, api_key=API_KEY, **extra))
+
+
+@pytest.fixture
+def receiver(monkeypatch):
+    with Receiver(secret=SECRET, api_key=API_KEY) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET)
+        yield server
+
+
+# -- retries are judged by the task instance's max_tries ----------------------------------------
+
+
+def test_a_cleared_task_retries_again_and_honours_retry_after(db, receiver):
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+    receiver.script(cdr, [(503, {"Retry-After": "7"})] * 5)
+    # retries = 1: tries 1 and 2 are spent; the operator cleared it, so Airflow set max_tries = 2 + 1.
+    with pytest.raises(RetryLater) as raised:
+        run_try(cdr, FakeTaskInstance(try_number=3, max_tries=3), retries=1)
+
+    assert raised.value.retry_after == 7
+    assert row(db, cdr)["status"] == "queued"  # not failed between tries
+    assert endpoint_state(db) == {}  # a try that will be retried is not a failed delivery
+
+    with pytest.raises(AirflowException, match="retries exhausted"):
+        run_try(cdr, FakeTaskInstance(try_number=4, max_tries=3), retries=1)
+    assert (row(db, cdr)["status"], row(db, cdr)["attempts"]) == ("failed", 2)
+    assert endpoint_state(db)["consecutive_failures"] == 1  # one delivery failed, whatever its tries
+
+
+# -- a configuration error is recorded, holds its endpoint and fails at once ----------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"signing_secret": "whsec_notbase64!!"}, "extra 'signing_secret': the secret is invalid"),
+        ({"max_in_flight": "lots"}, "extra 'max_in_flight': must be a positive integer"),
+        ({"leg_types": "1"}, "extra 'leg_types': must be a list of integers"),
+        (None, "does not exist"),
+    ],
+)
+def test_a_configuration_error_is_recorded_pauses_the_endpoint_and_fails_without_retries(
+    db, monkeypatch, extra, reason
+):
+    with Receiver() as server:
+        if extra is None:
+            monkeypatch.delenv(f"AIRFLOW_CONN_{ENDPOINT.upper()}", raising=False)
+        else:
+            connect_endpoint(monkeypatch, server.url, **extra)
+        cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+        queue(db, cdr)
+
+        with pytest.raises(AirflowFailException, match=f"connection '{ENDPOINT}'.*resume {ENDPOINT}"):
+            run_try(cdr, FakeTaskInstance())
+
+        assert server.received() == []
+    recorded = row(db, cdr)
+    assert (recorded["status"], recorded["run_id"], recorded["attempts"]) == ("queued", None, 0)
+    assert reason in recorded["error"]
+    state = endpoint_state(db)
+    assert state["paused"] is True
+    assert reason in state["reason"]
+
+
+# -- only the owning run's task sends ------------------------------------------------------------
+
+
+def test_a_task_whose_cdr_another_run_delivered_does_not_send_it_again(db, receiver):
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    # Run 1's claim went stale; run 2 took it over and delivered it. Run 1's task starts only now.
+    queue(db, cdr, run_id="scheduled__2", status="delivered", map_index=4)
+
+    with pytest.raises(
+        AirflowSkipException,
+        match=r"belongs to run 'scheduled__2', map index 4 \(status delivered\): clear that",
+    ):
+        run_try(cdr, FakeTaskInstance(run_id="scheduled__1"))
+
+    assert receiver.received() == []
+    assert row(db, cdr)["run_id"] == "scheduled__2"
+
+
+def test_a_cleared_task_of_the_owning_run_sends_its_delivered_cdr_again(db, receiver):
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr, status="delivered")
+    run_try(cdr, FakeTaskInstance(run_id="scheduled__1", try_number=2, max_tries=3))
+    assert len(receiver.received(cdr)) == 1
+
+
+def test_a_try_keeps_every_queued_claim_of_its_run_fresh(db, receiver):
+    dialer = Dialer(db)
+    sent, waiting = (dialer.cdr(created_at=NOW - dt.timedelta(minutes=m), client_id=7) for m in (5, 4))
+    for cdr in (sent, waiting):
+        queue(db, cdr, updated_at=NOW - dt.timedelta(hours=2))
+    run_try(sent, FakeTaskInstance())
+    age = db.execute(
+        "SELECT now() - updated_at FROM cdr_webhook.delivery WHERE cdr_id = %s", (waiting,)
+    ).fetchone()[0]
+    assert age < dt.timedelta(minutes=1)
+
+
+# -- secrets never reach the ledger, the log or an exception --------------------------------------
+
+
+class _EchoHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        length = int(self.headers.get("content-length", 0))
+        body = self.rfile.read(length)
+        echo = json.dumps({"path": self.path, "headers": dict(self.headers), "body": body.decode()})
+        self.send_response(400, f"bad request, your key is {self.headers.get('x-api-key')}")
+        self.send_header("content-type", "application/json")
+        self.end_headers()
+        self.wfile.write(echo.encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def echo_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_echoing_receiver_never_gets_a_secret_into_the_ledger_or_the_exception(
+    db, monkeypatch, echo_server, caplog
+):
+    url = f"{echo_server}/hooks/t0ken-in-path?sig=q5ecret"
+    connect_endpoint(monkeypatch, url, signing_secret=SECRET)
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+
+    with pytest.raises(AirflowFailException) as raised:
+        run_try(cdr, FakeTaskInstance())
+
+    recorded = row(db, cdr)
+    assert recorded["http_status"] == 400
+    assert '"x-api-key": "***"' in recorded["response_excerpt"]  # the echo is kept, the key is not
+    stored = " ".join([recorded["error"], recorded["response_excerpt"], str(raised.value), caplog.text])
+    for secret in (API_KEY, SECRET, "t0ken-in-path", "q5ecret"):
+        assert secret not in stored
+
+
+def test_a_malformed_url_is_named_by_scheme_and_host_only(db, monkeypatch):
+    connect_endpoint(monkeypatch, "https://hooks.example.com:99999/t0ken-in-path")
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+
+    with pytest.raises(AirflowFailException) as raised:
+        run_try(cdr, FakeTaskInstance())
+
+    stored = row(db, cdr)["error"] + endpoint_state(db)["reason"] + str(raised.value)
+    assert "host: is not a valid URL (scheme 'https'" in stored
+    assert "t0ken-in-path" not in stored
