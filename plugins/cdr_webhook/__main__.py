@@ -1,6 +1,7 @@
-"""The operator's command line: ``python -m cdr_webhook endpoints list|pause|resume`` (plugins/ on sys.path).
+"""The operator's command line: ``python -m cdr_webhook endpoints list|pause|resume|check``.
 
-The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow connection ``cdr_db``.
+(plugins/ on sys.path.) The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow
+connection ``cdr_db``; ``check`` reads endpoint connections the way the DAG does, through Airflow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from cdr_webhook import endpoints, ledger
+from cdr_webhook.config import EndpointConfig, EndpointConfigError, EndpointFilters, load_endpoint
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
 if TYPE_CHECKING:
@@ -46,13 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdr_webhook", description=__doc__.splitlines()[0])
     groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints")
     group = groups.add_parser("endpoints", help="pause, resume and list webhook endpoints")
-    commands = group.add_subparsers(dest="command", required=True, metavar="list|pause|resume")
+    commands = group.add_subparsers(dest="command", required=True, metavar="list|pause|resume|check")
     commands.add_parser("list", parents=[common], help="every endpoint: state, backlog and failures")
     pause = commands.add_parser("pause", parents=[common], help="stop sending to an endpoint")
     resume = commands.add_parser("resume", parents=[common], help="send to a paused endpoint again")
     for sub in (pause, resume):
         sub.add_argument("endpoint", type=_non_empty, help="the endpoint's Airflow connection id")
         sub.add_argument("--by", type=_non_empty, help="who does it (default: the OS user)")
+    check = commands.add_parser(
+        "check", help="parse endpoint connections as the DAG does and say what is wrong (no secret shown)"
+    )
+    check.add_argument("endpoint", nargs="+", type=_non_empty, help="Airflow connection ids")
     pause.add_argument("--reason", type=_non_empty, required=True, help="why, for the audit trail")
     resume.add_argument("--reason", type=_non_empty, help="why, for the audit trail")
     return parser
@@ -141,7 +147,42 @@ def _status(conn: psycopg.Connection[Any], endpoint: str) -> endpoints.EndpointS
     return found[0] if found else None
 
 
+def describe(endpoint: EndpointConfig) -> str:
+    """One line on an endpoint's configuration: where it posts and what it uses, never a secret's value."""
+    filters = endpoint.filters or EndpointFilters(endpoint.conn_id)
+    wanted = {
+        "leg_types": sorted(filters.leg_types) if filters.leg_types is not None else None,
+        "min_billed_duration": filters.min_billed_duration,
+        "campaign_ids": sorted(filters.campaign_ids) if filters.campaign_ids is not None else None,
+    }
+    parts = [
+        endpoint.origin,
+        f"x-api-key {'set' if endpoint.api_key else 'not set'}",
+        f"{len(endpoint.signing_secrets)} signing secret(s)",
+        "mutual TLS" if endpoint.client_cert else "no client certificate",
+        f"max_in_flight {endpoint.max_in_flight or 'default'}",
+        *(f"{name}={value}" for name, value in wanted.items() if value is not None),
+    ]
+    return ", ".join(parts)
+
+
+def check(conn_ids: Sequence[str]) -> None:
+    """Parse each endpoint connection; raise :class:`CliError` naming those that cannot be used."""
+    broken = []
+    for conn_id in conn_ids:
+        try:
+            print(f"ok     {conn_id}: {describe(load_endpoint(conn_id))}")
+        except EndpointConfigError as err:
+            print(f"error  {err}")
+            broken.append(conn_id)
+    if broken:
+        raise CliError(f"{len(broken)} of {len(conn_ids)} endpoint(s) cannot be used: {', '.join(broken)}")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.command == "check":
+        check(args.endpoint)
+        return
     with connect(args.dsn) as conn:
         ledger.ensure_schema(conn)
         endpoints.ensure_endpoint_schema(conn)

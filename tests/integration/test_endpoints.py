@@ -388,3 +388,26 @@ def test_notify_without_a_notifier_only_logs(settings_env, caplog):
     assert [record.getMessage() for record in caplog.records] == [
         "Endpoint ep resumed by alice at 2026-11-28 00:00:00+00:00: no reason given"
     ]
+
+
+def test_cli_check_parses_endpoints_as_the_dag_does_and_names_what_is_wrong(monkeypatch):
+    from demo.connections import http_conn
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GOOD_EP",
+        http_conn("https://hooks.example.com/t0ken", api_key="s3cret-key", leg_types=[1], max_in_flight=2),
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_BAD_EP", http_conn("https://hooks.example.com/t0ken", leg_types="1"))
+    good = cli("check", "good_ep", dsn=None)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip() == (
+        "ok     good_ep: https://hooks.example.com, x-api-key set, 0 signing secret(s), "
+        "no client certificate, max_in_flight 2, leg_types=[1]"
+    )
+    bad = cli("check", "good_ep", "bad_ep", "no_such_ep", dsn=None)
+    assert bad.returncode == 1
+    assert "error  connection 'bad_ep' extra 'leg_types': must be a list of integers, not '1'" in bad.stdout
+    assert "error  connection 'no_such_ep': does not exist" in bad.stdout
+    assert "2 of 3 endpoint(s) cannot be used: bad_ep, no_such_ep" in bad.stderr
+    for secret in ("t0ken", "s3cret"):
+        assert secret not in bad.stdout + good.stdout
