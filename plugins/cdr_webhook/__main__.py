@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from cdr_webhook import endpoints, ledger
+from cdr_webhook import endpoints, schema
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
 if TYPE_CHECKING:
@@ -143,8 +143,7 @@ def _status(conn: psycopg.Connection[Any], endpoint: str) -> endpoints.EndpointS
 
 def run(args: argparse.Namespace) -> None:
     with connect(args.dsn) as conn:
-        ledger.ensure_schema(conn)
-        endpoints.ensure_endpoint_schema(conn)
+        schema.migrate(conn)
         if args.command == "list":
             print_table(endpoints.list_endpoints(conn))
             return

@@ -4,7 +4,8 @@ One ``delivery`` row per (CDR, endpoint) is both the outbox and the record: a ru
 CDRs it selects (``status = 'queued'``, no owner), then *assigns* at most ``max_cdrs_per_run`` of
 them to itself; its mapped tasks record every attempt. Claims are atomic (``ON CONFLICT DO
 NOTHING`` and ``FOR UPDATE SKIP LOCKED``), so two runs never own one CDR, and what a run could not
-take waits in the ledger for the next run: nothing is dropped.
+take waits in the ledger for the next run: nothing is dropped. The tables are made by
+:func:`cdr_webhook.schema.migrate`.
 """
 
 from __future__ import annotations
@@ -32,55 +33,6 @@ EXCERPT_BYTES = 2048
 #: Ledger key prefix for source rows whose cdr_id is NULL: they are recorded (skipped), never sent.
 NULL_CDR_ID_PREFIX = "null-cdr-id:"
 
-_LOCK_KEY = 0x0CD2_3EB0  # advisory lock serialising the DDL of concurrent first runs
-
-DDL = """
-CREATE SCHEMA IF NOT EXISTS cdr_webhook;
-
-CREATE TABLE IF NOT EXISTS cdr_webhook.delivery (
-    cdr_id           text        NOT NULL,
-    endpoint         text        NOT NULL,
-    client_id        bigint,
-    cdr_created_at   timestamptz NOT NULL,
-    status           text        NOT NULL DEFAULT 'queued'
-                     CHECK (status IN ('queued', 'delivered', 'failed', 'skipped')),
-    attempts         integer     NOT NULL DEFAULT 0,
-    http_status      integer,
-    error            text,
-    response_excerpt text        CHECK (octet_length(response_excerpt) <= 2048),
-    latency_ms       integer,
-    dag_id           text,
-    run_id           text,
-    map_index        integer,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    claimed_at       timestamptz,
-    last_attempt_at  timestamptz,
-    delivered_at     timestamptz,
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (cdr_id, endpoint)
-);
-CREATE INDEX IF NOT EXISTS delivery_queued_idx
-    ON cdr_webhook.delivery (cdr_created_at, cdr_id) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS delivery_cdr_created_at_idx ON cdr_webhook.delivery (cdr_created_at);
-CREATE INDEX IF NOT EXISTS delivery_run_idx ON cdr_webhook.delivery (dag_id, run_id);
-
--- What each run asked for when it claimed: a cleared run that asks again for the same thing gets
--- its own claims back; a run cleared with new Params (a reprocessing backfill) selects anew.
-CREATE TABLE IF NOT EXISTS cdr_webhook.run_selection (
-    dag_id      text        NOT NULL,
-    run_id      text        NOT NULL,
-    request     jsonb       NOT NULL,
-    selected_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (dag_id, run_id)
-);
-
-CREATE TABLE IF NOT EXISTS cdr_webhook.watermark (
-    source_relation text        PRIMARY KEY,
-    created_at      timestamptz,
-    updated_at      timestamptz NOT NULL DEFAULT now()
-);
-"""
-
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
@@ -99,13 +51,6 @@ class ClaimLost(RuntimeError):
 
 
 _CLAIM_COLUMNS = sql.SQL("d.cdr_id, d.endpoint, d.client_id, d.cdr_created_at, d.status, d.attempts")
-
-
-def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create the ledger schema and tables if they do not exist (safe to run concurrently)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        conn.execute(DDL)
 
 
 def owned_claims(conn: psycopg.Connection[Any], *, dag_id: str, run_id: str) -> list[Claim]:
@@ -287,6 +232,14 @@ def assign(
     with conn.cursor(row_factory=class_row(Claim)) as cur:
         claims = cur.execute(query, params).fetchall()
     return sorted(claims, key=lambda claim: (claim.cdr_created_at, claim.cdr_id))
+
+
+def queued_backlog(conn: psycopg.Connection[Any]) -> int:
+    """Return how many queued CDRs no run owns: the work waiting for later runs."""
+    row = conn.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
+    ).fetchone()
+    return row[0] if row else 0
 
 
 def mark_skipped(conn: psycopg.Connection[Any], claim: Claim, reason: str) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook import endpoints, ledger
+from cdr_webhook import endpoints, ledger, schema
 from cdr_webhook.payload import InvalidCdr, build_payload
 from cdr_webhook.routing import EndpointFilters, Route, Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
@@ -74,8 +74,7 @@ def select_cdrs(
     client) gets exactly the CDRs it had claimed; a run cleared with new Params, as a reprocessing
     backfill does, selects anew.
     """
-    ledger.ensure_schema(conn)
-    endpoints.ensure_endpoint_schema(conn)
+    schema.migrate(conn)
     check_source(conn, settings.source_relation)
     window = (
         None
@@ -107,15 +106,12 @@ def select_cdrs(
             claims = _claim_window(conn, run, settings, known, window)
         sendable = _drop_invalid(conn, settings.source_relation, claims, known)
         ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
-    backlog = conn.execute(
-        "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
-    ).fetchone()
     log.info(
         "Claimed %d CDR(s), %d to send, %d skipped as invalid; %d queued CDR(s) wait for later runs",
         len(claims),
         len(sendable),
         len(claims) - len(sendable),
-        backlog[0] if backlog else 0,
+        ledger.queued_backlog(conn),
     )
     return [_mapped(claim) for claim in sendable]
 
