@@ -4,20 +4,47 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from psycopg import sql
+from psycopg import DataError, sql
 from psycopg.rows import dict_row
+from psycopg.types import datetime as pg_datetime
 
-from cdr_webhook.payload import SOURCE_COLUMNS
+from cdr_webhook.payload import SOURCE_COLUMNS, Unloadable
 
 if TYPE_CHECKING:
     import datetime as dt
     from collections.abc import Iterable
 
     import psycopg
+    from psycopg.abc import Buffer
+    from psycopg.adapt import Loader
 
 
 class SourceError(RuntimeError):
     """The source relation is missing or lacks a contract column; the message says how to fix it."""
+
+
+def _tolerant(base: type[Loader]) -> type[Loader]:
+    """Return a loader of ``base``'s type that yields :class:`Unloadable` where ``base`` raises DataError."""
+
+    class Tolerant(base):  # type: ignore[misc, valid-type]
+        def load(self, data: Buffer) -> Any:
+            try:
+                return super().load(data)
+            except DataError:
+                return Unloadable(bytes(data).decode("utf-8", "replace"))
+
+    Tolerant.__name__ = Tolerant.__qualname__ = f"Tolerant{base.__name__}"
+    return Tolerant
+
+
+# Text-format loaders: fetch_rows reads with a text cursor. Date and time types are the ones whose
+# PostgreSQL range (infinity, BC, beyond year 9999) Python cannot hold.
+_TOLERANT_LOADERS: dict[str, type[Loader]] = {
+    "date": _tolerant(pg_datetime.DateLoader),
+    "timestamp": _tolerant(pg_datetime.TimestampLoader),
+    "timestamptz": _tolerant(pg_datetime.TimestamptzLoader),
+    "interval": _tolerant(pg_datetime.IntervalLoader),
+}
 
 
 def relation_identifier(relation: str) -> sql.Identifier:
@@ -48,6 +75,10 @@ def fetch_rows(
     """
     Return the source rows of the given ``(cdr_id, created_at)`` keys, by ``cdr_id``.
 
+    A value the driver cannot load (a date beyond Python's range) comes back as
+    :class:`~cdr_webhook.payload.Unloadable`, which :func:`~cdr_webhook.payload.build_payload` rejects
+    for that CDR alone.
+
     The ``created_at`` range lets PostgreSQL use the index behind the view; a CDR no longer in the
     source is simply absent from the result.
     """
@@ -67,6 +98,8 @@ def fetch_rows(
         "ids": [cdr_id for cdr_id, _ in keys],
     }
     with conn.cursor(row_factory=dict_row) as cur:
+        for type_name, loader in _TOLERANT_LOADERS.items():
+            cur.adapters.register_loader(type_name, loader)
         cur.execute(query, params)
         return {str(row["cdr_id"]): row for row in cur.fetchall()}
 
