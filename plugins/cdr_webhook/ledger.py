@@ -32,6 +32,12 @@ STATUSES = ("queued", "delivered", "failed", "skipped")
 EXCERPT_BYTES = 2048
 #: Ledger key prefix for source rows whose cdr_id is NULL: they are recorded (skipped), never sent.
 NULL_CDR_ID_PREFIX = "null-cdr-id:"
+#: The longest cdr_id that is sent: Airflow shows it as the mapped task's name, a String(250) column.
+MAX_CDR_ID_LENGTH = 200
+#: Ledger key prefix (+ md5 of the cdr_id) of longer cdr_ids: recorded (skipped), never sent.
+LONG_CDR_ID_PREFIX = "long-cdr-id:"
+_SYNTHETIC_KEYS = (NULL_CDR_ID_PREFIX + "%", LONG_CDR_ID_PREFIX + "%")
+_SHOWN_ID_CHARS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +131,12 @@ def enqueue_new(
     Queue every source CDR with ``start <= created_at < end`` that has no ledger row for its endpoint.
 
     ``routes`` gives each client's endpoint (every client of the window must be in it); a client
-    routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. A row whose
-    ``cdr_id`` is NULL cannot be sent; it is recorded as ``skipped`` under a key derived from the
-    row, so it is accounted for once however often the window is read. Returns how many CDRs were
-    queued.
+    routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. A cdr_id is
+    one CDR: when the source has it in several rows, the row with the earliest ``created_at`` is
+    queued (a later one is not sent again). A row whose ``cdr_id`` is NULL, or longer than
+    :data:`MAX_CDR_ID_LENGTH`, cannot be sent; it is recorded as ``skipped`` under a short key
+    derived from the row, so it is accounted for once however often the window is read. Returns how
+    many CDRs were queued.
     """
     client_filter = sql.SQL(" AND s.client_id = %(client_id)s" if client_id is not None else "")
     clients = list(routes)
@@ -141,6 +149,7 @@ def enqueue_new(
         "endpoints": [routes[c].endpoint for c in clients],
         "statuses": ["skipped" if routes[c].skip_reason else "queued" for c in clients],
         "errors": [routes[c].skip_reason for c in clients],
+        "max_length": MAX_CDR_ID_LENGTH,
     }
     routed = sql.SQL(
         "FROM {relation} AS s "
@@ -148,10 +157,13 @@ def enqueue_new(
         "  AS r(client_id, endpoint, status, error) ON r.client_id IS NOT DISTINCT FROM s.client_id "
         "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s{client} "
     ).format(relation=relation_identifier(relation), client=client_filter)
+    # Lengths are checked before any cdr_id reaches an index: a btree entry holds ~2.7 kB at most.
     queue = sql.SQL(
         "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
-        "SELECT s.cdr_id::text, r.endpoint, s.client_id, s.created_at, r.status, r.error {routed}"
-        "AND s.cdr_id IS NOT NULL "
+        "SELECT DISTINCT ON (s.cdr_id::text) s.cdr_id::text, r.endpoint, s.client_id, s.created_at, "
+        "r.status, r.error {routed}"
+        "AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) <= %(max_length)s "
+        "ORDER BY s.cdr_id::text, s.created_at "
         "ON CONFLICT (cdr_id, endpoint) DO NOTHING RETURNING status"
     ).format(routed=routed)
     record_null_ids = sql.SQL(
@@ -161,8 +173,19 @@ def enqueue_new(
         "{routed}AND s.cdr_id IS NULL "
         "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
     ).format(prefix=sql.Literal(NULL_CDR_ID_PREFIX), routed=routed)
+    record_long_ids = sql.SQL(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
+        "SELECT {prefix} || md5(s.cdr_id::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
+        "format('column cdr_id = %%s is %%s characters long in %%s (row created_at %%s): at most %%s fit "
+        "Airflow''s mapped task names and the ledger; make the view return a shorter id', "
+        "quote_literal(left(s.cdr_id::text, {shown}) || '...'), length(s.cdr_id::text), %(relation)s::text, "
+        "s.created_at, %(max_length)s::int) "
+        "{routed}AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) > %(max_length)s "
+        "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
+    ).format(prefix=sql.Literal(LONG_CDR_ID_PREFIX), shown=sql.Literal(_SHOWN_ID_CHARS), routed=routed)
     statuses = [row[0] for row in conn.execute(queue, params).fetchall()]
     conn.execute(record_null_ids, params)
+    conn.execute(record_long_ids, params)
     return statuses.count("queued")
 
 
@@ -173,14 +196,14 @@ def requeue(conn: psycopg.Connection[Any], *, window: Window, statuses: tuple[st
         "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
         "updated_at = now() "
         "WHERE cdr_created_at >= %(start)s AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s) "
-        "AND cdr_id NOT LIKE %(null_ids)s{client}"
+        "AND NOT cdr_id LIKE ANY(%(synthetic)s){client}"
     ).format(client=client_filter)
     params = {
         "start": window.start,
         "end": window.end,
         "statuses": list(statuses),
         "client_id": window.client_id,
-        "null_ids": NULL_CDR_ID_PREFIX + "%",
+        "synthetic": list(_SYNTHETIC_KEYS),
     }
     return conn.execute(query, params).rowcount
 

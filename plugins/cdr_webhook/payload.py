@@ -64,6 +64,19 @@ class Unloadable:
     raw: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Ambiguous:
+    """
+    The values of one column that differ between source rows with the same cdr_id and created_at.
+
+    No rule can say which of them is the CDR, so the reader marks the column and the CDR is skipped
+    with ``problem`` (which names every differing column) rather than one of the rows being sent.
+    """
+
+    values: tuple[Any, ...]
+    problem: str
+
+
 class InvalidCdr(ValueError):
     """A source row that cannot become a payload; the message says which column and why."""
 
@@ -89,6 +102,9 @@ def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise InvalidCdr(row.get("cdr_id"), missing[0], None, "column missing from the source relation")
     cdr_id = row["cdr_id"]
+    for column in PAYLOAD_FIELDS:
+        if isinstance(row[column], Ambiguous):
+            raise InvalidCdr(cdr_id, "cdr_id", cdr_id, row[column].problem)
     for column in PAYLOAD_FIELDS:
         if isinstance(row[column], Unloadable):
             raise InvalidCdr(

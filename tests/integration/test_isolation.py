@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
+import uuid
+from decimal import Decimal
 
 import pytest
 
+from cdr_webhook import ledger
 from cdr_webhook.selection import RunInfo
 from cdr_webhook.selection import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
+from cdr_webhook.source import fetch_rows
 from demo.dialer import Dialer
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
@@ -79,3 +85,123 @@ def test_dates_the_driver_cannot_load_skip_only_their_cdr(cdr_db, time_zone, ext
         shown = repr(value) if "infinity" in value else "'"
         assert f"CDR {cdr!r}: column call_date = {shown}" in error
         assert "outside the range of dates a payload can carry" in error
+
+
+FEED = "public.cdr_feed"
+FEED_SETTINGS = dataclasses.replace(SETTINGS, source_relation=FEED)
+
+
+@pytest.fixture
+def feed(cdr_db):
+    """A source table without a key of its own, as a view over a dialer's tables may behave."""
+    cdr_db.execute("DROP TABLE IF EXISTS public.cdr_feed")
+    cdr_db.execute(
+        """
+        CREATE TABLE public.cdr_feed (
+            client_id bigint, cdr_id text, callerid text, callrequest_id text, call_id text,
+            campaign_id bigint, campaign_name text, leg_type int, phone_number text,
+            list_phonebook_id bigint[], list_phonebook_name text[], gateway text, amd_status int,
+            hangup_cause_code int, hangup_cause text, cost numeric, billed_duration int,
+            incremental_duration int, call_date timestamptz, created_at timestamptz
+        )
+        """
+    )
+
+    def add(cdr_id: str | None, created_at: dt.datetime, **overrides) -> str | None:
+        row = {
+            "client_id": 7,
+            "cdr_id": cdr_id,
+            "callerid": "x",
+            "callrequest_id": "r",
+            "call_id": "c",
+            "campaign_id": 1,
+            "campaign_name": "n",
+            "leg_type": 1,
+            "phone_number": "+3465",
+            "list_phonebook_id": [1],
+            "list_phonebook_name": ["a"],
+            "gateway": "g",
+            "amd_status": 1,
+            "hangup_cause_code": 16,
+            "hangup_cause": None,
+            "cost": Decimal("0.1"),
+            "billed_duration": 1,
+            "incremental_duration": 1,
+            "call_date": T0,
+            "created_at": created_at,
+        }
+        row.update(overrides)
+        cdr_db.execute(
+            f"INSERT INTO public.cdr_feed ({', '.join(row)}) VALUES ({', '.join(['%s'] * len(row))})",
+            list(row.values()),
+        )
+        return cdr_id
+
+    yield add
+    cdr_db.execute("DROP TABLE public.cdr_feed")
+
+
+def test_cdr_ids_too_long_to_send_are_recorded_under_a_short_key(cdr_db, feed):
+    # Random hex does not compress: 6000 characters would overflow a btree entry (~2.7 kB).
+    huge = "".join(uuid.uuid4().hex for _ in range(190))[:6000]
+    long = "L" * (ledger.MAX_CDR_ID_LENGTH + 1)
+    fits = "F" * ledger.MAX_CDR_ID_LENGTH
+    feed("before", T0 + SECOND)
+    feed(huge, T0 + 2 * SECOND)
+    feed(long, T0 + 3 * SECOND)
+    feed(fits, T0 + 4 * SECOND)
+    feed("after", T0 + 5 * SECOND)
+
+    runs = [select_cdrs(cdr_db, scheduled(n), FEED_SETTINGS) for n in (1, 2, 3)]
+
+    assert runs == [["before", fits, "after"], [], []]  # fits sorts by created_at, between the two
+    assert watermark(cdr_db) == T0 + 3 * MINUTE
+    rows = ledger_rows(cdr_db)
+    for cdr_id in (huge, long):
+        key = ledger.LONG_CDR_ID_PREFIX + hashlib.md5(cdr_id.encode()).hexdigest()
+        status, error, _ = rows[key]
+        assert status == "skipped"
+        assert f"column cdr_id = '{cdr_id[:60]}...' is {len(cdr_id)} characters long in {FEED}" in error
+        assert f"at most {ledger.MAX_CDR_ID_LENGTH} fit" in error
+    assert len(rows) == 5  # the lag re-read of runs 2 and 3 recorded nothing twice
+    # A deliberate redelivery leaves them alone too: there is nothing it could send.
+    cdr_db.execute("UPDATE cdr_webhook.delivery SET status = 'delivered' WHERE status = 'queued'")
+    window = {"window_start": T0.isoformat(), "window_end": (T0 + MINUTE).isoformat(), "policy": "all"}
+    assert sorted(select_cdrs(cdr_db, manual("all", **window), FEED_SETTINGS)) == sorted(
+        ["before", fits, "after"]
+    )
+
+
+def test_a_duplicate_cdr_id_is_sent_once_from_its_earliest_row(cdr_db, feed):
+    # The later duplicate is written first, so a plain scan meets it first.
+    feed("dup", T0 + 20 * SECOND, cost=Decimal("9.99"), phone_number=None)
+    feed("dup", T0 + 10 * SECOND, cost=Decimal("0.25"))
+    feed("next", T0 + 30 * SECOND)
+
+    assert select_cdrs(cdr_db, scheduled(1), FEED_SETTINGS) == ["dup", "next"]
+    assert select_cdrs(cdr_db, scheduled(2), FEED_SETTINGS) == []  # the lag re-read sends nothing again
+    queued_at = cdr_db.execute(
+        "SELECT cdr_created_at FROM cdr_webhook.delivery WHERE cdr_id = 'dup'"
+    ).fetchall()
+    assert queued_at == [(T0 + 10 * SECOND,)]
+    # What the POST task reads: the earliest row, even when the other one falls in the same range.
+    rows = fetch_rows(cdr_db, FEED, [("dup", T0 + 10 * SECOND), ("next", T0 + 30 * SECOND)])
+    assert rows["dup"]["cost"] == Decimal("0.25")
+    assert rows["dup"]["phone_number"] == "+3465"
+
+
+def test_duplicate_rows_of_one_cdr_and_created_at(cdr_db, feed):
+    for _ in range(2):
+        feed("twin", T0 + 10 * SECOND)  # identical: one CDR
+    feed("clash", T0 + 20 * SECOND, cost=Decimal("0.1"), gateway="g1")
+    feed("clash", T0 + 20 * SECOND, cost=Decimal("0.2"), gateway="g2")
+    feed("next", T0 + 30 * SECOND)
+
+    assert select_cdrs(cdr_db, scheduled(1), FEED_SETTINGS) == ["twin", "next"]
+
+    status, error, _ = ledger_rows(cdr_db)["clash"]
+    assert status == "skipped"
+    assert (
+        f"cdr_id 'clash' appears in 2 rows of {FEED} with created_at {T0 + 20 * SECOND} that differ in "
+        "column(s) gateway, cost: make the view return one row per CDR" in error
+    )
