@@ -128,10 +128,13 @@ def enqueue_new(
     client_id: int | None = None,
 ) -> int:
     """
-    Queue every source CDR with ``start <= created_at < end`` that has no ledger row for its endpoint.
+    Queue every source CDR with ``start <= created_at < end`` that has no ledger row yet.
 
     ``routes`` gives each client's endpoint (every client of the window must be in it); a client
-    routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. A cdr_id is
+    routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. Routing
+    applies to new CDRs only: a CDR with a ledger row for any endpoint (say the default one, before
+    its client got a connection of its own) is not queued again; a redelivery is a deliberate
+    ``policy: all`` run, which re-queues the existing rows. A cdr_id is
     one CDR: when the source has it in several rows, the row with the earliest ``created_at`` is
     queued (a later one is not sent again). A row whose ``cdr_id`` is NULL, or longer than
     :data:`MAX_CDR_ID_LENGTH`, cannot be sent; it is recorded as ``skipped`` under a short key
@@ -163,6 +166,7 @@ def enqueue_new(
         "SELECT DISTINCT ON (s.cdr_id::text) s.cdr_id::text, r.endpoint, s.client_id, s.created_at, "
         "r.status, r.error {routed}"
         "AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) <= %(max_length)s "
+        "AND NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = s.cdr_id::text) "
         "ORDER BY s.cdr_id::text, s.created_at "
         "ON CONFLICT (cdr_id, endpoint) DO NOTHING RETURNING status"
     ).format(routed=routed)
@@ -189,14 +193,43 @@ def enqueue_new(
     return statuses.count("queued")
 
 
-def requeue(conn: psycopg.Connection[Any], *, window: Window, statuses: tuple[str, ...]) -> int:
-    """Put finished ledger rows of the window back in the queue, unowned (a deliberate redelivery)."""
+def finished_endpoints(
+    conn: psycopg.Connection[Any], *, window: Window, statuses: Sequence[str]
+) -> list[str]:
+    """Return the endpoints of the window's ledger rows in ``statuses`` (those a requeue would touch)."""
+    client_filter = sql.SQL(" AND client_id = %(client_id)s" if window.client_id is not None else "")
+    query = sql.SQL(
+        "SELECT DISTINCT endpoint FROM cdr_webhook.delivery WHERE cdr_created_at >= %(start)s "
+        "AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s){client}"
+    ).format(client=client_filter)
+    params = {
+        "start": window.start,
+        "end": window.end,
+        "statuses": list(statuses),
+        "client_id": window.client_id,
+    }
+    return sorted(row[0] for row in conn.execute(query, params).fetchall())
+
+
+def requeue(
+    conn: psycopg.Connection[Any],
+    *,
+    window: Window,
+    statuses: Sequence[str],
+    exclude_endpoints: Sequence[str] = (),
+) -> int:
+    """
+    Put finished ledger rows of the window back in the queue, unowned (a deliberate redelivery).
+
+    Rows of ``exclude_endpoints`` (endpoints whose connection does not exist, such as the "no
+    endpoint" rows of ``unrouted_clients = skip``) stay as they are: there is nowhere to send them.
+    """
     client_filter = sql.SQL(" AND client_id = %(client_id)s" if window.client_id is not None else "")
     query = sql.SQL(
         "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
         "updated_at = now() "
         "WHERE cdr_created_at >= %(start)s AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s) "
-        "AND NOT cdr_id LIKE ANY(%(synthetic)s){client}"
+        "AND NOT cdr_id LIKE ANY(%(synthetic)s) AND endpoint <> ALL(%(excluded)s){client}"
     ).format(client=client_filter)
     params = {
         "start": window.start,
@@ -204,6 +237,7 @@ def requeue(conn: psycopg.Connection[Any], *, window: Window, statuses: tuple[st
         "statuses": list(statuses),
         "client_id": window.client_id,
         "synthetic": list(_SYNTHETIC_KEYS),
+        "excluded": list(exclude_endpoints),
     }
     return conn.execute(query, params).rowcount
 

@@ -183,10 +183,16 @@ def _claim_window(
         span = {"start": window.start, "end": window.end, "client_id": window.client_id}
         clients = distinct_clients(conn, relation, **span)
         queued += ledger.enqueue_new(conn, relation=relation, routes=known.routes(clients), **span)
-    if window.policy == "failed":
-        queued += ledger.requeue(conn, window=window, statuses=("failed",))
-    if window.policy == "all":
-        queued += ledger.requeue(conn, window=window, statuses=("delivered", "failed", "skipped"))
+    if window.policy in ("failed", "all"):
+        statuses = ("failed",) if window.policy == "failed" else ("delivered", "failed", "skipped")
+        gone = [
+            endpoint
+            for endpoint in ledger.finished_endpoints(conn, window=window, statuses=statuses)
+            if known.connections(endpoint) is None
+        ]
+        if gone:
+            log.warning("Not re-queued, their connection does not exist: CDRs of %s", ", ".join(gone))
+        queued += ledger.requeue(conn, window=window, statuses=statuses, exclude_endpoints=gone)
     log.info(
         "Window [%s, %s), policy %s%s: %d CDR(s) queued",
         window.start.isoformat(),

@@ -205,3 +205,40 @@ def test_duplicate_rows_of_one_cdr_and_created_at(cdr_db, feed):
         f"cdr_id 'clash' appears in 2 rows of {FEED} with created_at {T0 + 20 * SECOND} that differ in "
         "column(s) gateway, cost: make the view return one row per CDR" in error
     )
+
+
+def test_a_new_client_connection_does_not_resend_what_the_default_endpoint_had(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdr = dialer.cdr(client_id=1, created_at=T0 + 30 * SECOND)
+    assert select_cdrs(cdr_db, scheduled(1)) == [cdr]
+    cdr_db.execute("UPDATE cdr_webhook.delivery SET status = 'delivered'")
+    own = {"cdr_webhook": {}, "cdr_webhook_client_1": {}}  # the client gets its own endpoint
+    fresh = dialer.cdr(client_id=1, created_at=T0 + MINUTE + SECOND)
+
+    # Run 2's lag re-read sees the delivered CDR again: routing applies to new CDRs only.
+    mapped = claim_cdrs(cdr_db, scheduled(2), SETTINGS, now=T0 + 2 * MINUTE, connections=own.get)
+
+    assert [(item["cdr_id"], item["http_conn_id"]) for item in mapped] == [(fresh, "cdr_webhook_client_1")]
+    assert cdr_db.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_id = %s", (cdr,)
+    ).fetchone() == (1,)
+    # A deliberate redelivery re-queues the existing row.
+    window = {"window_start": T0.isoformat(), "window_end": (T0 + MINUTE).isoformat(), "policy": "all"}
+    assert select_cdrs(cdr_db, manual("all", **window), connections=own) == [cdr]
+
+
+def test_a_redelivery_leaves_cdrs_whose_endpoint_does_not_exist_skipped(cdr_db):
+    dialer = Dialer(cdr_db)
+    routed = dialer.cdr(client_id=1, created_at=T0 + 10 * SECOND)
+    unrouted = dialer.cdr(client_id=8, created_at=T0 + 20 * SECOND)
+    skip = dataclasses.replace(SETTINGS, unrouted_clients="skip")
+    own = {"cdr_webhook_client_1": {}}
+    assert select_cdrs(cdr_db, scheduled(1), skip, connections=own) == [routed]
+    cdr_db.execute("UPDATE cdr_webhook.delivery SET status = 'delivered' WHERE cdr_id = %s", (routed,))
+    reason = ledger_rows(cdr_db)[unrouted][1]
+    assert reason.startswith("no endpoint")
+
+    window = {"window_start": T0.isoformat(), "window_end": (T0 + MINUTE).isoformat(), "policy": "all"}
+    assert select_cdrs(cdr_db, manual("all", **window), skip, connections=own) == [routed]
+
+    assert ledger_rows(cdr_db)[unrouted] == ("skipped", reason, "cdr_webhook_client_8")
