@@ -38,6 +38,7 @@ MAX_CDR_ID_LENGTH = 200
 LONG_CDR_ID_PREFIX = "long-cdr-id:"
 _SYNTHETIC_KEYS = (NULL_CDR_ID_PREFIX + "%", LONG_CDR_ID_PREFIX + "%")
 _SHOWN_ID_CHARS = 60
+_THROTTLE_LOCK_KEY = 0x0CD2_3EB2  # advisory lock (with the endpoint's hash) around a throttled count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,30 +253,86 @@ def assign(
     window: Window | Scan | None = None,
     client_id: int | None = None,
     paused_endpoints: Sequence[str] = (),
+    throttled: Mapping[str, int] | None = None,
 ) -> list[Claim]:
     """
-    Take ownership of at most ``limit`` queued CDRs, oldest first, and return them.
+    Take ownership of at most ``limit`` queued CDRs, shared round robin across endpoints; return them.
+
+    Each endpoint's oldest CDR comes first, then each one's second, and so on: an endpoint with a big
+    backlog cannot take a whole run from the others. The claims come back in that order (turn, then
+    created_at), the order of the mapped tasks, so every endpoint gets early map indexes.
 
     Eligible are queued rows with no owner, and *stale* claims: queued rows whose owner has not
     touched them for ``claim_timeout_seconds`` (its run died, or its task was marked failed by hand
     before it could record an outcome). ``SKIP LOCKED`` keeps concurrent runs' picks disjoint. CDRs
-    of paused endpoints stay queued, in order, until their endpoint is resumed.
+    of paused endpoints stay queued, in order, until their endpoint is resumed. ``throttled`` caps an
+    endpoint's CDRs in flight: its queued rows that other live runs own, plus this run's new claims.
     """
-    filters = [sql.SQL(" AND endpoint <> ALL(%(paused)s)")]
+    throttled = dict(throttled or {})
+    eligible = [
+        sql.SQL(
+            "d.status = 'queued' AND d.endpoint <> ALL(%(paused)s) "
+            "AND (d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s))"
+        )
+    ]
     if window is not None:
-        filters.append(sql.SQL(" AND cdr_created_at >= %(start)s AND cdr_created_at < %(end)s"))
+        eligible.append(sql.SQL(" AND d.cdr_created_at >= %(start)s AND d.cdr_created_at < %(end)s"))
     if client_id is not None:
-        filters.append(sql.SQL(" AND client_id = %(client_id)s"))
+        eligible.append(sql.SQL(" AND d.client_id = %(client_id)s"))
+    # FOR UPDATE is not allowed next to window functions: rank first, then lock what was picked in
+    # a second step whose WHERE repeats the eligibility, which READ COMMITTED re-checks on the latest
+    # version of each row. Picking twice the limit leaves room for rows a concurrent run locked.
     query = sql.SQL(
-        "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, map_index = NULL, "
-        "claimed_at = now(), updated_at = now() "
-        "FROM (SELECT cdr_id, endpoint FROM cdr_webhook.delivery "
-        "      WHERE status = 'queued' "
-        "        AND (run_id IS NULL OR updated_at < now() - make_interval(secs => %(timeout)s)){filters} "
-        "      ORDER BY cdr_created_at, cdr_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS pick "
-        "WHERE d.cdr_id = pick.cdr_id AND d.endpoint = pick.endpoint "
-        "RETURNING {columns}"
-    ).format(filters=sql.Composed(filters), columns=_CLAIM_COLUMNS)
+        """
+        WITH RECURSIVE queued_endpoints AS (
+            -- The distinct endpoints of queued rows, one index probe each (a loose index scan).
+            (SELECT endpoint FROM cdr_webhook.delivery WHERE status = 'queued' ORDER BY endpoint LIMIT 1)
+            UNION ALL
+            SELECT (SELECT n.endpoint FROM cdr_webhook.delivery AS n
+                    WHERE n.status = 'queued' AND n.endpoint > q.endpoint ORDER BY n.endpoint LIMIT 1)
+            FROM queued_endpoints AS q WHERE q.endpoint IS NOT NULL
+        ),
+        quota AS (
+            SELECT q.endpoint, CASE WHEN t.cap IS NULL THEN %(limit)s ELSE LEAST(%(limit)s, GREATEST(0,
+                t.cap - (SELECT count(*) FROM cdr_webhook.delivery AS o
+                         WHERE o.endpoint = q.endpoint AND o.status = 'queued' AND o.run_id IS NOT NULL
+                           AND (o.dag_id, o.run_id) IS DISTINCT FROM (%(dag_id)s, %(run_id)s)
+                           AND o.updated_at >= now() - make_interval(secs => %(timeout)s)))) END AS quota
+            FROM queued_endpoints AS q
+            LEFT JOIN unnest(%(throttled)s::text[], %(caps)s::bigint[]) AS t(endpoint, cap)
+                ON t.endpoint = q.endpoint
+            WHERE q.endpoint IS NOT NULL AND q.endpoint <> ALL(%(paused)s)
+        ),
+        candidates AS (
+            SELECT c.cdr_id, c.endpoint, c.cdr_created_at,
+                   row_number() OVER (PARTITION BY c.endpoint ORDER BY c.cdr_created_at, c.cdr_id) AS turn
+            FROM quota AS q CROSS JOIN LATERAL (
+                SELECT d.cdr_id, d.endpoint, d.cdr_created_at FROM cdr_webhook.delivery AS d
+                WHERE d.endpoint = q.endpoint AND {eligible}
+                ORDER BY d.cdr_created_at, d.cdr_id LIMIT q.quota
+            ) AS c
+        ),
+        picked AS (
+            SELECT cdr_id, endpoint, turn FROM candidates
+            ORDER BY turn, cdr_created_at, cdr_id LIMIT 2 * %(limit)s
+        ),
+        locked AS (
+            SELECT d.cdr_id, d.endpoint, p.turn FROM cdr_webhook.delivery AS d
+            JOIN picked AS p ON p.cdr_id = d.cdr_id AND p.endpoint = d.endpoint
+            WHERE {eligible}
+            ORDER BY p.turn, d.cdr_created_at, d.cdr_id LIMIT %(limit)s
+            FOR UPDATE OF d SKIP LOCKED
+        ),
+        claimed AS (
+            UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, map_index = NULL,
+                claimed_at = now(), updated_at = now()
+            FROM locked AS l WHERE d.cdr_id = l.cdr_id AND d.endpoint = l.endpoint
+            RETURNING {columns}, l.turn
+        )
+        SELECT cdr_id, endpoint, client_id, cdr_created_at, status, attempts FROM claimed
+        ORDER BY turn, cdr_created_at, cdr_id
+        """
+    ).format(eligible=sql.Composed(eligible), columns=_CLAIM_COLUMNS)
     params = {
         "dag_id": dag_id,
         "run_id": run_id,
@@ -285,10 +342,15 @@ def assign(
         "end": window.end if window is not None else None,
         "client_id": client_id,
         "paused": list(paused_endpoints),
+        "throttled": list(throttled),
+        "caps": list(throttled.values()),
     }
+    # Two runs counting one throttled endpoint's claims at once could both fill its cap: they take
+    # turns (until their transaction ends; the select step's is short).
+    for endpoint in sorted(throttled):
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_THROTTLE_LOCK_KEY, endpoint))
     with conn.cursor(row_factory=class_row(Claim)) as cur:
-        claims = cur.execute(query, params).fetchall()
-    return sorted(claims, key=lambda claim: (claim.cdr_created_at, claim.cdr_id))
+        return cur.execute(query, params).fetchall()
 
 
 def queued_backlog(conn: psycopg.Connection[Any]) -> int:
