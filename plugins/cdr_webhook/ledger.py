@@ -119,6 +119,58 @@ def advance_watermark(conn: psycopg.Connection[Any], relation: str, created_at: 
     )
 
 
+def note_scan_start(conn: psycopg.Connection[Any], relation: str, start: dt.datetime) -> None:
+    """Remember where the very first scan began: reconciliation never reaches before it."""
+    conn.execute(
+        "UPDATE cdr_webhook.watermark SET scanned_from = %s "
+        "WHERE source_relation = %s AND scanned_from IS NULL",
+        (start, relation),
+    )
+
+
+def due_reconciliation(
+    conn: psycopg.Connection[Any], relation: str, *, now: dt.datetime, interval_seconds: int
+) -> dt.datetime | None:
+    """
+    Return where scans began if a reconciliation is due (recording it as run at ``now``), else None.
+
+    Call it with the watermark locked (:func:`lock_watermark`): one run at a time decides.
+    """
+    row = conn.execute(
+        "UPDATE cdr_webhook.watermark SET reconciled_at = %(now)s "
+        "WHERE source_relation = %(relation)s AND scanned_from IS NOT NULL "
+        "AND (reconciled_at IS NULL OR reconciled_at <= %(now)s - make_interval(secs => %(secs)s)) "
+        "RETURNING scanned_from",
+        {"now": now, "relation": relation, "secs": interval_seconds},
+    ).fetchone()
+    return row[0] if row else None
+
+
+def late_clients(
+    conn: psycopg.Connection[Any], *, relation: str, start: dt.datetime, end: dt.datetime
+) -> list[int | None]:
+    """
+    Return the clients of source rows with ``start <= created_at < end`` that have no ledger row.
+
+    An anti-join on the ledger's primary key (its leading column, under the key the row is
+    recorded by) over the source's created_at index: the reconciliation scan's first step.
+    """
+    query = sql.SQL(
+        "SELECT DISTINCT s.client_id FROM {relation} AS s "
+        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND NOT EXISTS ("
+        "  SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = CASE"
+        "    WHEN s.cdr_id IS NULL THEN {null_prefix} || md5(s::text)"
+        "    WHEN length(s.cdr_id::text) > %(max_length)s THEN {long_prefix} || md5(s.cdr_id::text)"
+        "    ELSE s.cdr_id::text END)"
+    ).format(
+        relation=relation_identifier(relation),
+        null_prefix=sql.Literal(NULL_CDR_ID_PREFIX),
+        long_prefix=sql.Literal(LONG_CDR_ID_PREFIX),
+    )
+    params = {"start": start, "end": end, "max_length": MAX_CDR_ID_LENGTH}
+    return [row[0] for row in conn.execute(query, params).fetchall()]
+
+
 def enqueue_new(
     conn: psycopg.Connection[Any],
     *,

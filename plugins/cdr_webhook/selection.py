@@ -7,6 +7,7 @@ Scheduled runs scan from the watermark; backfill and manual runs use a window an
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,6 @@ from cdr_webhook.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.window import SCHEDULED, Window, plan_scan, plan_window
 
 if TYPE_CHECKING:
-    import datetime as dt
     from collections.abc import Callable, Mapping
 
     import psycopg
@@ -101,7 +101,7 @@ def select_cdrs(
         log.warning("Paused endpoints (their CDRs wait, queued): %s", ", ".join(sorted(known.paused)))
     with conn.transaction():
         if window is None:
-            claims = _claim_scan(conn, run, settings, known)
+            claims = _claim_scan(conn, run, settings, known, now)
         else:
             claims = _claim_window(conn, run, settings, known, window)
         sendable = _drop_invalid(conn, settings.source_relation, claims, known)
@@ -144,7 +144,7 @@ def _assign(
 
 
 def _claim_scan(
-    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints, now: dt.datetime
 ) -> list[ledger.Claim]:
     """A scheduled run: queue what the watermark scan finds, move the watermark, take the oldest queued."""
     if run.interval_start is None or run.interval_end is None:
@@ -158,10 +158,13 @@ def _claim_scan(
         lag_seconds=settings.lag_seconds,
         start_from=settings.start_from,
     )
+    ledger.note_scan_start(conn, relation, scan.start)
     clients = distinct_clients(conn, relation, start=scan.start, end=scan.end)
     queued = ledger.enqueue_new(
         conn, relation=relation, routes=known.routes(clients), start=scan.start, end=scan.end
     )
+    if watermark is not None:
+        _reconcile(conn, settings, known, before=scan.start, now=now)
     ledger.advance_watermark(conn, relation, scan.end)
     log.info(
         "Scanned created_at in [%s, %s) (watermark %s): %d new CDR(s) queued",
@@ -171,6 +174,48 @@ def _claim_scan(
         queued,
     )
     return _assign(conn, run, settings, known)
+
+
+def _reconcile(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    known: _Endpoints,
+    *,
+    before: dt.datetime,
+    now: dt.datetime,
+) -> None:
+    """
+    Queue the CDRs of the last ``reconcile_hours`` before the scan that have no ledger row yet.
+
+    They are rows whose transaction committed after the watermark (less the lag) had passed their
+    created_at. It runs at most once per ``reconcile_interval_seconds`` and never reaches before the
+    first scan (older history is a backfill's job).
+    """
+    if settings.reconcile_hours == 0:
+        return
+    relation = settings.source_relation
+    scanned_from = ledger.due_reconciliation(
+        conn, relation, now=now, interval_seconds=settings.reconcile_interval_seconds
+    )
+    if scanned_from is None:
+        return
+    start = max(now - dt.timedelta(hours=settings.reconcile_hours), scanned_from)
+    if start >= before:
+        return
+    clients = ledger.late_clients(conn, relation=relation, start=start, end=before)
+    queued = (
+        ledger.enqueue_new(conn, relation=relation, routes=known.routes(clients), start=start, end=before)
+        if clients
+        else 0
+    )
+    log.log(
+        logging.WARNING if queued else logging.INFO,
+        "Reconciliation of created_at in [%s, %s): %d late CDR(s) queued (committed after the scan "
+        "had passed them)",
+        start.isoformat(),
+        before.isoformat(),
+        queued,
+    )
 
 
 def _claim_window(
