@@ -7,13 +7,11 @@ import psycopg
 
 def prepare_cdr_database(dsn: str) -> None:
     """A clean CDR database for a deployment: the reference schema, the ledger and endpoint tables."""
-    from cdr_webhook.endpoints import ensure_endpoint_schema
-    from cdr_webhook.ledger import ensure_schema
+    from cdr_webhook.schema import migrate
     from demo.dialer import load_reference_schema
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS cdr_webhook, dialer CASCADE")
         conn.execute("DROP VIEW IF EXISTS public.cdr_webhook_source")
         load_reference_schema(conn)
-        ensure_schema(conn)
-        ensure_endpoint_schema(conn)
+        migrate(conn)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from cdr_webhook import endpoints, ledger
+from cdr_webhook import endpoints, schema
 from cdr_webhook.config import EndpointConfig, EndpointConfigError, EndpointFilters, load_endpoint
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
@@ -184,8 +184,7 @@ def run(args: argparse.Namespace) -> None:
         check(args.endpoint)
         return
     with connect(args.dsn) as conn:
-        ledger.ensure_schema(conn)
-        endpoints.ensure_endpoint_schema(conn)
+        schema.migrate(conn)
         if args.command == "list":
             print_table(endpoints.list_endpoints(conn))
             return

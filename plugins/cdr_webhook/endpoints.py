@@ -24,34 +24,6 @@ log = logging.getLogger(__name__)
 ACTIONS = ("paused", "resumed")
 GONE_REASON = "HTTP 410 Gone: the receiver says this endpoint is gone"
 
-_LOCK_KEY = 0x0CD2_3EB1  # advisory lock serialising this DDL; the ledger's key is 0x0CD2_3EB0
-
-DDL = """
-CREATE SCHEMA IF NOT EXISTS cdr_webhook;
-
-CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_state (
-    endpoint             text        PRIMARY KEY,
-    paused               boolean     NOT NULL DEFAULT false,
-    reason               text,
-    changed_by           text,
-    changed_at           timestamptz,
-    consecutive_failures integer     NOT NULL DEFAULT 0,
-    failing_since        timestamptz,
-    last_success_at      timestamptz,
-    updated_at           timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_event (
-    id       bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    endpoint text        NOT NULL,
-    action   text        NOT NULL CHECK (action IN ('paused', 'resumed')),
-    reason   text,
-    actor    text        NOT NULL,
-    at       timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS endpoint_event_endpoint_idx ON cdr_webhook.endpoint_event (endpoint, at);
-"""
-
 
 @dataclasses.dataclass(frozen=True)
 class EndpointEvent:
@@ -77,13 +49,6 @@ class EndpointStatus:
     last_success_at: dt.datetime | None
     queued: int
     failed: int
-
-
-def ensure_endpoint_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create the endpoint tables if they do not exist (safe to run concurrently)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        conn.execute(DDL)
 
 
 def _record_event(
@@ -218,7 +183,7 @@ def list_endpoints(conn: psycopg.Connection[Any], *, endpoint: str | None = None
     """
     Return every endpoint with a state row or ledger rows (or just ``endpoint``), ordered by name.
 
-    Needs the ledger table too (:func:`cdr_webhook.ledger.ensure_schema`). It reads the whole ledger,
+    Needs the ledger table too (:func:`cdr_webhook.schema.migrate` makes both). It reads the whole ledger,
     since an endpoint with only delivered CDRs must be listed as well.
     """
     query = """

@@ -4,7 +4,8 @@ One ``delivery`` row per (CDR, endpoint) is both the outbox and the record: a ru
 CDRs it selects (``status = 'queued'``, no owner), then *assigns* at most ``max_cdrs_per_run`` of
 them to itself; its mapped tasks record every attempt. Claims are atomic (``ON CONFLICT DO
 NOTHING`` and ``FOR UPDATE SKIP LOCKED``), so two runs never own one CDR, and what a run could not
-take waits in the ledger for the next run: nothing is dropped.
+take waits in the ledger for the next run: nothing is dropped. The tables are made by
+:func:`cdr_webhook.schema.migrate`.
 """
 
 from __future__ import annotations
@@ -31,55 +32,13 @@ STATUSES = ("queued", "delivered", "failed", "skipped")
 EXCERPT_BYTES = 2048
 #: Ledger key prefix for source rows whose cdr_id is NULL: they are recorded (skipped), never sent.
 NULL_CDR_ID_PREFIX = "null-cdr-id:"
-
-_LOCK_KEY = 0x0CD2_3EB0  # advisory lock serialising the DDL of concurrent first runs
-
-DDL = """
-CREATE SCHEMA IF NOT EXISTS cdr_webhook;
-
-CREATE TABLE IF NOT EXISTS cdr_webhook.delivery (
-    cdr_id           text        NOT NULL,
-    endpoint         text        NOT NULL,
-    client_id        bigint,
-    cdr_created_at   timestamptz NOT NULL,
-    status           text        NOT NULL DEFAULT 'queued'
-                     CHECK (status IN ('queued', 'delivered', 'failed', 'skipped')),
-    attempts         integer     NOT NULL DEFAULT 0,
-    http_status      integer,
-    error            text,
-    response_excerpt text        CHECK (octet_length(response_excerpt) <= 2048),
-    latency_ms       integer,
-    dag_id           text,
-    run_id           text,
-    map_index        integer,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    claimed_at       timestamptz,
-    last_attempt_at  timestamptz,
-    delivered_at     timestamptz,
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (cdr_id, endpoint)
-);
-CREATE INDEX IF NOT EXISTS delivery_queued_idx
-    ON cdr_webhook.delivery (cdr_created_at, cdr_id) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS delivery_cdr_created_at_idx ON cdr_webhook.delivery (cdr_created_at);
-CREATE INDEX IF NOT EXISTS delivery_run_idx ON cdr_webhook.delivery (dag_id, run_id);
-
--- What each run asked for when it claimed: a cleared run that asks again for the same thing gets
--- its own claims back; a run cleared with new Params (a reprocessing backfill) selects anew.
-CREATE TABLE IF NOT EXISTS cdr_webhook.run_selection (
-    dag_id      text        NOT NULL,
-    run_id      text        NOT NULL,
-    request     jsonb       NOT NULL,
-    selected_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (dag_id, run_id)
-);
-
-CREATE TABLE IF NOT EXISTS cdr_webhook.watermark (
-    source_relation text        PRIMARY KEY,
-    created_at      timestamptz,
-    updated_at      timestamptz NOT NULL DEFAULT now()
-);
-"""
+#: The longest cdr_id that is sent: Airflow shows it as the mapped task's name, a String(250) column.
+MAX_CDR_ID_LENGTH = 200
+#: Ledger key prefix (+ md5 of the cdr_id) of longer cdr_ids: recorded (skipped), never sent.
+LONG_CDR_ID_PREFIX = "long-cdr-id:"
+_SYNTHETIC_KEYS = (NULL_CDR_ID_PREFIX + "%", LONG_CDR_ID_PREFIX + "%")
+_SHOWN_ID_CHARS = 60
+_THROTTLE_LOCK_KEY = 0x0CD2_3EB2  # advisory lock (with the endpoint's hash) around a throttled count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +58,6 @@ class ClaimLost(RuntimeError):
 
 
 _CLAIM_COLUMNS = sql.SQL("d.cdr_id, d.endpoint, d.client_id, d.cdr_created_at, d.status, d.attempts")
-
-
-def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create the ledger schema and tables if they do not exist (safe to run concurrently)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        conn.execute(DDL)
 
 
 def owned_claims(conn: psycopg.Connection[Any], *, dag_id: str, run_id: str) -> list[Claim]:
@@ -167,6 +119,58 @@ def advance_watermark(conn: psycopg.Connection[Any], relation: str, created_at: 
     )
 
 
+def note_scan_start(conn: psycopg.Connection[Any], relation: str, start: dt.datetime) -> None:
+    """Remember where the very first scan began: reconciliation never reaches before it."""
+    conn.execute(
+        "UPDATE cdr_webhook.watermark SET scanned_from = %s "
+        "WHERE source_relation = %s AND scanned_from IS NULL",
+        (start, relation),
+    )
+
+
+def due_reconciliation(
+    conn: psycopg.Connection[Any], relation: str, *, now: dt.datetime, interval_seconds: int
+) -> dt.datetime | None:
+    """
+    Return where scans began if a reconciliation is due (recording it as run at ``now``), else None.
+
+    Call it with the watermark locked (:func:`lock_watermark`): one run at a time decides.
+    """
+    row = conn.execute(
+        "UPDATE cdr_webhook.watermark SET reconciled_at = %(now)s "
+        "WHERE source_relation = %(relation)s AND scanned_from IS NOT NULL "
+        "AND (reconciled_at IS NULL OR reconciled_at <= %(now)s - make_interval(secs => %(secs)s)) "
+        "RETURNING scanned_from",
+        {"now": now, "relation": relation, "secs": interval_seconds},
+    ).fetchone()
+    return row[0] if row else None
+
+
+def late_clients(
+    conn: psycopg.Connection[Any], *, relation: str, start: dt.datetime, end: dt.datetime
+) -> list[int | None]:
+    """
+    Return the clients of source rows with ``start <= created_at < end`` that have no ledger row.
+
+    An anti-join on the ledger's primary key (its leading column, under the key the row is
+    recorded by) over the source's created_at index: the reconciliation scan's first step.
+    """
+    query = sql.SQL(
+        "SELECT DISTINCT s.client_id FROM {relation} AS s "
+        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND NOT EXISTS ("
+        "  SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = CASE"
+        "    WHEN s.cdr_id IS NULL THEN {null_prefix} || md5(s::text)"
+        "    WHEN length(s.cdr_id::text) > %(max_length)s THEN {long_prefix} || md5(s.cdr_id::text)"
+        "    ELSE s.cdr_id::text END)"
+    ).format(
+        relation=relation_identifier(relation),
+        null_prefix=sql.Literal(NULL_CDR_ID_PREFIX),
+        long_prefix=sql.Literal(LONG_CDR_ID_PREFIX),
+    )
+    params = {"start": start, "end": end, "max_length": MAX_CDR_ID_LENGTH}
+    return [row[0] for row in conn.execute(query, params).fetchall()]
+
+
 def enqueue_new(
     conn: psycopg.Connection[Any],
     *,
@@ -177,13 +181,18 @@ def enqueue_new(
     client_id: int | None = None,
 ) -> int:
     """
-    Queue every source CDR with ``start <= created_at < end`` that has no ledger row for its endpoint.
+    Queue every source CDR with ``start <= created_at < end`` that has no ledger row yet.
 
     ``routes`` gives each client's endpoint (every client of the window must be in it); a client
-    routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. A row whose
-    ``cdr_id`` is NULL cannot be sent; it is recorded as ``skipped`` under a key derived from the
-    row, so it is accounted for once however often the window is read. Returns how many CDRs were
-    queued.
+    routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. Routing
+    applies to new CDRs only: a CDR with a ledger row for any endpoint (say the default one, before
+    its client got a connection of its own) is not queued again; a redelivery is a deliberate
+    ``policy: all`` run, which re-queues the existing rows. A cdr_id is
+    one CDR: when the source has it in several rows, the row with the earliest ``created_at`` is
+    queued (a later one is not sent again). A row whose ``cdr_id`` is NULL, or longer than
+    :data:`MAX_CDR_ID_LENGTH`, cannot be sent; it is recorded as ``skipped`` under a short key
+    derived from the row, so it is accounted for once however often the window is read. Returns how
+    many CDRs were queued.
     """
     client_filter = sql.SQL(" AND s.client_id = %(client_id)s" if client_id is not None else "")
     clients = list(routes)
@@ -196,6 +205,7 @@ def enqueue_new(
         "endpoints": [routes[c].endpoint for c in clients],
         "statuses": ["skipped" if routes[c].skip_reason else "queued" for c in clients],
         "errors": [routes[c].skip_reason for c in clients],
+        "max_length": MAX_CDR_ID_LENGTH,
     }
     routed = sql.SQL(
         "FROM {relation} AS s "
@@ -203,10 +213,14 @@ def enqueue_new(
         "  AS r(client_id, endpoint, status, error) ON r.client_id IS NOT DISTINCT FROM s.client_id "
         "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s{client} "
     ).format(relation=relation_identifier(relation), client=client_filter)
+    # Lengths are checked before any cdr_id reaches an index: a btree entry holds ~2.7 kB at most.
     queue = sql.SQL(
         "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
-        "SELECT s.cdr_id::text, r.endpoint, s.client_id, s.created_at, r.status, r.error {routed}"
-        "AND s.cdr_id IS NOT NULL "
+        "SELECT DISTINCT ON (s.cdr_id::text) s.cdr_id::text, r.endpoint, s.client_id, s.created_at, "
+        "r.status, r.error {routed}"
+        "AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) <= %(max_length)s "
+        "AND NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = s.cdr_id::text) "
+        "ORDER BY s.cdr_id::text, s.created_at "
         "ON CONFLICT (cdr_id, endpoint) DO NOTHING RETURNING status"
     ).format(routed=routed)
     record_null_ids = sql.SQL(
@@ -216,26 +230,67 @@ def enqueue_new(
         "{routed}AND s.cdr_id IS NULL "
         "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
     ).format(prefix=sql.Literal(NULL_CDR_ID_PREFIX), routed=routed)
+    record_long_ids = sql.SQL(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
+        "SELECT {prefix} || md5(s.cdr_id::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
+        "format('column cdr_id = %%s is %%s characters long in %%s (row created_at %%s): at most %%s fit "
+        "Airflow''s mapped task names and the ledger; make the view return a shorter id', "
+        "quote_literal(left(s.cdr_id::text, {shown}) || '...'), length(s.cdr_id::text), %(relation)s::text, "
+        "s.created_at, %(max_length)s::int) "
+        "{routed}AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) > %(max_length)s "
+        "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
+    ).format(prefix=sql.Literal(LONG_CDR_ID_PREFIX), shown=sql.Literal(_SHOWN_ID_CHARS), routed=routed)
     statuses = [row[0] for row in conn.execute(queue, params).fetchall()]
     conn.execute(record_null_ids, params)
+    conn.execute(record_long_ids, params)
     return statuses.count("queued")
 
 
-def requeue(conn: psycopg.Connection[Any], *, window: Window, statuses: tuple[str, ...]) -> int:
-    """Put finished ledger rows of the window back in the queue, unowned (a deliberate redelivery)."""
+def finished_endpoints(
+    conn: psycopg.Connection[Any], *, window: Window, statuses: Sequence[str]
+) -> list[str]:
+    """Return the endpoints of the window's ledger rows in ``statuses`` (those a requeue would touch)."""
     client_filter = sql.SQL(" AND client_id = %(client_id)s" if window.client_id is not None else "")
     query = sql.SQL(
-        "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
-        "updated_at = now() "
-        "WHERE cdr_created_at >= %(start)s AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s) "
-        "AND cdr_id NOT LIKE %(null_ids)s{client}"
+        "SELECT DISTINCT endpoint FROM cdr_webhook.delivery WHERE cdr_created_at >= %(start)s "
+        "AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s){client}"
     ).format(client=client_filter)
     params = {
         "start": window.start,
         "end": window.end,
         "statuses": list(statuses),
         "client_id": window.client_id,
-        "null_ids": NULL_CDR_ID_PREFIX + "%",
+    }
+    return sorted(row[0] for row in conn.execute(query, params).fetchall())
+
+
+def requeue(
+    conn: psycopg.Connection[Any],
+    *,
+    window: Window,
+    statuses: Sequence[str],
+    exclude_endpoints: Sequence[str] = (),
+) -> int:
+    """
+    Put finished ledger rows of the window back in the queue, unowned (a deliberate redelivery).
+
+    Rows of ``exclude_endpoints`` (endpoints whose connection does not exist, such as the "no
+    endpoint" rows of ``unrouted_clients = skip``) stay as they are: there is nowhere to send them.
+    """
+    client_filter = sql.SQL(" AND client_id = %(client_id)s" if window.client_id is not None else "")
+    query = sql.SQL(
+        "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
+        "updated_at = now() "
+        "WHERE cdr_created_at >= %(start)s AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s) "
+        "AND NOT cdr_id LIKE ANY(%(synthetic)s) AND endpoint <> ALL(%(excluded)s){client}"
+    ).format(client=client_filter)
+    params = {
+        "start": window.start,
+        "end": window.end,
+        "statuses": list(statuses),
+        "client_id": window.client_id,
+        "synthetic": list(_SYNTHETIC_KEYS),
+        "excluded": list(exclude_endpoints),
     }
     return conn.execute(query, params).rowcount
 
@@ -250,30 +305,86 @@ def assign(
     window: Window | Scan | None = None,
     client_id: int | None = None,
     paused_endpoints: Sequence[str] = (),
+    throttled: Mapping[str, int] | None = None,
 ) -> list[Claim]:
     """
-    Take ownership of at most ``limit`` queued CDRs, oldest first, and return them.
+    Take ownership of at most ``limit`` queued CDRs, shared round robin across endpoints; return them.
+
+    Each endpoint's oldest CDR comes first, then each one's second, and so on: an endpoint with a big
+    backlog cannot take a whole run from the others. The claims come back in that order (turn, then
+    created_at), the order of the mapped tasks, so every endpoint gets early map indexes.
 
     Eligible are queued rows with no owner, and *stale* claims: queued rows whose owner has not
     touched them for ``claim_timeout_seconds`` (its run died, or its task was marked failed by hand
     before it could record an outcome). ``SKIP LOCKED`` keeps concurrent runs' picks disjoint. CDRs
-    of paused endpoints stay queued, in order, until their endpoint is resumed.
+    of paused endpoints stay queued, in order, until their endpoint is resumed. ``throttled`` caps an
+    endpoint's CDRs in flight: its queued rows that other live runs own, plus this run's new claims.
     """
-    filters = [sql.SQL(" AND endpoint <> ALL(%(paused)s)")]
+    throttled = dict(throttled or {})
+    eligible = [
+        sql.SQL(
+            "d.status = 'queued' AND d.endpoint <> ALL(%(paused)s) "
+            "AND (d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s))"
+        )
+    ]
     if window is not None:
-        filters.append(sql.SQL(" AND cdr_created_at >= %(start)s AND cdr_created_at < %(end)s"))
+        eligible.append(sql.SQL(" AND d.cdr_created_at >= %(start)s AND d.cdr_created_at < %(end)s"))
     if client_id is not None:
-        filters.append(sql.SQL(" AND client_id = %(client_id)s"))
+        eligible.append(sql.SQL(" AND d.client_id = %(client_id)s"))
+    # FOR UPDATE is not allowed next to window functions: rank first, then lock what was picked in
+    # a second step whose WHERE repeats the eligibility, which READ COMMITTED re-checks on the latest
+    # version of each row. Picking twice the limit leaves room for rows a concurrent run locked.
     query = sql.SQL(
-        "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, map_index = NULL, "
-        "claimed_at = now(), updated_at = now() "
-        "FROM (SELECT cdr_id, endpoint FROM cdr_webhook.delivery "
-        "      WHERE status = 'queued' "
-        "        AND (run_id IS NULL OR updated_at < now() - make_interval(secs => %(timeout)s)){filters} "
-        "      ORDER BY cdr_created_at, cdr_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS pick "
-        "WHERE d.cdr_id = pick.cdr_id AND d.endpoint = pick.endpoint "
-        "RETURNING {columns}"
-    ).format(filters=sql.Composed(filters), columns=_CLAIM_COLUMNS)
+        """
+        WITH RECURSIVE queued_endpoints AS (
+            -- The distinct endpoints of queued rows, one index probe each (a loose index scan).
+            (SELECT endpoint FROM cdr_webhook.delivery WHERE status = 'queued' ORDER BY endpoint LIMIT 1)
+            UNION ALL
+            SELECT (SELECT n.endpoint FROM cdr_webhook.delivery AS n
+                    WHERE n.status = 'queued' AND n.endpoint > q.endpoint ORDER BY n.endpoint LIMIT 1)
+            FROM queued_endpoints AS q WHERE q.endpoint IS NOT NULL
+        ),
+        quota AS (
+            SELECT q.endpoint, CASE WHEN t.cap IS NULL THEN %(limit)s ELSE LEAST(%(limit)s, GREATEST(0,
+                t.cap - (SELECT count(*) FROM cdr_webhook.delivery AS o
+                         WHERE o.endpoint = q.endpoint AND o.status = 'queued' AND o.run_id IS NOT NULL
+                           AND (o.dag_id, o.run_id) IS DISTINCT FROM (%(dag_id)s, %(run_id)s)
+                           AND o.updated_at >= now() - make_interval(secs => %(timeout)s)))) END AS quota
+            FROM queued_endpoints AS q
+            LEFT JOIN unnest(%(throttled)s::text[], %(caps)s::bigint[]) AS t(endpoint, cap)
+                ON t.endpoint = q.endpoint
+            WHERE q.endpoint IS NOT NULL AND q.endpoint <> ALL(%(paused)s)
+        ),
+        candidates AS (
+            SELECT c.cdr_id, c.endpoint, c.cdr_created_at,
+                   row_number() OVER (PARTITION BY c.endpoint ORDER BY c.cdr_created_at, c.cdr_id) AS turn
+            FROM quota AS q CROSS JOIN LATERAL (
+                SELECT d.cdr_id, d.endpoint, d.cdr_created_at FROM cdr_webhook.delivery AS d
+                WHERE d.endpoint = q.endpoint AND {eligible}
+                ORDER BY d.cdr_created_at, d.cdr_id LIMIT q.quota
+            ) AS c
+        ),
+        picked AS (
+            SELECT cdr_id, endpoint, turn FROM candidates
+            ORDER BY turn, cdr_created_at, cdr_id LIMIT 2 * %(limit)s
+        ),
+        locked AS (
+            SELECT d.cdr_id, d.endpoint, p.turn FROM cdr_webhook.delivery AS d
+            JOIN picked AS p ON p.cdr_id = d.cdr_id AND p.endpoint = d.endpoint
+            WHERE {eligible}
+            ORDER BY p.turn, d.cdr_created_at, d.cdr_id LIMIT %(limit)s
+            FOR UPDATE OF d SKIP LOCKED
+        ),
+        claimed AS (
+            UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, map_index = NULL,
+                claimed_at = now(), updated_at = now()
+            FROM locked AS l WHERE d.cdr_id = l.cdr_id AND d.endpoint = l.endpoint
+            RETURNING {columns}, l.turn
+        )
+        SELECT cdr_id, endpoint, client_id, cdr_created_at, status, attempts FROM claimed
+        ORDER BY turn, cdr_created_at, cdr_id
+        """
+    ).format(eligible=sql.Composed(eligible), columns=_CLAIM_COLUMNS)
     params = {
         "dag_id": dag_id,
         "run_id": run_id,
@@ -283,10 +394,23 @@ def assign(
         "end": window.end if window is not None else None,
         "client_id": client_id,
         "paused": list(paused_endpoints),
+        "throttled": list(throttled),
+        "caps": list(throttled.values()),
     }
+    # Two runs counting one throttled endpoint's claims at once could both fill its cap: they take
+    # turns (until their transaction ends; the select step's is short).
+    for endpoint in sorted(throttled):
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_THROTTLE_LOCK_KEY, endpoint))
     with conn.cursor(row_factory=class_row(Claim)) as cur:
-        claims = cur.execute(query, params).fetchall()
-    return sorted(claims, key=lambda claim: (claim.cdr_created_at, claim.cdr_id))
+        return cur.execute(query, params).fetchall()
+
+
+def queued_backlog(conn: psycopg.Connection[Any]) -> int:
+    """Return how many queued CDRs no run owns: the work waiting for later runs."""
+    row = conn.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
+    ).fetchone()
+    return row[0] if row else 0
 
 
 def mark_skipped(conn: psycopg.Connection[Any], claim: Claim, reason: str) -> None:

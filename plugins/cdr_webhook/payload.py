@@ -6,6 +6,7 @@ names the CDR, the column and the value, so the ledger can record why the CDR wa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -50,6 +51,32 @@ _NON_NEGATIVE = frozenset({"billed_duration", "incremental_duration"})
 _MAX_VALUE_IN_MESSAGE = 80
 
 
+@dataclasses.dataclass(frozen=True)
+class Unloadable:
+    """
+    A source value the database driver could not turn into a Python value, as PostgreSQL wrote it.
+
+    PostgreSQL's dates reach from 4713 BC to 294276 AD and include ``infinity``; Python's stop at
+    years 1 and 9999. The reader puts this marker in the row instead of failing the whole query,
+    so only the CDR that holds such a value is skipped.
+    """
+
+    raw: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ambiguous:
+    """
+    The values of one column that differ between source rows with the same cdr_id and created_at.
+
+    No rule can say which of them is the CDR, so the reader marks the column and the CDR is skipped
+    with ``problem`` (which names every differing column) rather than one of the rows being sent.
+    """
+
+    values: tuple[Any, ...]
+    problem: str
+
+
 class InvalidCdr(ValueError):
     """A source row that cannot become a payload; the message says which column and why."""
 
@@ -75,6 +102,14 @@ def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise InvalidCdr(row.get("cdr_id"), missing[0], None, "column missing from the source relation")
     cdr_id = row["cdr_id"]
+    for column in PAYLOAD_FIELDS:
+        if isinstance(row[column], Ambiguous):
+            raise InvalidCdr(cdr_id, "cdr_id", cdr_id, row[column].problem)
+    for column in PAYLOAD_FIELDS:
+        if isinstance(row[column], Unloadable):
+            raise InvalidCdr(
+                cdr_id, column, row[column].raw, "is outside the range of dates a payload can carry"
+            )
     payload: dict[str, Any] = {}
     for column in PAYLOAD_FIELDS:
         value = row[column]
@@ -180,7 +215,10 @@ def _timestamp(cdr_id: object, column: str, value: Any) -> str:
             "has no time zone; expose it as timestamptz in the source view "
             "(e.g. call_date AT TIME ZONE 'UTC')",
         )
-    return value.astimezone(dt.UTC).isoformat()
+    try:
+        return value.astimezone(dt.UTC).isoformat()
+    except OverflowError:  # year 1 or 9999 a few hours beyond Python's range once in UTC
+        raise InvalidCdr(cdr_id, column, value, "is outside the range of dates a payload can carry") from None
 
 
 def _phonebooks(cdr_id: object, ids: Any, names: Any) -> tuple[list[int], list[str]]:

@@ -7,10 +7,11 @@ Scheduled runs scan from the watermark; backfill and manual runs use a window an
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook import endpoints, ledger
+from cdr_webhook import endpoints, ledger, schema
 from cdr_webhook.payload import InvalidCdr, build_payload
 from cdr_webhook.routing import EndpointFilters, Route, Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
@@ -18,7 +19,6 @@ from cdr_webhook.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.window import SCHEDULED, Window, plan_scan, plan_window
 
 if TYPE_CHECKING:
-    import datetime as dt
     from collections.abc import Callable, Mapping
 
     import psycopg
@@ -74,8 +74,7 @@ def select_cdrs(
     client) gets exactly the CDRs it had claimed; a run cleared with new Params, as a reprocessing
     backfill does, selects anew.
     """
-    ledger.ensure_schema(conn)
-    endpoints.ensure_endpoint_schema(conn)
+    schema.migrate(conn)
     check_source(conn, settings.source_relation)
     window = (
         None
@@ -102,20 +101,17 @@ def select_cdrs(
         log.warning("Paused endpoints (their CDRs wait, queued): %s", ", ".join(sorted(known.paused)))
     with conn.transaction():
         if window is None:
-            claims = _claim_scan(conn, run, settings, known)
+            claims = _claim_scan(conn, run, settings, known, now)
         else:
             claims = _claim_window(conn, run, settings, known, window)
         sendable = _drop_invalid(conn, settings.source_relation, claims, known)
         ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
-    backlog = conn.execute(
-        "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
-    ).fetchone()
     log.info(
         "Claimed %d CDR(s), %d to send, %d skipped as invalid; %d queued CDR(s) wait for later runs",
         len(claims),
         len(sendable),
         len(claims) - len(sendable),
-        backlog[0] if backlog else 0,
+        ledger.queued_backlog(conn),
     )
     return [_mapped(claim) for claim in sendable]
 
@@ -148,7 +144,7 @@ def _assign(
 
 
 def _claim_scan(
-    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints
+    conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints, now: dt.datetime
 ) -> list[ledger.Claim]:
     """A scheduled run: queue what the watermark scan finds, move the watermark, take the oldest queued."""
     if run.interval_start is None or run.interval_end is None:
@@ -162,10 +158,13 @@ def _claim_scan(
         lag_seconds=settings.lag_seconds,
         start_from=settings.start_from,
     )
+    ledger.note_scan_start(conn, relation, scan.start)
     clients = distinct_clients(conn, relation, start=scan.start, end=scan.end)
     queued = ledger.enqueue_new(
         conn, relation=relation, routes=known.routes(clients), start=scan.start, end=scan.end
     )
+    if watermark is not None:
+        _reconcile(conn, settings, known, before=scan.start, now=now)
     ledger.advance_watermark(conn, relation, scan.end)
     log.info(
         "Scanned created_at in [%s, %s) (watermark %s): %d new CDR(s) queued",
@@ -175,6 +174,48 @@ def _claim_scan(
         queued,
     )
     return _assign(conn, run, settings, known)
+
+
+def _reconcile(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    known: _Endpoints,
+    *,
+    before: dt.datetime,
+    now: dt.datetime,
+) -> None:
+    """
+    Queue the CDRs of the last ``reconcile_hours`` before the scan that have no ledger row yet.
+
+    They are rows whose transaction committed after the watermark (less the lag) had passed their
+    created_at. It runs at most once per ``reconcile_interval_seconds`` and never reaches before the
+    first scan (older history is a backfill's job).
+    """
+    if settings.reconcile_hours == 0:
+        return
+    relation = settings.source_relation
+    scanned_from = ledger.due_reconciliation(
+        conn, relation, now=now, interval_seconds=settings.reconcile_interval_seconds
+    )
+    if scanned_from is None:
+        return
+    start = max(now - dt.timedelta(hours=settings.reconcile_hours), scanned_from)
+    if start >= before:
+        return
+    clients = ledger.late_clients(conn, relation=relation, start=start, end=before)
+    queued = (
+        ledger.enqueue_new(conn, relation=relation, routes=known.routes(clients), start=start, end=before)
+        if clients
+        else 0
+    )
+    log.log(
+        logging.WARNING if queued else logging.INFO,
+        "Reconciliation of created_at in [%s, %s): %d late CDR(s) queued (committed after the scan "
+        "had passed them)",
+        start.isoformat(),
+        before.isoformat(),
+        queued,
+    )
 
 
 def _claim_window(
@@ -187,10 +228,16 @@ def _claim_window(
         span = {"start": window.start, "end": window.end, "client_id": window.client_id}
         clients = distinct_clients(conn, relation, **span)
         queued += ledger.enqueue_new(conn, relation=relation, routes=known.routes(clients), **span)
-    if window.policy == "failed":
-        queued += ledger.requeue(conn, window=window, statuses=("failed",))
-    if window.policy == "all":
-        queued += ledger.requeue(conn, window=window, statuses=("delivered", "failed", "skipped"))
+    if window.policy in ("failed", "all"):
+        statuses = ("failed",) if window.policy == "failed" else ("delivered", "failed", "skipped")
+        gone = [
+            endpoint
+            for endpoint in ledger.finished_endpoints(conn, window=window, statuses=statuses)
+            if known.connections(endpoint) is None
+        ]
+        if gone:
+            log.warning("Not re-queued, their connection does not exist: CDRs of %s", ", ".join(gone))
+        queued += ledger.requeue(conn, window=window, statuses=statuses, exclude_endpoints=gone)
     log.info(
         "Window [%s, %s), policy %s%s: %d CDR(s) queued",
         window.start.isoformat(),

@@ -46,6 +46,10 @@ class Settings:
     max_active_runs: int = 4  # runs at once: a run held up by one endpoint's retries blocks no other
     # Read by the tasks when they run.
     lag_seconds: int = 60
+    # Late commits beyond the lag: a scheduled run queues what its scans missed in the last
+    # reconcile_hours (0 disables), at most once every reconcile_interval_seconds.
+    reconcile_hours: int = 24
+    reconcile_interval_seconds: int = 600
     max_cdrs_per_run: int = 500
     request_timeout_seconds: float = 15.0
     source_relation: str = "cdr_webhook_source"
@@ -208,6 +212,8 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_retry_delay_seconds": _positive_int,
     "failure_notifier": _import_path,
     "lag_seconds": _non_negative_int,
+    "reconcile_hours": _non_negative_int,
+    "reconcile_interval_seconds": _positive_int,
     "max_cdrs_per_run": _positive_int,
     "request_timeout_seconds": _positive_float,
     "source_relation": _relation,

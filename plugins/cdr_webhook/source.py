@@ -4,20 +4,47 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from psycopg import sql
+from psycopg import DataError, sql
 from psycopg.rows import dict_row
+from psycopg.types import datetime as pg_datetime
 
-from cdr_webhook.payload import SOURCE_COLUMNS
+from cdr_webhook.payload import SOURCE_COLUMNS, Ambiguous, Unloadable
 
 if TYPE_CHECKING:
     import datetime as dt
     from collections.abc import Iterable
 
     import psycopg
+    from psycopg.abc import Buffer
+    from psycopg.adapt import Loader
 
 
 class SourceError(RuntimeError):
     """The source relation is missing or lacks a contract column; the message says how to fix it."""
+
+
+def _tolerant(base: type[Loader]) -> type[Loader]:
+    """Return a loader of ``base``'s type that yields :class:`Unloadable` where ``base`` raises DataError."""
+
+    class Tolerant(base):  # type: ignore[misc, valid-type]
+        def load(self, data: Buffer) -> Any:
+            try:
+                return super().load(data)
+            except DataError:
+                return Unloadable(bytes(data).decode("utf-8", "replace"))
+
+    Tolerant.__name__ = Tolerant.__qualname__ = f"Tolerant{base.__name__}"
+    return Tolerant
+
+
+# Text-format loaders: fetch_rows reads with a text cursor. Date and time types are the ones whose
+# PostgreSQL range (infinity, BC, beyond year 9999) Python cannot hold.
+_TOLERANT_LOADERS: dict[str, type[Loader]] = {
+    "date": _tolerant(pg_datetime.DateLoader),
+    "timestamp": _tolerant(pg_datetime.TimestampLoader),
+    "timestamptz": _tolerant(pg_datetime.TimestamptzLoader),
+    "interval": _tolerant(pg_datetime.IntervalLoader),
+}
 
 
 def relation_identifier(relation: str) -> sql.Identifier:
@@ -48,27 +75,64 @@ def fetch_rows(
     """
     Return the source rows of the given ``(cdr_id, created_at)`` keys, by ``cdr_id``.
 
-    The ``created_at`` range lets PostgreSQL use the index behind the view; a CDR no longer in the
-    source is simply absent from the result.
+    A row matches on both: another row of the same cdr_id (a view without a key of its own may
+    return duplicates) is not this CDR. Identical rows of one key count as one; rows of one key that
+    differ come back as one row whose differing columns hold :class:`~cdr_webhook.payload.Ambiguous`.
+    A value the driver cannot load (a date beyond Python's range) comes back as
+    :class:`~cdr_webhook.payload.Unloadable`. :func:`~cdr_webhook.payload.build_payload` rejects
+    both markers for that CDR alone. A CDR no longer in the source is absent from the result.
     """
     keys = list(keys)
     if not keys:
         return {}
+    # The created_at range lets PostgreSQL use the index behind the view; the join picks the pairs.
     query = sql.SQL(
-        "SELECT {columns} FROM {relation} "
-        "WHERE created_at >= %(low)s AND created_at <= %(high)s AND cdr_id::text = ANY(%(ids)s)"
+        "SELECT {columns} FROM {relation} AS s "
+        "JOIN unnest(%(ids)s::text[], %(created)s::timestamptz[]) AS k(cdr_id, created_at) "
+        "  ON s.cdr_id::text = k.cdr_id AND s.created_at = k.created_at "
+        "WHERE s.created_at >= %(low)s AND s.created_at <= %(high)s"
     ).format(
-        columns=sql.SQL(", ").join(sql.Identifier(column) for column in SOURCE_COLUMNS),
+        columns=sql.SQL(", ").join(sql.Identifier("s", column) for column in SOURCE_COLUMNS),
         relation=relation_identifier(relation),
     )
     params = {
         "low": min(created_at for _, created_at in keys),
         "high": max(created_at for _, created_at in keys),
         "ids": [cdr_id for cdr_id, _ in keys],
+        "created": [created_at for _, created_at in keys],
     }
     with conn.cursor(row_factory=dict_row) as cur:
+        for type_name, loader in _TOLERANT_LOADERS.items():
+            cur.adapters.register_loader(type_name, loader)
         cur.execute(query, params)
-        return {str(row["cdr_id"]): row for row in cur.fetchall()}
+        found: dict[str, list[dict[str, Any]]] = {}
+        for row in cur.fetchall():
+            found.setdefault(str(row["cdr_id"]), []).append(row)
+    return {cdr_id: _one_row(relation, rows) for cdr_id, rows in found.items()}
+
+
+def _one_row(relation: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the row of one CDR, with :class:`Ambiguous` in the columns its duplicate rows differ in."""
+    first = rows[0]
+    differing = [
+        column for column in SOURCE_COLUMNS if any(not _same(first[column], row[column]) for row in rows)
+    ]
+    if not differing:
+        return first
+    problem = (
+        f"cdr_id {str(first['cdr_id'])!r} appears in {len(rows)} rows of {relation} with created_at "
+        f"{first['created_at']} that differ in column(s) {', '.join(differing)}: make the view return "
+        "one row per CDR"
+    )
+    return {
+        column: Ambiguous(tuple(row[column] for row in rows), problem) if column in differing else value
+        for column, value in first.items()
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    # repr as well: NaN is not equal to itself, yet two NaN costs are the same value.
+    return bool(a == b) or repr(a) == repr(b)
 
 
 def distinct_clients(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
-from cdr_webhook import endpoints, ledger
+from cdr_webhook import endpoints, schema
 from cdr_webhook.endpoints import GONE_REASON, EndpointEvent
 from tests.conftest import ROOT
 
@@ -26,8 +26,7 @@ RULES = {"pause_after_failures": 5, "pause_after_hours": 72.0}
 
 @pytest.fixture
 def db(cdr_db: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    ledger.ensure_schema(cdr_db)
-    endpoints.ensure_endpoint_schema(cdr_db)
+    schema.migrate(cdr_db)
     return cdr_db
 
 
@@ -61,7 +60,7 @@ def events(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
 
 
 def test_schema_creation_is_idempotent(db):
-    endpoints.ensure_endpoint_schema(db)
+    schema.migrate(db)
     assert endpoints.paused_endpoints(db) == set()
     assert endpoints.list_endpoints(db) == []
 
@@ -304,7 +303,7 @@ def test_cli_pause_list_resume(cdr_db, cdr_dsn, tmp_path: Path):
 
 def test_cli_reads_the_airflow_connection_without_a_dsn(cdr_db):
     # cdr_db sets AIRFLOW_CONN_CDR_DB; with neither --dsn nor CDR_DATABASE_URL the CLI must use it.
-    endpoints.ensure_endpoint_schema(cdr_db)
+    schema.migrate(cdr_db)
     endpoints.pause(cdr_db, "ep", reason="checked via Airflow", actor="alice")
     listed = cli("list", dsn=None)
     assert listed.returncode == 0, listed.stderr

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from cdr_webhook import endpoints, ledger
+from cdr_webhook import schema
 from cdr_webhook.operators import CdrWebhookOperator, RetryLater
 from demo.connections import http_conn
 from demo.dialer import Dialer
@@ -43,8 +43,7 @@ class FakeTaskInstance:
 
 @pytest.fixture
 def db(cdr_db):
-    ledger.ensure_schema(cdr_db)
-    endpoints.ensure_endpoint_schema(cdr_db)
+    schema.migrate(cdr_db)
     return cdr_db
 
 

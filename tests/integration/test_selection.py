@@ -10,7 +10,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from cdr_webhook import ledger
+from cdr_webhook import ledger, schema
 from cdr_webhook.selection import RunInfo
 from cdr_webhook.selection import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
@@ -248,7 +248,7 @@ def test_window_policies(cdr_db):
     outside = dialer.cdr(created_at=T0 + 10 * MINUTE)
     window = {"window_start": T0.isoformat(), "window_end": (T0 + 5 * MINUTE).isoformat()}
     now = T0 + dt.timedelta(hours=1)
-    ledger.ensure_schema(cdr_db)
+    schema.migrate(cdr_db)
     cdr_db.execute("INSERT INTO cdr_webhook.watermark VALUES ('cdr_webhook_source', %s)", (T0,))
     for cdr, status in ((delivered, "delivered"), (failed, "failed")):
         cdr_db.execute(

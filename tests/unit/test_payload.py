@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from cdr_webhook.payload import PAYLOAD_FIELDS, InvalidCdr, build_payload, encode_body
+from cdr_webhook.payload import PAYLOAD_FIELDS, InvalidCdr, Unloadable, build_payload, encode_body
 from tests.payloads import assert_valid_payload, source_row
 
 
@@ -123,6 +123,17 @@ def test_call_date_is_rfc3339_with_offset_in_utc():
     payload = body_of(call_date=local)
     assert payload["call_date"] == "2026-03-29T01:30:00+00:00"
     assert dt.datetime.fromisoformat(payload["call_date"]) == local
+
+
+def test_a_date_the_driver_could_not_load_is_rejected_with_its_text():
+    with pytest.raises(InvalidCdr, match="column call_date = 'infinity': is outside the range of dates"):
+        build_payload(source_row(call_date=Unloadable("infinity")))
+
+
+def test_a_year_1_call_date_that_leaves_the_range_in_utc_is_rejected():
+    year_one = dt.datetime(1, 1, 1, 1, 0, tzinfo=dt.timezone(dt.timedelta(hours=5)))
+    with pytest.raises(InvalidCdr, match="column call_date = .*outside the range of dates"):
+        build_payload(source_row(call_date=year_one))
 
 
 def test_naive_call_date_is_rejected_with_the_fix():

@@ -68,3 +68,13 @@ def test_values_are_parsed():
 def test_bad_values_name_the_variable(raw, message):
     with pytest.raises(SettingsError, match=message):
         parse_settings(raw)
+
+
+def test_reconciliation_settings():
+    assert (Settings().reconcile_hours, Settings().reconcile_interval_seconds) == (24, 600)
+    settings = parse_settings({"reconcile_hours": "0", "reconcile_interval_seconds": "60"})
+    assert (settings.reconcile_hours, settings.reconcile_interval_seconds) == (0, 60)
+    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__RECONCILE_INTERVAL_SECONDS='0' must be"):
+        parse_settings({"reconcile_interval_seconds": "0"})
+    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__RECONCILE_HOURS='-1' must be"):
+        parse_settings({"reconcile_hours": "-1"})

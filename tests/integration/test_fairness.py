@@ -1,0 +1,80 @@
+"""A run's capacity shared across endpoints, against a real PostgreSQL: round robin and throttles."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from cdr_webhook import ledger, schema
+from cdr_webhook.window import Window
+
+T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def db(cdr_db):
+    schema.migrate(cdr_db)
+    return cdr_db
+
+
+def queue(conn, endpoint: str, count: int, *, offset_ms: int = 0) -> list[str]:
+    cdr_ids = [f"{endpoint}-{n:03d}" for n in range(count)]
+    conn.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at) "
+        "SELECT id, %s, %s + make_interval(secs => (%s + n * 10)::float8 / 1000) "
+        "FROM unnest(%s::text[]) WITH ORDINALITY AS t(id, n)",
+        (endpoint, T0, offset_ms, cdr_ids),
+    )
+    return cdr_ids
+
+
+def assign(conn, run_id: str = "scheduled__1", **kwargs):
+    claims = ledger.assign(
+        conn, dag_id="cdr_webhook", run_id=run_id, claim_timeout_seconds=3600, **{"limit": 10, **kwargs}
+    )
+    return [claim.cdr_id for claim in claims]
+
+
+def test_a_run_is_shared_round_robin_across_endpoints(db):
+    big = queue(db, "big", 100)  # the older backlog
+    small = queue(db, "small", 3, offset_ms=5000)
+
+    claimed = assign(db)
+
+    # Each endpoint's oldest, then each one's second, ...: small is not starved by big's backlog.
+    assert claimed == [big[0], small[0], big[1], small[1], big[2], small[2], *big[3:7]]
+    # The next run continues where this one stopped.
+    assert assign(db, "scheduled__2") == big[7:17]
+
+
+def test_a_throttled_endpoint_gets_no_more_than_its_cap_in_flight(db):
+    slow = queue(db, "slow", 20)
+    other = queue(db, "other", 20, offset_ms=1)
+    # One slow CDR is in flight in another live run; one more belongs to a run that died long ago.
+    db.execute(
+        "UPDATE cdr_webhook.delivery SET dag_id = 'cdr_webhook', run_id = 'scheduled__0', "
+        "updated_at = now() WHERE cdr_id = %s",
+        (slow[0],),
+    )
+    db.execute(
+        "UPDATE cdr_webhook.delivery SET dag_id = 'cdr_webhook', run_id = 'scheduled__dead', "
+        "updated_at = now() - interval '2 hours' WHERE cdr_id = %s",
+        (slow[1],),
+    )
+
+    claimed = assign(db, throttled={"slow": 3})
+
+    # 3 - the live one = 2 new claims for slow (the stale one is among them: it is eligible again).
+    assert [cdr for cdr in claimed if cdr.startswith("slow")] == slow[1:3]
+    assert [cdr for cdr in claimed if cdr.startswith("other")] == other[:8]
+    # At its cap, a throttled endpoint gets nothing more until a claim finishes.
+    assert [cdr for cdr in assign(db, "scheduled__2", throttled={"slow": 3})] == other[8:18]
+
+
+def test_paused_endpoints_and_windows_still_apply(db):
+    queue(db, "paused", 5)
+    live = queue(db, "live", 5, offset_ms=1)
+    window = Window(start=T0, end=T0 + dt.timedelta(milliseconds=25))
+
+    assert assign(db, paused_endpoints=["paused"], window=window) == live[:2]

@@ -1,0 +1,244 @@
+"""Isolation against a real PostgreSQL: no source row, duplicate or new endpoint stops or repeats others."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from cdr_webhook import ledger
+from cdr_webhook.selection import RunInfo
+from cdr_webhook.selection import select_cdrs as claim_cdrs
+from cdr_webhook.settings import Settings
+from cdr_webhook.source import fetch_rows
+from demo.dialer import Dialer
+
+T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
+MINUTE = dt.timedelta(minutes=1)
+SECOND = dt.timedelta(seconds=1)
+SETTINGS = Settings(lag_seconds=60, max_cdrs_per_run=500)
+CONNECTIONS: dict[str, dict] = {"cdr_webhook": {}}
+
+
+def select_cdrs(conn, run, settings=SETTINGS, *, now=None, connections=None):
+    now = now or (run.interval_end if run.interval_end else T0 + dt.timedelta(hours=1))
+    mapped = claim_cdrs(conn, run, settings, now=now, connections=(connections or CONNECTIONS).get)
+    return [item["cdr_id"] for item in mapped]
+
+
+def scheduled(n: int) -> RunInfo:
+    return RunInfo("cdr_webhook", f"scheduled__{n}", "scheduled", T0 + (n - 1) * MINUTE, T0 + n * MINUTE, {})
+
+
+def manual(run: str, **params) -> RunInfo:
+    return RunInfo("cdr_webhook", f"manual__{run}", "manual", None, None, params)
+
+
+def ledger_rows(conn) -> dict[str, tuple]:
+    rows = conn.execute("SELECT cdr_id, status, error, endpoint FROM cdr_webhook.delivery").fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def watermark(conn) -> dt.datetime | None:
+    row = conn.execute("SELECT created_at FROM cdr_webhook.watermark").fetchone()
+    return row[0] if row else None
+
+
+def set_call_date(conn, cdr_id: str, raw: str) -> None:
+    # Written into the dialer's table under the view: the driver cannot load these values.
+    conn.execute("UPDATE dialer.cdr SET call_date = %s::timestamptz WHERE id = %s::uuid", (raw, cdr_id))
+
+
+@pytest.mark.parametrize(
+    ("time_zone", "extreme"),
+    [
+        ("America/New_York", "0001-01-01 00:30:00+00"),  # 1 BC once the session's offset applies
+        ("Asia/Tokyo", "9999-12-31 23:30:00+00"),  # year 10000 once the session's offset applies
+    ],
+)
+def test_dates_the_driver_cannot_load_skip_only_their_cdr(cdr_db, time_zone, extreme):
+    cdr_db.execute(f"SET TIME ZONE '{time_zone}'")
+    dialer = Dialer(cdr_db)
+    bad_values = ["infinity", "-infinity", "0001-01-01 00:00:00+00 BC", extreme]
+    good, bad = [], {}
+    for n in range(1, 3):  # two runs' worth of CDRs, each with good neighbours around bad rows
+        good.append(dialer.cdr(created_at=T0 + (n - 1) * MINUTE + SECOND))
+        for value in bad_values[(n - 1) * 2 : n * 2]:
+            cdr = dialer.cdr(created_at=T0 + (n - 1) * MINUTE + 2 * SECOND + len(bad) * SECOND)
+            set_call_date(cdr_db, cdr, value)
+            bad[cdr] = value
+        good.append(dialer.cdr(created_at=T0 + (n - 1) * MINUTE + 30 * SECOND))
+
+    runs = [select_cdrs(cdr_db, scheduled(n)) for n in (1, 2, 3)]
+
+    assert runs == [good[0:2], good[2:4], []]
+    assert watermark(cdr_db) == T0 + 3 * MINUTE
+    rows = ledger_rows(cdr_db)
+    for cdr, value in bad.items():
+        status, error, _ = rows[cdr]
+        assert status == "skipped"
+        # The value as PostgreSQL writes it in the session's time zone: infinity stays infinity.
+        shown = repr(value) if "infinity" in value else "'"
+        assert f"CDR {cdr!r}: column call_date = {shown}" in error
+        assert "outside the range of dates a payload can carry" in error
+
+
+FEED = "public.cdr_feed"
+FEED_SETTINGS = dataclasses.replace(SETTINGS, source_relation=FEED)
+
+
+@pytest.fixture
+def feed(cdr_db):
+    """A source table without a key of its own, as a view over a dialer's tables may behave."""
+    cdr_db.execute("DROP TABLE IF EXISTS public.cdr_feed")
+    cdr_db.execute(
+        """
+        CREATE TABLE public.cdr_feed (
+            client_id bigint, cdr_id text, callerid text, callrequest_id text, call_id text,
+            campaign_id bigint, campaign_name text, leg_type int, phone_number text,
+            list_phonebook_id bigint[], list_phonebook_name text[], gateway text, amd_status int,
+            hangup_cause_code int, hangup_cause text, cost numeric, billed_duration int,
+            incremental_duration int, call_date timestamptz, created_at timestamptz
+        )
+        """
+    )
+
+    def add(cdr_id: str | None, created_at: dt.datetime, **overrides) -> str | None:
+        row = {
+            "client_id": 7,
+            "cdr_id": cdr_id,
+            "callerid": "x",
+            "callrequest_id": "r",
+            "call_id": "c",
+            "campaign_id": 1,
+            "campaign_name": "n",
+            "leg_type": 1,
+            "phone_number": "+3465",
+            "list_phonebook_id": [1],
+            "list_phonebook_name": ["a"],
+            "gateway": "g",
+            "amd_status": 1,
+            "hangup_cause_code": 16,
+            "hangup_cause": None,
+            "cost": Decimal("0.1"),
+            "billed_duration": 1,
+            "incremental_duration": 1,
+            "call_date": T0,
+            "created_at": created_at,
+        }
+        row.update(overrides)
+        cdr_db.execute(
+            f"INSERT INTO public.cdr_feed ({', '.join(row)}) VALUES ({', '.join(['%s'] * len(row))})",
+            list(row.values()),
+        )
+        return cdr_id
+
+    yield add
+    cdr_db.execute("DROP TABLE public.cdr_feed")
+
+
+def test_cdr_ids_too_long_to_send_are_recorded_under_a_short_key(cdr_db, feed):
+    # Random hex does not compress: 6000 characters would overflow a btree entry (~2.7 kB).
+    huge = "".join(uuid.uuid4().hex for _ in range(190))[:6000]
+    long = "L" * (ledger.MAX_CDR_ID_LENGTH + 1)
+    fits = "F" * ledger.MAX_CDR_ID_LENGTH
+    feed("before", T0 + SECOND)
+    feed(huge, T0 + 2 * SECOND)
+    feed(long, T0 + 3 * SECOND)
+    feed(fits, T0 + 4 * SECOND)
+    feed("after", T0 + 5 * SECOND)
+
+    runs = [select_cdrs(cdr_db, scheduled(n), FEED_SETTINGS) for n in (1, 2, 3)]
+
+    assert runs == [["before", fits, "after"], [], []]  # fits sorts by created_at, between the two
+    assert watermark(cdr_db) == T0 + 3 * MINUTE
+    rows = ledger_rows(cdr_db)
+    for cdr_id in (huge, long):
+        key = ledger.LONG_CDR_ID_PREFIX + hashlib.md5(cdr_id.encode()).hexdigest()
+        status, error, _ = rows[key]
+        assert status == "skipped"
+        assert f"column cdr_id = '{cdr_id[:60]}...' is {len(cdr_id)} characters long in {FEED}" in error
+        assert f"at most {ledger.MAX_CDR_ID_LENGTH} fit" in error
+    assert len(rows) == 5  # the lag re-read of runs 2 and 3 recorded nothing twice
+    # A deliberate redelivery leaves them alone too: there is nothing it could send.
+    cdr_db.execute("UPDATE cdr_webhook.delivery SET status = 'delivered' WHERE status = 'queued'")
+    window = {"window_start": T0.isoformat(), "window_end": (T0 + MINUTE).isoformat(), "policy": "all"}
+    assert sorted(select_cdrs(cdr_db, manual("all", **window), FEED_SETTINGS)) == sorted(
+        ["before", fits, "after"]
+    )
+
+
+def test_a_duplicate_cdr_id_is_sent_once_from_its_earliest_row(cdr_db, feed):
+    # The later duplicate is written first, so a plain scan meets it first.
+    feed("dup", T0 + 20 * SECOND, cost=Decimal("9.99"), phone_number=None)
+    feed("dup", T0 + 10 * SECOND, cost=Decimal("0.25"))
+    feed("next", T0 + 30 * SECOND)
+
+    assert select_cdrs(cdr_db, scheduled(1), FEED_SETTINGS) == ["dup", "next"]
+    assert select_cdrs(cdr_db, scheduled(2), FEED_SETTINGS) == []  # the lag re-read sends nothing again
+    queued_at = cdr_db.execute(
+        "SELECT cdr_created_at FROM cdr_webhook.delivery WHERE cdr_id = 'dup'"
+    ).fetchall()
+    assert queued_at == [(T0 + 10 * SECOND,)]
+    # What the POST task reads: the earliest row, even when the other one falls in the same range.
+    rows = fetch_rows(cdr_db, FEED, [("dup", T0 + 10 * SECOND), ("next", T0 + 30 * SECOND)])
+    assert rows["dup"]["cost"] == Decimal("0.25")
+    assert rows["dup"]["phone_number"] == "+3465"
+
+
+def test_duplicate_rows_of_one_cdr_and_created_at(cdr_db, feed):
+    for _ in range(2):
+        feed("twin", T0 + 10 * SECOND)  # identical: one CDR
+    feed("clash", T0 + 20 * SECOND, cost=Decimal("0.1"), gateway="g1")
+    feed("clash", T0 + 20 * SECOND, cost=Decimal("0.2"), gateway="g2")
+    feed("next", T0 + 30 * SECOND)
+
+    assert select_cdrs(cdr_db, scheduled(1), FEED_SETTINGS) == ["twin", "next"]
+
+    status, error, _ = ledger_rows(cdr_db)["clash"]
+    assert status == "skipped"
+    assert (
+        f"cdr_id 'clash' appears in 2 rows of {FEED} with created_at {T0 + 20 * SECOND} that differ in "
+        "column(s) gateway, cost: make the view return one row per CDR" in error
+    )
+
+
+def test_a_new_client_connection_does_not_resend_what_the_default_endpoint_had(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdr = dialer.cdr(client_id=1, created_at=T0 + 30 * SECOND)
+    assert select_cdrs(cdr_db, scheduled(1)) == [cdr]
+    cdr_db.execute("UPDATE cdr_webhook.delivery SET status = 'delivered'")
+    own = {"cdr_webhook": {}, "cdr_webhook_client_1": {}}  # the client gets its own endpoint
+    fresh = dialer.cdr(client_id=1, created_at=T0 + MINUTE + SECOND)
+
+    # Run 2's lag re-read sees the delivered CDR again: routing applies to new CDRs only.
+    mapped = claim_cdrs(cdr_db, scheduled(2), SETTINGS, now=T0 + 2 * MINUTE, connections=own.get)
+
+    assert [(item["cdr_id"], item["http_conn_id"]) for item in mapped] == [(fresh, "cdr_webhook_client_1")]
+    assert cdr_db.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_id = %s", (cdr,)
+    ).fetchone() == (1,)
+    # A deliberate redelivery re-queues the existing row.
+    window = {"window_start": T0.isoformat(), "window_end": (T0 + MINUTE).isoformat(), "policy": "all"}
+    assert select_cdrs(cdr_db, manual("all", **window), connections=own) == [cdr]
+
+
+def test_a_redelivery_leaves_cdrs_whose_endpoint_does_not_exist_skipped(cdr_db):
+    dialer = Dialer(cdr_db)
+    routed = dialer.cdr(client_id=1, created_at=T0 + 10 * SECOND)
+    unrouted = dialer.cdr(client_id=8, created_at=T0 + 20 * SECOND)
+    skip = dataclasses.replace(SETTINGS, unrouted_clients="skip")
+    own = {"cdr_webhook_client_1": {}}
+    assert select_cdrs(cdr_db, scheduled(1), skip, connections=own) == [routed]
+    cdr_db.execute("UPDATE cdr_webhook.delivery SET status = 'delivered' WHERE cdr_id = %s", (routed,))
+    reason = ledger_rows(cdr_db)[unrouted][1]
+    assert reason.startswith("no endpoint")
+
+    window = {"window_start": T0.isoformat(), "window_end": (T0 + MINUTE).isoformat(), "policy": "all"}
+    assert select_cdrs(cdr_db, manual("all", **window), skip, connections=own) == [routed]
+
+    assert ledger_rows(cdr_db)[unrouted] == ("skipped", reason, "cdr_webhook_client_8")

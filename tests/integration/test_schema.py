@@ -1,0 +1,93 @@
+"""Schema migrations against a real PostgreSQL: an install from before versioning, re-runs, concurrency."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+
+from cdr_webhook import schema
+
+
+def columns(conn: psycopg.Connection[Any], table: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'cdr_webhook' "
+        "AND table_name = %s",
+        (table,),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def indexes(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'cdr_webhook'").fetchall()
+    return {row[0] for row in rows}
+
+
+def versions(conn: psycopg.Connection[Any]) -> list[int]:
+    return [row[0] for row in conn.execute("SELECT version FROM cdr_webhook.schema_version ORDER BY 1")]
+
+
+def test_an_install_from_before_versioning_is_migrated_and_keeps_its_rows(cdr_db):
+    # What ledger.ensure_schema and endpoints.ensure_endpoint_schema made, with a few rows in it.
+    cdr_db.execute(schema.STEPS[0].ddl)
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "VALUES ('a', 'cdr_webhook', '2026-11-28T09:00:00Z', 'delivered'), "
+        "('b', 'cdr_webhook', '2026-11-28T09:00:01Z', 'queued')"
+    )
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.watermark (source_relation, created_at) "
+        "VALUES ('cdr_webhook_source', '2026-11-28T09:01:00Z')"
+    )
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.endpoint_state (endpoint, paused, reason) VALUES ('ep', true, 'by hand')"
+    )
+    assert schema.current_version(cdr_db) == 0
+
+    assert schema.migrate(cdr_db) == schema.LATEST
+
+    assert versions(cdr_db) == [step.version for step in schema.STEPS]
+    assert "delivery_queued_endpoint_idx" in indexes(cdr_db)
+    assert {"scanned_from", "reconciled_at"} <= columns(cdr_db, "watermark")
+    assert "failed_attempts" in columns(cdr_db, "endpoint_state")
+    assert cdr_db.execute("SELECT cdr_id, status FROM cdr_webhook.delivery ORDER BY 1").fetchall() == [
+        ("a", "delivered"),
+        ("b", "queued"),
+    ]
+    # The scans of the old install reached its watermark: reconciliation starts from there.
+    assert cdr_db.execute("SELECT scanned_from = created_at FROM cdr_webhook.watermark").fetchone() == (True,)
+    assert cdr_db.execute(
+        "SELECT paused, reason, failed_attempts FROM cdr_webhook.endpoint_state"
+    ).fetchone() == (True, "by hand", 0)
+
+
+def test_migrate_twice_changes_nothing(cdr_db):
+    assert schema.migrate(cdr_db) == schema.LATEST
+    applied = cdr_db.execute("SELECT version, applied_at FROM cdr_webhook.schema_version").fetchall()
+    assert schema.migrate(cdr_db) == schema.LATEST
+    assert cdr_db.execute("SELECT version, applied_at FROM cdr_webhook.schema_version").fetchall() == applied
+
+
+def test_concurrent_first_migrations_apply_each_step_once(cdr_db, cdr_dsn):
+    barrier = threading.Barrier(2)
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+                barrier.wait()
+                results.append(schema.migrate(conn))
+        except BaseException as err:  # reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert results == [schema.LATEST, schema.LATEST]
+    assert versions(cdr_db) == [step.version for step in schema.STEPS]
