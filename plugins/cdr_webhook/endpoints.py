@@ -110,44 +110,54 @@ def record_outcome(
     endpoint: str,
     *,
     delivered: bool,
+    final: bool = True,
     gone: bool = False,
     pause_after_failures: int,
     pause_after_hours: float,
     actor: str = "cdr_webhook",
 ) -> EndpointEvent | None:
     """
-    Count one CDR's final outcome for its endpoint and pause the endpoint when a rule says so.
+    Count one attempt for its endpoint and pause the endpoint when a rule says so.
 
-    Rules: an HTTP 410 (``gone``); ``pause_after_failures`` failures in a row; or no success since the
-    first failure ``pause_after_hours`` ago. Returns the event only when this call paused the endpoint.
+    Every attempt moves ``failed_attempts`` (the failing attempts in a row, which the select step
+    reads to throttle the endpoint); only a delivery's end (``final``: delivered, failed at once, or
+    retries exhausted) counts in ``consecutive_failures``, whatever its tries. Pause rules: an HTTP
+    410 (``gone``); ``pause_after_failures`` failed deliveries in a row; or no success since the
+    first failed delivery ``pause_after_hours`` ago. Returns the event only when this call paused
+    the endpoint.
     """
-    if delivered and gone:
-        raise ValueError("an outcome cannot be both delivered and HTTP 410 Gone")
+    if delivered and (gone or not final):
+        raise ValueError("a delivered attempt ends its delivery and cannot be HTTP 410 Gone")
     if pause_after_failures < 1 or not pause_after_hours > 0:
         raise ValueError(
             f"pause_after_failures ({pause_after_failures}) must be at least 1 and "
             f"pause_after_hours ({pause_after_hours}) greater than 0"
         )
+    counts = final and not delivered
     with conn.transaction():
         # One upsert both counts and locks the row until commit: concurrent outcomes of one endpoint
         # queue on it, so every count is exact and only one of them can see the threshold crossed.
         row = conn.execute(
             "INSERT INTO cdr_webhook.endpoint_state AS s "
-            "(endpoint, consecutive_failures, failing_since, last_success_at) "
-            "VALUES (%(endpoint)s, CASE WHEN %(ok)s THEN 0 ELSE 1 END, "
-            "CASE WHEN %(ok)s THEN NULL ELSE now() END, CASE WHEN %(ok)s THEN now() END) "
+            "(endpoint, consecutive_failures, failing_since, last_success_at, failed_attempts) "
+            "VALUES (%(endpoint)s, CASE WHEN %(counts)s THEN 1 ELSE 0 END, "
+            "CASE WHEN %(counts)s THEN now() END, CASE WHEN %(ok)s THEN now() END, "
+            "CASE WHEN %(ok)s THEN 0 ELSE 1 END) "
             "ON CONFLICT (endpoint) DO UPDATE SET "
-            "consecutive_failures = CASE WHEN %(ok)s THEN 0 ELSE s.consecutive_failures + 1 END, "
-            "failing_since = CASE WHEN %(ok)s THEN NULL ELSE COALESCE(s.failing_since, now()) END, "
-            "last_success_at = CASE WHEN %(ok)s THEN now() ELSE s.last_success_at END, updated_at = now() "
+            "consecutive_failures = CASE WHEN %(ok)s THEN 0 WHEN %(counts)s THEN s.consecutive_failures + 1 "
+            "  ELSE s.consecutive_failures END, "
+            "failing_since = CASE WHEN %(ok)s THEN NULL "
+            "  WHEN %(counts)s THEN COALESCE(s.failing_since, now()) ELSE s.failing_since END, "
+            "last_success_at = CASE WHEN %(ok)s THEN now() ELSE s.last_success_at END, "
+            "failed_attempts = CASE WHEN %(ok)s THEN 0 ELSE s.failed_attempts + 1 END, updated_at = now() "
             "RETURNING paused, consecutive_failures, "
             "COALESCE(failing_since <= now() - make_interval(secs => %(secs)s), false), "
             "extract(epoch FROM now() - failing_since)::float8",
-            {"endpoint": endpoint, "ok": delivered, "secs": pause_after_hours * 3600.0},
+            {"endpoint": endpoint, "ok": delivered, "counts": counts, "secs": pause_after_hours * 3600.0},
         ).fetchone()
         assert row is not None
         paused, failures, failing_too_long, failing_seconds = row
-        if paused or delivered:
+        if paused or not counts:
             return None
         if gone:
             reason = GONE_REASON
@@ -163,6 +173,14 @@ def record_outcome(
         else:
             return None
         return _set_paused(conn, endpoint, reason, actor)
+
+
+def failing_endpoints(conn: psycopg.Connection[Any]) -> set[str]:
+    """Return the endpoints whose latest attempt failed (the select step throttles them)."""
+    rows = conn.execute(
+        "SELECT endpoint FROM cdr_webhook.endpoint_state WHERE failed_attempts > 0"
+    ).fetchall()
+    return {row[0] for row in rows}
 
 
 def paused_endpoints(conn: psycopg.Connection[Any]) -> set[str]:

@@ -250,7 +250,7 @@ class CdrWebhookOperator(HttpOperator):
         decision: Decision,
         settings: Settings,
     ) -> None:
-        """Record the attempt on the CDR's row, and a delivery's end on its endpoint (which may pause it)."""
+        """Record the attempt on the CDR's row and on its endpoint (a delivery's end may pause it)."""
         from cdr_webhook import endpoints, ledger
 
         ledger.record_attempt(
@@ -262,17 +262,17 @@ class CdrWebhookOperator(HttpOperator):
             response_excerpt=result.response_excerpt,
             latency_ms=result.latency_ms,
         )
-        if decision.final:
-            event = endpoints.record_outcome(
-                conn,
-                claim.endpoint,
-                delivered=decision.status == "delivered",
-                gone=decision.gone,
-                pause_after_failures=settings.pause_after_failures,
-                pause_after_hours=settings.pause_after_hours,
-            )
-            if event is not None:
-                endpoints.notify(event)  # logs the pause too
+        event = endpoints.record_outcome(
+            conn,
+            claim.endpoint,
+            delivered=decision.status == "delivered",
+            final=decision.final,
+            gone=decision.gone,
+            pause_after_failures=settings.pause_after_failures,
+            pause_after_hours=settings.pause_after_hours,
+        )
+        if event is not None:
+            endpoints.notify(event)  # logs the pause too
 
     def _report(
         self, claim: Claim, endpoint: str, result: AttemptResult, decision: Decision, msg_id: str

@@ -12,8 +12,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import endpoints, ledger, schema
+from cdr_webhook.config import EndpointConfig, EndpointConfigError
 from cdr_webhook.payload import InvalidCdr, build_payload
-from cdr_webhook.routing import EndpointFilters, Route, Router
+from cdr_webhook.routing import Route, Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
 from cdr_webhook.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.window import SCHEDULED, Window, plan_scan, plan_window
@@ -23,8 +24,9 @@ if TYPE_CHECKING:
 
     import psycopg
 
-    #: ``conn_id -> its extra`` (a dict), or None when the connection does not exist.
-    Connections = Callable[[str], Mapping[str, Any] | None]
+    #: ``conn_id -> its endpoint configuration``, None when no such connection exists; raises
+    #: :class:`~cdr_webhook.config.EndpointConfigError` when the connection cannot be used.
+    Connections = Callable[[str], EndpointConfig | None]
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +45,46 @@ class RunInfo:
 
 @dataclasses.dataclass
 class _Endpoints:
-    """Per-run knowledge of endpoints: client routes and filters, each connection looked up once."""
+    """Per-run knowledge of endpoints: client routes and configurations, each connection read once."""
 
     connections: Connections
     router: Router
     paused: set[str]
-    filters: dict[str, EndpointFilters] = dataclasses.field(default_factory=dict)
+    held: list[endpoints.EndpointEvent] = dataclasses.field(default_factory=list)
 
     def routes(self, clients: list[int | None]) -> dict[int | None, Route]:
         return {client: self.router.route(client) for client in clients}
 
-    def filters_of(self, endpoint: str) -> EndpointFilters:
-        if endpoint not in self.filters:
-            self.filters[endpoint] = EndpointFilters.from_extra(endpoint, self.connections(endpoint) or {})
-        return self.filters[endpoint]
+    def config(self, endpoint: str) -> EndpointConfig:
+        """The endpoint's configuration; :class:`EndpointConfigError` when it cannot be used or is gone."""
+        config = self.connections(endpoint)
+        if config is None:
+            raise EndpointConfigError(endpoint, None, "does not exist (was it deleted or renamed?)")
+        return config
+
+    def exists(self, endpoint: str) -> bool:
+        """Whether the connection exists, usable or not (a malformed one is held, not re-routed)."""
+        try:
+            return self.connections(endpoint) is not None
+        except EndpointConfigError:
+            return True
+
+    def throttles(self, conn: psycopg.Connection[Any], settings: Settings) -> dict[str, int]:
+        """
+        Failing endpoints and the claims each may have in flight: one probe's worth, its in-flight limit.
+
+        An endpoint whose last attempt failed gets no more CDRs claimed than it can have POSTs in
+        flight, across all live runs: its retries hold up the run that owns them, and a run per
+        schedule interval must not be added to them while others' CDRs wait.
+        """
+        limits = {}
+        for endpoint in endpoints.failing_endpoints(conn):
+            try:
+                own = self.config(endpoint).max_in_flight
+            except EndpointConfigError:
+                own = None  # held when its CDRs are claimed
+            limits[endpoint] = own or settings.max_in_flight_per_endpoint
+        return limits
 
 
 def select_cdrs(
@@ -91,7 +119,7 @@ def select_cdrs(
     known = _Endpoints(
         connections=connections,
         router=Router(
-            lambda conn_id: connections(conn_id) is not None,
+            lambda conn_id: known.exists(conn_id),
             unrouted=settings.unrouted_clients,
             default_endpoint=DEFAULT_ENDPOINT_CONN_ID,
         ),
@@ -104,8 +132,11 @@ def select_cdrs(
             claims = _claim_scan(conn, run, settings, known, now)
         else:
             claims = _claim_window(conn, run, settings, known, window)
+        claims = _hold_misconfigured(conn, claims, known)
         sendable = _drop_invalid(conn, settings.source_relation, claims, known)
         ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
+    for event in known.held:
+        endpoints.notify(event)  # once the pause is committed
     log.info(
         "Claimed %d CDR(s), %d to send, %d skipped as invalid; %d queued CDR(s) wait for later runs",
         len(claims),
@@ -139,6 +170,7 @@ def _assign(
         limit=settings.max_cdrs_per_run,
         claim_timeout_seconds=settings.claim_timeout_seconds,
         paused_endpoints=sorted(known.paused),
+        throttled=known.throttles(conn, settings),
         **scope,
     )
 
@@ -233,7 +265,7 @@ def _claim_window(
         gone = [
             endpoint
             for endpoint in ledger.finished_endpoints(conn, window=window, statuses=statuses)
-            if known.connections(endpoint) is None
+            if not known.exists(endpoint)
         ]
         if gone:
             log.warning("Not re-queued, their connection does not exist: CDRs of %s", ", ".join(gone))
@@ -261,7 +293,9 @@ def _drop_invalid(
             reason = f"CDR {claim.cdr_id!r} is no longer in the source relation {relation!r}"
         else:
             try:
-                reason = known.filters_of(claim.endpoint).exclusion(build_payload(row))
+                filters = known.config(claim.endpoint).filters
+                payload = build_payload(row)
+                reason = filters.exclusion(payload) if filters else None
             except InvalidCdr as err:
                 reason = str(err)
             if reason is None:
@@ -272,26 +306,64 @@ def _drop_invalid(
     return sendable
 
 
+def _hold_misconfigured(
+    conn: psycopg.Connection[Any], claims: list[ledger.Claim], known: _Endpoints
+) -> list[ledger.Claim]:
+    """
+    Hold the CDRs of endpoints whose connection cannot be used; return the other claims.
+
+    Such an endpoint is paused with the reason (the alert goes out once this transaction commits)
+    and its CDRs go back to the queue, in order, with the reason on their ledger rows: fixing the
+    connection and resuming the endpoint sends them. Every other endpoint delivers in this run.
+    """
+    broken: dict[str, EndpointConfigError] = {}
+    for endpoint in dict.fromkeys(claim.endpoint for claim in claims):
+        try:
+            known.config(endpoint)
+        except EndpointConfigError as err:
+            broken[endpoint] = err
+    for endpoint, err in broken.items():
+        reason = f"configuration: {err}"
+        log.error("Endpoint %s is held, its CDRs stay queued: %s", endpoint, err)
+        event = endpoints.pause(conn, endpoint, reason=reason, actor="cdr_webhook")
+        if event is not None:
+            known.held.append(event)
+    kept = []
+    for claim in claims:
+        if claim.endpoint in broken:
+            ledger.release(conn, claim, reason=f"configuration: {broken[claim.endpoint]}")
+        else:
+            kept.append(claim)
+    return kept
+
+
 def _mapped(claim: ledger.Claim) -> dict[str, str]:
     return {"cdr_id": claim.cdr_id, "http_conn_id": claim.endpoint}
 
 
 def airflow_connections() -> Connections:
-    """Return a per-run, cached lookup of Airflow connections' extras (None: no such connection)."""
+    """Return a per-run, cached lookup of endpoint configurations from Airflow connections."""
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    cache: dict[str, Mapping[str, Any] | None] = {}
+    from cdr_webhook.config import from_connection
 
-    def extra_of(conn_id: str) -> Mapping[str, Any] | None:
+    cache: dict[str, EndpointConfig | EndpointConfigError | None] = {}
+
+    def config_of(conn_id: str) -> EndpointConfig | None:
         if conn_id not in cache:
             try:
-                cache[conn_id] = BaseHook.get_connection(conn_id).extra_dejson
+                cache[conn_id] = from_connection(BaseHook.get_connection(conn_id))
             except AirflowNotFoundException:
                 cache[conn_id] = None
-        return cache[conn_id]
+            except EndpointConfigError as err:
+                cache[conn_id] = err
+        found = cache[conn_id]
+        if isinstance(found, EndpointConfigError):
+            raise found
+        return found
 
-    return extra_of
+    return config_of
 
 
 def run_info(context: Mapping[str, Any]) -> RunInfo:

@@ -145,8 +145,22 @@ def test_failing_for_less_than_pause_after_hours_does_not_pause(db):
 def test_rules_must_be_usable(db):
     with pytest.raises(ValueError, match="pause_after_failures"):
         fail(db, pause_after_failures=0)
-    with pytest.raises(ValueError, match="both delivered"):
+    with pytest.raises(ValueError, match="cannot be HTTP 410 Gone"):
         endpoints.record_outcome(db, "ep", delivered=True, gone=True, **RULES)
+
+
+def test_tries_that_will_be_retried_are_failed_attempts_not_failed_deliveries(db):
+    for _ in range(RULES["pause_after_failures"] + 2):
+        assert endpoints.record_outcome(db, "ep", delivered=False, final=False, **RULES) is None
+    assert (state(db)["consecutive_failures"], state(db)["failed_attempts"]) == (
+        0,
+        RULES["pause_after_failures"] + 2,
+    )
+    assert not endpoints.is_paused(db, "ep")
+    assert endpoints.failing_endpoints(db) == {"ep"}
+    succeed(db)
+    assert (state(db)["consecutive_failures"], state(db)["failed_attempts"]) == (0, 0)
+    assert endpoints.failing_endpoints(db) == set()
 
 
 def test_pause_and_resume_record_who_when_and_why(db):

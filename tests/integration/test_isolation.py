@@ -16,6 +16,7 @@ from cdr_webhook.selection import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.source import fetch_rows
 from demo.dialer import Dialer
+from tests.endpoint_configs import configs
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -26,7 +27,7 @@ CONNECTIONS: dict[str, dict] = {"cdr_webhook": {}}
 
 def select_cdrs(conn, run, settings=SETTINGS, *, now=None, connections=None):
     now = now or (run.interval_end if run.interval_end else T0 + dt.timedelta(hours=1))
-    mapped = claim_cdrs(conn, run, settings, now=now, connections=(connections or CONNECTIONS).get)
+    mapped = claim_cdrs(conn, run, settings, now=now, connections=configs(connections or CONNECTIONS))
     return [item["cdr_id"] for item in mapped]
 
 
@@ -216,7 +217,7 @@ def test_a_new_client_connection_does_not_resend_what_the_default_endpoint_had(c
     fresh = dialer.cdr(client_id=1, created_at=T0 + MINUTE + SECOND)
 
     # Run 2's lag re-read sees the delivered CDR again: routing applies to new CDRs only.
-    mapped = claim_cdrs(cdr_db, scheduled(2), SETTINGS, now=T0 + 2 * MINUTE, connections=own.get)
+    mapped = claim_cdrs(cdr_db, scheduled(2), SETTINGS, now=T0 + 2 * MINUTE, connections=configs(own))
 
     assert [(item["cdr_id"], item["http_conn_id"]) for item in mapped] == [(fresh, "cdr_webhook_client_1")]
     assert cdr_db.execute(
@@ -242,3 +243,94 @@ def test_a_redelivery_leaves_cdrs_whose_endpoint_does_not_exist_skipped(cdr_db):
     assert select_cdrs(cdr_db, manual("all", **window), skip, connections=own) == [routed]
 
     assert ledger_rows(cdr_db)[unrouted] == ("skipped", reason, "cdr_webhook_client_8")
+
+
+# -- one endpoint's bad configuration holds only that endpoint -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"leg_types": "1"}, "extra 'leg_types': must be a list of integers, not '1'"),
+        ({"signing_secret": "whsec_short"}, "extra 'signing_secret': the secret is invalid"),
+        ({"max_in_flight": -1}, "extra 'max_in_flight': must be a positive integer"),
+    ],
+)
+def test_a_misconfigured_endpoint_is_held_and_the_others_deliver(cdr_db, caplog, extra, reason):
+    dialer = Dialer(cdr_db)
+    ours = [dialer.cdr(created_at=T0 + n * SECOND, client_id=1) for n in (1, 3)]
+    theirs = [dialer.cdr(created_at=T0 + n * SECOND, client_id=7) for n in (2, 4)]
+    connections = {"cdr_webhook": {}, "cdr_webhook_client_7": extra}
+
+    assert select_cdrs(cdr_db, scheduled(1), connections=connections) == ours
+
+    rows = ledger_rows(cdr_db)
+    for cdr in theirs:
+        status, error, endpoint = rows[cdr]
+        assert (status, endpoint) == ("queued", "cdr_webhook_client_7")
+        assert error.startswith("configuration: connection 'cdr_webhook_client_7' ")
+        assert reason in error
+    held = cdr_db.execute(
+        "SELECT paused, reason, changed_by FROM cdr_webhook.endpoint_state WHERE endpoint = %s",
+        ("cdr_webhook_client_7",),
+    ).fetchone()
+    assert held[0] is True
+    assert reason in held[1]
+    assert held[2] == "cdr_webhook"
+    assert "Endpoint cdr_webhook_client_7 paused by cdr_webhook" in caplog.text  # the alert's log line
+    unowned = cdr_db.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE endpoint = 'cdr_webhook_client_7' AND run_id IS NULL"
+    ).fetchone()[0]
+    assert unowned == 2
+
+    # Later runs still deliver the others and leave the held CDRs queued, in order, for the resume.
+    later = dialer.cdr(created_at=T0 + MINUTE + SECOND, client_id=1)
+    assert select_cdrs(cdr_db, scheduled(2), connections=connections) == [later]
+    assert {ledger_rows(cdr_db)[cdr][0] for cdr in theirs} == {"queued"}
+
+
+def test_an_endpoint_whose_connection_was_deleted_is_held(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdr = dialer.cdr(created_at=T0 + SECOND, client_id=7)
+    with_own = {"cdr_webhook": {}, "cdr_webhook_client_7": {}}
+    # Queued for the client's own endpoint, but its run cannot take it (the cap is 0 for now) ...
+    tiny = dataclasses.replace(SETTINGS, max_cdrs_per_run=1)
+    first = dialer.cdr(created_at=T0, client_id=1)
+    assert select_cdrs(cdr_db, scheduled(1), tiny, connections=with_own) == [first]
+    # ... and the connection is deleted before the next run.
+    assert select_cdrs(cdr_db, scheduled(2), connections=CONNECTIONS) == []
+    status, error, endpoint = ledger_rows(cdr_db)[cdr]
+    assert (status, endpoint) == ("queued", "cdr_webhook_client_7")
+    assert "connection 'cdr_webhook_client_7': does not exist" in error
+
+
+# -- a failing endpoint gets a probe's worth of claims, not a run's share -------------------------
+
+
+def test_a_failing_endpoint_is_throttled_to_its_in_flight_limit_across_runs(cdr_db):
+    from cdr_webhook import endpoints, schema
+
+    schema.migrate(cdr_db)
+    dialer = Dialer(cdr_db)
+    failing = [dialer.cdr(created_at=T0 + n * SECOND, client_id=7) for n in range(1, 21)]
+    healthy = [dialer.cdr(created_at=T0 + n * SECOND + SECOND / 2, client_id=1) for n in range(1, 6)]
+    connections = {"cdr_webhook": {}, "cdr_webhook_client_7": {"max_in_flight": 3}}
+    endpoints.record_outcome(
+        cdr_db,
+        "cdr_webhook_client_7",
+        delivered=False,
+        final=False,
+        pause_after_failures=5,
+        pause_after_hours=1,
+    )
+
+    first = select_cdrs(cdr_db, scheduled(1), connections=connections)
+    assert sorted(first) == sorted(healthy + failing[:3])  # oldest first within the endpoint
+    more = dialer.cdr(created_at=T0 + MINUTE + SECOND, client_id=1)
+    # Run 1 still owns the failing endpoint's three: the next run takes none of it.
+    assert select_cdrs(cdr_db, scheduled(2), connections=connections) == [more]
+    # Once it delivers again, it gets its share.
+    endpoints.record_outcome(
+        cdr_db, "cdr_webhook_client_7", delivered=True, pause_after_failures=5, pause_after_hours=1
+    )
+    assert len(select_cdrs(cdr_db, scheduled(3), connections=connections)) == 17

@@ -76,7 +76,8 @@ def row(conn, cdr_id: str) -> dict[str, Any]:
 
 def endpoint_state(conn) -> dict[str, Any]:
     cur = conn.execute(
-        "SELECT paused, reason, consecutive_failures FROM cdr_webhook.endpoint_state WHERE endpoint = %s",
+        "SELECT paused, reason, consecutive_failures, failed_attempts FROM cdr_webhook.endpoint_state "
+        "WHERE endpoint = %s",
         (ENDPOINT,),
     )
     found = cur.fetchone()
@@ -112,12 +113,14 @@ def test_a_cleared_task_retries_again_and_honours_retry_after(db, receiver):
 
     assert raised.value.retry_after == 7
     assert row(db, cdr)["status"] == "queued"  # not failed between tries
-    assert endpoint_state(db) == {}  # a try that will be retried is not a failed delivery
+    # A try that will be retried is a failed attempt (the select step throttles the endpoint), not a
+    # failed delivery (the streak that pauses it).
+    assert (endpoint_state(db)["consecutive_failures"], endpoint_state(db)["failed_attempts"]) == (0, 1)
 
     with pytest.raises(AirflowException, match="retries exhausted"):
         run_try(cdr, FakeTaskInstance(try_number=4, max_tries=3), retries=1)
     assert (row(db, cdr)["status"], row(db, cdr)["attempts"]) == ("failed", 2)
-    assert endpoint_state(db)["consecutive_failures"] == 1  # one delivery failed, whatever its tries
+    assert (endpoint_state(db)["consecutive_failures"], endpoint_state(db)["failed_attempts"]) == (1, 2)
 
 
 # -- a configuration error is recorded, holds its endpoint and fails at once ----------------------

@@ -11,6 +11,7 @@ import psycopg
 from cdr_webhook.selection import RunInfo, select_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
+from tests.endpoint_configs import configs
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -22,7 +23,7 @@ CONNECTIONS = {"cdr_webhook": {}}
 def run(conn, n: int, settings: Settings = SETTINGS) -> list[str]:
     """Scheduled run n, over [T0 + (n-1) min, T0 + n min), at the end of its interval."""
     info = RunInfo("cdr_webhook", f"scheduled__{n}", "scheduled", T0 + (n - 1) * MINUTE, T0 + n * MINUTE, {})
-    mapped = select_cdrs(conn, info, settings, now=T0 + n * MINUTE, connections=CONNECTIONS.get)
+    mapped = select_cdrs(conn, info, settings, now=T0 + n * MINUTE, connections=configs(CONNECTIONS))
     return [item["cdr_id"] for item in mapped]
 
 

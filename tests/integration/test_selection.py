@@ -16,6 +16,7 @@ from cdr_webhook.selection import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
 from demo.dialer import Dialer
+from tests.endpoint_configs import configs
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -24,7 +25,7 @@ CONNECTIONS = {"cdr_webhook": {}}  # the Airflow connections that exist, with th
 
 
 def select_cdrs(conn, run, settings, *, now, connections=None):
-    return claim_cdrs(conn, run, settings, now=now, connections=(connections or CONNECTIONS).get)
+    return claim_cdrs(conn, run, settings, now=now, connections=configs(connections or CONNECTIONS))
 
 
 def scheduled(run: int, start: dt.datetime, end: dt.datetime) -> RunInfo:

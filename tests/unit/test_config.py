@@ -141,3 +141,20 @@ def test_scrub_replaces_every_form_of_every_secret():
 def test_scrub_hides_a_secret_cut_short_at_the_end_of_an_excerpt():
     assert scrub("x-api-key: k3y-7d41c0", ["k3y-7d41c0ffee9b2e"]) == f"x-api-key: {REDACTED}"
     assert scrub("ends with k3y", ["k3y-7d41c0ffee9b2e"]) == "ends with k3y"  # three letters prove nothing
+
+
+def test_filters_say_which_filter_excluded_a_cdr():
+    filters = parse({"leg_types": [1], "min_billed_duration": 1, "campaign_ids": [12, 13]}).filters
+    ok = {"leg_type": 1, "billed_duration": 5, "campaign_id": 12}
+    assert filters.exclusion(ok) is None
+    assert filters.exclusion(ok | {"leg_type": 2}) == (
+        "filtered out by cdr_webhook_client_7 extra leg_types=[1]: leg_type is 2"
+    )
+    assert filters.exclusion(ok | {"billed_duration": 0}) == (
+        "filtered out by cdr_webhook_client_7 extra min_billed_duration=1: billed_duration is 0"
+    )
+    assert "billed_duration is None" in filters.exclusion(ok | {"billed_duration": None})
+    assert filters.exclusion(ok | {"campaign_id": 99}) == (
+        "filtered out by cdr_webhook_client_7 extra campaign_ids=[12, 13]: campaign_id is 99"
+    )
+    assert parse().filters.exclusion(ok | {"leg_type": 2}) is None
