@@ -221,6 +221,7 @@ class CdrWebhookOperator(HttpOperator):
         settings: Settings,
     ) -> AttemptResult:
         """Sign and send, holding one of the endpoint's in-flight slots."""
+        from airflow.sdk.exceptions import AirflowRescheduleException
         from airflow.sdk.log import mask_secret
 
         from cdr_webhook.signing import build_headers
@@ -240,7 +241,11 @@ class CdrWebhookOperator(HttpOperator):
                 )
                 return self.hook.post(body, headers)
         except NoSlot as err:
-            raise RetryLater(str(err)) from None
+            # Busy slots are the endpoint's congestion, not this CDR's failure: the try gives its
+            # worker back and starts again later, without using one of its retries.
+            wake = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=settings.request_timeout_seconds)
+            self.log.info("%s; trying again at %s, without using a retry", err, wake.isoformat())
+            raise AirflowRescheduleException(reschedule_date=wake) from None
 
     def _record(
         self,

@@ -252,3 +252,37 @@ def test_a_malformed_url_is_named_by_scheme_and_host_only(db, monkeypatch):
     stored = row(db, cdr)["error"] + endpoint_state(db)["reason"] + str(raised.value)
     assert "host: is not a valid URL (scheme 'https'" in stored
     assert "t0ken-in-path" not in stored
+
+
+# -- a busy endpoint gives the worker back without using a retry ---------------------------------
+
+
+def test_a_try_that_finds_every_slot_busy_is_rescheduled_without_using_a_retry(
+    db, cdr_dsn, monkeypatch, receiver, settings_env
+):
+    import psycopg
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    from cdr_webhook.slots import endpoint_slot
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SLOT_WAIT_SECONDS", "0")
+    connect_endpoint(monkeypatch, receiver.url, signing_secret=SECRET, max_in_flight=1)
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+    with psycopg.connect(cdr_dsn, autocommit=True) as other_worker:
+        with (
+            endpoint_slot(other_worker, ENDPOINT, limit=1, wait_seconds=0),
+            pytest.raises(AirflowRescheduleException) as raised,
+        ):
+            run_try(cdr, FakeTaskInstance())
+
+    wait = raised.value.reschedule_date - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(seconds=3) < wait <= dt.timedelta(seconds=5)  # request_timeout_seconds (5 in tests)
+    assert receiver.received() == []
+    assert (row(db, cdr)["status"], row(db, cdr)["attempts"], row(db, cdr)["run_id"]) == (
+        "queued",
+        0,
+        "scheduled__1",
+    )
+    run_try(cdr, FakeTaskInstance())  # the slot is free again: the same try sends it
+    assert len(receiver.received(cdr)) == 1
