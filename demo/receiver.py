@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,8 @@ class Receiver:
     :param secret: The ``whsec_`` secret to verify ``webhook-signature`` with (the reference library).
     :param api_key: When set, a request without this ``x-api-key`` gets 401.
     :param redirect_to: The Location of 302 answers.
+    :param before_answer: Called with each request's headers and body before it is answered, in the
+        request's own thread: a test can hold a reply there (it is also settable as an attribute).
     """
 
     def __init__(
@@ -59,10 +61,12 @@ class Receiver:
         api_key: str | None = None,
         redirect_to: str = "http://127.0.0.1:9/elsewhere",
         port: int = 0,
+        before_answer: Callable[[dict[str, str], bytes], None] | None = None,
     ) -> None:
         self._verifier = Webhook(secret) if secret else None
         self.api_key = api_key
         self.redirect_to = redirect_to
+        self.before_answer = before_answer
         self.requests: list[Received] = []
         self._scripts: dict[str, list[int | tuple[int, dict[str, str]]]] = {}
         self._lock = threading.Lock()
@@ -150,6 +154,8 @@ class Receiver:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 headers = {key.lower(): value for key, value in self.headers.items()}
+                if receiver.before_answer is not None:
+                    receiver.before_answer(headers, body)
                 status, extra_headers = receiver._answer(self.command, self.path, headers, body)
                 reply = json.dumps({"status": status}).encode()
                 self.send_response(status)

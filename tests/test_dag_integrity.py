@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 
 import pytest
@@ -37,7 +38,6 @@ def test_dag_shape(dagbag):
     post = dag.get_task("post_cdr")
     assert issubclass(post.operator_class, CdrWebhookOperator)
     assert post.partial_kwargs["map_index_template"] == "{{ task.cdr_id }}"
-    assert post.partial_kwargs["retries"] == 6
     assert [t.task_id for t in post.upstream_list] == ["select_cdrs"]
     # Nothing of the CDR is ever a template field (Jinja in CDR text must arrive verbatim).
     assert CdrWebhookOperator.template_fields == ()
@@ -50,9 +50,30 @@ def test_plugin_loading_does_not_import_package_modules_under_bare_names():
     plugins_manager.ensure_plugins_loaded()
 
     assert plugins_manager.get_import_errors() == {}
-    for bare in ("payload", "ledger", "settings", "operators", "hooks", "signing", "window", "source", "db"):
+    package_modules = sorted(
+        path.stem
+        for path in (ROOT / "plugins" / "cdr_webhook").glob("*.py")
+        if not path.stem.startswith("__")
+    )
+    assert {"hooks", "egress", "deadline", "settings"} <= set(package_modules)  # the glob found the package
+    for bare in package_modules:
         module = sys.modules.get(bare)
         assert module is None or "cdr_webhook" not in str(getattr(module, "__file__", "")), bare
+
+
+def test_retry_settings_reach_post_cdr(settings_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__RETRIES", "3")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS", "7")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS", "45")
+
+    post = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"].get_task("post_cdr")
+
+    assert post.partial_kwargs["retries"] == 3
+    assert post.partial_kwargs["retry_delay"] == dt.timedelta(seconds=7)
+    assert post.partial_kwargs["max_retry_delay"] == dt.timedelta(seconds=45)
+    assert post.partial_kwargs["retry_policy"].max_delay_seconds == 45
 
 
 def test_failure_notifier_setting_becomes_the_dags_failure_callback(settings_env):

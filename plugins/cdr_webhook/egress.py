@@ -23,6 +23,8 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 from urllib3.util import parse_url
 
+from cdr_webhook.deadline import WATCHED_POOLS, current_deadline
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -187,6 +189,9 @@ class GuardedAdapter(HTTPAdapter):
     connected, an error is the request's. Certificates are always verified:
     against ``ca_bundle`` when given (it replaces the default store), else requests' CA bundle.
     ``client_cert`` is ``(cert_path, key_path)`` for mutual TLS. Proxies are refused.
+
+    Inside a :class:`~cdr_webhook.deadline.Deadline` block, resolving, connecting and every socket
+    the adapter opens are bound by that one deadline, and no further address is tried once it passed.
     """
 
     def __init__(
@@ -206,6 +211,11 @@ class GuardedAdapter(HTTPAdapter):
         self.resolver = resolver
         self._pinned = threading.local()  # the address this thread's request is sent to
         super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """Make the pools' connections register their sockets with the current deadline."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
 
     def send(
         self,
@@ -227,8 +237,13 @@ class GuardedAdapter(HTTPAdapter):
         if select_proxy(url, dict(proxies or {})):
             raise ValueError("GuardedAdapter connects only to the checked address; proxies are refused")
         parsed = parse_url(url)
+        deadline = current_deadline()
+        resolver = self.resolver
+        if deadline is not None:  # getaddrinfo cannot be interrupted: stop waiting for it instead
+            within = resolver or _system_resolver
+            resolver = lambda host, port: deadline.call(within, host, port)  # noqa: E731
         try:
-            addresses = check_url(url, self.allowed_networks, self.resolver)
+            addresses = check_url(url, self.allowed_networks, resolver)
         except OSError as err:
             raise requests.ConnectionError(f"cannot resolve {parsed.host}: {err}", request=request) from err
         request = request.copy()
@@ -239,7 +254,7 @@ class GuardedAdapter(HTTPAdapter):
             try:
                 return self._send_to(address, request, stream, timeout, verify, cert, proxies)
             except requests.ConnectionError as err:
-                if not _not_connected(err):
+                if not _not_connected(err) or (deadline is not None and deadline.passed):
                     raise
                 log.warning(
                     "Could not connect to %s at %s (%s); trying its next address, %s",

@@ -1,4 +1,4 @@
-"""The HTTP hook that POSTs one CDR: exactly our headers, no redirects, timeouts, a bounded read."""
+"""The HTTP hook that POSTs one CDR: exactly our headers, no redirects, one deadline, a bounded read."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import requests
+import urllib3.exceptions
 from airflow.providers.http.hooks.http import HttpHook
 from requests import Session
 
 from cdr_webhook import __version__
 from cdr_webhook.config import scrub
+from cdr_webhook.deadline import Deadline
 from cdr_webhook.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 from cdr_webhook.ledger import EXCERPT_BYTES
 
@@ -52,9 +54,11 @@ class CdrWebhookHook(HttpHook):
     POST webhook bodies to the endpoint of an HTTP connection, safely.
 
     Unlike :class:`~airflow.providers.http.hooks.http.HttpHook` it never follows a redirect (a 302
-    would turn the POST into a GET and hand ``x-api-key`` to another host), always sets connect and
-    read timeouts, ignores proxy environment variables, sends none of the connection's extras as
-    headers (the signing secret lives there), and reads at most :data:`EXCERPT_BYTES` of a response.
+    would turn the POST into a GET and hand ``x-api-key`` to another host), gives each POST one
+    deadline (``timeout``) for resolving, connecting, TLS, sending and the reply's status line and
+    headers, ignores proxy environment variables, sends none of the connection's extras as headers
+    (the signing secret lives there), and reads at most :data:`EXCERPT_BYTES` of a response, by the
+    same deadline.
     Every request goes through the egress guard (:mod:`cdr_webhook.egress`): no internal address
     unless ``allowed_networks`` lets it, no plain http outside them, the checked address is the one
     connected to, and TLS is always verified.
@@ -64,7 +68,9 @@ class CdrWebhookHook(HttpHook):
     the CAs to trust instead of the public ones) and ``client_cert`` / ``client_key`` (PEM: mutual TLS).
 
     :param http_conn_id: The HTTP connection of the endpoint.
-    :param timeout: Connect and read timeout, in seconds, and the bound on reading the response.
+    :param timeout: The deadline of each POST, in seconds, from resolving the host to reading the
+        reply's excerpt. A reply whose status line and headers are not complete by then is a
+        (retryable) failure; a body still arriving then leaves a partial excerpt.
     :param allowed_networks: CIDRs the egress guard lets through (internal receivers).
     :param resolver: ``(host, port) -> addresses``, for tests; the default is the system resolver.
     """
@@ -127,7 +133,7 @@ class CdrWebhookHook(HttpHook):
         started = time.monotonic()
         refused = False
         try:
-            with pem_files(self.connection.extra_dejson) as tls:
+            with pem_files(self.connection.extra_dejson) as tls, Deadline(self.timeout) as deadline:
                 session = self.get_conn(tls=tls)
                 try:
                     with session.post(
@@ -138,7 +144,7 @@ class CdrWebhookHook(HttpHook):
                         allow_redirects=False,
                         stream=True,
                     ) as response:
-                        excerpt = _read_excerpt(response, started + self.timeout)
+                        excerpt = _read_excerpt(response, deadline.ends)
                         return AttemptResult(
                             http_status=response.status_code,
                             reason=response.reason,
@@ -146,6 +152,13 @@ class CdrWebhookHook(HttpHook):
                             latency_ms=_elapsed_ms(started),
                             retry_after=retry_after_seconds(response.headers.get("retry-after")),
                         )
+                except requests.RequestException:
+                    if not deadline.passed:
+                        raise
+                    # The watchdog shut the sockets: the error that caused is a symptom, not the reason.
+                    error = (
+                        f"no complete reply within the {self.timeout:g} s deadline ({_waited_for(deadline)})"
+                    )
                 finally:
                     session.close()
         except EndpointRefused as err:
@@ -184,6 +197,12 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _waited_for(deadline: Deadline) -> str:
+    if deadline.connected:
+        return "the receiver answered too slowly or not at all"
+    return "resolving the host or connecting took too long"
+
+
 def _elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
@@ -193,12 +212,15 @@ def _read_excerpt(response: requests.Response, deadline: float) -> str | None:
     chunks: list[bytes] = []
     size = 0
     try:
-        for chunk in response.iter_content(chunk_size=512):
+        while size < EXCERPT_BYTES and time.monotonic() < deadline:
+            # read1 returns what has arrived: a body cut off at the deadline keeps the bytes it sent.
+            # (requests' iter_content reads whole chunks and drops a short one as an IncompleteRead.)
+            chunk = response.raw.read1(512, decode_content=True)
+            if not chunk:
+                break
             chunks.append(chunk)
             size += len(chunk)
-            if size >= EXCERPT_BYTES or time.monotonic() > deadline:
-                break
-    except requests.RequestException:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
         pass  # the status line arrived, which is what decides the outcome; the excerpt is a courtesy
     if not chunks:
         return None

@@ -150,11 +150,14 @@ def test_overflow_above_max_cdrs_per_run_goes_with_the_next_runs(cdr_db, receive
     assert {row["status"] for row in ledger(cdr_db).values()} == {"delivered"}
 
 
-def test_secrets_reach_no_log_xcom_rendered_field_or_metadata_row(cdr_db, receiver, run_dag, capfd):
+def test_secrets_reach_no_log_xcom_rendered_field_or_metadata_row(
+    cdr_db, receiver, run_dag, capfd, settings_env
+):
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__RETRIES", "2")  # not the default (6): the setting is used
     dialer = Dialer(cdr_db)
     delivered = dialer.cdr(created_at=recent(60))
     failing = dialer.cdr(created_at=recent(50))
-    receiver.script(failing, [500, 500, 500, 500, 500, 500, 500])
+    receiver.script(failing, [500] * 7)  # more failures than tries: the retry count is the limit
 
     run_dag(**window())
 
@@ -189,4 +192,5 @@ def test_secrets_reach_no_log_xcom_rendered_field_or_metadata_row(cdr_db, receiv
     # Phone numbers stay out of Airflow's metadata DB: bodies are built at POST time.
     assert b"+34650123456" not in metadata
     assert ledger(cdr_db)[failing]["status"] == "failed"
-    assert ledger(cdr_db)[failing]["attempts"] == 7  # the first try and 6 retries
+    assert ledger(cdr_db)[failing]["attempts"] == 3  # the first try and the 2 retries configured
+    assert len(receiver.received(failing)) == 3

@@ -611,6 +611,38 @@ def test_hook_uses_the_connection_ca_bundle_and_client_certificate(pki, monkeypa
         assert pki.client_key_pem in hook().endpoint.secrets()  # masked, scrubbed, never stored
 
 
+def test_hook_deadline_cuts_off_headers_sent_a_byte_at_a_time_over_tls(pki, monkeypatch):
+    from cdr_webhook.hooks import CdrWebhookHook
+    from tests.drip_server import DripServer
+
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\nok"
+    with DripServer(head=b"HTTP/1.1 200 OK\r\n", drip=reply[17:], context=tls_context(pki.hooks)) as server:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_TLS_TEST",
+            json.dumps(
+                {
+                    "conn_type": "http",
+                    "host": f"https://hooks.test:{server.port}/cdr",
+                    "extra": {"ca_bundle": pki.ca.read_text()},
+                }
+            ),
+        )
+        hook = CdrWebhookHook(
+            "tls_test", timeout=1.5, allowed_networks=["127.0.0.1/32"], resolver=hooks_resolver
+        )
+        started = time.monotonic()
+
+        result = hook.post(b"{}", {})
+
+        assert time.monotonic() - started < 2.0
+        assert result.http_status is None
+        assert result.error.startswith("no complete reply within the 1.5 s deadline")
+        assert (
+            len(server.requests) == 1
+        )  # verified TLS, then the request was sent: the wait is the receiver's
+        assert server.finished == 0
+
+
 def test_hook_refusal_is_reported_not_raised(monkeypatch):
     from cdr_webhook.hooks import CdrWebhookHook
 

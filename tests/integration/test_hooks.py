@@ -15,6 +15,7 @@ from cdr_webhook.config import EndpointConfigError
 from cdr_webhook.hooks import CdrWebhookHook
 from cdr_webhook.signing import build_headers
 from demo.receiver import Receiver
+from tests.drip_server import DripServer
 
 API_KEY = "key-5f2b9c1e7a"
 LOOPBACK = ("127.0.0.0/8",)
@@ -106,8 +107,111 @@ def test_a_silent_server_times_out(monkeypatch):
         result = CdrWebhookHook("hook_test", timeout=1, allowed_networks=LOOPBACK).post(BODY, headers_for())
 
         assert result.http_status is None
-        assert result.error.startswith("timed out after 1 s")
-        assert time.monotonic() - started < 5
+        assert result.error.startswith("no complete reply within the 1 s deadline")
+        assert time.monotonic() - started < 2
+
+
+# --- one deadline per POST: a receiver cannot hold it by answering a byte at a time -----------------
+
+STATUS_AND_HEADERS = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: 7f3a9c\r\ncontent-length: 2\r\n\r\n"
+)
+
+
+def _deadline_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cdr-webhook-deadline")]
+
+
+def test_a_status_line_sent_a_byte_at_a_time_is_cut_off_at_the_deadline(monkeypatch):
+    # Each byte comes well within the socket timeout: only a deadline on the whole exchange stops it.
+    with DripServer(drip=STATUS_AND_HEADERS + b"ok", interval=0.2) as server:
+        http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{server.port}/hook?token=tok-abc123")
+        started = time.monotonic()
+
+        result = CdrWebhookHook("hook_test", timeout=1.5, allowed_networks=LOOPBACK).post(BODY, headers_for())
+
+        elapsed = time.monotonic() - started
+        assert (result.http_status, result.response_excerpt) == (None, None)
+        assert result.error == (
+            "no complete reply within the 1.5 s deadline (the receiver answered too slowly or not at all)"
+        )
+        assert "tok-abc123" not in result.error
+        assert elapsed < 2.0
+        assert 1400 <= result.latency_ms <= 2000
+        assert result.refused is False  # a retryable failure
+        assert len(server.requests) == 1
+        assert server.finished == 0
+
+
+def test_a_body_sent_a_byte_at_a_time_keeps_the_status_and_a_partial_excerpt(monkeypatch):
+    body = b'{"accepted":true,"note":"' + b"x" * 100 + b'"}'
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body)
+    with DripServer(head=head, drip=body, interval=0.2) as server:
+        http_conn(monkeypatch, "hook_test", f"http://127.0.0.1:{server.port}/hook")
+        started = time.monotonic()
+
+        result = CdrWebhookHook("hook_test", timeout=1.5, allowed_networks=LOOPBACK).post(BODY, headers_for())
+
+        assert time.monotonic() - started < 2.0
+        assert (result.http_status, result.error) == (200, None)  # the status decides: delivered
+        assert result.response_excerpt
+        assert body.decode().startswith(result.response_excerpt)
+        assert len(result.response_excerpt) < len(body)
+        assert server.finished == 0
+
+
+def test_a_slow_resolver_counts_against_the_deadline(monkeypatch, receiver):
+    released = threading.Event()
+
+    def stuck_resolver(host: str, port: int) -> list[str]:
+        released.wait(30)  # a DNS server that does not answer
+        return ["127.0.0.1"]
+
+    port = receiver.url.split(":")[2].split("/")[0]
+    http_conn(monkeypatch, "hook_test", f"http://hooks.test:{port}/cdr-hook")
+    hook = CdrWebhookHook("hook_test", timeout=1, allowed_networks=LOOPBACK, resolver=stuck_resolver)
+    started = time.monotonic()
+    try:
+        result = hook.post(BODY, headers_for())
+    finally:
+        released.set()
+
+    assert time.monotonic() - started < 1.5
+    assert result.http_status is None
+    assert result.error == (
+        "no complete reply within the 1 s deadline (resolving the host or connecting took too long)"
+    )
+    assert receiver.received() == []
+
+
+def test_a_resolver_error_within_the_deadline_is_reported_as_such(monkeypatch):
+    def unknown_host(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    http_conn(monkeypatch, "hook_test", "http://hooks.test:9/cdr-hook")
+    hook = CdrWebhookHook("hook_test", timeout=5, allowed_networks=LOOPBACK, resolver=unknown_host)
+
+    result = hook.post(BODY, headers_for())
+
+    assert result.http_status is None
+    assert (
+        result.error == "connection failed: cannot resolve hooks.test: [Errno -2] Name or service not known"
+    )
+    assert result.latency_ms < 1000
+
+
+def test_a_fast_receiver_is_unaffected_and_no_watchdog_thread_stays(monkeypatch, receiver):
+    http_conn(monkeypatch, "hook_test", receiver.url)
+    hook = CdrWebhookHook("hook_test", timeout=1.5, allowed_networks=LOOPBACK)
+
+    results = [hook.post(BODY, headers_for()) for _ in range(3)]
+
+    assert [(r.http_status, r.error, r.response_excerpt) for r in results] == [
+        (200, None, '{"status": 200}')
+    ] * 3
+    assert all(r.latency_ms < 500 for r in results)
+    assert _deadline_threads() == []
+    assert len(receiver.received()) == 3
 
 
 def test_connection_refused_is_described_without_the_url(monkeypatch):

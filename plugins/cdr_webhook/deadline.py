@@ -1,0 +1,186 @@
+"""One wall-clock deadline per HTTP exchange: a watchdog shuts the exchange's sockets when it passes.
+
+Socket timeouts bound each read, not the exchange: a receiver sending its reply a byte at a time
+would hold a POST for minutes. Airflow owns SIGALRM (``execution_timeout``), so no signals here.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from urllib3.response import HTTPResponse
+
+T = TypeVar("T")
+
+#: Name (prefix) of the watchdog threads; at most one per exchange, gone when it ends.
+WATCHDOG_THREAD = "cdr-webhook-deadline"
+
+_current = threading.local()
+
+
+class Deadline:
+    """
+    A deadline ``seconds`` from now for the exchange run inside ``with Deadline(seconds):``.
+
+    While the block runs, every socket that :class:`WatchedHTTPConnection` (and its https sibling)
+    opens in this thread is registered; when the deadline passes, a watchdog thread shuts each one
+    down (``SHUT_RDWR`` on a duplicate of its descriptor, which works under TLS too), so whatever
+    recv or send is blocked on it returns at once, with an error or an end of file.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
+        self.connected = False  # a socket was opened: the wait was the receiver's, not DNS or connect
+        self._expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.name = WATCHDOG_THREAD
+        self._timer.daemon = True
+        self._outer: Deadline | None = None
+
+    def remaining(self) -> float:
+        """Seconds left, never negative."""
+        return max(0.0, self.ends - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        """Whether the watchdog has shut (or is shutting) the sockets."""
+        return self._expired
+
+    @property
+    def passed(self) -> bool:
+        """Whether the deadline has passed (the watchdog may not have woken up yet)."""
+        return self._expired or time.monotonic() >= self.ends
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the deadline passes (at once, when it already has)."""
+        duplicate = sock.dup()  # TLS wrapping detaches the original socket object; the duplicate stays
+        with self._lock:
+            self.connected = True
+            if not self._expired:
+                self._sockets.append(duplicate)
+                return
+        _shut(duplicate)
+        duplicate.close()
+
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """
+        Return ``function(*args)``, or raise :class:`TimeoutError` when it outlasts the deadline.
+
+        It runs in a daemon thread that is abandoned at the deadline: for calls that cannot be
+        interrupted, such as :func:`socket.getaddrinfo`.
+        """
+        done = threading.Event()
+        outcome: list[Any] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, function(*args)))
+            except BaseException as err:  # handed to the caller's thread
+                outcome.append((False, err))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"{WATCHDOG_THREAD}-call", daemon=True).start()
+        if not done.wait(self.remaining()):
+            raise TimeoutError(f"no answer within the {self.seconds:g} s deadline")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def __enter__(self) -> Deadline:
+        self._outer = getattr(_current, "deadline", None)
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self._timer.join()  # after this no shutdown can race the closing below
+        _current.deadline = self._outer
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for duplicate in sockets:
+            duplicate.close()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            sockets = list(self._sockets)
+        for duplicate in sockets:
+            _shut(duplicate)
+
+
+def current_deadline() -> Deadline | None:
+    """The deadline this thread is running under, if any."""
+    return getattr(_current, "deadline", None)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the other side, or never connected
+
+
+class WatchedHTTPConnection(HTTPConnection):
+    """
+    An urllib3 connection that connects within the current deadline and registers its socket.
+
+    A reply whose status line and headers were still arriving when the watchdog shut the socket
+    is refused: http.client reads the end of file as the end of the headers, so a reply cut off after
+    ``HTTP/1.1 200 OK`` would otherwise pass for a complete 200.
+    """
+
+    def _new_conn(self) -> socket.socket:
+        deadline = current_deadline()
+        if deadline is None:
+            return super()._new_conn()
+        remaining = deadline.remaining()
+        if remaining <= 0:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} not tried: the deadline passed")
+        timeout = self.timeout if isinstance(self.timeout, int | float) else math.inf
+        self.timeout = min(timeout, remaining)
+        sock = super()._new_conn()
+        deadline.watch(sock)
+        return sock
+
+    def getresponse(self) -> HTTPResponse:
+        response = super().getresponse()
+        deadline = current_deadline()
+        # The watchdog sets ``expired`` before it shuts anything: still False now means the headers
+        # were read whole.
+        if deadline is not None and deadline.expired:
+            response.close()
+            raise TimeoutError(f"the reply's headers were cut off by the {deadline.seconds:g} s deadline")
+        return response
+
+
+class WatchedHTTPSConnection(WatchedHTTPConnection, HTTPSConnection):
+    """The https sibling: the raw socket is registered before the TLS handshake starts."""
+
+
+class WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
+#: For ``PoolManager.pool_classes_by_scheme``.
+WATCHED_POOLS = {"http": WatchedHTTPConnectionPool, "https": WatchedHTTPSConnectionPool}
