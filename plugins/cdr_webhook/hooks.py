@@ -133,11 +133,11 @@ class CdrWebhookHook(HttpHook):
         started = time.monotonic()
         refused = False
         try:
-            with pem_files(self.connection.extra_dejson) as tls, Deadline(self.timeout) as deadline:
+            with pem_files(self.endpoint.tls_extra()) as tls, Deadline(self.timeout) as deadline:
                 session = self.get_conn(tls=tls)
                 try:
                     with session.post(
-                        self.url_from_endpoint(None),
+                        self.endpoint.url,
                         data=body,
                         headers=headers,
                         timeout=(self.timeout, self.timeout),
