@@ -17,6 +17,7 @@ from cdr_webhook.settings import Settings
 from cdr_webhook.source import fetch_rows
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
+from tests.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -88,55 +89,16 @@ def test_dates_the_driver_cannot_load_skip_only_their_cdr(cdr_db, time_zone, ext
         assert "outside the range of dates a payload can carry" in error
 
 
-FEED = "public.cdr_feed"
 FEED_SETTINGS = dataclasses.replace(SETTINGS, source_relation=FEED)
 
 
 @pytest.fixture
 def feed(cdr_db):
     """A source table without a key of its own, as a view over a dialer's tables may behave."""
-    cdr_db.execute("DROP TABLE IF EXISTS public.cdr_feed")
-    cdr_db.execute(
-        """
-        CREATE TABLE public.cdr_feed (
-            client_id bigint, cdr_id text, callerid text, callrequest_id text, call_id text,
-            campaign_id bigint, campaign_name text, leg_type int, phone_number text,
-            list_phonebook_id bigint[], list_phonebook_name text[], gateway text, amd_status int,
-            hangup_cause_code int, hangup_cause text, cost numeric, billed_duration int,
-            incremental_duration int, call_date timestamptz, created_at timestamptz
-        )
-        """
-    )
+    create_feed(cdr_db)
 
     def add(cdr_id: str | None, created_at: dt.datetime, **overrides) -> str | None:
-        row = {
-            "client_id": 7,
-            "cdr_id": cdr_id,
-            "callerid": "x",
-            "callrequest_id": "r",
-            "call_id": "c",
-            "campaign_id": 1,
-            "campaign_name": "n",
-            "leg_type": 1,
-            "phone_number": "+3465",
-            "list_phonebook_id": [1],
-            "list_phonebook_name": ["a"],
-            "gateway": "g",
-            "amd_status": 1,
-            "hangup_cause_code": 16,
-            "hangup_cause": None,
-            "cost": Decimal("0.1"),
-            "billed_duration": 1,
-            "incremental_duration": 1,
-            "call_date": T0,
-            "created_at": created_at,
-        }
-        row.update(overrides)
-        cdr_db.execute(
-            f"INSERT INTO public.cdr_feed ({', '.join(row)}) VALUES ({', '.join(['%s'] * len(row))})",
-            list(row.values()),
-        )
-        return cdr_id
+        return add_feed_row(cdr_db, cdr_id, created_at, **overrides)
 
     yield add
     cdr_db.execute("DROP TABLE public.cdr_feed")

@@ -17,6 +17,7 @@ from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
+from tests.source_feed import add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -150,47 +151,10 @@ def test_cleared_select_maps_exactly_what_its_run_claimed(cdr_db):
 
 
 def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db):
-    cdr_db.execute(
-        """
-        CREATE TABLE public.cdr_feed (
-            client_id bigint, cdr_id text, callerid text, callrequest_id text, call_id text,
-            campaign_id bigint, campaign_name text, leg_type int, phone_number text,
-            list_phonebook_id bigint[], list_phonebook_name text[], gateway text, amd_status int,
-            hangup_cause_code int, hangup_cause text, cost numeric, billed_duration int,
-            incremental_duration int, call_date timestamptz, created_at timestamptz
-        )
-        """
-    )
+    create_feed(cdr_db)
 
     def add(cdr_id, second, **overrides):
-        row = {
-            "client_id": 7,
-            "cdr_id": cdr_id,
-            "callerid": "x",
-            "callrequest_id": "r",
-            "call_id": "c",
-            "campaign_id": 1,
-            "campaign_name": "n",
-            "leg_type": 1,
-            "phone_number": "+3465",
-            "list_phonebook_id": [1],
-            "list_phonebook_name": ["a"],
-            "gateway": "g",
-            "amd_status": 1,
-            "hangup_cause_code": 16,
-            "hangup_cause": None,
-            "cost": Decimal("0.1"),
-            "billed_duration": 1,
-            "incremental_duration": 1,
-            "call_date": T0,
-            "created_at": T0 + dt.timedelta(seconds=second),
-        }
-        row.update(overrides)
-        columns = ", ".join(row)
-        cdr_db.execute(
-            f"INSERT INTO public.cdr_feed ({columns}) VALUES ({', '.join(['%s'] * len(row))})",
-            list(row.values()),
-        )
+        add_feed_row(cdr_db, cdr_id, T0 + dt.timedelta(seconds=second), **{"call_date": T0, **overrides})
 
     add("good-1", 1)
     add(None, 2)
