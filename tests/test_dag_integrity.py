@@ -76,6 +76,23 @@ def test_retry_settings_reach_post_cdr(settings_env):
     assert post.partial_kwargs["retry_policy"].max_delay_seconds == 45
 
 
+def test_isolation_settings_reach_the_dag(settings_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_RUNS", "2")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SLOT_WAIT_SECONDS", "10")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS", "7")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_POSTS_PER_RUN", "3")
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
+    post = dag.get_task("post_cdr")
+
+    assert dag.max_active_runs == 2
+    # slot wait + the POST's deadline + 60 s of database work
+    assert post.partial_kwargs["execution_timeout"] == dt.timedelta(seconds=77)
+    assert post.partial_kwargs["max_active_tis_per_dagrun"] == 3
+
+
 def test_failure_notifier_setting_becomes_the_dags_failure_callback(settings_env):
     from airflow.dag_processing.dagbag import DagBag
 

@@ -78,3 +78,22 @@ def test_reconciliation_settings():
         parse_settings({"reconcile_interval_seconds": "0"})
     with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__RECONCILE_HOURS='-1' must be"):
         parse_settings({"reconcile_hours": "-1"})
+
+
+def test_the_claim_timeout_must_outlast_every_wait_of_a_live_run():
+    # 900 s between tries, then a try: 60 s slot wait + 15 s deadline + 60 s database work = 1035 s.
+    assert parse_settings({"claim_timeout_seconds": "1036"}).attempt_timeout.total_seconds() == 135
+    with pytest.raises(
+        SettingsError, match="CLAIM_TIMEOUT_SECONDS=1036 must exceed .*slot_wait_seconds.* \\(1135\\)"
+    ):
+        parse_settings({"claim_timeout_seconds": "1036", "slot_wait_seconds": "160"})
+    with pytest.raises(SettingsError, match="must exceed .* \\(1055\\)"):
+        parse_settings({"claim_timeout_seconds": "1036", "request_timeout_seconds": "35"})
+
+
+def test_isolation_settings():
+    assert (Settings().max_active_runs, Settings().slot_wait_seconds) == (4, 60)
+    settings = parse_settings({"max_active_runs": "2", "slot_wait_seconds": "0"})
+    assert (settings.max_active_runs, settings.slot_wait_seconds) == (2, 0)
+    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_RUNS='0' must be at least 1"):
+        parse_settings({"max_active_runs": "0"})
