@@ -183,6 +183,11 @@ def failing_endpoints(conn: psycopg.Connection[Any]) -> set[str]:
     return {row[0] for row in rows}
 
 
+def prune_events(conn: psycopg.Connection[Any], *, before: dt.datetime) -> int:
+    """Delete the pause and resume events recorded before ``before``; return how many."""
+    return conn.execute("DELETE FROM cdr_webhook.endpoint_event WHERE at < %s", (before,)).rowcount
+
+
 def paused_endpoints(conn: psycopg.Connection[Any]) -> set[str]:
     """Return the connection ids of every paused endpoint."""
     rows = conn.execute("SELECT endpoint FROM cdr_webhook.endpoint_state WHERE paused").fetchall()

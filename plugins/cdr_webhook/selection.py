@@ -17,7 +17,7 @@ from cdr_webhook.payload import InvalidCdr, build_payload
 from cdr_webhook.routing import Route, Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
 from cdr_webhook.source import check_source, distinct_clients, fetch_rows
-from cdr_webhook.window import SCHEDULED, Window, plan_scan, plan_window
+from cdr_webhook.window import SCHEDULED, InvalidRunRequest, Window, plan_scan, plan_window
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -111,6 +111,8 @@ def select_cdrs(
             params=run.params, interval_start=run.interval_start, interval_end=run.interval_end, now=now
         )
     )
+    if window is not None:
+        _check_retention(window, settings, now)
     request = _request(window)
     if ledger.recorded_request(conn, dag_id=run.dag_id, run_id=run.run_id) == request:
         owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
@@ -137,6 +139,7 @@ def select_cdrs(
         ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
     for event in known.held:
         endpoints.notify(event)  # once the pause is committed
+    _prune(conn, settings, now)
     log.info(
         "Claimed %d CDR(s), %d to send, %d skipped as invalid; %d queued CDR(s) wait for later runs",
         len(claims),
@@ -145,6 +148,37 @@ def select_cdrs(
         ledger.queued_backlog(conn),
     )
     return [_mapped(claim) for claim in sendable]
+
+
+def _check_retention(window: Window, settings: Settings, now: dt.datetime) -> None:
+    """Refuse a ``missing`` window reaching before the ledger's retention: it would resend everything."""
+    if not settings.retention_days or window.policy != "missing":
+        return
+    kept_from = now - dt.timedelta(days=settings.retention_days)
+    if window.start < kept_from:
+        raise InvalidRunRequest(
+            f"window_start ({window.start.isoformat()}) is before what the ledger still records "
+            f"({kept_from.isoformat()}, retention_days = {settings.retention_days}): policy missing "
+            "would send every CDR of it again. Start the window later, or redeliver it deliberately "
+            "with policy all"
+        )
+
+
+def _prune(conn: psycopg.Connection[Any], settings: Settings, now: dt.datetime) -> None:
+    """Delete what is older than ``retention_days`` (a bounded batch per run), outside the claims."""
+    if not settings.retention_days:
+        return
+    before = now - dt.timedelta(days=settings.retention_days)
+    rows = ledger.prune(conn, before=before)
+    events = endpoints.prune_events(conn, before=before)
+    if rows or events:
+        log.info(
+            "Retention (%d days): deleted %d finished ledger row(s) and %d endpoint event(s) before %s",
+            settings.retention_days,
+            rows,
+            events,
+            before.isoformat(),
+        )
 
 
 def _request(window: Window | None) -> dict[str, Any]:

@@ -50,6 +50,8 @@ class Settings:
     # reconcile_hours (0 disables), at most once every reconcile_interval_seconds.
     reconcile_hours: int = 24
     reconcile_interval_seconds: int = 600
+    # Finished ledger rows, endpoint events and run records older than this are deleted (0: never).
+    retention_days: int = 180
     max_cdrs_per_run: int = 500
     request_timeout_seconds: float = 15.0
     source_relation: str = "cdr_webhook_source"
@@ -78,6 +80,12 @@ class Settings:
             raise SettingsError(
                 f"{_env('max_cdrs_per_run')}={self.max_cdrs_per_run} must stay below Airflow's "
                 f"[core] max_map_length ({max_map_length}): every CDR of a run is one mapped task"
+            )
+        if self.retention_days and self.retention_days * 24 <= self.reconcile_hours:
+            raise SettingsError(
+                f"{_env('retention_days')}={self.retention_days} must keep the ledger longer than "
+                f"reconcile_hours ({self.reconcile_hours} h), or the reconciliation would send pruned "
+                "CDRs again"
             )
         # The longest a live run's claim goes untouched: a retry's wait, then a whole try (slot wait,
         # the POST's deadline, database work). Each try refreshes every queued claim of its run.
@@ -214,6 +222,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "lag_seconds": _non_negative_int,
     "reconcile_hours": _non_negative_int,
     "reconcile_interval_seconds": _positive_int,
+    "retention_days": _non_negative_int,
     "max_cdrs_per_run": _positive_int,
     "request_timeout_seconds": _positive_float,
     "source_relation": _relation,

@@ -97,3 +97,12 @@ def test_isolation_settings():
     assert (settings.max_active_runs, settings.slot_wait_seconds) == (2, 0)
     with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_RUNS='0' must be at least 1"):
         parse_settings({"max_active_runs": "0"})
+
+
+def test_retention_must_outlast_the_reconciliation_window():
+    assert Settings().retention_days == 180
+    assert parse_settings({"retention_days": "0", "reconcile_hours": "48"}).retention_days == 0
+    with pytest.raises(
+        SettingsError, match="RETENTION_DAYS=1 must keep the ledger longer than reconcile_hours"
+    ):
+        parse_settings({"retention_days": "1", "reconcile_hours": "24"})
