@@ -109,8 +109,19 @@ def make_cdrs(dialer: Dialer) -> dict[str, Expected]:
         dialer.cdr(): Expected("throttled once (429), retried", "delivered", 2, (429,)),
         dialer.cdr(): Expected("receiver rejects it (400): fails at once", "failed", 1, (400,)),
         dialer.cdr(cost=Decimal("NaN")): Expected("cost is NaN: cannot be mapped", "skipped", 0),
+        infinite_date(dialer): Expected("call_date is 'infinity': only this CDR is skipped", "skipped", 0),
+        dialer.cdr(client_id=3): Expected(
+            "client 3's connection is malformed: its endpoint is held, the others deliver", "queued", 0
+        ),
     }
     return cdrs
+
+
+def infinite_date(dialer: Dialer) -> str:
+    """A CDR whose call_date the database driver cannot load (a dialer bug); return its cdr_id."""
+    cdr_id = dialer.cdr()
+    dialer.conn.execute("UPDATE dialer.cdr SET call_date = 'infinity' WHERE id = %s::uuid", (cdr_id,))
+    return cdr_id
 
 
 def airflow_env(dsn: str, url: str) -> dict[str, str]:
@@ -123,6 +134,8 @@ def airflow_env(dsn: str, url: str) -> dict[str, str]:
         "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
         "AIRFLOW_CONN_CDR_DB": postgres_conn(dsn),
         "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(url, api_key=API_KEY, signing_secret=SIGNING_SECRET),
+        # Client 3's own endpoint, misconfigured: leg_types must be a list.
+        "AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_3": http_conn(url, api_key=API_KEY, leg_types="1"),
     }
 
 
@@ -155,7 +168,7 @@ def run_in_airflow(env: dict[str, str], start: dt.datetime, end: dt.datetime) ->
 def ledger_rows(conn: psycopg.Connection[Any], cdr_ids: list[str]) -> dict[str, dict[str, Any]]:
     rows = conn.execute(
         "SELECT cdr_id, status, attempts, http_status, error, latency_ms FROM cdr_webhook.delivery "
-        "WHERE cdr_id = ANY(%s) AND endpoint = 'cdr_webhook'",
+        "WHERE cdr_id = ANY(%s)",
         (cdr_ids,),
     ).fetchall()
     keys = ("status", "attempts", "http_status", "error", "latency_ms")
