@@ -143,9 +143,15 @@ def command(service: dict[str, Any]) -> str:
 
 
 def airflow_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The services built from the shared ``x-airflow-common`` block (its image)."""
+    """The Airflow services: named ``airflow-*``, running the shared image, or configuring Airflow."""
     image = compose["x-airflow-common"]["image"]
-    return {name: svc for name, svc in compose["services"].items() if svc.get("image") == image}
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if name.startswith("airflow-")
+        or svc.get("image") == image
+        or any(key.startswith("AIRFLOW__CORE__") for key in environment(svc))
+    }
 
 
 # -- the checks ----------------------------------------------------------------------------------------
@@ -292,7 +298,7 @@ def airflow_problems(compose: dict[str, Any]) -> list[str]:
         problems.append("service airflow-init (database migration, admin user) is missing")
     common_env = environment(common)
     for name, svc in airflow.items():
-        if svc.get("build") != common["build"]:
+        if svc.get("build") != common["build"] or svc.get("image") != common["image"]:
             problems.append(f"service {name} does not build the shared image ({svc.get('build')})")
         env = environment(svc)
         for key in SHARED_ENV:

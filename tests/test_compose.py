@@ -206,6 +206,8 @@ def test_a_component_with_another_jwt_secret_or_image_is_reported(compose: dict[
     broken = copy.deepcopy(compose)
     broken["services"]["airflow-worker"]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] = "another"
     broken["services"]["airflow-triggerer"]["build"] = {"context": ".", "target": "demo"}
+    del broken["services"]["airflow-init"]["build"]
+    broken["services"]["airflow-init"]["image"] = "apache/airflow:3.3.2"
     broken["services"]["airflow-scheduler"]["command"] = "standalone"
     for env in [broken["x-airflow-common"], *airflow_services(broken).values()]:
         env["environment"]["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = "http://api:8080/"
@@ -214,6 +216,7 @@ def test_a_component_with_another_jwt_secret_or_image_is_reported(compose: dict[
         "service airflow-scheduler runs 'standalone', not 'scheduler'",
         "service airflow-worker: its AIRFLOW__API_AUTH__JWT_SECRET is not x-airflow-common's",
         "service airflow-triggerer does not build the shared image ({'context': '.', 'target': 'demo'})",
+        "service airflow-init does not build the shared image (None)",
         "the execution API URL 'http://api:8080/' is not the api-server service's /execution/",
     ]
 
