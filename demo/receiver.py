@@ -1,14 +1,22 @@
-"""A webhook receiver on 127.0.0.1 that verifies signatures and records every request it gets.
+"""A webhook receiver that verifies signatures and records every request it gets.
 
-Used by the demo and the tests. Each CDR can be given a *script*: the statuses to answer its
-successive requests with (e.g. ``[503, 200]`` fails once, then accepts). Unscripted CDRs get 200.
+Used by the demo and the tests (on 127.0.0.1), and as the compose file's ``receiver`` service:
+
+    python -m demo.receiver --host 0.0.0.0 --port 8000   (RECEIVER_API_KEY, RECEIVER_SIGNING_SECRET)
+
+Each CDR can be given a *script*: the statuses to answer its successive requests with (e.g.
+``[503, 200]`` fails once, then accepts). Unscripted CDRs get 200.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import http.server
 import json
+import os
+import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +53,7 @@ class Received:
 
 class Receiver:
     """
-    A threaded HTTP server on 127.0.0.1 (an ephemeral port unless given).
+    A threaded HTTP server on ``host`` (127.0.0.1 unless given), on an ephemeral port unless given.
 
     :param secret: The ``whsec_`` secret to verify ``webhook-signature`` with (the reference library).
     :param api_key: When set, a request without this ``x-api-key`` gets 401.
@@ -60,6 +68,7 @@ class Receiver:
         secret: str | None = None,
         api_key: str | None = None,
         redirect_to: str = "http://127.0.0.1:9/elsewhere",
+        host: str = "127.0.0.1",
         port: int = 0,
         before_answer: Callable[[dict[str, str], bytes], None] | None = None,
     ) -> None:
@@ -70,7 +79,7 @@ class Receiver:
         self.requests: list[Received] = []
         self._scripts: dict[str, list[int | tuple[int, dict[str, str]]]] = {}
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._server = http.server.ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True)
 
@@ -175,3 +184,42 @@ class Receiver:
                 pass  # the recorded requests are the log
 
         return Handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until stopped, printing one line per request; the secrets come from the environment."""
+    parser = argparse.ArgumentParser(prog="python -m demo.receiver", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # docker stop: close the socket, exit 0
+    api_key = os.environ.get("RECEIVER_API_KEY") or None
+    secret = os.environ.get("RECEIVER_SIGNING_SECRET") or None
+    receiver = Receiver(secret=secret, api_key=api_key, host=args.host, port=args.port).start()
+    print(
+        f"Receiver listening on {receiver.url}: x-api-key {'checked' if api_key else 'not checked'}, "
+        f"webhook-signature {'verified' if secret else 'not verified'}",
+        flush=True,
+    )
+    shown = 0
+    try:
+        while True:
+            time.sleep(0.5)
+            received = receiver.received()
+            for request in received[shown:]:
+                signature = {True: "valid", False: "INVALID", None: "not checked"}[request.signature_ok]
+                print(
+                    f"{request.method} {request.path} cdr_id={request.cdr_id} "
+                    f"webhook-id={request.headers.get('webhook-id')} signature {signature}: "
+                    f"answered {request.answered}",
+                    flush=True,
+                )
+            shown = len(received)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        receiver.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

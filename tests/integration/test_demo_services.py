@@ -1,0 +1,118 @@
+"""The entrypoints of the compose file's demo services: ``python -m demo.seed`` and ``demo.receiver``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+
+from cdr_webhook.signing import build_headers
+from demo.seed import main as seed_main
+from demo.seed import seed
+from demo.stack import free_port
+from tests.conftest import ROOT
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import psycopg
+
+API_KEY = "receiver-test-key"
+SECRET = "whsec_" + base64.b64encode(b"receiver-entrypoint-test-secret!").decode()
+
+
+def source_ids(conn: psycopg.Connection[Any]) -> set[str]:
+    return {str(row[0]) for row in conn.execute("SELECT cdr_id FROM cdr_webhook_source").fetchall()}
+
+
+def test_seed_adds_a_batch_and_if_empty_adds_none_to_a_seeded_database(
+    cdr_db: psycopg.Connection[Any],
+) -> None:
+    first = seed(cdr_db, if_empty=True)
+    assert len(first) == 6
+    assert source_ids(cdr_db) == set(first)  # every demo CDR is visible through the source view
+
+    assert seed(cdr_db, if_empty=True) == []  # a restarted stack adds nothing
+    assert source_ids(cdr_db) == set(first)
+
+    second = seed(cdr_db)  # `docker compose run cdr-seed python -m demo.seed`: one more batch
+    assert source_ids(cdr_db) == set(first) | set(second)
+
+
+def test_seed_main_connects_with_the_environment_and_loads_a_fresh_database(
+    cdr_db: psycopg.Connection[Any], cdr_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    cdr_db.execute("DROP SCHEMA dialer CASCADE")  # a brand-new database: the seed creates the schema
+    monkeypatch.setenv("CDR_DATABASE_URL", cdr_dsn)
+
+    assert seed_main(["--if-empty"]) == 0
+
+    assert "6 demo CDRs" in capsys.readouterr().out
+    assert len(source_ids(cdr_db)) == 6
+
+
+@pytest.fixture
+def receiver_process() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    env = os.environ | {"RECEIVER_API_KEY": API_KEY, "RECEIVER_SIGNING_SECRET": SECRET}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "demo.receiver", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/cdr-hook"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            break
+        except requests.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"receiver did not start: {process.communicate()[0]}") from None
+            time.sleep(0.1)
+    try:
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def post(url: str, body: bytes, *, api_key: str, secret: str) -> int:
+    headers = build_headers(
+        msg_id="msg_test", timestamp=int(time.time()), body=body, api_key=api_key, signing_secrets=[secret]
+    )
+    return requests.post(url, data=body, headers=headers, timeout=5).status_code
+
+
+def test_receiver_entrypoint_checks_the_key_and_signature_from_its_environment_and_logs_each_post(
+    receiver_process: tuple[str, subprocess.Popen[str]],
+) -> None:
+    url, process = receiver_process
+    body = json.dumps({"cdr_id": "3f1c0a9e-0000-4000-8000-000000000001"}).encode()
+    other = "whsec_" + base64.b64encode(b"some-other-secret-of-32-bytes!!!").decode()
+
+    assert post(url, body, api_key=API_KEY, secret=SECRET) == 200
+    assert post(url, body, api_key="wrong-key", secret=SECRET) == 401
+    assert post(url, body, api_key=API_KEY, secret=other) == 401
+    time.sleep(1)  # the log loop prints every 0.5 s
+    process.terminate()  # SIGTERM, as `docker stop` sends it: the receiver exits cleanly
+    output, _ = process.communicate(timeout=10)
+
+    assert process.returncode == 0, output
+    assert "x-api-key checked, webhook-signature verified" in output
+    lines = [line for line in output.splitlines() if line.startswith("POST /cdr-hook")]
+    assert [line.rsplit(" ", 1)[1] for line in lines] == ["200", "401", "401"]
+    assert "signature valid" in lines[0]
+    assert "signature INVALID" in lines[2]
