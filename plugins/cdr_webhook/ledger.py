@@ -331,7 +331,7 @@ def assign(
         eligible.append(sql.SQL(" AND d.cdr_created_at >= %(start)s AND d.cdr_created_at < %(end)s"))
     if client_id is not None:
         eligible.append(sql.SQL(" AND d.client_id = %(client_id)s"))
-    # FOR UPDATE is not allowed next to window functions: rank first, then lock what was picked in
+    # FOR UPDATE is not allowed in a recursive query: pick first, then lock what was picked in
     # a second step whose WHERE repeats the eligibility, which READ COMMITTED re-checks on the latest
     # version of each row. Picking twice the limit leaves room for rows a concurrent run locked.
     query = sql.SQL(
@@ -344,25 +344,44 @@ def assign(
                     WHERE n.status = 'queued' AND n.endpoint > q.endpoint ORDER BY n.endpoint LIMIT 1)
             FROM queued_endpoints AS q WHERE q.endpoint IS NOT NULL
         ),
+        in_flight AS (
+            -- Counted for the throttled endpoints only (their live claims held by other runs).
+            SELECT t.endpoint, GREATEST(0, t.cap - (SELECT count(*) FROM cdr_webhook.delivery AS o
+                WHERE o.endpoint = t.endpoint AND o.status = 'queued' AND o.run_id IS NOT NULL
+                  AND (o.dag_id, o.run_id) IS DISTINCT FROM (%(dag_id)s, %(run_id)s)
+                  AND o.updated_at >= now() - make_interval(secs => %(timeout)s))) AS room
+            FROM unnest(%(throttled)s::text[], %(caps)s::bigint[]) AS t(endpoint, cap)
+        ),
         quota AS (
-            SELECT q.endpoint, CASE WHEN t.cap IS NULL THEN %(limit)s ELSE LEAST(%(limit)s, GREATEST(0,
-                t.cap - (SELECT count(*) FROM cdr_webhook.delivery AS o
-                         WHERE o.endpoint = q.endpoint AND o.status = 'queued' AND o.run_id IS NOT NULL
-                           AND (o.dag_id, o.run_id) IS DISTINCT FROM (%(dag_id)s, %(run_id)s)
-                           AND o.updated_at >= now() - make_interval(secs => %(timeout)s)))) END AS quota
-            FROM queued_endpoints AS q
-            LEFT JOIN unnest(%(throttled)s::text[], %(caps)s::bigint[]) AS t(endpoint, cap)
-                ON t.endpoint = q.endpoint
+            SELECT q.endpoint, COALESCE(LEAST(%(limit)s, f.room), %(limit)s) AS quota
+            FROM queued_endpoints AS q LEFT JOIN in_flight AS f ON f.endpoint = q.endpoint
             WHERE q.endpoint IS NOT NULL AND q.endpoint <> ALL(%(paused)s)
         ),
-        candidates AS (
-            SELECT c.cdr_id, c.endpoint, c.cdr_created_at,
-                   row_number() OVER (PARTITION BY c.endpoint ORDER BY c.cdr_created_at, c.cdr_id) AS turn
+        turns AS (
+            -- Round robin one turn at a time: each endpoint's next eligible row after the one it gave
+            -- in the last turn, one index probe each, however long its backlog.
+            SELECT q.endpoint, q.quota, c.cdr_id, c.cdr_created_at, 1 AS turn
             FROM quota AS q CROSS JOIN LATERAL (
-                SELECT d.cdr_id, d.endpoint, d.cdr_created_at FROM cdr_webhook.delivery AS d
+                SELECT d.cdr_id, d.cdr_created_at FROM cdr_webhook.delivery AS d
                 WHERE d.endpoint = q.endpoint AND {eligible}
-                ORDER BY d.cdr_created_at, d.cdr_id LIMIT q.quota
+                ORDER BY d.cdr_created_at, d.cdr_id LIMIT 1
             ) AS c
+            WHERE q.quota > 0
+            UNION ALL
+            SELECT t.endpoint, t.quota, c.cdr_id, c.cdr_created_at, t.turn + 1
+            FROM turns AS t CROSS JOIN LATERAL (
+                SELECT d.cdr_id, d.cdr_created_at FROM cdr_webhook.delivery AS d
+                WHERE d.endpoint = t.endpoint AND (d.cdr_created_at, d.cdr_id) > (t.cdr_created_at, t.cdr_id)
+                  AND {eligible}
+                ORDER BY d.cdr_created_at, d.cdr_id LIMIT 1
+            ) AS c
+            WHERE t.turn < t.quota
+        ),
+        candidates AS (
+            -- Turns come out whole and in order, and one holds a row per endpoint at most: these rows
+            -- hold every turn the pick below reaches, and the recursion stops once they are read.
+            SELECT cdr_id, endpoint, cdr_created_at, turn FROM turns
+            LIMIT 2 * %(limit)s + (SELECT count(*) FROM quota)
         ),
         picked AS (
             SELECT cdr_id, endpoint, turn FROM candidates
