@@ -153,15 +153,23 @@ def late_clients(
     Return the clients of source rows with ``start <= created_at < end`` that have no ledger row.
 
     An anti-join on the ledger's primary key (its leading column, under the key the row is
-    recorded by) over the source's created_at index: the reconciliation scan's first step.
+    recorded by) over the source's created_at index: the reconciliation scan's first step. Rows
+    with a NULL cdr_id (keyed by the whole row) are a branch of their own: the whole row in the
+    common branch would make the view compute every column of every row (its phonebook arrays too).
     """
     query = sql.SQL(
-        "SELECT DISTINCT s.client_id FROM {relation} AS s "
-        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND NOT EXISTS ("
-        "  SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = CASE"
-        "    WHEN s.cdr_id IS NULL THEN {null_prefix} || md5(s::text)"
+        "SELECT DISTINCT client_id FROM ("
+        "  SELECT s.client_id FROM {relation} AS s "
+        "  WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND s.cdr_id IS NOT NULL "
+        "  AND NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = CASE"
         "    WHEN length(s.cdr_id::text) > %(max_length)s THEN {long_prefix} || md5(s.cdr_id::text)"
         "    ELSE s.cdr_id::text END)"
+        "  UNION ALL "
+        "  SELECT s.client_id FROM {relation} AS s "
+        "  WHERE s.created_at >= %(start)s AND s.created_at < %(end)s AND s.cdr_id IS NULL "
+        "  AND NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery AS d"
+        "    WHERE d.cdr_id = {null_prefix} || md5(s::text))"
+        ") AS late"
     ).format(
         relation=relation_identifier(relation),
         null_prefix=sql.Literal(NULL_CDR_ID_PREFIX),

@@ -8,10 +8,13 @@ import logging
 
 import psycopg
 
+from cdr_webhook import ledger, schema
+from cdr_webhook.routing import Route
 from cdr_webhook.selection import RunInfo, select_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
+from tests.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -73,3 +76,19 @@ def test_reconciliation_never_reaches_before_the_first_scan_and_can_be_disabled(
     assert [run(cdr_db, n, off) for n in (5, 6, 7)] == [[], [], []]
     assert run(cdr_db, 8) == [missed]
     assert history not in [row[0] for row in cdr_db.execute("SELECT cdr_id FROM cdr_webhook.delivery")]
+
+
+def test_late_clients_finds_rows_without_a_ledger_row_under_each_kind_of_key(cdr_db):
+    # A NULL cdr_id and a too-long one are recorded under keys derived from the row: once recorded,
+    # they are not late any more, like a plain cdr_id.
+    schema.migrate(cdr_db)
+    create_feed(cdr_db)
+    for client, cdr_id in ((1, "plain"), (2, None), (3, "x" * (ledger.MAX_CDR_ID_LENGTH + 1))):
+        add_feed_row(cdr_db, cdr_id, T0 + client * SECOND, client_id=client)
+    span = {"relation": FEED, "start": T0, "end": T0 + MINUTE}
+
+    assert sorted(ledger.late_clients(cdr_db, **span)) == [1, 2, 3]
+    ledger.enqueue_new(cdr_db, routes={c: Route("cdr_webhook") for c in (1, 2, 3)}, **span)
+    assert ledger.late_clients(cdr_db, **span) == []
+    add_feed_row(cdr_db, None, T0 + 4 * SECOND, client_id=4, call_id="another row")
+    assert ledger.late_clients(cdr_db, **span) == [4]
