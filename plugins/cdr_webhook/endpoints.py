@@ -206,15 +206,28 @@ def list_endpoints(conn: psycopg.Connection[Any], *, endpoint: str | None = None
     """
     Return every endpoint with a state row or ledger rows (or just ``endpoint``), ordered by name.
 
-    Needs the ledger table too (:func:`cdr_webhook.schema.migrate` makes both). It reads the whole ledger,
-    since an endpoint with only delivered CDRs must be listed as well.
+    Needs the ledger table too (:func:`cdr_webhook.schema.migrate` makes both). An endpoint with only
+    delivered CDRs is listed as well: the ledger's endpoints are found one index probe each (a loose
+    index scan), and only their queued and failed rows are counted.
     """
     query = """
-        WITH backlog AS (
-            SELECT endpoint, count(*) FILTER (WHERE status = 'queued') AS queued,
-                   count(*) FILTER (WHERE status = 'failed') AS failed
-            FROM cdr_webhook.delivery WHERE %(endpoint)s::text IS NULL OR endpoint = %(endpoint)s
-            GROUP BY endpoint
+        WITH RECURSIVE ledger_endpoints AS (
+            (SELECT endpoint FROM cdr_webhook.delivery
+             WHERE %(endpoint)s::text IS NULL OR endpoint = %(endpoint)s ORDER BY endpoint LIMIT 1)
+            UNION ALL
+            SELECT (SELECT n.endpoint FROM cdr_webhook.delivery AS n
+                    WHERE n.endpoint > e.endpoint
+                      AND (%(endpoint)s::text IS NULL OR n.endpoint = %(endpoint)s)
+                    ORDER BY n.endpoint LIMIT 1)
+            FROM ledger_endpoints AS e WHERE e.endpoint IS NOT NULL
+        ),
+        backlog AS (
+            SELECT e.endpoint,
+                   (SELECT count(*) FROM cdr_webhook.delivery AS d
+                    WHERE d.endpoint = e.endpoint AND d.status = 'queued') AS queued,
+                   (SELECT count(*) FROM cdr_webhook.delivery AS d
+                    WHERE d.endpoint = e.endpoint AND d.status = 'failed') AS failed
+            FROM ledger_endpoints AS e WHERE e.endpoint IS NOT NULL
         )
         SELECT COALESCE(s.endpoint, b.endpoint) AS endpoint, COALESCE(s.paused, false) AS paused,
                s.reason, s.changed_by, s.changed_at,

@@ -127,6 +127,13 @@ STEPS: tuple[Step, ...] = (
         "ALTER TABLE cdr_webhook.endpoint_state "
         "ADD COLUMN IF NOT EXISTS failed_attempts integer NOT NULL DEFAULT 0",
     ),
+    Step(
+        5,
+        "ledger rows by endpoint and status, for the endpoint list",
+        # The distinct endpoints of the whole ledger (one index probe each) and their failed counts,
+        # instead of a scan of every row. Status updates are not HOT already (partial indexes).
+        "CREATE INDEX IF NOT EXISTS delivery_endpoint_status_idx ON cdr_webhook.delivery (endpoint, status)",
+    ),
 )
 
 LATEST = STEPS[-1].version

@@ -91,3 +91,25 @@ def test_concurrent_first_migrations_apply_each_step_once(cdr_db, cdr_dsn):
     assert errors == []
     assert results == [schema.LATEST, schema.LATEST]
     assert versions(cdr_db) == [step.version for step in schema.STEPS]
+
+
+def test_the_endpoint_status_index_applies_on_a_database_at_version_4(cdr_db):
+    cdr_db.execute(schema._VERSION_TABLE)
+    for step in schema.STEPS[:4]:
+        cdr_db.execute(step.ddl)
+        cdr_db.execute(
+            "INSERT INTO cdr_webhook.schema_version (version, name) VALUES (%s, %s)",
+            (step.version, step.name),
+        )
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "VALUES ('a', 'cdr_webhook', '2026-11-28T09:00:00Z', 'failed')"
+    )
+    assert schema.current_version(cdr_db) == 4
+    assert "delivery_endpoint_status_idx" not in indexes(cdr_db)
+
+    assert schema.migrate(cdr_db) == schema.LATEST
+
+    assert versions(cdr_db) == [step.version for step in schema.STEPS]
+    assert "delivery_endpoint_status_idx" in indexes(cdr_db)
+    assert cdr_db.execute("SELECT cdr_id, status FROM cdr_webhook.delivery").fetchall() == [("a", "failed")]
