@@ -234,10 +234,11 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
         "UPDATE cdr_webhook.delivery SET updated_at = now() WHERE run_id = %s AND status = 'queued'",
         (LIVE_RUN,),
     )  # the live run's claims are fresh whenever this runs
-    row = conn.execute("SELECT max(created_at) FROM dialer.cdr").fetchone()
+    row = conn.execute("SELECT max(created_at), min(created_at), count(*) FROM dialer.cdr").fetchone()
     assert row is not None, "no CDRs: run without --reuse first"
     assert row[0] is not None, "no CDRs: run without --reuse first"
     end = row[0] + dt.timedelta(microseconds=1)
+    span, cdrs = row[0] - row[1], row[2]  # of the database measured (--reuse: not the options')
     clients = [r[0] for r in conn.execute("SELECT id FROM dialer.client")]
     routes = {c: Route(client_conn_id(c) if c <= args.endpoints else DEFAULT_ENDPOINT) for c in clients}
     paused = sorted(endpoints.paused_endpoints(conn))
@@ -353,7 +354,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             moved = conn.execute(
                 "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL "
                 "WHERE cdr_created_at >= %s AND status = 'delivered'",
-                (end - TAIL - dt.timedelta(days=args.days) * args.backlog / args.cdrs,),
+                (end - TAIL - span * args.backlog / cdrs,),
             ).rowcount
             conn.execute("ANALYZE cdr_webhook.delivery")
             n = conn.execute("SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued'").fetchone()
