@@ -15,9 +15,11 @@ def test_no_more_than_limit_posts_in_flight_per_endpoint(cdr_db, cdr_dsn):
     in_flight = {"a": 0, "b": 0}
     peak = {"a": 0, "b": 0}
     lock = threading.Lock()
+    ready = threading.Barrier(10)  # all connected before any asks: a slow connect cannot hide the peak
 
     def post(endpoint: str) -> None:
         with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+            ready.wait(timeout=30)
             with endpoint_slot(conn, endpoint, limit=2, wait_seconds=30, poll_seconds=0.02):
                 with lock:
                     in_flight[endpoint] += 1
