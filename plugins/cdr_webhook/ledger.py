@@ -519,13 +519,8 @@ def start_attempt(
     }
     with conn.transaction(), conn.cursor(row_factory=class_row(Claim)) as cur:
         claim = cur.execute(query, params).fetchone()
-        if claim is not None:
-            conn.execute(
-                "UPDATE cdr_webhook.delivery SET updated_at = now() "
-                "WHERE dag_id = %s AND run_id = %s AND status = 'queued'",
-                (dag_id, run_id),
-            )
     if claim is not None:
+        _refresh_claims(conn, dag_id=dag_id, run_id=run_id, older_than_seconds=claim_timeout_seconds / 4)
         return claim
     owner = conn.execute(
         "SELECT run_id, map_index, status FROM cdr_webhook.delivery WHERE cdr_id = %s AND endpoint = %s",
@@ -540,6 +535,28 @@ def start_attempt(
     raise ClaimLost(
         f"CDR {cdr_id!r} for endpoint {endpoint!r} belongs to {task} (status {status}): clear that task "
         "to send it again"
+    )
+
+
+def _refresh_claims(
+    conn: psycopg.Connection[Any], *, dag_id: str, run_id: str, older_than_seconds: float
+) -> None:
+    """
+    Mark the run's queued claims as alive, so that none goes stale while the run still works.
+
+    Its own statement, after the try's claim has committed, and ``SKIP LOCKED``: tries of one run
+    running at once would otherwise lock each other's rows in opposite orders (a deadlock). Only rows
+    untouched for a quarter of the claim timeout are rewritten, so a run's tries do not rewrite all
+    its claims on every try.
+    """
+    conn.execute(
+        "UPDATE cdr_webhook.delivery AS d SET updated_at = now() FROM ("
+        "  SELECT cdr_id, endpoint FROM cdr_webhook.delivery "
+        "  WHERE dag_id = %(dag_id)s AND run_id = %(run_id)s AND status = 'queued' "
+        "    AND updated_at < now() - make_interval(secs => %(age)s) "
+        "  FOR UPDATE SKIP LOCKED) AS alive "
+        "WHERE d.cdr_id = alive.cdr_id AND d.endpoint = alive.endpoint",
+        {"dag_id": dag_id, "run_id": run_id, "age": older_than_seconds},
     )
 
 

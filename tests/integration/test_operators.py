@@ -286,3 +286,28 @@ def test_a_try_that_finds_every_slot_busy_is_rescheduled_without_using_a_retry(
     )
     run_try(cdr, FakeTaskInstance())  # the slot is free again: the same try sends it
     assert len(receiver.received(cdr)) == 1
+
+
+def test_tries_of_one_run_at_once_never_wait_on_each_others_claims(db, cdr_dsn):
+    """Refreshing the run's claims skips rows another try holds: no lock wait, so no deadlock."""
+    import psycopg
+
+    from cdr_webhook import ledger
+
+    dialer = Dialer(db)
+    mine, theirs = (dialer.cdr(created_at=NOW - dt.timedelta(minutes=m), client_id=7) for m in (5, 4))
+    for cdr in (mine, theirs):
+        queue(db, cdr, updated_at=NOW - dt.timedelta(hours=2))
+    db.execute("SET lock_timeout = '2s'")
+    with psycopg.connect(cdr_dsn) as other_try:  # another try of the run, mid-transaction on its row
+        other_try.execute("SELECT 1 FROM cdr_webhook.delivery WHERE cdr_id = %s FOR UPDATE", (theirs,))
+        claim = ledger.start_attempt(
+            db,
+            cdr_id=mine,
+            endpoint=ENDPOINT,
+            dag_id="cdr_webhook",
+            run_id="scheduled__1",
+            map_index=0,
+            claim_timeout_seconds=3600,
+        )
+    assert claim.cdr_id == mine
