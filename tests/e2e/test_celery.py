@@ -126,9 +126,13 @@ def test_a_run_spreads_over_both_workers_each_cdr_once_and_logs_are_readable(dep
     for worker in WORKERS:
         ti = next(ti for ti in tis if ti["hostname"] == worker)
         log = stack.task_log(run_id, ti["map_index"])
-        # The api-server cannot reach a worker by the name "worker-1": it reads the log file the
-        # worker wrote (one AIRFLOW_HOME here), which exists for every finished try.
         assert any(f"CDR {ti['rendered_map_index']} delivered to" in line for line in log), log[-20:]
+        # The api-server cannot reach a worker by the name "worker-1" for its log: it read the file
+        # the worker wrote (one AIRFLOW_HOME here), the only source the log names.
+        sources = log[log.index("::group::Log message source details") + 1 : log.index("::endgroup::")]
+        assert len(sources) == 1, sources
+        assert sources[0].startswith(str(stack.home / "logs")), sources
+        assert sources[0].endswith(f"/map_index={ti['map_index']}/attempt=1.log"), sources
 
 
 def test_a_worker_killed_mid_run_loses_no_cdr(deployment, cdr_conn):
