@@ -27,7 +27,7 @@ from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler, pytest.mark.celery]
 
-CDRS = 200  # the first run's
+CDRS = 300  # the first run's
 KILL_CDRS = 120  # the run that loses a worker
 WORKERS = ("worker-1", "worker-2")
 # A killed worker's running tasks are retried this long after their last heartbeat, and the tasks it
@@ -53,6 +53,8 @@ def deployment(pg_server, cdr_dsn, redis_url, tmp_path_factory):
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
+            # Each worker takes two tasks ahead from the broker: the killed one takes some with it.
+            "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "2",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "5",
             # A try that loses a ledger deadlock to a concurrent try of its run fails and is retried
             # (rare at 2 slots per worker, every other try at 4): enough retries that none runs out.
