@@ -53,9 +53,9 @@ def deployment(pg_server, cdr_dsn, redis_url, tmp_path_factory):
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "5",
             # Each worker takes two tasks ahead from the broker: the killed one takes some with it.
             "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "2",
-            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "5",
             # A try that loses a ledger deadlock to a concurrent try of its run fails and is retried
             # (rare at 2 slots per worker, every other try at 4): enough retries that none runs out.
             "AIRFLOW__CDR_WEBHOOK__RETRIES": "10",
@@ -127,14 +127,14 @@ def test_a_run_spreads_over_both_workers_each_cdr_once_and_logs_are_readable(dep
 
     for worker in WORKERS:
         ti = next(ti for ti in tis if ti["hostname"] == worker)
-        log = stack.task_log(run_id, ti["map_index"])
+        log = stack.task_log(run_id, ti["map_index"], ti["try_number"])
         assert any(f"CDR {ti['rendered_map_index']} delivered to" in line for line in log), log[-20:]
         # The api-server cannot reach a worker by the name "worker-1" for its log: it read the file
         # the worker wrote (one AIRFLOW_HOME here), the only source the log names.
         sources = log[log.index("::group::Log message source details") + 1 : log.index("::endgroup::")]
         assert len(sources) == 1, sources
         assert sources[0].startswith(str(stack.home / "logs")), sources
-        assert sources[0].endswith(f"/map_index={ti['map_index']}/attempt=1.log"), sources
+        assert sources[0].endswith(f"/map_index={ti['map_index']}/attempt={ti['try_number']}.log"), sources
 
 
 def test_a_worker_killed_mid_run_loses_no_cdr(deployment, cdr_conn):
