@@ -125,17 +125,25 @@ class AirflowStack:
                 admin.execute(f'CREATE DATABASE "{self.meta_db}"')
         self.airflow("db", "migrate")
         for component in COMPONENTS:
-            log = (self.home / f"{component}.log").open("wb")
-            self.processes[component] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", component],
-                env=self.env,
+            self.spawn(component, component)
+        self._wait_healthy(timeout)
+        return self
+
+    def spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``airflow <args>`` as component ``name``, in a session of its own, logging to ``name.log``.
+
+        :param env: Variables added to the deployment's environment for this process only.
+        """
+        with (self.home / f"{name}.log").open("wb") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", *args],
+                env=self.env | dict(env or {}),
                 cwd=self.home,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._wait_healthy(timeout)
-        return self
+        return self.processes[name]
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -260,4 +268,4 @@ class AirflowStack:
         return {key: value for key, value in self.env.items() if key.startswith("AIRFLOW_CONN_")}
 
     def dump(self) -> str:
-        return json.dumps({component: self.log_tail(component, 1500) for component in COMPONENTS}, indent=1)
+        return json.dumps({name: self.log_tail(name, 1500) for name in self.processes}, indent=1)

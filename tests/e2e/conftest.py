@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -102,3 +103,58 @@ def browser() -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
+
+
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for Celery: ``$CDR_TEST_REDIS_URL`` or 127.0.0.1:6379 when it answers, else one started here.
+
+    The one started here is ``$REDIS_SERVER`` (scripts/ensure-redis finds or installs it) or a
+    ``redis-server`` on PATH, on a free port of 127.0.0.1, stopped at the end of the session.
+    """
+    wanted = os.environ.get("CDR_TEST_REDIS_URL", LOCAL_REDIS)
+    if redis_answers(wanted):
+        yield wanted
+        return
+    executable = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    if not executable:
+        pytest.fail(
+            f"celery test: no Redis answers at {wanted} and no redis-server found. scripts/test installs "
+            "Debian's redis-server when run as root; otherwise install one, set REDIS_SERVER=/path/to/"
+            "redis-server or CDR_TEST_REDIS_URL (or deselect: -m 'not celery')"
+        )
+    from demo.stack import free_port
+
+    port = free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        [executable, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
+        + ["--save", "", "--appendonly", "no"],
+        stdout=(directory / "redis.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            if redis_answers(url) or server.poll() is not None:
+                break
+            time.sleep(0.1)
+        if not redis_answers(url):
+            pytest.fail(f"{executable} did not start: {(directory / 'redis.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,223 @@
+"""A distributed run: CeleryExecutor, two Celery workers, Redis as broker, PostgreSQL as result backend.
+
+Hundreds of CDRs go out through both workers, each exactly once, and a task's log is readable through
+the REST API. Then one worker is killed with SIGKILL (every process of it) in the middle of a run,
+one of its POSTs in flight: the scheduler notices the missing heartbeats of its running tasks and
+retries them on the other worker (tasks it had taken from the queue but not started would be put back
+after ``[scheduler] task_queued_timeout``), the run succeeds, no CDR is lost, and the CDR POSTed twice
+carries the same ``webhook-id`` both times.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from collections import Counter, defaultdict
+
+import pytest
+
+from demo.celery_stack import CeleryStack
+from demo.connections import http_conn, postgres_conn
+from demo.dialer import Dialer
+from demo.receiver import Receiver
+from tests.deployments import prepare_cdr_database
+from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+
+pytestmark = [pytest.mark.e2e, pytest.mark.scheduler, pytest.mark.celery]
+
+CDRS = 300  # the first run's
+KILL_CDRS = 120  # the run that loses a worker
+WORKERS = ("worker-1", "worker-2")
+# A killed worker's running tasks are retried this long after their last heartbeat, and the tasks it
+# had taken from the queue but not started are put back this long after they were queued.
+HEARTBEAT_TIMEOUT = 15
+QUEUED_TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def deployment(pg_server, cdr_dsn, redis_url, tmp_path_factory):
+    prepare_cdr_database(cdr_dsn)
+    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+    stack = CeleryStack(
+        tmp_path_factory.mktemp("airflow-celery"),
+        pg_server,
+        {
+            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
+            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
+                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
+            ),
+            "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",  # one page holds a run's task instances
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "5",
+            # Each worker takes two tasks ahead from the broker: the killed one takes some with it.
+            "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "2",
+            # A try that loses a ledger deadlock to a concurrent try of its run fails and is retried
+            # (rare at 2 slots per worker, every other try at 4): enough retries that none runs out.
+            "AIRFLOW__CDR_WEBHOOK__RETRIES": "10",
+            "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
+            "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
+        },
+        broker_url=redis_url,
+        workers=len(WORKERS),
+        concurrency=2,
+    )
+    started = time.monotonic()
+    stack.start()
+    print(f"Airflow on Celery up in {time.monotonic() - started:.1f} s ({', '.join(stack.workers)})")
+    stack.unpause()
+    try:
+        yield stack, receiver
+    finally:
+        leftovers = stack.stop()
+        stack.drop_metadata()
+        receiver.stop()
+        assert not leftovers, leftovers
+
+
+def add_cdrs(cdr_conn, count: int, days_ago: int) -> tuple[list[str], dict[str, str]]:
+    """Insert ``count`` CDRs ``days_ago`` days back (where no scheduled scan looks); return them, a window."""
+    start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=days_ago)).replace(microsecond=0)
+    dialer = Dialer(cdr_conn)
+    with cdr_conn.transaction():
+        cdrs = [dialer.cdr(created_at=start + dt.timedelta(seconds=n)) for n in range(count)]
+    window = {"window_start": start.isoformat(), "window_end": (start + dt.timedelta(hours=1)).isoformat()}
+    return cdrs, window
+
+
+def post_cdrs(stack: CeleryStack, run_id: str) -> list[dict]:
+    return [ti for ti in stack.task_instances(run_id) if ti["task_id"] == "post_cdr"]
+
+
+def assert_each_delivered_once(receiver: Receiver, cdr_conn, cdrs: list[str]) -> None:
+    received = Counter(r.cdr_id for r in receiver.received() if r.cdr_id in set(cdrs))
+    assert received == Counter(cdrs), f"{len(set(cdrs) - set(received))} missing"
+    delivered = cdr_conn.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s) AND status = 'delivered'", (cdrs,)
+    ).fetchone()[0]
+    assert delivered == len(cdrs)
+
+
+def test_a_run_spreads_over_both_workers_each_cdr_once_and_logs_are_readable(deployment, cdr_conn):
+    stack, receiver = deployment
+    cdrs, window = add_cdrs(cdr_conn, CDRS, days_ago=2)
+
+    started = time.monotonic()
+    run_id = stack.trigger(conf=window)
+    state = stack.wait_run(run_id, timeout=240)
+    wall = time.monotonic() - started
+
+    tis = post_cdrs(stack, run_id)
+    spread = Counter(ti["hostname"] for ti in tis)
+    tries = sum(ti["try_number"] for ti in tis)
+    print(
+        f"{CDRS} CDRs on {len(WORKERS)} Celery workers: run {state} in {wall:.1f} s; "
+        f"tasks per worker {dict(spread)}; {tries} tries"
+    )
+    assert state == "success", stack.dump()
+    assert len(tis) == CDRS
+    assert {ti["state"] for ti in tis} == {"success"}
+    assert set(spread) == set(WORKERS)
+    assert_each_delivered_once(receiver, cdr_conn, cdrs)
+    assert all(r.signature_ok for r in receiver.received() if r.cdr_id in set(cdrs))
+
+    for worker in WORKERS:
+        ti = next(ti for ti in tis if ti["hostname"] == worker)
+        log = stack.task_log(run_id, ti["map_index"], ti["try_number"])
+        assert any(f"CDR {ti['rendered_map_index']} delivered to" in line for line in log), log[-20:]
+        # The api-server cannot reach a worker by the name "worker-1" for its log: it read the file
+        # the worker wrote (one AIRFLOW_HOME here), the only source the log names.
+        sources = log[log.index("::group::Log message source details") + 1 : log.index("::endgroup::")]
+        assert len(sources) == 1, sources
+        assert sources[0].startswith(str(stack.home / "logs")), sources
+        assert sources[0].endswith(f"/map_index={ti['map_index']}/attempt={ti['try_number']}.log"), sources
+
+
+def test_a_worker_killed_mid_run_loses_no_cdr(deployment, cdr_conn):
+    stack, receiver = deployment
+    cdrs, window = add_cdrs(cdr_conn, KILL_CDRS, days_ago=3)
+    victim, survivor = WORKERS[1], WORKERS[0]
+    run: dict[str, str] = {}
+    armed, caught = threading.Event(), threading.Event()
+    lock = threading.Lock()
+
+    def freeze_while_posting(headers: dict[str, str], body: bytes) -> None:
+        """Freeze the victim while the receiver holds one of its POSTs: the kill then finds a POST
+        the receiver has and the ledger does not."""
+        if not armed.is_set():
+            return
+        with lock:
+            if caught.is_set():
+                return
+            cdr_id = json.loads(body)["cdr_id"]
+            ti = next((ti for ti in post_cdrs(stack, run["id"]) if ti["rendered_map_index"] == cdr_id), None)
+            if ti is not None and ti["hostname"] == victim:
+                stack.freeze_worker(victim)
+                run["in_flight"] = cdr_id
+                caught.set()
+
+    receiver.before_answer = freeze_while_posting
+    try:
+        run["id"] = run_id = stack.trigger(conf=window)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            tis = post_cdrs(stack, run_id)
+            on_victim = sum(ti["state"] == "running" and ti["hostname"] == victim for ti in tis)
+            if on_victim and sum(ti["state"] == "success" for ti in tis) >= KILL_CDRS // 5:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"{victim} never ran tasks: {Counter(ti['state'] for ti in tis)}")
+        armed.set()
+        assert caught.wait(60), f"no POST from {victim} reached the receiver in 60 s"
+        # Frozen, what ran there cannot change while it is looked at; then killed.
+        time.sleep(1)
+        tis = post_cdrs(stack, run_id)
+        running = {ti["map_index"] for ti in tis if ti["state"] == "running" and ti["hostname"] == victim}
+        done = sum(ti["state"] == "success" for ti in tis)
+        killed_at = time.monotonic()
+        killed = stack.kill_worker(victim)
+        print(
+            f"SIGKILL to {len(killed)} processes of {victim} with {len(running)} of its tasks running "
+            f"(one of them in the middle of its POST), {done} of {KILL_CDRS} tasks done"
+        )
+        assert running, f"no task was running on {victim} when it was killed"
+
+        state = stack.wait_run(run_id, timeout=240)
+        settled = time.monotonic() - killed_at
+    finally:
+        receiver.before_answer = None
+
+    tis = {ti["map_index"]: ti for ti in post_cdrs(stack, run_id)}
+    retried = {index for index, ti in tis.items() if ti["try_number"] >= 2}
+    timeouts = stack.api("GET", "/eventLogs", params={"event": "heartbeat timeout", "limit": 1000})
+    requeued = stack.api("GET", "/eventLogs", params={"event": "stuck in queued reschedule", "limit": 1000})
+    requests = [r for r in receiver.received() if r.cdr_id in set(cdrs)]
+    twice = {cdr for cdr, n in Counter(r.cdr_id for r in requests).items() if n > 1}
+    print(
+        f"after the kill the run {state} in {settled:.1f} s: {timeouts['total_entries']} heartbeat "
+        f"timeouts, {requeued['total_entries']} tasks put back from the queue, {len(retried)} tasks "
+        f"tried again, {len(twice)} CDRs received twice"
+    )
+    assert state == "success", stack.dump()
+    assert {ti["state"] for ti in tis.values()} == {"success"}
+    # Every task the kill caught running was failed for its missing heartbeat and tried again, on the
+    # other worker.
+    assert timeouts["total_entries"] >= len(running)
+    assert running <= retried
+    assert {tis[index]["hostname"] for index in running} == {survivor}
+    webhook_ids: dict[str, set[str]] = defaultdict(set)
+    for request in requests:
+        webhook_ids[request.cdr_id].add(request.headers["webhook-id"])
+    assert set(webhook_ids) == set(cdrs)  # nothing lost
+    assert all(len(ids) == 1 for ids in webhook_ids.values())  # sent twice: the same webhook-id
+    assert run["in_flight"] in twice  # the POST the kill interrupted was sent again
+    assert twice <= {tis[index]["rendered_map_index"] for index in retried}
+    delivered = cdr_conn.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s) AND status = 'delivered'", (cdrs,)
+    ).fetchone()[0]
+    assert delivered == KILL_CDRS
