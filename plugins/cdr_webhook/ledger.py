@@ -254,14 +254,11 @@ def enqueue_new(
     return statuses.count("queued")
 
 
-def finished_endpoints(
-    conn: psycopg.Connection[Any], *, window: Window, statuses: Sequence[str]
-) -> list[str]:
-    """Return the endpoints of the window's ledger rows in ``statuses`` (those a requeue would touch)."""
+def _finished_in(window: Window, statuses: Sequence[str]) -> tuple[sql.Composed, dict[str, Any]]:
+    """The condition and parameters of "rows of the window (and its client) in ``statuses``"."""
     client_filter = sql.SQL(" AND client_id = %(client_id)s" if window.client_id is not None else "")
-    query = sql.SQL(
-        "SELECT DISTINCT endpoint FROM cdr_webhook.delivery WHERE cdr_created_at >= %(start)s "
-        "AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s){client}"
+    condition = sql.SQL(
+        "cdr_created_at >= %(start)s AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s){client}"
     ).format(client=client_filter)
     params = {
         "start": window.start,
@@ -269,6 +266,15 @@ def finished_endpoints(
         "statuses": list(statuses),
         "client_id": window.client_id,
     }
+    return condition, params
+
+
+def finished_endpoints(
+    conn: psycopg.Connection[Any], *, window: Window, statuses: Sequence[str]
+) -> list[str]:
+    """Return the endpoints of the window's ledger rows in ``statuses`` (those a requeue would touch)."""
+    condition, params = _finished_in(window, statuses)
+    query = sql.SQL("SELECT DISTINCT endpoint FROM cdr_webhook.delivery WHERE {}").format(condition)
     return sorted(row[0] for row in conn.execute(query, params).fetchall())
 
 
@@ -285,21 +291,13 @@ def requeue(
     Rows of ``exclude_endpoints`` (endpoints whose connection does not exist, such as the "no
     endpoint" rows of ``unrouted_clients = skip``) stay as they are: there is nowhere to send them.
     """
-    client_filter = sql.SQL(" AND client_id = %(client_id)s" if window.client_id is not None else "")
+    condition, params = _finished_in(window, statuses)
     query = sql.SQL(
         "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
         "updated_at = now() "
-        "WHERE cdr_created_at >= %(start)s AND cdr_created_at < %(end)s AND status = ANY(%(statuses)s) "
-        "AND NOT cdr_id LIKE ANY(%(synthetic)s) AND endpoint <> ALL(%(excluded)s){client}"
-    ).format(client=client_filter)
-    params = {
-        "start": window.start,
-        "end": window.end,
-        "statuses": list(statuses),
-        "client_id": window.client_id,
-        "synthetic": list(_SYNTHETIC_KEYS),
-        "excluded": list(exclude_endpoints),
-    }
+        "WHERE {condition} AND NOT cdr_id LIKE ANY(%(synthetic)s) AND endpoint <> ALL(%(excluded)s)"
+    ).format(condition=condition)
+    params |= {"synthetic": list(_SYNTHETIC_KEYS), "excluded": list(exclude_endpoints)}
     return conn.execute(query, params).rowcount
 
 
