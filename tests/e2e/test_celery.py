@@ -22,7 +22,7 @@ from demo.celery_stack import CeleryStack
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.deployments import prepare_cdr_database
+from tests.deployments import deployed, prepare_cdr_database
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler, pytest.mark.celery]
@@ -64,17 +64,9 @@ def deployment(pg_server, cdr_dsn, redis_url, tmp_path_factory):
         workers=len(WORKERS),
         concurrency=2,
     )
-    started = time.monotonic()
-    stack.start()
-    print(f"Airflow on Celery up in {time.monotonic() - started:.1f} s ({', '.join(stack.workers)})")
-    stack.unpause()
-    try:
+    with deployed(stack, receiver):
+        print(f"Celery workers: {', '.join(stack.workers)}")
         yield stack, receiver
-    finally:
-        leftovers = stack.stop()
-        stack.drop_metadata()
-        receiver.stop()
-        assert not leftovers, leftovers
 
 
 def add_cdrs(cdr_conn, count: int, days_ago: int) -> tuple[list[str], dict[str, str]]:

@@ -19,7 +19,7 @@ from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
 from demo.stack import AirflowStack
-from tests.deployments import prepare_cdr_database
+from tests.deployments import deployed, prepare_cdr_database
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
@@ -90,16 +90,8 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_RUNS": MAX_ACTIVE_RUNS,
         },
     )
-    stack.start()
-    stack.unpause()
-    try:
+    with deployed(stack, receiver, silent):
         yield stack, receiver, silent
-    finally:
-        leftovers = stack.stop()
-        stack.drop_metadata()
-        receiver.stop()
-        silent.stop()
-        assert not leftovers, leftovers
 
 
 def latencies(dialer: Dialer, receiver: Receiver, *, seconds: float, every: float = 4) -> list[float]:

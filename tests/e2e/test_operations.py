@@ -22,7 +22,7 @@ from demo.dialer import Dialer
 from demo.receiver import Receiver
 from demo.stack import AirflowStack
 from tests.conftest import ROOT
-from tests.deployments import prepare_cdr_database
+from tests.deployments import deployed, prepare_cdr_database
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
@@ -83,21 +83,14 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
             "AIRFLOW__METRICS__STATSD_INFLUXDB_ENABLED": "True",
         },
-    ).start()
-    stack.unpause()
-    # Unpausing starts a scheduled run for the last complete hour at once: let it settle the watermark.
-    deadline = time.monotonic() + 120
-    while not [run for run in stack.runs(run_type="scheduled") if run["state"] in ("success", "failed")]:
-        assert time.monotonic() < deadline, stack.dump()
-        time.sleep(1)
-    try:
+    )
+    with deployed(stack, receiver, statsd):
+        # Unpausing starts a scheduled run for the last complete hour at once: let it settle the watermark.
+        deadline = time.monotonic() + 120
+        while not [r for r in stack.runs(run_type="scheduled") if r["state"] in ("success", "failed")]:
+            assert time.monotonic() < deadline, stack.dump()
+            time.sleep(1)
         yield stack, receiver, statsd
-    finally:
-        leftovers = stack.stop()
-        stack.drop_metadata()
-        receiver.stop()
-        statsd.stop()
-        assert not leftovers, leftovers
 
 
 def hours(n: int) -> dt.datetime:

@@ -12,7 +12,7 @@ from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
 from demo.stack import AirflowStack
-from tests.deployments import prepare_cdr_database
+from tests.deployments import deployed, prepare_cdr_database
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
@@ -37,17 +37,8 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
         },
     )
-    started = time.monotonic()
-    stack.start()
-    print(f"Airflow up in {time.monotonic() - started:.1f} s")
-    stack.unpause()
-    try:
+    with deployed(stack, receiver):
         yield stack, receiver
-    finally:
-        leftovers = stack.stop()
-        stack.drop_metadata()
-        receiver.stop()
-        assert not leftovers, leftovers
 
 
 def wait_for(predicate, timeout: float, what: str):
