@@ -251,6 +251,7 @@ def enqueue_new(
     statuses = [row[0] for row in conn.execute(queue, params).fetchall()]
     conn.execute(record_null_ids, params)
     conn.execute(record_long_ids, params)
+    _keep_statistics(conn, changed=len(statuses))
     return statuses.count("queued")
 
 
@@ -267,6 +268,24 @@ def _finished_in(window: Window, statuses: Sequence[str]) -> tuple[sql.Composed,
         "client_id": window.client_id,
     }
     return condition, params
+
+
+#: Queued rows added at once above which the ledger's statistics are refreshed before the claim.
+_ANALYZE_AFTER_ROWS = 1000
+
+
+def _keep_statistics(conn: psycopg.Connection[Any], *, changed: int) -> None:
+    """
+    Refresh the ledger's planner statistics after a burst of queued rows, in this transaction.
+
+    The claim that follows picks each endpoint's next row through the partial index of queued rows;
+    with statistics from before the burst (a new ledger, or a backlog that autovacuum has not
+    analysed yet) the planner may sort every queued row of an endpoint for each pick instead: 6 s
+    for a claim of 500 out of 50,000 measured here, 30 ms once analysed. ANALYZE samples a bounded
+    number of rows and sees this transaction's own inserts.
+    """
+    if changed >= _ANALYZE_AFTER_ROWS:
+        conn.execute("ANALYZE cdr_webhook.delivery")
 
 
 def finished_endpoints(
@@ -298,7 +317,9 @@ def requeue(
         "WHERE {condition} AND NOT cdr_id LIKE ANY(%(synthetic)s) AND endpoint <> ALL(%(excluded)s)"
     ).format(condition=condition)
     params |= {"synthetic": list(_SYNTHETIC_KEYS), "excluded": list(exclude_endpoints)}
-    return conn.execute(query, params).rowcount
+    requeued = conn.execute(query, params).rowcount
+    _keep_statistics(conn, changed=requeued)
+    return requeued
 
 
 def assign(

@@ -1,0 +1,76 @@
+"""A backlog of 50,000 queued CDRs drains run after run: capped per run, oldest first, each once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import time
+
+from cdr_webhook.selection import RunInfo
+from cdr_webhook.selection import select_cdrs as claim_cdrs
+from cdr_webhook.settings import Settings
+from tests.endpoint_configs import configs
+from tests.source_feed import FEED, create_feed
+
+T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
+MINUTE = dt.timedelta(minutes=1)
+BACKLOG = 50_000
+CAP = 500  # max_cdrs_per_run; below Airflow's max_map_length (1024), which settings enforce
+SETTINGS = Settings(
+    source_relation=FEED, max_cdrs_per_run=CAP, start_from=T0 - dt.timedelta(hours=6), reconcile_hours=0
+)
+CONNECTIONS = configs({"cdr_webhook": {}, "cdr_webhook_client_7": {}})
+
+
+def scheduled(n: int) -> RunInfo:
+    return RunInfo("cdr_webhook", f"scheduled__{n}", "scheduled", T0 + (n - 1) * MINUTE, T0 + n * MINUTE, {})
+
+
+def test_a_50k_backlog_drains_oldest_first_each_cdr_once_never_above_the_cap(cdr_db):
+    create_feed(cdr_db)
+    # An outage's worth of CDRs for two clients (two endpoints), created over the six hours before T0.
+    cdr_db.execute(
+        f"INSERT INTO {FEED} (client_id, cdr_id, callerid, callrequest_id, call_id, campaign_id, "
+        "campaign_name, leg_type, phone_number, list_phonebook_id, list_phonebook_name, gateway, "
+        "amd_status, hangup_cause_code, cost, billed_duration, incremental_duration, call_date, created_at) "
+        "SELECT CASE WHEN n %% 5 = 0 THEN 7 ELSE 1 END, 'cdr-' || lpad(n::text, 6, '0'), 'x', 'r', 'c', 1, "
+        "'n', 1, '+3465', '{1}', '{a}', 'g', 1, 16, 0.1, 1, 1, ts, ts "
+        "FROM generate_series(1, %s) AS n, "
+        "LATERAL (SELECT %s::timestamptz + make_interval(secs => n * 0.4)) AS t(ts)",
+        (BACKLOG, T0 - dt.timedelta(hours=6)),
+    )
+    sent: list[str] = []
+    seconds: list[float] = []
+    last = {"cdr_webhook": "", "cdr_webhook_client_7": ""}
+    run = 0
+    while len(sent) < BACKLOG:
+        run += 1
+        assert run <= BACKLOG // CAP + 1, f"not drained after {run - 1} runs: {len(sent)} sent"
+        started = time.perf_counter()
+        mapped = claim_cdrs(cdr_db, scheduled(run), SETTINGS, now=T0 + run * MINUTE, connections=CONNECTIONS)
+        seconds.append(time.perf_counter() - started)
+        assert 0 < len(mapped) <= CAP
+        ids = [item["cdr_id"] for item in mapped]
+        for endpoint in last:  # ids sort as the CDRs were created: oldest first, within and across runs
+            theirs = [item["cdr_id"] for item in mapped if item["http_conn_id"] == endpoint]
+            assert theirs == sorted(theirs)
+            assert not theirs or theirs[0] > last[endpoint]
+            last[endpoint] = theirs[-1] if theirs else last[endpoint]
+        # Their tasks deliver them.
+        cdr_db.execute(
+            "UPDATE cdr_webhook.delivery SET status = 'delivered', delivered_at = now() "
+            "WHERE cdr_id = ANY(%s)",
+            (ids,),
+        )
+        sent.extend(ids)
+
+    assert len(sent) == len(set(sent)) == BACKLOG  # each CDR once, none lost
+    assert run == BACKLOG // CAP
+    queued = cdr_db.execute(
+        "SELECT count(*) FROM cdr_webhook.delivery WHERE status <> 'delivered'"
+    ).fetchone()
+    assert queued[0] == 0
+    print(
+        f"{BACKLOG} CDRs drained in {run} runs of at most {CAP}; select step p50 "
+        f"{statistics.median(seconds) * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms"
+    )
