@@ -264,22 +264,22 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
         "scan: ledger.enqueue_new (1 min)",
         lambda: ledger.enqueue_new(conn, relation=RELATION, routes=routes, start=scan.start, end=scan.end),
     )
-    bench.time(
-        "claim: ledger.assign 500, no throttles",
-        lambda: ledger.assign(
-            conn, **claim_args, claim_timeout_seconds=CLAIM_TIMEOUT, paused_endpoints=paused
-        ),
-    )
-    bench.time(
-        f"claim: ledger.assign 500, {len(throttled)} throttled",
-        lambda: ledger.assign(
-            conn,
-            **claim_args,
-            claim_timeout_seconds=CLAIM_TIMEOUT,
-            paused_endpoints=paused,
-            throttled=throttled,
-        ),
-    )
+
+    def time_claims(label: str) -> None:
+        """The claim of 500, without throttles and with the failing endpoints throttled."""
+        for name, throttles in (("no throttles", {}), (f"{len(throttled)} throttled", throttled)):
+            bench.time(
+                f"{label}: ledger.assign 500, {name}",
+                lambda throttles=throttles: ledger.assign(
+                    conn,
+                    **claim_args,
+                    claim_timeout_seconds=CLAIM_TIMEOUT,
+                    paused_endpoints=paused,
+                    throttled=throttles,
+                ),
+            )
+
+    time_claims("claim")
     bench.time(
         "claim: ledger.assign 500, window of 1 h",
         lambda: ledger.assign(
@@ -361,22 +361,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             print(
                 f"\nWith a backlog: {moved} rows made queued, {n[0] if n else 0} queued in all\n", flush=True
             )
-            bench.time(
-                "claim (backlog): ledger.assign 500, no throttles",
-                lambda: ledger.assign(
-                    conn, **claim_args, claim_timeout_seconds=CLAIM_TIMEOUT, paused_endpoints=paused
-                ),
-            )
-            bench.time(
-                f"claim (backlog): ledger.assign 500, {len(throttled)} throttled",
-                lambda: ledger.assign(
-                    conn,
-                    **claim_args,
-                    claim_timeout_seconds=CLAIM_TIMEOUT,
-                    paused_endpoints=paused,
-                    throttled=throttled,
-                ),
-            )
+            time_claims("claim (backlog)")
             bench.time("log (backlog): ledger.queued_backlog", lambda: ledger.queued_backlog(conn))
             bench.time("cli (backlog): endpoints.list_endpoints", lambda: endpoints.list_endpoints(conn))
 
