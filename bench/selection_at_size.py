@@ -157,15 +157,63 @@ def fill(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None:
         ),
     ]
     conn.execute("SET session_replication_role = replica")  # no per-row foreign key checks while loading
-    for name, statements in steps:
-        began = time.monotonic()
-        for statement in statements:
-            conn.execute(statement, params)
-        print(f"  {name}: {time.monotonic() - began:.1f} s", flush=True)
-    conn.execute("SET session_replication_role = DEFAULT")
+    conn.execute("SET maintenance_work_mem = '512MB'")  # this session's index builds sort in memory
+    with _indexes_built_after(conn, BULK_TABLES):
+        for name, statements in steps:
+            began = time.monotonic()
+            for statement in statements:
+                conn.execute(statement, params)
+            print(f"  {name}: {time.monotonic() - began:.1f} s", flush=True)
+        conn.execute("SET session_replication_role = DEFAULT")
     began = time.monotonic()
     conn.execute("VACUUM ANALYZE")
     print(f"  vacuum analyze: {time.monotonic() - began:.1f} s", flush=True)
+
+
+#: The tables filled with millions of rows: their keys and indexes are built once they are full.
+BULK_TABLES = ("dialer.callrequest", "dialer.cdr", "cdr_webhook.delivery")
+
+
+@contextlib.contextmanager
+def _indexes_built_after(conn: psycopg.Connection[Any], tables: tuple[str, ...]) -> Iterator[None]:
+    """
+    Drop the tables' constraints and indexes, and make them again, from their own definitions, on exit.
+
+    Millions of random uuid keys inserted into a btree one by one evict each other's pages (the 5M
+    load ran over 8 minutes that way); one sorted build per index takes seconds. The database ends
+    with the same constraints and indexes (foreign keys validated again), only built from sorted input.
+    """
+    oids = [conn.execute("SELECT %s::regclass::oid", (table,)).fetchone()[0] for table in tables]  # type: ignore[index]
+    constraints = conn.execute(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype FROM pg_constraint "
+        "WHERE (conrelid = ANY(%(oids)s) AND contype IN ('p', 'u', 'f')) "
+        "OR (confrelid = ANY(%(oids)s) AND contype = 'f') "
+        "ORDER BY contype = 'f' DESC",
+        {"oids": oids},
+    ).fetchall()
+    indexes = conn.execute(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index AS i "
+        "WHERE i.indrelid = ANY(%s) "
+        "AND NOT EXISTS (SELECT 1 FROM pg_constraint AS c WHERE c.conindid = i.indexrelid)",
+        (oids,),
+    ).fetchall()
+    for table, name, _, _ in constraints:  # foreign keys first, then what they reference
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.SQL(table), sql.Identifier(name))
+        )
+    for name, _ in indexes:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+    yield
+    began = time.monotonic()
+    for table, name, definition, _ in reversed(constraints):  # keys first, then the foreign keys
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                sql.SQL(table), sql.Identifier(name), sql.SQL(definition)
+            )
+        )
+    for _, definition in indexes:
+        conn.execute(definition)
+    print(f"  keys and indexes built: {time.monotonic() - began:.1f} s", flush=True)
 
 
 class Bench:
