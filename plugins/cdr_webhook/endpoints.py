@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg.rows import class_row
 
+from cdr_webhook.ledger import without_jit
 from cdr_webhook.settings import load_settings, resolve_import_path
 
 if TYPE_CHECKING:
@@ -237,7 +238,7 @@ def list_endpoints(conn: psycopg.Connection[Any], *, endpoint: str | None = None
         WHERE %(endpoint)s::text IS NULL OR COALESCE(s.endpoint, b.endpoint) = %(endpoint)s
         ORDER BY 1
     """
-    with conn.cursor(row_factory=class_row(EndpointStatus)) as cur:
+    with without_jit(conn), conn.cursor(row_factory=class_row(EndpointStatus)) as cur:
         return cur.execute(query, {"endpoint": endpoint}).fetchall()
 
 

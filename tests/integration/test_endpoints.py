@@ -424,3 +424,22 @@ def test_cli_check_parses_endpoints_as_the_dag_does_and_names_what_is_wrong(monk
     assert "2 of 3 endpoint(s) cannot be used: bad_ep, no_such_ep" in bad.stderr
     for secret in ("t0ken", "s3cret"):
         assert secret not in bad.stdout + good.stdout
+
+
+def test_list_endpoints_runs_without_jit(db, cdr_dsn):
+    # With a big backlog its counts are costed above jit_above_cost; compiling took longer than counting.
+    seen: list[str] = []
+
+    class Recorder(psycopg.Cursor):
+        def execute(self, query, params=None, **kwargs):
+            if "ledger_endpoints" in str(query):
+                with psycopg.Cursor(self.connection) as cur:
+                    seen.append(cur.execute("SHOW jit").fetchone()[0])
+            return super().execute(query, params, **kwargs)
+
+    insert_ledger(db, "alpha", "queued", 1)
+    with psycopg.connect(cdr_dsn, autocommit=True, cursor_factory=Recorder) as conn:
+        conn.execute("SET jit = on")
+        assert [s.endpoint for s in endpoints.list_endpoints(conn)] == ["alpha"]
+        assert conn.execute("SHOW jit").fetchone() == ("on",)
+    assert seen == ["off"]

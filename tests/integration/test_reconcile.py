@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 
 import psycopg
+import pytest
 
 from cdr_webhook import ledger, schema
 from cdr_webhook.routing import Route
@@ -92,3 +93,54 @@ def test_late_clients_finds_rows_without_a_ledger_row_under_each_kind_of_key(cdr
     assert ledger.late_clients(cdr_db, **span) == []
     add_feed_row(cdr_db, None, T0 + 4 * SECOND, client_id=4, call_id="another row")
     assert ledger.late_clients(cdr_db, **span) == [4]
+
+
+def test_a_cdr_recorded_under_another_created_at_is_not_late(cdr_db):
+    # The first stage of the anti-join looks for a ledger row of the row's own created_at; a cdr_id
+    # the source has twice is recorded under its earliest row, outside this span: still recorded.
+    schema.migrate(cdr_db)
+    create_feed(cdr_db)
+    add_feed_row(cdr_db, "twice", T0 - MINUTE)
+    ledger.enqueue_new(cdr_db, routes={7: Route("cdr_webhook")}, relation=FEED, start=T0 - MINUTE, end=T0)
+    add_feed_row(cdr_db, "twice", T0 + SECOND)
+    span = {"relation": FEED, "start": T0, "end": T0 + MINUTE}
+
+    assert ledger.late_clients(cdr_db, **span) == []
+    assert ledger.enqueue_new(cdr_db, routes={7: Route("other")}, **span) == 0
+    assert cdr_db.execute("SELECT endpoint, cdr_created_at FROM cdr_webhook.delivery").fetchall() == [
+        ("cdr_webhook", T0 - MINUTE)
+    ]
+
+
+class SettingRecorder(psycopg.Cursor):
+    """Notes the ``jit`` setting each statement on the source relation runs under."""
+
+    seen: list[str]
+
+    def execute(self, query, params=None, **kwargs):
+        text = query if isinstance(query, str) else query.as_string(self.connection)
+        if "cdr_feed" in text:
+            with psycopg.Cursor(self.connection) as cur:
+                SettingRecorder.seen.append(cur.execute("SHOW jit").fetchone()[0])
+        return super().execute(query, params, **kwargs)
+
+
+def test_the_day_long_reads_run_without_jit_and_leave_the_setting_as_it_was(cdr_db, cdr_dsn):
+    # A day of CDRs read by index is costed above jit_above_cost yet takes milliseconds: compiling
+    # the plan cost more than running it (measured in docs/benchmarks.md).
+    schema.migrate(cdr_db)
+    create_feed(cdr_db)
+    add_feed_row(cdr_db, "a", T0 + SECOND)
+    span = {"relation": FEED, "start": T0, "end": T0 + MINUTE}
+    SettingRecorder.seen = []
+    with psycopg.connect(cdr_dsn, autocommit=True, cursor_factory=SettingRecorder) as conn:
+        conn.execute("SET jit = on")
+        assert ledger.late_clients(conn, **span) == [7]
+        with conn.transaction():
+            assert ledger.enqueue_new(conn, routes={7: Route("cdr_webhook")}, **span) == 1
+            assert conn.execute("SHOW jit").fetchone() == ("on",)
+        assert conn.execute("SHOW jit").fetchone() == ("on",)
+        with pytest.raises(psycopg.errors.UndefinedTable), conn.transaction():
+            ledger.late_clients(conn, relation="public.no_such_feed", start=T0, end=T0 + MINUTE)
+        assert conn.execute("SHOW jit").fetchone() == ("on",)
+    assert SettingRecorder.seen == ["off"] * 4  # late_clients; enqueue_new's three statements
