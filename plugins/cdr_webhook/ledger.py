@@ -502,10 +502,22 @@ def assign(
         return cur.execute(query, params).fetchall()
 
 
-def queued_backlog(conn: psycopg.Connection[Any]) -> int:
-    """Return how many queued CDRs no run owns: the work waiting for later runs."""
+#: :func:`queued_backlog` counts up to this many queued CDRs.
+BACKLOG_COUNT_LIMIT = 10_000
+
+
+def queued_backlog(conn: psycopg.Connection[Any], *, at_most: int | None = None) -> int:
+    """
+    Return how many queued CDRs no run owns (the work waiting for later runs), up to ``at_most``.
+
+    Every run logs it; an exact count of a big backlog would visit every row of it, every run
+    (227 ms for 97,000 queued rows measured at 1,000,000 CDRs), so it stops at ``at_most``
+    (:data:`BACKLOG_COUNT_LIMIT` by default).
+    """
     row = conn.execute(
-        "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL"
+        "SELECT count(*) FROM (SELECT FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL "
+        "LIMIT %s) AS waiting",
+        (BACKLOG_COUNT_LIMIT if at_most is None else at_most,),
     ).fetchone()
     return row[0] if row else 0
 

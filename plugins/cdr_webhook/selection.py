@@ -140,12 +140,13 @@ def select_cdrs(
     for event in known.held:
         endpoints.notify(event)  # once the pause is committed
     _prune(conn, settings, now)
+    waiting = ledger.queued_backlog(conn)
     log.info(
-        "Claimed %d CDR(s), %d to send, %d skipped as invalid; %d queued CDR(s) wait for later runs",
+        "Claimed %d CDR(s), %d to send, %d skipped as invalid; %s queued CDR(s) wait for later runs",
         len(claims),
         len(sendable),
         len(claims) - len(sendable),
-        ledger.queued_backlog(conn),
+        f"at least {waiting}" if waiting >= ledger.BACKLOG_COUNT_LIMIT else waiting,
     )
     return [_mapped(claim) for claim in sendable]
 

@@ -109,6 +109,23 @@ def test_overflow_waits_in_the_ledger_and_is_sent_by_the_next_runs(cdr_db):
     assert len(ledger_rows(cdr_db)) == 7
 
 
+def test_the_backlog_in_the_log_is_counted_up_to_a_bound(cdr_db, monkeypatch, caplog):
+    # Every run logs it: an exact count of a big backlog would read every queued row, every run.
+    dialer = Dialer(cdr_db)
+    for s in range(1, 8):
+        dialer.cdr(created_at=T0 + dt.timedelta(seconds=s))
+    settings = dataclasses.replace(SETTINGS, max_cdrs_per_run=1)
+    monkeypatch.setattr(ledger, "BACKLOG_COUNT_LIMIT", 5)
+    caplog.set_level("INFO", logger="cdr_webhook.selection")
+
+    select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), settings, now=T0 + MINUTE)
+    assert "; at least 5 queued CDR(s) wait for later runs" in caplog.text
+    assert ledger.queued_backlog(cdr_db, at_most=100) == 6
+    two = dataclasses.replace(settings, max_cdrs_per_run=2)
+    select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), two, now=T0 + 2 * MINUTE)
+    assert "; 4 queued CDR(s) wait for later runs" in caplog.text
+
+
 def test_two_runs_at_once_never_claim_the_same_cdr(cdr_db, cdr_dsn):
     dialer = Dialer(cdr_db)
     cdrs = {dialer.cdr(created_at=T0 + dt.timedelta(milliseconds=10 * n)) for n in range(200)}
