@@ -251,13 +251,19 @@ class Bench:
             self.conn.recorded = None  # type: ignore[attr-defined]
 
     def explain(self, name: str, statements: list[tuple[Any, Any]]) -> None:
+        """EXPLAIN ANALYZE the statements in one rolled-back transaction (a set_config is run as is)."""
         self.plans.write(f"\n===== {name} =====\n")
-        for query, params in statements:
-            text = query if isinstance(query, str) else query.as_string(self.conn)
-            if text.lstrip().upper().startswith(("SELECT PG_ADVISORY", "SAVEPOINT", "RELEASE", "ROLLBACK")):
-                continue
-            self.plans.write(f"\n-- {' '.join(text.split())[:400]}\n")
-            with self.conn.transaction(force_rollback=True):
+        with self.conn.transaction(force_rollback=True):
+            for query, params in statements:
+                text = query if isinstance(query, str) else query.as_string(self.conn)
+                words = text.lstrip().upper()
+                if words.startswith(("SELECT PG_ADVISORY", "SAVEPOINT", "RELEASE", "ROLLBACK")):
+                    continue
+                if "SET_CONFIG(" in words:  # without_jit: what the statements after it ran under
+                    self.conn.execute(query, params)
+                    self.plans.write(f"\n-- (run) {' '.join(text.split())}\n")
+                    continue
+                self.plans.write(f"\n-- {' '.join(text.split())[:400]}\n")
                 explain = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + sql.SQL(text)  # type: ignore[arg-type]
                 for (line,) in self.conn.execute(explain, params).fetchall():
                     self.plans.write(line + "\n")
