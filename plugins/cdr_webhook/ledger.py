@@ -462,12 +462,15 @@ def assign(
             LIMIT 2 * %(limit)s + (SELECT count(*) FROM quota)
         ),
         picked AS (
-            SELECT cdr_id, endpoint, turn FROM candidates
+            SELECT cdr_id, endpoint, cdr_created_at, turn FROM candidates
             ORDER BY turn, cdr_created_at, cdr_id LIMIT 2 * %(limit)s
         ),
         locked AS (
+            -- The whole key of the queued rows' index (a row's cdr_created_at never changes): a probe
+            -- by endpoint and cdr_id alone would read every queued row of the endpoint.
             SELECT d.cdr_id, d.endpoint, p.turn FROM cdr_webhook.delivery AS d
             JOIN picked AS p ON p.cdr_id = d.cdr_id AND p.endpoint = d.endpoint
+              AND p.cdr_created_at = d.cdr_created_at
             WHERE {eligible}
             ORDER BY p.turn, d.cdr_created_at, d.cdr_id LIMIT %(limit)s
             FOR UPDATE OF d SKIP LOCKED
