@@ -517,11 +517,15 @@ def queued_backlog(conn: psycopg.Connection[Any], *, at_most: int | None = None)
     (227 ms for 97,000 queued rows measured at 1,000,000 CDRs), so it stops at ``at_most``
     (:data:`BACKLOG_COUNT_LIMIT` by default).
     """
-    row = conn.execute(
-        "SELECT count(*) FROM (SELECT FROM cdr_webhook.delivery WHERE status = 'queued' AND run_id IS NULL "
-        "LIMIT %s) AS waiting",
-        (BACKLOG_COUNT_LIMIT if at_most is None else at_most,),
-    ).fetchone()
+    # "IS TRUE" keeps the planner from intersecting the queued rows with every unowned row of the
+    # ledger (delivery_run_idx, built whole before the LIMIT can stop anything): it reads the queued
+    # rows' index until it has counted at_most.
+    with without_jit(conn):
+        row = conn.execute(
+            "SELECT count(*) FROM (SELECT FROM cdr_webhook.delivery "
+            "WHERE status = 'queued' AND (run_id IS NULL) IS TRUE LIMIT %s) AS waiting",
+            (BACKLOG_COUNT_LIMIT if at_most is None else at_most,),
+        ).fetchone()
     return row[0] if row else 0
 
 
