@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
@@ -190,17 +190,21 @@ def late_clients(
 @contextlib.contextmanager
 def without_jit(conn: psycopg.Connection[Any]) -> Iterator[None]:
     """
-    Run the block's statements without JIT compilation, in a transaction (a savepoint inside one).
+    Run the block's statements without JIT compilation (in a transaction: the setting is local to it).
 
     PostgreSQL compiles a statement whose estimated cost passes ``jit_above_cost``. Reading a day of
     CDRs by index is estimated that high, yet runs in tens of milliseconds; compiling it took
-    40 to 200 ms here, more than the query. The setting is back as it was when the block ends.
+    40 to 200 ms here, more than the query. The setting is back as it was when the block ends (on an
+    error, when the transaction or savepoint it aborted is rolled back).
     """
-    with conn.transaction():
-        row = conn.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)").fetchone()
-        assert row is not None
-        yield
-        conn.execute("SELECT set_config('jit', %s, true)", (row[0],))
+    if conn.info.transaction_status != pq.TransactionStatus.INTRANS:
+        with conn.transaction(), without_jit(conn):
+            yield
+        return
+    row = conn.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)").fetchone()
+    assert row is not None
+    yield
+    conn.execute("SELECT set_config('jit', %s, true)", (row[0],))
 
 
 #: The source rows of ``[start, end)`` (and ``condition``) without a ledger row of their own
