@@ -267,12 +267,14 @@ def enqueue_new(
     ).format(relation=relation_identifier(relation), client=client_filter)
     # Lengths are checked before any cdr_id reaches an index: a btree entry holds ~2.7 kB at most.
     queue = sql.SQL(
-        "WITH {unrecorded} "
+        "WITH {unrecorded}, "
+        # Materialized: joined by IS NOT DISTINCT FROM (no hash join), the unnest would run again for
+        # every new row (11 ms for 57 rows and 300 clients).
+        "routes AS MATERIALIZED (SELECT * FROM unnest(%(clients)s::bigint[], %(endpoints)s::text[], "
+        "  %(statuses)s::text[], %(errors)s::text[]) AS r(client_id, endpoint, status, error)) "
         "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
         "SELECT DISTINCT ON (u.cdr_id) u.cdr_id, r.endpoint, u.client_id, u.created_at, r.status, r.error "
-        "FROM unrecorded AS u "
-        "JOIN unnest(%(clients)s::bigint[], %(endpoints)s::text[], %(statuses)s::text[], %(errors)s::text[]) "
-        "  AS r(client_id, endpoint, status, error) ON r.client_id IS NOT DISTINCT FROM u.client_id "
+        "FROM unrecorded AS u JOIN routes AS r ON r.client_id IS NOT DISTINCT FROM u.client_id "
         "WHERE NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = u.cdr_id) "
         "ORDER BY u.cdr_id, u.created_at "
         "ON CONFLICT (cdr_id, endpoint) DO NOTHING RETURNING status"
