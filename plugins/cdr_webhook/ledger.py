@@ -411,10 +411,17 @@ def assign(
             "AND (d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s))"
         )
     ]
+    # The rows after an endpoint's last pick: its window's lower bound holds already, and its upper
+    # bound is a row comparison that only the queued rows' index by endpoint serves. A plain range
+    # would let the planner probe the queued rows' created_at index instead (their costs tie, by the
+    # statistics sample), reading the other endpoints' rows of the window each time: 40-100 ms at 5M.
+    following = [eligible[0]]
     if window is not None:
         eligible.append(sql.SQL(" AND d.cdr_created_at >= %(start)s AND d.cdr_created_at < %(end)s"))
+        following.append(sql.SQL(" AND (d.endpoint, d.cdr_created_at) < (t.endpoint, %(end)s)"))
     if client_id is not None:
         eligible.append(sql.SQL(" AND d.client_id = %(client_id)s"))
+        following.append(sql.SQL(" AND d.client_id = %(client_id)s"))
     # FOR UPDATE is not allowed in a recursive query: pick first, then lock what was picked in
     # a second step whose WHERE repeats the eligibility, which READ COMMITTED re-checks on the latest
     # version of each row. Picking twice the limit leaves room for rows a concurrent run locked.
@@ -456,7 +463,7 @@ def assign(
             FROM turns AS t CROSS JOIN LATERAL (
                 SELECT d.cdr_id, d.cdr_created_at FROM cdr_webhook.delivery AS d
                 WHERE d.endpoint = t.endpoint AND (d.cdr_created_at, d.cdr_id) > (t.cdr_created_at, t.cdr_id)
-                  AND {eligible}
+                  AND {following}
                 ORDER BY d.cdr_created_at, d.cdr_id LIMIT 1
             ) AS c
             WHERE t.turn < t.quota
@@ -490,7 +497,7 @@ def assign(
         SELECT cdr_id, endpoint, client_id, cdr_created_at, status, attempts FROM claimed
         ORDER BY turn, cdr_created_at, cdr_id
         """
-    ).format(eligible=sql.Composed(eligible), columns=_CLAIM_COLUMNS)
+    ).format(eligible=sql.Composed(eligible), following=sql.Composed(following), columns=_CLAIM_COLUMNS)
     params = {
         "dag_id": dag_id,
         "run_id": run_id,

@@ -78,3 +78,15 @@ def test_paused_endpoints_and_windows_still_apply(db):
     window = Window(start=T0, end=T0 + dt.timedelta(milliseconds=25))
 
     assert assign(db, paused_endpoints=["paused"], window=window) == live[:2]
+
+
+def test_a_window_claim_ends_each_endpoint_at_the_window_end(db):
+    # Rows are 10 ms apart. a and b have one row in the window and many after it, c has 15 in it: the
+    # turns after the first are c's alone, so the run gets its whole limit.
+    c = queue(db, "c", 15, offset_ms=-5)
+    a, b = queue(db, "a", 11, offset_ms=185), queue(db, "b", 11, offset_ms=186)
+    window = Window(start=T0, end=T0 + dt.timedelta(milliseconds=200))
+
+    claimed = assign(db, window=window, limit=12)
+
+    assert claimed == [c[0], a[0], b[0], *c[1:10]]
