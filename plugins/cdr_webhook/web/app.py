@@ -76,6 +76,10 @@ def _db() -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+#: The request's connection to the CDR database (module-level: route annotations are strings).
+Conn = Annotated[Any, Depends(_db)]
+
+
 def _settings() -> Any:
     from cdr_webhook.settings import load_settings
 
@@ -180,7 +184,6 @@ def create_app() -> FastAPI:
             headers=getattr(exc, "headers", None),
         )
 
-    Conn = Annotated[Any, Depends(_db)]
 
     @app.get("/", response_class=HTMLResponse)
     def list_page(

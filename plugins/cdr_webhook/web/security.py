@@ -33,7 +33,9 @@ def requires(method: ResourceMethod, entity: DagAccessEntity | None = None) -> C
     """A dependency returning the request's Airflow user if allowed ``method`` on the DAG, else 401/403."""
     allowed = requires_access_dag(method, entity, param_dag_id=DAG_ID)
 
-    def check(user: Annotated[BaseUser, Depends(get_user)], _: Annotated[None, Depends(allowed)]) -> BaseUser:
+    # A default, not an Annotated[]: string annotations (from __future__) cannot name this closure's
+    # variable, and FastAPI would take the parameter for a query string.
+    def check(user: Annotated[BaseUser, Depends(get_user)], _: None = Depends(allowed)) -> BaseUser:  # noqa: B008
         return user
 
     return check
