@@ -184,7 +184,6 @@ def create_app() -> FastAPI:
             headers=getattr(exc, "headers", None),
         )
 
-
     @app.get("/", response_class=HTMLResponse)
     def list_page(
         request: Request,
