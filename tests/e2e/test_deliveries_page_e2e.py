@@ -68,6 +68,7 @@ def failed_run(deployment, cdr_dsn):
     stack, receiver = deployment
     with psycopg.connect(cdr_dsn, autocommit=True) as conn:
         dialer = Dialer(conn)
+        dialer.cdr(client_id=1, created_at=START + dt.timedelta(minutes=6))  # delivered
         refused = dialer.cdr(
             client_id=1, created_at=START + dt.timedelta(minutes=7), phone_number="+15550107007"
         )

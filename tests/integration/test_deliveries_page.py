@@ -139,6 +139,7 @@ def test_anonymous_requests_get_401(client, path):
     response = get(client, path, user=None)
     assert response.status_code == 401, response.text
     assert "Not authenticated" in response.text
+    assert "Log in to Airflow" in response.text
 
 
 def test_a_user_without_access_to_the_dag_gets_403_and_sees_no_delivery(client, populated):
