@@ -6,8 +6,9 @@
 Fills a scratch database with bench/selection_at_size.py's loader (N source CDRs over ``--days`` days
 and ``--clients`` clients, a ledger row for nearly every one: mostly delivered, 1.5 % failed, 1 %
 skipped), gives every failed delivery two recorded attempts, then times each query the page sends,
-through the page's own functions, and prints p50/p95/max. ``EXPLAIN (ANALYZE, BUFFERS)`` of each goes
-to ``--plans``. On demand only: never part of the test suite.
+through the page's own functions, and prints p50/p95/max (``EXPLAIN (ANALYZE, BUFFERS)`` of each
+goes to ``--plans``); then what step 6 adds to recording an attempt (``ledger.record_attempt`` with
+and without its trigger and indexes). On demand only: never part of the test suite.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from psycopg.conninfo import make_conninfo
 
 from bench.selection_at_size import RELATION, Bench, RecordingCursor, fill
 from bench.throughput import server_dsn
-from cdr_webhook import deliveries, endpoints, schema, source
+from cdr_webhook import deliveries, endpoints, ledger, schema, source
 from cdr_webhook.deliveries import Filters
 
 PAGE = 50
@@ -129,6 +131,50 @@ def measure(bench: Bench) -> None:
     bench.time("endpoints: state and backlog", lambda: endpoints.list_endpoints(conn))
 
 
+_STEP_6_WRITE_PATH = (
+    "DROP TRIGGER delivery_attempt_recorded ON cdr_webhook.delivery; "
+    "DROP INDEX cdr_webhook.delivery_client_list_idx, cdr_webhook.delivery_endpoint_list_idx, "
+    "cdr_webhook.delivery_status_list_idx"
+)
+
+
+def measure_writes(bench: Bench, count: int = 500) -> None:
+    """What step 6 adds to recording an attempt: ``count`` calls of ``ledger.record_attempt``, with its
+    trigger and indexes, then without them (dropped in the rolled-back transaction)."""
+    conn = bench.conn
+    claims = [
+        ledger.Claim(row[0], row[1], row[2], row[3], "queued", 1)
+        for row in conn.execute(
+            "SELECT cdr_id, endpoint, client_id, cdr_created_at FROM cdr_webhook.delivery "
+            "WHERE status = 'delivered' ORDER BY cdr_created_at DESC LIMIT %s",
+            (count,),
+        )
+    ]
+
+    def record() -> int:
+        for claim in claims:
+            ledger.record_attempt(
+                conn, claim, status="failed", http_status=503, error="HTTP 503", response_excerpt="busy",
+                latency_ms=7,
+            )  # fmt: skip
+        return len(claims)
+
+    for label, before in (
+        ("with step 6", None),
+        ("without step 6's trigger and indexes", _STEP_6_WRITE_PATH),
+    ):
+        timings = []
+        for _ in range(5):
+            with conn.transaction(force_rollback=True):
+                if before:
+                    conn.execute(before)
+                began = time.perf_counter()
+                record()
+                timings.append((time.perf_counter() - began) * 1000 / len(claims))
+        bench.rows.append((f"write: one record_attempt, {label}", timings, ""))
+        print(f"  write: record_attempt {label:<40} p50 {sorted(timings)[2]:8.3f} ms per attempt", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cdrs", type=int, default=1_000_000)
@@ -168,6 +214,7 @@ def main() -> int:
             print(f"{database}: source {sizes[0]} CDRs, ledger {sizes[1]} rows, {sizes[2]} attempt rows")
             bench = PageBench(conn, args.repeat, args.plans)
             measure(bench)
+            measure_writes(bench)
             bench.table(f"N = {sizes[0]} source CDRs, {sizes[1]} ledger rows, pages of {PAGE}")
             print(f"\nPlans: {args.plans}")
     finally:

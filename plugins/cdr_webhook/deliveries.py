@@ -35,14 +35,13 @@ class BadCursor(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Filters:
-    """What the list shows; every field optional. ``cdr_ids``: the CDRs a phone number search found."""
+    """What the list shows; every field optional. ``cdr_ids``: the CDRs a search found (id or phone)."""
 
     client_id: int | None = None
     endpoint: str | None = None
     status: str | None = None
     start: dt.datetime | None = None
     end: dt.datetime | None = None
-    cdr_id: str | None = None
     cdr_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -140,29 +139,26 @@ def list_deliveries(
     conn: psycopg.Connection[Any], filters: Filters, *, cursor: str | None = None, limit: int = 50
 ) -> Page:
     """Return one page of ledger rows matching ``filters``, newest first, after ``cursor``."""
-    conditions: list[sql.Composable] = []
-    params: dict[str, Any] = {"limit": limit + 1}
-    if filters.client_id is not None:
-        conditions.append(sql.SQL("client_id = %(client_id)s"))
-        params["client_id"] = filters.client_id
-    if filters.endpoint:
-        conditions.append(sql.SQL("endpoint = %(endpoint)s"))
-        params["endpoint"] = filters.endpoint
-    if filters.status:
-        conditions.append(sql.SQL("status = %(status)s"))
-        params["status"] = filters.status
+    params: dict[str, Any] = {
+        "client_id": filters.client_id,
+        "endpoint": filters.endpoint or None,
+        "status": filters.status or None,
+    }
+    conditions: list[sql.Composable] = [
+        sql.SQL("{} = {}").format(sql.Identifier(column), sql.Placeholder(column))
+        for column, value in params.items()
+        if value is not None
+    ]
     if filters.start is not None:
         conditions.append(sql.SQL("cdr_created_at >= %(start)s"))
         params["start"] = filters.start
     if filters.end is not None:
         conditions.append(sql.SQL("cdr_created_at < %(end)s"))
         params["end"] = filters.end
-    if filters.cdr_id:
-        conditions.append(sql.SQL("cdr_id = %(cdr_id)s"))
-        params["cdr_id"] = filters.cdr_id
     if filters.cdr_ids is not None:
         conditions.append(sql.SQL("cdr_id = ANY(%(cdr_ids)s)"))
         params["cdr_ids"] = list(filters.cdr_ids)
+    params["limit"] = limit + 1
     if cursor:
         # The row comparison is an index condition on the list indexes' (cdr_created_at, cdr_id).
         conditions.append(sql.SQL("(cdr_created_at, cdr_id, endpoint) < (%(c_at)s, %(c_id)s, %(c_ep)s)"))

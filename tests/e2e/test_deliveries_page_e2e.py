@@ -166,7 +166,10 @@ def test_a_support_engineer_finds_a_failed_delivery_and_redelivers_it(deployment
     expect(row).to_be_visible()
     expect(row).to_contain_text("HTTP 400 Bad Request")
     expect(frame.get_by_role("row")).to_have_count(2)  # the header and the one failure
-    ui.screenshot(path=SCREENSHOTS / "1-list-filtered-to-the-failure.png")
+    ui.screenshot(
+        path=SCREENSHOTS / "1-list-filtered-to-the-failure.png",
+        clip={"x": 0, "y": 0, "width": 1500, "height": 420},
+    )
 
     row.get_by_role("link", name=refused).click()
     expect(frame.get_by_role("heading", name=refused)).to_be_visible()
