@@ -74,8 +74,28 @@ def populated(cdr_db, cdr_dsn) -> dict[str, Any]:
     return made
 
 
-@pytest.fixture
-def client(populated, cdr_dsn, airflow_db, monkeypatch, tmp_path) -> Iterator[Any]:  # noqa: F811
+def _simple_auth_manager() -> type:
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    return SimpleAuthManager
+
+
+class EveryDagButCdrWebhook(_simple_auth_manager()):  # type: ignore[misc]
+    """The SimpleAuthManager, except that nobody has any access to the ``cdr_webhook`` DAG."""
+
+    def is_authorized_dag(self, *, method, user, access_entity=None, details=None) -> bool:
+        if details is not None and details.id == "cdr_webhook":
+            return False
+        return super().is_authorized_dag(
+            method=method, user=user, access_entity=access_entity, details=details
+        )
+
+
+SIMPLE = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+
+
+@pytest.fixture(params=[SIMPLE])
+def client(request, populated, cdr_dsn, airflow_db, monkeypatch, tmp_path) -> Iterator[Any]:  # noqa: F811
     """A parent app with the page mounted at /cdr-webhook, and tokens of each test user."""
     from airflow.api_fastapi import app as api_app
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
@@ -84,8 +104,7 @@ def client(populated, cdr_dsn, airflow_db, monkeypatch, tmp_path) -> Iterator[An
 
     from cdr_webhook.web.app import create_app
 
-    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER", "airflow.api_fastapi.auth.managers.simple."
-                       "simple_auth_manager.SimpleAuthManager")  # fmt: skip
+    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER", request.param)
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", USERS)
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(tmp_path / "passwords.json"))
     monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-" + "0123456789abcdef" * 4)
@@ -149,6 +168,14 @@ def test_a_user_without_access_to_the_dag_gets_403_and_sees_no_delivery(client, 
     assert (
         post(client, "/endpoints/pause", user="nobody", data={"endpoint": "cdr_webhook"}).status_code == 403
     )
+
+
+@pytest.mark.parametrize("client", [f"{__name__}.EveryDagButCdrWebhook"], indirect=True)
+def test_access_to_other_dags_is_not_enough(client):
+    """The page asks about the cdr_webhook DAG itself: an admin of every other DAG is refused."""
+    for user in ("viewer", "admin"):
+        assert get(client, "/", user=user).status_code == 403
+        assert get(client, "/endpoints", user=user).status_code == 403
 
 
 def test_a_viewer_reads_but_may_not_change_anything(client, cdr_db):
