@@ -76,9 +76,7 @@ def measure(bench: Bench) -> None:
         "ORDER BY cdr_created_at DESC, cdr_id DESC, endpoint DESC OFFSET 20000 LIMIT 1"
     ).fetchone()
     assert deep is not None
-    deep_cursor = deliveries.encode_cursor(
-        deliveries.Delivery(deep[1], deep[2], None, deep[0], "", 0, *[None] * 9, newest)  # type: ignore[arg-type]
-    )
+    deep_cursor = deliveries.encode_cursor(*deep)
     failed = conn.execute(
         "SELECT cdr_id, endpoint FROM cdr_webhook.delivery WHERE status = 'failed' "
         "ORDER BY cdr_created_at DESC LIMIT 1"

@@ -120,9 +120,9 @@ _COLUMNS = sql.SQL(
 )
 
 
-def encode_cursor(row: Delivery) -> str:
-    """The cursor of the page after ``row``: its sort key, URL-safe."""
-    key = [row.cdr_created_at.isoformat(), row.cdr_id, row.endpoint]
+def encode_cursor(cdr_created_at: dt.datetime, cdr_id: str, endpoint: str) -> str:
+    """The cursor of the page after the row with this sort key: the key itself, URL-safe."""
+    key = [cdr_created_at.isoformat(), cdr_id, endpoint]
     return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
 
 
@@ -172,7 +172,12 @@ def list_deliveries(
         rows = cur.execute(query, params).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page(rows=rows, next_cursor=encode_cursor(rows[-1]) if more else None)
+    return Page(
+        rows=rows,
+        next_cursor=encode_cursor(rows[-1].cdr_created_at, rows[-1].cdr_id, rows[-1].endpoint)
+        if more
+        else None,
+    )
 
 
 def get_delivery(conn: psycopg.Connection[Any], *, cdr_id: str, endpoint: str) -> Delivery | None:
