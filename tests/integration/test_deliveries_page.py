@@ -152,7 +152,8 @@ def csrf_of(html: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/delivery?cdr_id=x&endpoint=y", "/completeness", "/endpoints", "/task"]
+    "path",
+    ["/", "/delivery?cdr_id=x&endpoint=y", "/completeness", "/endpoints", "/task", "/static/style.css"],
 )
 def test_anonymous_requests_get_401(client, path):
     response = get(client, path, user=None)
@@ -181,6 +182,7 @@ def test_access_to_other_dags_is_not_enough(client):
 def test_a_viewer_reads_but_may_not_change_anything(client, cdr_db):
     page = get(client, "/endpoints")
     assert page.status_code == 200
+    assert get(client, "/static/style.css").headers["content-type"].startswith("text/css")
     token = csrf_of(page.text)
     for path in ("/endpoints/pause", "/redeliver", "/runs"):
         data = {"csrf": token, "endpoint": "cdr_webhook", "key": '["a", "b"]', "policy": "all"}

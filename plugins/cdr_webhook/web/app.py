@@ -10,8 +10,7 @@ from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import HTMLResponse, RedirectResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdr_webhook import deliveries, endpoints
@@ -20,13 +19,15 @@ from cdr_webhook.web.deps import HERE, Conn, login_url, prefix, render, settings
 from cdr_webhook.web.security import CanView  # noqa: TC001 (FastAPI reads the annotations at runtime)
 
 PAGE_SIZE = 50
+#: The stylesheet and the nav icon: served to signed-in users like every other route.
+STATIC_FILES = {"style.css": "text/css", "icon.svg": "image/svg+xml"}
 
 
 def create_app() -> FastAPI:
     """The page's app, mounted by the plugin at ``/cdr-webhook``."""
     app = FastAPI(title="CDR webhook deliveries", docs_url=None, redoc_url=None, openapi_url=None)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.exception_handler(StarletteHTTPException)(_error)
+    app.add_api_route("/static/{name}", static_file, methods=["GET"], response_class=FileResponse)
     for path, page in (
         ("/", list_page),
         ("/delivery", delivery_page),
@@ -52,6 +53,12 @@ async def _error(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )
+
+
+def static_file(name: str, user: CanView) -> FileResponse:
+    if name not in STATIC_FILES:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {name!r}")
+    return FileResponse(HERE / "static" / name, media_type=STATIC_FILES[name])
 
 
 def list_page(
