@@ -372,3 +372,23 @@ def test_cross_site_and_tokenless_posts_are_refused(client, cdr_db):
     assert not cdr_db.execute("SELECT 1 FROM cdr_webhook.endpoint_state WHERE paused").fetchall()
     # The same form from the page's own origin goes through.
     assert post(client, "/endpoints/pause", data=data, origin="http://127.0.0.1:8080").status_code == 303
+
+
+def test_a_redelivery_of_nothing_says_so(client):
+    token = csrf_of(get(client, "/", user="admin").text)
+    response = post(client, "/redeliver", data={"csrf": token})
+    assert response.status_code == 400
+    assert "no delivery selected" in response.text
+
+
+def test_a_delivery_no_task_owns_is_reported_not_cleared(client, cdr_db, populated):
+    cdr_id = populated["by_status"]["queued"][0]
+    cdr_db.execute(
+        "UPDATE cdr_webhook.delivery SET dag_id = NULL, run_id = NULL, map_index = NULL WHERE cdr_id = %s",
+        (cdr_id,),
+    )
+    token = csrf_of(get(client, "/", user="admin").text)
+    response = post(client, "/redeliver", data={"csrf": token, "key": json.dumps([cdr_id, "cdr_webhook"])})
+    assert response.status_code == 200
+    assert "no task owns it (it waits queued for a run): nothing to clear" in unescape(response.text)
+    assert "Cleared" not in response.text

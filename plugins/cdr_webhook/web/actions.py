@@ -30,11 +30,13 @@ def redeliver(
     request: Request,
     user: CanClear,
     conn: Conn,
-    key: Annotated[list[str], Form()],
+    key: Annotated[list[str] | None, Form()] = None,
     csrf: Annotated[str | None, Form()] = None,
 ) -> HTMLResponse:
     """Clear the mapped ``post_cdr`` task instance of each selected delivery, one API call per run."""
     check_csrf(request, user, csrf)
+    if not key:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "no delivery selected: tick the ones to redeliver")
     if len(key) > MAX_REDELIVER:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
