@@ -183,6 +183,11 @@ def test_a_viewer_reads_but_may_not_change_anything(client, cdr_db):
     page = get(client, "/endpoints")
     assert page.status_code == 200
     assert get(client, "/static/style.css").headers["content-type"].startswith("text/css")
+    # The page offers a viewer its actions disabled; an admin gets them enabled.
+    viewer, admin = get(client, "/", user="viewer").text, get(client, "/", user="admin").text
+    assert re.search(r"<button [^>]*disabled[^>]*>Redeliver selected", viewer)
+    assert not re.search(r"<button [^>]*disabled[^>]*>Redeliver selected", admin)
+    assert "may not do this" in page.text
     token = csrf_of(page.text)
     for path in ("/endpoints/pause", "/redeliver", "/runs"):
         data = {"csrf": token, "endpoint": "cdr_webhook", "key": '["a", "b"]', "policy": "all"}

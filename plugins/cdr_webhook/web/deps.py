@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 
 from cdr_webhook.web import airflow_api
-from cdr_webhook.web.security import csrf_token
+from cdr_webhook.web.security import csrf_token, permissions
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -30,6 +30,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["when"] = lambda value: value.strftime("%Y-%m-%d %H:%M:%S") if value else "–"
 templates.env.globals["ui_task"] = airflow_api.ui_task_path
 templates.env.globals["ui_run"] = airflow_api.ui_run_path
+templates.env.globals["nope"] = "your Airflow role may not do this on the cdr_webhook DAG"
 
 
 def _connect() -> psycopg.Connection[Any]:
@@ -73,8 +74,13 @@ def prefix(request: Request) -> str:
 def render(
     request: Request, name: str, user: BaseUser, status_code: int = 200, **context: Any
 ) -> HTMLResponse:
-    """A page for ``user``, with the CSRF token its forms carry."""
-    context |= {"user": user.get_name(), "csrf": csrf_token(user), "prefix": prefix(request)}
+    """A page for ``user``: the CSRF token its forms carry, and which of its actions are enabled."""
+    context |= {
+        "user": user.get_name(),
+        "csrf": csrf_token(user),
+        "prefix": prefix(request),
+        "may": permissions(user),
+    }
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 

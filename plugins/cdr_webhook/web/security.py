@@ -48,6 +48,23 @@ CanTrigger = Annotated[BaseUser, Depends(requires("POST", DagAccessEntity.RUN))]
 CanPause = Annotated[BaseUser, Depends(requires("PUT"))]
 
 
+def permissions(user: BaseUser) -> dict[str, bool]:
+    """Which actions the page offers ``user`` enabled (each POST checks again: this only shapes the page)."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+
+    def may(method: ResourceMethod, entity: DagAccessEntity | None = None) -> bool:
+        return get_auth_manager().is_authorized_dag(
+            method=method, access_entity=entity, details=DagDetails(id=DAG_ID), user=user
+        )
+
+    return {
+        "redeliver": may("PUT", DagAccessEntity.TASK_INSTANCE),
+        "trigger": may("POST", DagAccessEntity.RUN),
+        "pause": may("PUT"),
+    }
+
+
 def caller_token(request: Request) -> str:
     """The caller's own Airflow token (header, else the UI's cookie): the page acts on Airflow as them."""
     header = request.headers.get("authorization", "")
