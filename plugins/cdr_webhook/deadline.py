@@ -7,6 +7,7 @@ would hold a POST for minutes. Airflow owns SIGALRM (``execution_timeout``), so 
 from __future__ import annotations
 
 import math
+import os
 import socket
 import threading
 import time
@@ -158,6 +159,18 @@ class WatchedHTTPConnection(HTTPConnection):
         sock = super()._new_conn()
         deadline.watch(sock)
         return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        """Send a request; a kept-alive socket (connected under an earlier deadline) joins this one."""
+        deadline = current_deadline()
+        if deadline is not None and self.sock is not None:
+            # A TLS socket cannot be duplicated as such: its descriptor can.
+            raw = socket.socket(fileno=os.dup(self.sock.fileno()))
+            try:
+                deadline.watch(raw)
+            finally:
+                raw.close()
+        super().request(*args, **kwargs)
 
     def getresponse(self) -> HTTPResponse:
         response = super().getresponse()
