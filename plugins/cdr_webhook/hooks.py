@@ -185,9 +185,6 @@ class CdrWebhookHook(HttpHook):
                         stream=True,
                     ) as response:
                         excerpt = _read_excerpt(response, deadline.ends)
-                        if response.raw.closed:
-                            # The whole reply was read: its connection goes back to the pool (keep-alive).
-                            response.raw.release_conn()
                         return AttemptResult(
                             http_status=response.status_code,
                             reason=response.reason,

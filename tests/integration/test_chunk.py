@@ -6,8 +6,10 @@ hands them) and checks the ledger, the endpoint's state, what the receiver got a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import http.server
 import threading
 import time
 
@@ -222,3 +224,66 @@ def test_a_chunk_skips_cdrs_another_run_owns_and_sends_the_rest(db, receiver):
     run_chunk(chunk, ChunkTry())
     assert sorted(r.cdr_id for r in receiver.received()) == sorted(chunk[1:])
     assert row(db, chunk[0])["run_id"] == "scheduled__2"
+
+
+class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1: answers at once, except (when ``drip``) the second request of a connection, whose
+    headers it sends a byte at a time."""
+
+    protocol_version = "HTTP/1.1"
+    ports: list[int]
+    drip = False
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.served = getattr(self, "served", 0) + 1
+        self.ports.append(self.client_address[1])
+        reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-padding: " + b"." * 40 + b"\r\n\r\n"
+        if self.drip and self.served == 2:
+            for byte in reply:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
+        self.wfile.write(reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def keep_alive_server(*, drip: bool = False):
+    handler = type("Handler", (_KeepAliveHandler,), {"ports": [], "drip": drip})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler.ports
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_chunk_keeps_its_connections_alive(db, monkeypatch):
+    with keep_alive_server() as (url, ports):
+        connect_endpoint(monkeypatch, url, max_in_flight=2)
+        chunk = cdrs(db, 20)
+        run_chunk(chunk, ChunkTry())
+    assert len(ports) == 20
+    assert len(set(ports)) <= 2  # a connection per sending thread, reused from POST to POST
+
+
+def test_a_kept_alive_connection_is_still_bound_by_each_posts_deadline(db, monkeypatch, settings_env):
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS", "1")
+    with keep_alive_server(drip=True) as (url, ports):
+        connect_endpoint(monkeypatch, url, max_in_flight=1)
+        chunk = cdrs(db, 2)
+        started = time.monotonic()
+        with pytest.raises(RetryLater):
+            run_chunk(chunk, ChunkTry())
+        elapsed = time.monotonic() - started
+    assert len(set(ports)) == 1  # the second POST went over the first one's connection
+    assert statuses(db, chunk) == {chunk[0]: ("delivered", 1), chunk[1]: ("queued", 1)}
+    assert "within the 1 s deadline" in row(db, chunk[1])["error"]
+    assert elapsed < 3  # the reply's 60 bytes would take 6 s
