@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 RECORD_EVERY = 50
 #: ...or this often, in seconds, whichever comes first.
 RECORD_SECONDS = 2.0
+#: How often a chunk holding fewer slots than it could use asks for those that came free.
+GROW_SECONDS = 0.25
 
 #: The mapped task's name in the grid: its first CDR and how many it holds (ids only, never CDR text).
 CHUNK_NAME_TEMPLATE = "{{ task.cdr_ids[0] }} ({{ task.cdr_ids | length }} CDRs)"
@@ -205,67 +207,89 @@ class CdrWebhookChunkOperator(HttpOperator):
         settings: Settings,
     ) -> list[Attempt]:
         """
-        POST every claim from as many threads as slots are held, each thread with its kept-alive
+        POST every claim, as many at once as slots are held, each sending thread with its kept-alive
         session; decide, log and record the outcomes as they come (a batch at a time).
 
-        Only this thread touches the database: the workers only send. Once fewer CDRs are left than
-        slots held, the spare slots are given back for other tasks of the endpoint.
+        Only this thread touches the database: the workers only send. While CDRs wait, it takes the
+        endpoint's slots that come free (another task finished); once fewer CDRs are left than slots
+        held, it gives the spare ones back for other tasks of the endpoint.
         """
+        import collections
         import contextlib
 
-        from cdr_webhook import ledger
         from cdr_webhook.signing import webhook_id
 
-        done: list[Attempt] = []
-        pending: list[Attempt] = []
-        last_write = time.monotonic()
+        wanted = min(len(claims), endpoint.max_in_flight or settings.max_in_flight_per_endpoint)
+        waiting = collections.deque(claims)
+        running: dict[concurrent.futures.Future[AttemptResult], Claim] = {}
+        attempts: list[Attempt] = []
+        recorded = 0
+        last_write = last_grow = time.monotonic()
         with contextlib.ExitStack() as stack:
             session: Callable[[], Session | None]
             try:
                 session = stack.enter_context(self.hook.sessions())
             except ValueError:  # a malformed TLS extra: each POST reports the refusal itself
                 session = lambda: None  # noqa: E731
-            pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=len(held.slots), thread_name_prefix="cdr-webhook-post"
-            )
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=wanted, thread_name_prefix="cdr-webhook")
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
 
             def send(claim: Claim) -> AttemptResult:
                 msg_id = webhook_id(claim.cdr_id, endpoint.conn_id)
                 return signed_post(self.hook, endpoint, bodies[claim.cdr_id], msg_id, session())
 
-            futures = {pool.submit(send, claim): claim for claim in claims}
-            left = len(futures)
-            for future in concurrent.futures.as_completed(futures):
-                claim = futures[future]
-                result = future.result()
-                decision = decide_attempt(
-                    http_status=result.http_status,
-                    reason=result.reason,
-                    error=result.error,
-                    refused=result.refused,
-                    try_number=ti.try_number,
-                    max_tries=ti.max_tries,
+            # At the end, and when the try is cut short (its execution_timeout): what was sent is recorded.
+            stack.callback(lambda: self._record(conn, ti, attempts[recorded:], settings))
+            while waiting or running:
+                while waiting and len(running) < len(held.slots):
+                    claim = waiting.popleft()
+                    running[pool.submit(send, claim)] = claim
+                short = len(held.slots) < wanted and waiting
+                finished, _ = concurrent.futures.wait(
+                    running, timeout=GROW_SECONDS if short else None, return_when="FIRST_COMPLETED"
                 )
-                attempt = Attempt(claim, result, decision, webhook_id(claim.cdr_id, endpoint.conn_id))
-                log_attempt(self.log, attempt)
-                pending.append(attempt)
-                left -= 1
-                while len(held.slots) > max(left, 1):
-                    held.give_back(held.slots[-1])
-                if len(pending) >= RECORD_EVERY or time.monotonic() - last_write >= RECORD_SECONDS:
-                    record(conn, pending, settings)
-                    ledger.keep_claims_alive(
-                        conn,
-                        dag_id=ti.dag_id,
-                        run_id=ti.run_id,
-                        claim_timeout_seconds=settings.claim_timeout_seconds,
+                for future in finished:
+                    claim = running.pop(future)
+                    result = future.result()
+                    decision = decide_attempt(
+                        http_status=result.http_status,
+                        reason=result.reason,
+                        error=result.error,
+                        refused=result.refused,
+                        try_number=ti.try_number,
+                        max_tries=ti.max_tries,
                     )
-                    done += pending
-                    pending = []
-                    last_write = time.monotonic()
-            record(conn, pending, settings)
-        return done + pending
+                    attempt = Attempt(claim, result, decision, webhook_id(claim.cdr_id, endpoint.conn_id))
+                    log_attempt(self.log, attempt)
+                    attempts.append(attempt)
+                now = time.monotonic()
+                if short and now - last_grow >= GROW_SECONDS:
+                    held.take_more(wanted)
+                    last_grow = now
+                while len(held.slots) > max(len(running) + len(waiting), 1):
+                    held.give_back(held.slots[-1])
+                if len(attempts) - recorded >= RECORD_EVERY or now - last_write >= RECORD_SECONDS:
+                    self._record(conn, ti, attempts[recorded:], settings, keep_claims=True)
+                    recorded, last_write = len(attempts), now
+        return attempts
+
+    def _record(
+        self,
+        conn: psycopg.Connection[Any],
+        ti: Any,
+        attempts: list[Attempt],
+        settings: Settings,
+        *,
+        keep_claims: bool = False,
+    ) -> None:
+        """Record a batch of outcomes; mid-chunk, keep the run's claims alive through a long chunk."""
+        from cdr_webhook import ledger
+
+        record(conn, attempts, settings)
+        if keep_claims:
+            ledger.keep_claims_alive(
+                conn, dag_id=ti.dag_id, run_id=ti.run_id, claim_timeout_seconds=settings.claim_timeout_seconds
+            )
 
     def _report(
         self,

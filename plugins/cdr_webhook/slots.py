@@ -45,12 +45,24 @@ def endpoint_slot(
 
 
 class HeldSlots:
-    """The slots a block holds; :meth:`give_back` frees one early (a chunk with less left to send)."""
+    """
+    The slots a block holds. A chunk takes more as they come free (:meth:`take_more`) and gives
+    back those it no longer needs (:meth:`give_back`).
+    """
 
-    def __init__(self, conn: psycopg.Connection[Any], key: int, slots: list[int]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], key: int, limit: int, slots: list[int]) -> None:
         self._conn = conn
         self._key = key
+        self._limit = limit
         self.slots = slots
+
+    def take_more(self, wanted: int) -> None:
+        """Take free slots until ``wanted`` are held (or none is free); never one held already."""
+        for slot in range(self._limit):
+            if len(self.slots) >= wanted:
+                return
+            if slot not in self.slots and _try_lock(self._conn, self._key, slot):
+                self.slots.append(slot)
 
     def give_back(self, slot: int) -> None:
         if slot in self.slots:
@@ -82,15 +94,9 @@ def endpoint_slots(
     key = _key(endpoint)
     deadline = time.monotonic() + wait_seconds
     while True:
-        taken: list[int] = []
-        for slot in range(limit):
-            if len(taken) >= wanted:
-                break
-            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, slot)).fetchone()
-            if row and row[0]:
-                taken.append(slot)
-        if taken:
-            held = HeldSlots(conn, key, taken)
+        held = HeldSlots(conn, key, limit, [])
+        held.take_more(wanted)
+        if held.slots:
             try:
                 yield held
             finally:
@@ -102,6 +108,11 @@ def endpoint_slots(
                 "(extra max_in_flight, or setting max_in_flight_per_endpoint)"
             )
         time.sleep(poll_seconds)
+
+
+def _try_lock(conn: psycopg.Connection[Any], key: int, slot: int) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, slot)).fetchone()
+    return bool(row and row[0])
 
 
 def _unlock(conn: psycopg.Connection[Any], key: int, slot: int) -> None:

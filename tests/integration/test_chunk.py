@@ -21,7 +21,7 @@ from cdr_webhook import schema
 from cdr_webhook.chunk import CdrWebhookChunkOperator
 from cdr_webhook.operators import RetryLater
 from cdr_webhook.signing import webhook_id
-from cdr_webhook.slots import endpoint_slot
+from cdr_webhook.slots import endpoint_slot, endpoint_slots
 from demo.dialer import Dialer
 from demo.receiver import Receiver
 from tests.integration.test_operators import (
@@ -287,3 +287,31 @@ def test_a_kept_alive_connection_is_still_bound_by_each_posts_deadline(db, monke
     assert statuses(db, chunk) == {chunk[0]: ("delivered", 1), chunk[1]: ("queued", 1)}
     assert "within the 1 s deadline" in row(db, chunk[1])["error"]
     assert elapsed < 3  # the reply's 60 bytes would take 6 s
+
+
+def test_a_chunk_takes_the_slots_another_task_frees_while_it_sends(db, cdr_dsn, monkeypatch):
+    in_flight, seen = [0], []
+    lock = threading.Lock()
+    # Another task holds 3 of the endpoint's 4 slots until the chunk's third POST arrives.
+    other_worker = psycopg.connect(cdr_dsn, autocommit=True)
+    held = endpoint_slots(other_worker, ENDPOINT, limit=4, wanted=3, wait_seconds=0)
+    held.__enter__()  # (never left: the connection's end frees them)
+
+    def slow(headers, body) -> None:
+        with lock:
+            in_flight[0] += 1
+            seen.append(in_flight[0])
+            if len(seen) == 3:
+                other_worker.close()  # its connection ends: its slots are free
+        time.sleep(0.1)
+        with lock:
+            in_flight[0] -= 1
+
+    with Receiver(secret=SECRET, api_key=API_KEY, before_answer=slow) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=4)
+        chunk = cdrs(db, 30)
+        run_chunk(chunk, ChunkTry())
+
+    assert seen[:3] == [1, 1, 1]  # one slot to start with
+    assert max(seen) == 4  # then the 3 others, once free
+    assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
