@@ -45,7 +45,7 @@ RECORD_EVERY = 50
 #: ...or this often, in seconds, whichever comes first.
 RECORD_SECONDS = 2.0
 #: How often a chunk holding fewer slots than it could use asks for those that came free.
-GROW_SECONDS = 0.25
+GROW_SECONDS = 0.1
 
 #: The mapped task's name in the grid: its first CDR and how many it holds (ids only, never CDR text).
 CHUNK_NAME_TEMPLATE = "{{ task.cdr_ids[0] }} ({{ task.cdr_ids | length }} CDRs)"
