@@ -116,16 +116,17 @@ def signed_post(
     return hook.post(body, headers, session=session).scrubbed(endpoint.secrets())
 
 
-def record(conn: psycopg.Connection[Any], attempts: Sequence[Attempt], settings: Settings) -> None:
+def record(conn: psycopg.Connection[Any], attempts: Sequence[Attempt], settings: Settings) -> list[str]:
     """
     Record attempts on their CDRs' rows (one statement) and on their endpoint (one, in their order).
 
-    A delivery's end may pause the endpoint; its event is logged and sent to the notifier.
+    A delivery's end may pause the endpoint; its event is logged and sent to the notifier. Returns
+    the endpoints these attempts paused.
     """
     from cdr_webhook import endpoints, ledger
 
     if not attempts:
-        return
+        return []
     ledger.record_attempts(
         conn,
         [
@@ -147,6 +148,7 @@ def record(conn: psycopg.Connection[Any], attempts: Sequence[Attempt], settings:
                 delivered=a.decision.status == "delivered", final=a.decision.final, gone=a.decision.gone
             )
         )
+    paused = []
     for endpoint, outcomes in by_endpoint.items():
         event = endpoints.record_outcomes(
             conn,
@@ -157,6 +159,8 @@ def record(conn: psycopg.Connection[Any], attempts: Sequence[Attempt], settings:
         )
         if event is not None:
             endpoints.notify(event)  # logs the pause too
+            paused.append(endpoint)
+    return paused
 
 
 def log_attempt(log: logging.Logger, attempt: Attempt) -> None:

@@ -217,6 +217,7 @@ class CdrWebhookChunkOperator(HttpOperator):
         import collections
         import contextlib
 
+        from cdr_webhook import ledger
         from cdr_webhook.signing import webhook_id
 
         wanted = min(len(claims), endpoint.max_in_flight or settings.max_in_flight_per_endpoint)
@@ -263,14 +264,31 @@ class CdrWebhookChunkOperator(HttpOperator):
                     log_attempt(self.log, attempt)
                     attempts.append(attempt)
                 now = time.monotonic()
+                # A delivery that failed for good may pause the endpoint: it is recorded at once.
+                ended_badly = any(
+                    a.decision.final and a.decision.status == "failed" for a in attempts[recorded:]
+                )
+                if (
+                    ended_badly
+                    or len(attempts) - recorded >= RECORD_EVERY
+                    or now - last_write >= RECORD_SECONDS
+                ):
+                    paused = self._record(conn, ti, attempts[recorded:], settings, keep_claims=True)
+                    recorded, last_write = len(attempts), now
+                    if paused and waiting:
+                        ledger.release_many(conn, list(waiting))
+                        self.log.warning(
+                            "Endpoint %s was paused: the %d CDR(s) of this chunk not sent yet stay "
+                            "queued and go out, in order, once it is resumed",
+                            endpoint.conn_id,
+                            len(waiting),
+                        )
+                        waiting.clear()
                 if short and now - last_grow >= GROW_SECONDS:
                     held.take_more(wanted)
                     last_grow = now
                 while len(held.slots) > max(len(running) + len(waiting), 1):
                     held.give_back(held.slots[-1])
-                if len(attempts) - recorded >= RECORD_EVERY or now - last_write >= RECORD_SECONDS:
-                    self._record(conn, ti, attempts[recorded:], settings, keep_claims=True)
-                    recorded, last_write = len(attempts), now
         return attempts
 
     def _record(
@@ -281,15 +299,19 @@ class CdrWebhookChunkOperator(HttpOperator):
         settings: Settings,
         *,
         keep_claims: bool = False,
-    ) -> None:
-        """Record a batch of outcomes; mid-chunk, keep the run's claims alive through a long chunk."""
+    ) -> list[str]:
+        """
+        Record a batch of outcomes; mid-chunk, keep the run's claims alive through a long chunk.
+        Returns the endpoints the outcomes paused.
+        """
         from cdr_webhook import ledger
 
-        record(conn, attempts, settings)
+        paused = record(conn, attempts, settings)
         if keep_claims:
             ledger.keep_claims_alive(
                 conn, dag_id=ti.dag_id, run_id=ti.run_id, claim_timeout_seconds=settings.claim_timeout_seconds
             )
+        return paused
 
     def _report(
         self,

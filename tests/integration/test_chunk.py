@@ -315,3 +315,22 @@ def test_a_chunk_takes_the_slots_another_task_frees_while_it_sends(db, cdr_dsn, 
     assert seen[:3] == [1, 1, 1]  # one slot to start with
     assert max(seen) == 4  # then the 3 others, once free
     assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+
+
+def test_a_410_pauses_the_endpoint_and_the_rest_of_the_chunk_waits_queued(db, monkeypatch):
+    with Receiver(secret=SECRET, api_key=API_KEY) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=1)
+        chunk = cdrs(db, 6)
+        server.script(chunk[1], [410])
+        with pytest.raises(AirflowFailException, match=f"failed for good: {chunk[1]}"):
+            run_chunk(chunk, ChunkTry())
+        sent = [r.cdr_id for r in server.received()]
+
+    assert sent == chunk[:2]  # one at a time, oldest first: nothing after the 410
+    assert endpoint_state(db)["paused"] is True
+    assert statuses(db, chunk) == {
+        chunk[0]: ("delivered", 1),
+        chunk[1]: ("failed", 1),
+        **{cdr: ("queued", 0) for cdr in chunk[2:]},
+    }
+    assert {row(db, cdr)["run_id"] for cdr in chunk[2:]} == {None}  # unowned: the next run takes them
