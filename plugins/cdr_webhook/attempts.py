@@ -116,6 +116,20 @@ def signed_post(
     return hook.post(body, headers, session=session).scrubbed(endpoint.secrets())
 
 
+def decide(result: AttemptResult, ti: Any) -> Decision:
+    """Decide an attempt by what the POST produced and the task instance's try and max_tries."""
+    from cdr_webhook.outcome import decide_attempt
+
+    return decide_attempt(
+        http_status=result.http_status,
+        reason=result.reason,
+        error=result.error,
+        refused=result.refused,
+        try_number=ti.try_number,
+        max_tries=ti.max_tries,
+    )
+
+
 def record(conn: psycopg.Connection[Any], attempts: Sequence[Attempt], settings: Settings) -> list[str]:
     """
     Record attempts on their CDRs' rows (one statement) and on their endpoint (one, in their order).

@@ -8,24 +8,12 @@ in-flight limit at once over kept-alive connections, and its ledger work is batc
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import time
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.http.operators.http import HttpOperator
-
-from cdr_webhook.attempts import (
-    Attempt,
-    build_bodies,
-    hold_endpoint,
-    log_attempt,
-    make_hook,
-    mask_secrets,
-    record,
-    signed_post,
-)
-from cdr_webhook.outcome import Verdict, decide_attempt
-from cdr_webhook.settings import CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID
+from cdr_webhook.attempts import Attempt, build_bodies, decide, log_attempt, mask_secrets, record, signed_post
+from cdr_webhook.operators import EndpointPostOperator
+from cdr_webhook.outcome import Verdict
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -35,7 +23,7 @@ if TYPE_CHECKING:
     from requests import Session
 
     from cdr_webhook.config import EndpointConfig
-    from cdr_webhook.hooks import AttemptResult, CdrWebhookHook
+    from cdr_webhook.hooks import AttemptResult
     from cdr_webhook.ledger import Claim, NotStarted
     from cdr_webhook.settings import Settings
     from cdr_webhook.slots import HeldSlots
@@ -51,7 +39,7 @@ GROW_SECONDS = 0.1
 CHUNK_NAME_TEMPLATE = "{{ task.cdr_ids[0] }} ({{ task.cdr_ids | length }} CDRs)"
 
 
-class CdrWebhookChunkOperator(HttpOperator):
+class CdrWebhookChunkOperator(EndpointPostOperator):
     """
     POST a chunk of CDRs of one endpoint, each as its own Standard Webhooks–signed request.
 
@@ -66,28 +54,9 @@ class CdrWebhookChunkOperator(HttpOperator):
     :param db_conn_id: The Postgres connection of the CDR database.
     """
 
-    # Nothing is templated: every value here comes from CDR data, which must never be rendered.
-    template_fields: Sequence[str] = ()
-    template_fields_renderers: dict[str, str] = {}
-    ui_color = "#9fd3c7"
-
-    def __init__(
-        self,
-        *,
-        cdr_ids: Sequence[str],
-        http_conn_id: str = DEFAULT_ENDPOINT_CONN_ID,
-        db_conn_id: str = CDR_DB_CONN_ID,
-        **kwargs: Any,
-    ) -> None:
-        kwargs["do_xcom_push"] = False
-        super().__init__(http_conn_id=http_conn_id, method="POST", log_response=False, **kwargs)
+    def __init__(self, *, cdr_ids: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.cdr_ids = list(cdr_ids)
-        self.db_conn_id = db_conn_id
-
-    @functools.cached_property
-    def hook(self) -> CdrWebhookHook:
-        """The hook that sends the requests, with the ``request_timeout_seconds`` and egress settings."""
-        return make_hook(self.http_conn_id)
 
     def execute(self, context: Context) -> None:
         from cdr_webhook.db import connect
@@ -139,17 +108,6 @@ class CdrWebhookChunkOperator(HttpOperator):
                 "send stay queued and go out, in order, once the endpoint is resumed"
             )
         return claims, not_started
-
-    def _endpoint(self, conn: psycopg.Connection[Any], claims: list[Claim]) -> EndpointConfig:
-        """Read the endpoint's connection; a configuration error holds the endpoint and fails at once."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from cdr_webhook.config import EndpointConfigError
-
-        try:
-            return self.hook.endpoint
-        except EndpointConfigError as err:
-            raise AirflowFailException(hold_endpoint(conn, self.http_conn_id, claims, err)) from None
 
     def _send(
         self,
@@ -252,15 +210,9 @@ class CdrWebhookChunkOperator(HttpOperator):
                 for future in finished:
                     claim = running.pop(future)
                     result = future.result()
-                    decision = decide_attempt(
-                        http_status=result.http_status,
-                        reason=result.reason,
-                        error=result.error,
-                        refused=result.refused,
-                        try_number=ti.try_number,
-                        max_tries=ti.max_tries,
+                    attempt = Attempt(
+                        claim, result, decide(result, ti), webhook_id(claim.cdr_id, endpoint.conn_id)
                     )
-                    attempt = Attempt(claim, result, decision, webhook_id(claim.cdr_id, endpoint.conn_id))
                     log_attempt(self.log, attempt)
                     attempts.append(attempt)
                 now = time.monotonic()

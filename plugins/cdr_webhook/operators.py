@@ -13,6 +13,7 @@ from airflow.sdk.exceptions import AirflowException
 from cdr_webhook.attempts import (
     Attempt,
     build_bodies,
+    decide,
     hold_endpoint,
     log_attempt,
     make_hook,
@@ -20,7 +21,7 @@ from cdr_webhook.attempts import (
     record,
     signed_post,
 )
-from cdr_webhook.outcome import Verdict, decide_attempt
+from cdr_webhook.outcome import Verdict
 from cdr_webhook.settings import CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID
 
 if TYPE_CHECKING:
@@ -68,7 +69,51 @@ class RetryAfterPolicy(RetryPolicy):
         return cls(max_delay_seconds=data["max_delay_seconds"])
 
 
-class CdrWebhookOperator(HttpOperator):
+class EndpointPostOperator(HttpOperator):
+    """
+    What the one-CDR and the chunk operators share: no template fields, the hook, the endpoint.
+
+    :param http_conn_id: The HTTP connection of the endpoint: ``host`` is the full URL, ``password``
+        the ``x-api-key`` value, extra ``signing_secret`` the ``whsec_…`` secret.
+    :param db_conn_id: The Postgres connection of the CDR database.
+    """
+
+    # Nothing is templated: every value here comes from CDR data, which must never be rendered.
+    template_fields: Sequence[str] = ()
+    template_fields_renderers: dict[str, str] = {}
+    ui_color = "#9fd3c7"
+
+    def __init__(
+        self, *, http_conn_id: str = DEFAULT_ENDPOINT_CONN_ID, db_conn_id: str = CDR_DB_CONN_ID, **kwargs: Any
+    ) -> None:
+        kwargs["do_xcom_push"] = False
+        super().__init__(http_conn_id=http_conn_id, method="POST", log_response=False, **kwargs)
+        self.db_conn_id = db_conn_id
+
+    @functools.cached_property
+    def hook(self) -> CdrWebhookHook:
+        """The hook that sends the requests, with the ``request_timeout_seconds`` and egress settings."""
+        return make_hook(self.http_conn_id)
+
+    def _endpoint(self, conn: psycopg.Connection[Any], claims: Sequence[Claim]) -> EndpointConfig:
+        """
+        Read the endpoint's connection; a configuration error holds the endpoint and fails at once.
+
+        No retry can mend a connection, so the endpoint is paused with the reason (its CDRs, these
+        included, stay queued and go out once it is fixed and resumed) and the task fails without
+        using its retries.
+        """
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from cdr_webhook.config import EndpointConfigError
+
+        try:
+            return self.hook.endpoint
+        except EndpointConfigError as err:
+            raise AirflowFailException(hold_endpoint(conn, self.http_conn_id, claims, err)) from None
+
+
+class CdrWebhookOperator(EndpointPostOperator):
     """
     POST one CDR to its endpoint as the Standard Webhooks–signed JSON payload.
 
@@ -85,28 +130,9 @@ class CdrWebhookOperator(HttpOperator):
     :param db_conn_id: The Postgres connection of the CDR database.
     """
 
-    # Nothing is templated: every value here comes from CDR data, which must never be rendered.
-    template_fields: Sequence[str] = ()
-    template_fields_renderers: dict[str, str] = {}
-    ui_color = "#9fd3c7"
-
-    def __init__(
-        self,
-        *,
-        cdr_id: str,
-        http_conn_id: str = DEFAULT_ENDPOINT_CONN_ID,
-        db_conn_id: str = CDR_DB_CONN_ID,
-        **kwargs: Any,
-    ) -> None:
-        kwargs["do_xcom_push"] = False
-        super().__init__(http_conn_id=http_conn_id, method="POST", log_response=False, **kwargs)
+    def __init__(self, *, cdr_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.cdr_id = cdr_id
-        self.db_conn_id = db_conn_id
-
-    @functools.cached_property
-    def hook(self) -> CdrWebhookHook:
-        """The hook that sends the request, with the ``request_timeout_seconds`` and egress settings."""
-        return make_hook(self.http_conn_id)
 
     def execute(self, context: Context) -> None:
         from cdr_webhook.db import connect
@@ -117,7 +143,7 @@ class CdrWebhookOperator(HttpOperator):
         ti = context["ti"]
         with connect(self.db_conn_id) as conn:
             claim = self._claim(conn, ti, settings)
-            endpoint = self._endpoint(conn, claim)
+            endpoint = self._endpoint(conn, [claim])
             body = self._body(conn, claim, settings)
             msg_id = webhook_id(claim.cdr_id, endpoint.conn_id)
             self.log.info(
@@ -128,15 +154,7 @@ class CdrWebhookOperator(HttpOperator):
                 msg_id,
             )
             result = self._post(conn, endpoint, body, msg_id, settings)
-            decision = decide_attempt(
-                http_status=result.http_status,
-                reason=result.reason,
-                error=result.error,
-                refused=result.refused,
-                try_number=ti.try_number,
-                max_tries=ti.max_tries,
-            )
-            attempt = Attempt(claim, result, decision, msg_id)
+            attempt = Attempt(claim, result, decide(result, ti), msg_id)
             record(conn, [attempt], settings)
         self._report(attempt)
 
@@ -165,23 +183,6 @@ class CdrWebhookOperator(HttpOperator):
                 "in order, once the endpoint is resumed"
             )
         return claim
-
-    def _endpoint(self, conn: psycopg.Connection[Any], claim: Claim) -> EndpointConfig:
-        """
-        Read the endpoint's connection; a configuration error holds the endpoint and fails at once.
-
-        No retry can mend a connection, so the endpoint is paused with the reason (its CDRs, this one
-        included, stay queued and go out once it is fixed and resumed) and the task fails without
-        using its retries.
-        """
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from cdr_webhook.config import EndpointConfigError
-
-        try:
-            return self.hook.endpoint
-        except EndpointConfigError as err:
-            raise AirflowFailException(hold_endpoint(conn, self.http_conn_id, [claim], err)) from None
 
     def _body(self, conn: psycopg.Connection[Any], claim: Claim, settings: Settings) -> bytes:
         """Build the body from the CDR's current source row; an unmappable row is skipped and fails."""

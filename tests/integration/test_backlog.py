@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import statistics
@@ -29,18 +28,7 @@ def scheduled(n: int) -> RunInfo:
 
 
 def test_a_50k_backlog_drains_oldest_first_each_cdr_once_never_above_the_cap(cdr_db):
-    create_feed(cdr_db)
-    # An outage's worth of CDRs for two clients (two endpoints), created over the six hours before T0.
-    cdr_db.execute(
-        f"INSERT INTO {FEED} (client_id, cdr_id, callerid, callrequest_id, call_id, campaign_id, "
-        "campaign_name, leg_type, phone_number, list_phonebook_id, list_phonebook_name, gateway, "
-        "amd_status, hangup_cause_code, cost, billed_duration, incremental_duration, call_date, created_at) "
-        "SELECT CASE WHEN n %% 5 = 0 THEN 7 ELSE 1 END, 'cdr-' || lpad(n::text, 6, '0'), 'x', 'r', 'c', 1, "
-        "'n', 1, '+3465', '{1}', '{a}', 'g', 1, 16, 0.1, 1, 1, ts, ts "
-        "FROM generate_series(1, %s) AS n, "
-        "LATERAL (SELECT %s::timestamptz + make_interval(secs => n * 0.4)) AS t(ts)",
-        (BACKLOG, T0 - dt.timedelta(hours=6)),
-    )
+    fill_feed(cdr_db, BACKLOG)
     sent: list[str] = []
     seconds: list[float] = []
     last = {"cdr_webhook": "", "cdr_webhook_client_7": ""}
@@ -104,6 +92,7 @@ def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(c
     from cdr_webhook.chunk import CdrWebhookChunkOperator
     from demo.connections import http_conn
     from demo.receiver import Receiver
+    from tests.integration.test_operators import FakeTaskInstance
 
     cap = 6 * CHUNK if CHUNK_BACKLOG <= 5000 else 50 * CHUNK  # max_cdrs_per_run
     settings = Settings(
@@ -148,7 +137,7 @@ def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(c
                 operator = CdrWebhookChunkOperator(
                     task_id="post_cdr", cdr_ids=ids, http_conn_id=chunk["http_conn_id"], retries=2
                 )
-                operator.execute({"ti": _ChunkTry(run_id=f"scheduled__{run}", map_index=index)})
+                operator.execute({"ti": FakeTaskInstance(run_id=f"scheduled__{run}", map_index=index)})
             if run == 1:
                 assert {c["http_conn_id"] for c in chunks} == {"cdr_webhook"}  # the paused one waits
             received = [r.cdr_id for r in receiver.received()]
@@ -164,12 +153,3 @@ def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(c
 
 
 CONNECTIONS_OF_DRAIN = ("cdr_webhook", "cdr_webhook_client_7")
-
-
-@dataclasses.dataclass
-class _ChunkTry:
-    run_id: str
-    map_index: int
-    try_number: int = 1
-    max_tries: int = 2
-    dag_id: str = "cdr_webhook"

@@ -7,7 +7,6 @@ hands them) and checks the ledger, the endpoint's state, what the receiver got a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import http.server
 import threading
@@ -28,6 +27,7 @@ from tests.integration.test_operators import (
     API_KEY,
     ENDPOINT,
     SECRET,
+    FakeTaskInstance,
     connect_endpoint,
     endpoint_state,
     queue,
@@ -35,17 +35,6 @@ from tests.integration.test_operators import (
 )
 
 NOW = dt.datetime.now(dt.UTC)
-
-
-@dataclasses.dataclass
-class ChunkTry:
-    """The attributes of Airflow's RuntimeTaskInstance that the operator reads (retries = 2)."""
-
-    try_number: int = 1
-    max_tries: int = 2
-    run_id: str = "scheduled__1"
-    map_index: int = 0
-    dag_id: str = "cdr_webhook"
 
 
 @pytest.fixture
@@ -73,7 +62,7 @@ def cdrs(conn, n: int) -> list[str]:
     return made
 
 
-def run_chunk(cdr_ids: list[str], ti: ChunkTry, *, retries: int = 2) -> None:
+def run_chunk(cdr_ids: list[str], ti: FakeTaskInstance, *, retries: int = 2) -> None:
     operator = CdrWebhookChunkOperator(
         task_id="post_cdr", cdr_ids=cdr_ids, http_conn_id=ENDPOINT, retries=retries
     )
@@ -87,7 +76,7 @@ def statuses(conn, cdr_ids: list[str]) -> dict[str, tuple[str, int]]:
 def test_a_chunk_delivers_every_cdr_each_its_own_signed_post_with_its_own_webhook_id(db, receiver, capsys):
     chunk = cdrs(db, 6)
 
-    run_chunk(chunk, ChunkTry())
+    run_chunk(chunk, FakeTaskInstance())
 
     assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
     got = receiver.received()
@@ -113,7 +102,7 @@ def test_a_refused_cdr_fails_alone_a_retryable_one_is_the_only_one_sent_again(db
     receiver.script(flaky, [(503, {"Retry-After": "3"})])
 
     with pytest.raises(RetryLater, match=f"1 CDR\\(s\\) of this chunk to retry \\({flaky}\\)") as raised:
-        run_chunk(chunk, ChunkTry(try_number=1, max_tries=2))
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2))
     assert raised.value.retry_after == 3
     assert statuses(db, chunk) == {
         **{cdr: ("delivered", 1) for cdr in chunk},
@@ -123,7 +112,7 @@ def test_a_refused_cdr_fails_alone_a_retryable_one_is_the_only_one_sent_again(db
 
     # The retry sends only the queued CDR; the task then fails, naming the one that failed for good.
     with pytest.raises(AirflowFailException, match=f"1 CDR\\(s\\) of this chunk failed for good: {refused}"):
-        run_chunk(chunk, ChunkTry(try_number=2, max_tries=2))
+        run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=2))
     assert statuses(db, chunk) == {
         **{cdr: ("delivered", 1) for cdr in chunk},
         refused: ("failed", 1),
@@ -142,10 +131,10 @@ def test_clearing_a_chunk_sends_again_only_its_cdrs_not_delivered(db, receiver):
     refused = chunk[2]
     receiver.script(refused, [400])
     with pytest.raises(AirflowFailException):
-        run_chunk(chunk, ChunkTry(try_number=1, max_tries=2))
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2))
 
     # The receiver is fixed; the operator clears the task: Airflow sets max_tries = try_number + retries.
-    run_chunk(chunk, ChunkTry(try_number=2, max_tries=1 + 2))
+    run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=1 + 2))
 
     assert statuses(db, chunk) == {**{cdr: ("delivered", 1) for cdr in chunk}, refused: ("delivered", 2)}
     assert sorted(r.cdr_id for r in receiver.received()) == sorted([*chunk, refused])
@@ -155,25 +144,37 @@ def test_retries_exhausted_fail_the_chunk_naming_the_cdr(db, receiver):
     chunk = cdrs(db, 3)
     receiver.script(chunk[0], [503, 503])
     with pytest.raises(RetryLater):
-        run_chunk(chunk, ChunkTry(try_number=1, max_tries=1), retries=1)
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=1), retries=1)
     with pytest.raises(AirflowFailException, match=f"failed for good: {chunk[0]}"):
-        run_chunk(chunk, ChunkTry(try_number=2, max_tries=1), retries=1)
+        run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=1), retries=1)
     assert statuses(db, chunk) == {**{cdr: ("delivered", 1) for cdr in chunk}, chunk[0]: ("failed", 2)}
     assert len(receiver.received()) == 4
 
 
+class Concurrency:
+    """A receiver's ``before_answer`` that holds each request ``seconds`` and records how many were in
+    flight as each arrived; ``on_arrival(n)`` runs as the n-th arrives."""
+
+    def __init__(self, seconds: float, on_arrival=None) -> None:
+        self.seconds = seconds
+        self.on_arrival = on_arrival
+        self.in_flight = 0
+        self.seen: list[int] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, headers, body) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.seen.append(self.in_flight)
+            if self.on_arrival is not None:
+                self.on_arrival(len(self.seen))
+        time.sleep(self.seconds)
+        with self._lock:
+            self.in_flight -= 1
+
+
 def test_a_chunk_never_passes_the_endpoints_in_flight_limit_shared_with_other_tasks(db, cdr_dsn, monkeypatch):
-    in_flight, peak = [0], [0]
-    lock = threading.Lock()
-
-    def slow(headers, body) -> None:
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.15)
-        with lock:
-            in_flight[0] -= 1
-
+    slow = Concurrency(0.15)
     with Receiver(secret=SECRET, api_key=API_KEY, before_answer=slow) as server:
         connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=4)
         chunk = cdrs(db, 12)
@@ -181,10 +182,10 @@ def test_a_chunk_never_passes_the_endpoints_in_flight_limit_shared_with_other_ta
         with psycopg.connect(cdr_dsn, autocommit=True) as other_worker:
             with endpoint_slot(other_worker, ENDPOINT, limit=4, wait_seconds=0):
                 started = time.monotonic()
-                run_chunk(chunk, ChunkTry())
+                run_chunk(chunk, FakeTaskInstance())
                 elapsed = time.monotonic() - started
 
-    assert peak[0] == 3  # concurrent, up to the slots left, never more
+    assert max(slow.seen) == 3  # concurrent, up to the slots left, never more
     assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
     assert elapsed < 12 * 0.15  # not one after the other
 
@@ -204,7 +205,7 @@ def test_the_ledger_is_written_in_batches_not_per_cdr(db, receiver):
     chunk = cdrs(db, 30)
     db.execute("TRUNCATE public.statement_count")
 
-    run_chunk(chunk, ChunkTry())
+    run_chunk(chunk, FakeTaskInstance())
 
     counts = dict(
         db.execute("SELECT tbl || ' ' || op, count(*) FROM public.statement_count GROUP BY 1").fetchall()
@@ -221,7 +222,7 @@ def test_a_chunk_skips_cdrs_another_run_owns_and_sends_the_rest(db, receiver):
         "UPDATE cdr_webhook.delivery SET run_id = 'scheduled__2', status = 'delivered' WHERE cdr_id = %s",
         (chunk[0],),
     )
-    run_chunk(chunk, ChunkTry())
+    run_chunk(chunk, FakeTaskInstance())
     assert sorted(r.cdr_id for r in receiver.received()) == sorted(chunk[1:])
     assert row(db, chunk[0])["run_id"] == "scheduled__2"
 
@@ -269,7 +270,7 @@ def test_a_chunk_keeps_its_connections_alive(db, monkeypatch):
     with keep_alive_server() as (url, ports):
         connect_endpoint(monkeypatch, url, max_in_flight=2)
         chunk = cdrs(db, 20)
-        run_chunk(chunk, ChunkTry())
+        run_chunk(chunk, FakeTaskInstance())
     assert len(ports) == 20
     assert len(set(ports)) <= 2  # a connection per sending thread, reused from POST to POST
 
@@ -281,7 +282,7 @@ def test_a_kept_alive_connection_is_still_bound_by_each_posts_deadline(db, monke
         chunk = cdrs(db, 2)
         started = time.monotonic()
         with pytest.raises(RetryLater):
-            run_chunk(chunk, ChunkTry())
+            run_chunk(chunk, FakeTaskInstance())
         elapsed = time.monotonic() - started
     assert len(set(ports)) == 1  # the second POST went over the first one's connection
     assert statuses(db, chunk) == {chunk[0]: ("delivered", 1), chunk[1]: ("queued", 1)}
@@ -290,30 +291,20 @@ def test_a_kept_alive_connection_is_still_bound_by_each_posts_deadline(db, monke
 
 
 def test_a_chunk_takes_the_slots_another_task_frees_while_it_sends(db, cdr_dsn, monkeypatch):
-    in_flight, seen = [0], []
-    lock = threading.Lock()
     # Another task holds 3 of the endpoint's 4 slots until the chunk's third POST arrives.
     other_worker = psycopg.connect(cdr_dsn, autocommit=True)
     held = endpoint_slots(other_worker, ENDPOINT, limit=4, wanted=3, wait_seconds=0)
     held.__enter__()  # (never left: the connection's end frees them)
-
-    def slow(headers, body) -> None:
-        with lock:
-            in_flight[0] += 1
-            seen.append(in_flight[0])
-            if len(seen) == 3:
-                other_worker.close()  # its connection ends: its slots are free
-        time.sleep(0.1)
-        with lock:
-            in_flight[0] -= 1
+    # When the third POST arrives, the other task's connection ends: its slots are free.
+    slow = Concurrency(0.1, on_arrival=lambda n: n == 3 and other_worker.close())
 
     with Receiver(secret=SECRET, api_key=API_KEY, before_answer=slow) as server:
         connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=4)
         chunk = cdrs(db, 30)
-        run_chunk(chunk, ChunkTry())
+        run_chunk(chunk, FakeTaskInstance())
 
-    assert seen[:3] == [1, 1, 1]  # one slot to start with
-    assert max(seen) == 4  # then the 3 others, once free
+    assert slow.seen[:3] == [1, 1, 1]  # one slot to start with
+    assert max(slow.seen) == 4  # then the 3 others, once free
     assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
 
 
@@ -323,7 +314,7 @@ def test_a_410_pauses_the_endpoint_and_the_rest_of_the_chunk_waits_queued(db, mo
         chunk = cdrs(db, 6)
         server.script(chunk[1], [410])
         with pytest.raises(AirflowFailException, match=f"failed for good: {chunk[1]}"):
-            run_chunk(chunk, ChunkTry())
+            run_chunk(chunk, FakeTaskInstance())
         sent = [r.cdr_id for r in server.received()]
 
     assert sent == chunk[:2]  # one at a time, oldest first: nothing after the 410
