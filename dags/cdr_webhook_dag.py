@@ -83,7 +83,7 @@ notifier = (
 )
 def cdr_webhook_dag() -> None:
     @task
-    def select_cdrs(cdrs_per_task: int, **context) -> list[dict[str, Any]]:
+    def select_cdrs(cdrs_per_task: int = 1, **context) -> list[dict[str, Any]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
         from airflow.sdk import conf
 
@@ -110,22 +110,21 @@ def cdr_webhook_dag() -> None:
         "retry_policy": RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
         "max_active_tis_per_dagrun": settings.max_active_posts_per_run,
     }
-    # The chunk size is the DAG's (read at parse time), so the shape and the select step agree.
-    selected = select_cdrs(cdrs_per_task=settings.cdrs_per_task)
     if settings.cdrs_per_task == 1:
         CdrWebhookOperator.partial(
             task_id="post_cdr",
             execution_timeout=settings.attempt_timeout,
             map_index_template="{{ task.cdr_id }}",
             **retrying,
-        ).expand_kwargs(selected)
+        ).expand_kwargs(select_cdrs())
     else:
         CdrWebhookChunkOperator.partial(
             task_id="post_cdr",
             execution_timeout=settings.chunk_timeout,
             map_index_template=CHUNK_NAME_TEMPLATE,
             **retrying,
-        ).expand_kwargs(selected)
+            # The chunk size is the DAG's (read at parse time): the select step groups by it.
+        ).expand_kwargs(select_cdrs(cdrs_per_task=settings.cdrs_per_task))
 
 
 cdr_webhook_dag()

@@ -321,13 +321,24 @@ def _claim_window(
     return _assign(conn, run, settings, known, window=window, client_id=window.client_id)
 
 
+#: Source rows the select step reads at once to check its claims.
+_CHECK_BATCH = 1000
+
+
 def _drop_invalid(
     conn: psycopg.Connection[Any], relation: str, claims: list[ledger.Claim], known: _Endpoints
 ) -> list[ledger.Claim]:
-    """Mark claims that cannot become a payload, or that their endpoint filters out, as skipped."""
-    rows = fetch_rows(conn, relation, ((claim.cdr_id, claim.cdr_created_at) for claim in claims))
+    """
+    Mark claims that cannot become a payload, or that their endpoint filters out, as skipped.
+
+    Rows are read :data:`_CHECK_BATCH` at a time: a run of chunk mode may claim tens of thousands.
+    """
     sendable = []
-    for claim in claims:
+    rows: dict[str, Any] = {}
+    for index, claim in enumerate(claims):
+        if index % _CHECK_BATCH == 0:
+            batch = claims[index : index + _CHECK_BATCH]
+            rows = fetch_rows(conn, relation, ((c.cdr_id, c.cdr_created_at) for c in batch))
         row = rows.get(claim.cdr_id)
         if row is None:
             reason = f"CDR {claim.cdr_id!r} is no longer in the source relation {relation!r}"

@@ -10,7 +10,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from cdr_webhook import ledger, schema
+from cdr_webhook import ledger, schema, selection
 from cdr_webhook.selection import RunInfo
 from cdr_webhook.selection import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
@@ -150,7 +150,9 @@ def test_cleared_select_maps_exactly_what_its_run_claimed(cdr_db):
     assert ids(again) == first
 
 
-def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db):
+@pytest.mark.parametrize("batch", [1000, 2], ids=["one-read", "read-in-batches-of-2"])
+def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db, monkeypatch, batch):
+    monkeypatch.setattr(selection, "_CHECK_BATCH", batch)
     create_feed(cdr_db)
 
     def add(cdr_id, second, **overrides):
