@@ -24,7 +24,6 @@ from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
-from cdr_webhook.chunk import CHUNK_NAME_TEMPLATE, CdrWebhookChunkOperator
 from cdr_webhook.operators import CdrWebhookOperator, RetryAfterPolicy
 from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
 from cdr_webhook.window import POLICIES
@@ -118,6 +117,8 @@ def cdr_webhook_dag() -> None:
             **retrying,
         ).expand_kwargs(select_cdrs())
     else:
+        from cdr_webhook.chunk import CHUNK_NAME_TEMPLATE, CdrWebhookChunkOperator
+
         CdrWebhookChunkOperator.partial(
             task_id="post_cdr",
             execution_timeout=settings.chunk_timeout,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 import urllib3.exceptions
-from airflow.providers.http.hooks.http import HttpHook
+from airflow.sdk import BaseHook
 from requests import Session
 
 from cdr_webhook import __version__
@@ -51,11 +51,11 @@ class AttemptResult:
         )
 
 
-class CdrWebhookHook(HttpHook):
+class CdrWebhookHook(BaseHook):
     """
     POST webhook bodies to the endpoint of an HTTP connection, safely.
 
-    Unlike :class:`~airflow.providers.http.hooks.http.HttpHook` it never follows a redirect (a 302
+    Unlike the HTTP provider's ``HttpHook`` it never follows a redirect (a 302
     would turn the POST into a GET and hand ``x-api-key`` to another host), gives each POST one
     deadline (``timeout``) for resolving, connecting, TLS, sending and the reply's status line and
     headers, ignores proxy environment variables, sends none of the connection's extras as headers
@@ -75,7 +75,16 @@ class CdrWebhookHook(HttpHook):
         (retryable) failure; a body still arriving then leaves a partial excerpt.
     :param allowed_networks: CIDRs the egress guard lets through (internal receivers).
     :param resolver: ``(host, port) -> addresses``, for tests; the default is the system resolver.
+
+    It derives from ``BaseHook``, not from the provider's ``HttpHook``: every method of that hook is
+    replaced here, and importing its module costs every task process ~70 ms of CPU for ``aiohttp``
+    (``docs/benchmarks.md``). Connections keep the provider's ``http`` type.
     """
+
+    conn_name_attr = "http_conn_id"
+    default_conn_name = "cdr_webhook"
+    conn_type = "http"
+    hook_name = "CDR webhook endpoint"
 
     def __init__(
         self,
@@ -85,7 +94,8 @@ class CdrWebhookHook(HttpHook):
         allowed_networks: Sequence[str] = (),
         resolver: Resolver | None = None,
     ) -> None:
-        super().__init__(method="POST", http_conn_id=http_conn_id)
+        super().__init__()
+        self.http_conn_id = http_conn_id
         self.timeout = timeout
         self.allowed_networks = parse_networks(",".join(allowed_networks))
         self.resolver = resolver
@@ -105,13 +115,10 @@ class CdrWebhookHook(HttpHook):
     def get_conn(
         self,
         headers: dict[Any, Any] | None = None,
-        extra_options: dict[str, Any] | None = None,
         *,
         tls: TlsFiles | None = None,
     ) -> Session:
         """Return a session with no auth, no extras as headers, no proxies, and the egress guard."""
-        connection = self.connection
-        self._set_base_url(connection)
         session = Session()
         session.trust_env = False
         session.headers.clear()
