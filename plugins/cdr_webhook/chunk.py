@@ -311,8 +311,9 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
             )
         if failed:
             raise AirflowFailException(
-                f"{len(failed)} CDR(s) of this chunk failed for good: {_shown(failed)}; the others were "
-                "delivered. Clearing this task sends its undelivered CDRs again (see the log for each reason)"
+                f"{len(failed)} CDR(s) of this chunk failed for good: {_shown(failed)}; its other CDRs "
+                "went out regardless (the log has each outcome). Clearing this task sends its undelivered "
+                "CDRs again"
             )
         if not attempts and elsewhere == len(self.cdr_ids):
             raise AirflowSkipException("every CDR of this chunk belongs to another run: nothing sent")
