@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.utils
 import functools
 import json
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +23,7 @@ from cdr_webhook.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_
 from cdr_webhook.ledger import EXCERPT_BYTES
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from cdr_webhook.config import EndpointConfig
     from cdr_webhook.egress import Resolver
@@ -135,13 +137,51 @@ class CdrWebhookHook(BaseHook):
             session.headers.update(headers)
         return session
 
-    def post(self, body: bytes, headers: dict[str, str]) -> AttemptResult:
-        """POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal."""
+    @contextlib.contextmanager
+    def sessions(self) -> Iterator[Callable[[], Session]]:
+        """
+        Yield ``session()``: the calling thread's own session, made on first use, kept for the block.
+
+        For many POSTs to the endpoint (a chunk): each thread's session keeps its connection alive
+        from one POST to the next. Raises :class:`ValueError` when a TLS extra is malformed (a POST
+        without a session reports that as the refusal it is).
+        """
+        with pem_files(self.endpoint.tls_extra()) as tls:
+            local = threading.local()
+            made: list[Session] = []
+            lock = threading.Lock()
+
+            def session() -> Session:
+                found = getattr(local, "session", None)
+                if found is None:
+                    found = local.session = self.get_conn(tls=tls)
+                    with lock:
+                        made.append(found)
+                return found
+
+            try:
+                yield session
+            finally:
+                for each in made:
+                    each.close()
+
+    def post(self, body: bytes, headers: dict[str, str], *, session: Session | None = None) -> AttemptResult:
+        """
+        POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal.
+
+        ``session``: one from :meth:`sessions`, whose connections are kept alive from POST to POST;
+        by default the POST has a session of its own.
+        """
         started = time.monotonic()
         refused = False
         try:
-            with pem_files(self.endpoint.tls_extra()) as tls, Deadline(self.timeout) as deadline:
-                session = self.get_conn(tls=tls)
+            with contextlib.ExitStack() as stack:
+                own_session = session is None
+                if session is None:
+                    tls = stack.enter_context(pem_files(self.endpoint.tls_extra()))
+                deadline = stack.enter_context(Deadline(self.timeout))
+                if session is None:
+                    session = self.get_conn(tls=tls)
                 try:
                     with session.post(
                         self.endpoint.url,
@@ -167,7 +207,8 @@ class CdrWebhookHook(BaseHook):
                         f"no complete reply within the {self.timeout:g} s deadline ({_waited_for(deadline)})"
                     )
                 finally:
-                    session.close()
+                    if own_session:
+                        session.close()
         except EndpointRefused as err:
             error, refused = f"refused by the egress guard: {err}", True
         except ValueError as err:  # the endpoint URL or a TLS extra is malformed: no retry can help
