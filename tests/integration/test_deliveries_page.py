@@ -397,3 +397,25 @@ def test_a_delivery_no_task_owns_is_reported_not_cleared(client, cdr_db, populat
     assert response.status_code == 200
     assert "no task owns it (it waits queued for a run): nothing to clear" in unescape(response.text)
     assert "Cleared" not in response.text
+
+
+def test_in_chunk_mode_a_delivered_cdr_is_not_cleared_and_the_page_says_what_redelivers_it(
+    client, populated, monkeypatch
+):
+    from cdr_webhook.settings import load_settings
+    from cdr_webhook.web.actions import CHUNK_DELIVERED
+
+    monkeypatch.setenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK", "50")
+    load_settings.cache_clear()
+    try:
+        cdr_id = populated["by_status"]["delivered"][0]
+        token = csrf_of(get(client, "/", user="admin").text)
+        response = post(
+            client, "/redeliver", data={"csrf": token, "key": json.dumps([cdr_id, "cdr_webhook"])}
+        )
+    finally:
+        monkeypatch.delenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK")
+        load_settings.cache_clear()
+    assert response.status_code == 200
+    assert CHUNK_DELIVERED in unescape(response.text)
+    assert "Cleared" not in response.text

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from cdr_webhook import deliveries, endpoints
+from cdr_webhook.settings import load_settings
 from cdr_webhook.web import airflow_api, forms
 from cdr_webhook.web.deps import Conn, base_url, prefix, render
 from cdr_webhook.web.security import CanClear, CanPause, CanTrigger, caller_token, check_csrf
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 MAX_REDELIVER = 500
 
 router = APIRouter()
+
+#: Why a delivered CDR is not cleared in chunk mode, and what redelivers it.
+CHUNK_DELIVERED = (
+    "delivered, and in chunk mode (cdrs_per_task > 1) clearing its chunk re-sends only the chunk's CDRs "
+    "not delivered: redeliver it with a run (policy all, its client and day) from Completeness"
+)
 
 
 @router.post("/redeliver", response_class=HTMLResponse)
@@ -49,8 +56,12 @@ def redeliver(
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     by_run: dict[str, list[int]] = {}
     not_cleared = []
+    chunks = load_settings().cdrs_per_task > 1
     for row in deliveries.get_deliveries(conn, keys):
-        if (
+        if chunks and row.status == "delivered":
+            # A cleared chunk sends again only its CDRs not delivered: clearing would not resend this one.
+            not_cleared.append((row, CHUNK_DELIVERED))
+        elif (
             row.dag_id == airflow_api.DAG_ID
             and row.run_id
             and row.map_index is not None
