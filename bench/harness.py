@@ -31,6 +31,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import json
 import math
 import multiprocessing
 import os
@@ -60,7 +61,10 @@ LOCAL = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=
 SIGNING_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a bench-only secret, not a real one
 NOOP_DAG = ROOT / "bench" / "dags" / "bench_noop_dag.py"
 CDR_DAG = ROOT / "dags" / "cdr_webhook_dag.py"
-MODES = ("floor", "per-cdr", "chunk", "raw")
+MODES = ("floor", "per-cdr", "chunk", "raw", "deferred")
+DEFAULT_MODES = ("floor", "per-cdr", "chunk", "raw")
+DEFERRED_DAG = ROOT / "bench" / "dags" / "bench_noop_deferred_dag.py"
+TRIGGERS = ROOT / "bench" / "dags" / "bench_triggers.py"
 
 
 # -- pure parts (tests/unit/test_bench_harness.py) -----------------------------------------------
@@ -127,6 +131,67 @@ def format_table(rows: Iterable[Row]) -> str:
     return "\n".join(lines)
 
 
+def _ts(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def try_phases(ti: dict[str, Any], lines: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Where one task try spent its time (ms), from its task instance (REST) and its log lines.
+
+    ``queued→start``: the executor's pick-up and the fork (``start_date`` is set when the supervisor
+    reports the child started); ``start→first log``: the task process starting up;
+    ``DAG file parse``: the log's ``dag_file_parse_ms``; ``pre-execute rest``: the rest of the
+    "Pre Execute" group; ``execute`` to the "Post Execute" group, split for ``post_cdr`` at its
+    "Sending" line (claim, endpoint, body before; slot, POST, record after); ``post-execute``;
+    ``last log→end``: reporting the state and exiting.
+    """
+    phases: dict[str, float] = {}
+    events = [(line.get("event", ""), _ts(line["timestamp"]), line) for line in lines if "timestamp" in line]
+    if not events or not ti.get("start_date") or not ti.get("end_date"):
+        return phases
+    start, end = _ts(ti["start_date"]), _ts(ti["end_date"])
+    if ti.get("queued_when"):
+        phases["queued→start"] = (start - _ts(ti["queued_when"])) * 1000
+    phases["start→first log"] = (events[0][1] - start) * 1000
+    groups = [at for event, at, _ in events if event.startswith("::")]
+    parse = next((line for event, _, line in events if "dag_file_parse_ms" in line), None)
+    if parse is not None:
+        phases["DAG file parse"] = float(parse["dag_file_parse_ms"])
+    post = next((at for event, at, _ in events if event == "::group::Post Execute"), None)
+    if len(groups) >= 2 and post is not None:
+        pre_end = groups[1]
+        phases["pre-execute rest"] = (pre_end - events[0][1]) * 1000 - phases.get("DAG file parse", 0)
+        sending = next((at for event, at, _ in events if event.startswith("Sending CDR")), None)
+        if sending is not None:
+            phases["execute: to 'Sending'"] = (sending - pre_end) * 1000
+            phases["execute: 'Sending' on"] = (post - sending) * 1000
+        phases["execute"] = (post - pre_end) * 1000
+        phases["post-execute"] = (groups[-1] - post) * 1000
+    phases["last log→end"] = (end - events[-1][1]) * 1000
+    phases["start→end"] = (end - start) * 1000
+    return phases
+
+
+def format_phases(columns: dict[str, list[dict[str, float]]]) -> str:
+    """A markdown table: one row per phase, the median (ms) of each column's tries."""
+    names: list[str] = []
+    for tries in columns.values():
+        for phases in tries:
+            names += [name for name in phases if name not in names]
+    heads = " | ".join(f"{label} ({len(tries)} tries)" for label, tries in columns.items())
+    lines = [
+        f"| phase (median ms per try) | {heads} |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for name in names:
+        cells = []
+        for tries in columns.values():
+            values = [phases[name] for phases in tries if name in phases]
+            cells.append(_num(percentile(values, 50), ".0f"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def concurrency_bound(in_flight: int, delay_ms: float) -> float | None:
     """Requests per second that ``in_flight`` POSTs at once can reach when each takes ``delay_ms``."""
     return in_flight * 1000 / delay_ms if delay_ms > 0 else None
@@ -147,8 +212,10 @@ class RssSampler:
     Those deeper descendants are the task processes.
     """
 
-    def __init__(self, scheduler_pid: int, interval: float = 0.1) -> None:
+    def __init__(self, scheduler_pid: int, interval: float = 0.1, also: Sequence[int] = ()) -> None:
+        """:param also: Processes counted whole, with their descendants (the triggerer)."""
         self.root = psutil.Process(scheduler_pid)
+        self.also = [psutil.Process(pid) for pid in also]
         self.interval = interval
         self.peak_one = 0
         self.peak_sum = 0
@@ -160,6 +227,12 @@ class RssSampler:
         for child in self.root.children():
             try:
                 yield from child.children(recursive=True)
+            except psutil.Error:
+                continue
+        for proc in self.also:
+            try:
+                yield proc
+                yield from proc.children(recursive=True)
             except psutil.Error:
                 continue
 
@@ -273,6 +346,21 @@ class Bench:
     conn: psycopg.Connection[Any]
     raw_rates: dict[int, float | None] = dataclasses.field(default_factory=dict)
     _pool: concurrent.futures.ProcessPoolExecutor | None = None
+    phases: dict[int, dict[str, list[dict[str, float]]]] = dataclasses.field(default_factory=dict)
+
+    def record_phases(
+        self, stack: AirflowStack, label: str, n: int, dag_id: str, tasks: list[dict[str, Any]]
+    ) -> None:
+        """Keep each mapped try's phases (its log file in the Airflow home, its REST times)."""
+        found = []
+        for ti in tasks:
+            run = stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={ti['dag_run_id']}"
+            task = run / f"task_id={ti['task_id']}" / f"map_index={ti['map_index']}"
+            path = task / f"attempt={ti['try_number']}.log"
+            if path.exists():
+                lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+                found.append(try_phases(ti, lines))
+        self.phases.setdefault(n, {})[label] = found
 
     def pool(self) -> concurrent.futures.ProcessPoolExecutor:
         """The raw loop's process, started (and its imports done) before any clock runs."""
@@ -285,6 +373,8 @@ class Bench:
     def warm_up(self, stack: AirflowStack) -> None:
         """One small run of each DAG first: the first runs after a start pay one-off costs."""
         run_dag(stack, "bench_noop", {"n": self.args.parallelism})
+        if "triggerer" in stack.processes:
+            run_dag(stack, "bench_noop_deferred", {"n": self.args.parallelism})
         self.cdr_run(stack, self.args.parallelism, "warm-up")
 
     def fresh_cdrs(self, count: int) -> tuple[list[str], dt.datetime, dt.datetime, float]:
@@ -305,14 +395,17 @@ class Bench:
                 first[request.cdr_id] = request.at
         return len(first), [(at - committed) * 1000 for at in first.values()]
 
-    def floor(self, stack: AirflowStack, n: int) -> Row:
+    def floor(self, stack: AirflowStack, n: int, *, deferred: bool = False) -> Row:
+        dag_id = "bench_noop_deferred" if deferred else "bench_noop"
         load = load_average()
-        with RssSampler(scheduler_pid(stack)) as rss:
-            run = run_dag(stack, "bench_noop", {"n": n})
-        tasks = mapped_task_instances(stack, "bench_noop", run["dag_run_id"])
+        triggerer = [stack.processes["triggerer"].pid] if "triggerer" in stack.processes else []
+        with RssSampler(scheduler_pid(stack), also=triggerer if deferred else ()) as rss:
+            run = run_dag(stack, dag_id, {"n": n})
+        tasks = mapped_task_instances(stack, dag_id, run["dag_run_id"])
         done = sum(ti["state"] == "success" for ti in tasks)
+        self.record_phases(stack, "no-op, triggerer" if deferred else "no-op", n, dag_id, tasks)
         return Row(
-            "floor (no-op DAG)",
+            "no-op in the triggerer (`start_from_trigger`)" if deferred else "floor (no-op DAG)",
             n,
             done,
             run_seconds(run),
@@ -332,6 +425,8 @@ class Bench:
             )
         done, latencies = self.arrivals(ids, committed)
         tasks = mapped_task_instances(stack, "cdr_webhook", run["dag_run_id"])
+        if mode != "warm-up":
+            self.record_phases(stack, mode.split(" (")[0], n, "cdr_webhook", tasks)
         row = Row(
             mode,
             n,
@@ -387,6 +482,8 @@ def build_dags_folder(folder: Path) -> Path:
     folder.mkdir(parents=True)
     shutil.copy(CDR_DAG, folder / CDR_DAG.name)
     shutil.copy(NOOP_DAG, folder / NOOP_DAG.name)
+    shutil.copy(DEFERRED_DAG, folder / DEFERRED_DAG.name)
+    shutil.copy(TRIGGERS, folder / TRIGGERS.name)
     return folder
 
 
@@ -406,12 +503,16 @@ def deployment_env(args: argparse.Namespace, dsn: str, receiver: Receiver, dags:
     }
 
 
-def start_stack(home: Path, pg_server: str | None, env: dict[str, str]) -> AirflowStack:
+def start_stack(
+    home: Path, pg_server: str | None, env: dict[str, str], *, triggerer: bool = False
+) -> AirflowStack:
     home.mkdir(parents=True)
     stack = AirflowStack(home, pg_server, env)
     began = time.monotonic()
     stack.start()
-    for dag_id in ("cdr_webhook", "bench_noop"):
+    if triggerer:
+        stack.spawn("triggerer", "triggerer")
+    for dag_id in ("cdr_webhook", "bench_noop", "bench_noop_deferred"):
         wait_dag(stack, dag_id)
         stack.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
     print(f"Airflow up in {time.monotonic() - began:.1f} s ({home})", flush=True)
@@ -436,7 +537,13 @@ def stop_stack(stack: AirflowStack) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.harness", description=__doc__.splitlines()[0])
     parser.add_argument("--cdrs", type=int, nargs="+", default=[200, 1000], help="values of N")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(DEFAULT_MODES),
+        help="deferred: a no-op floor whose mapped tasks start and end in the triggerer (not by default)",
+    )
     parser.add_argument("--parallelism", type=int, default=8, help="[core] parallelism (default 8)")
     parser.add_argument(
         "--per-run", type=int, help="max_active_posts_per_run (and the no-op's); default: --parallelism"
@@ -483,8 +590,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             migrate(conn)
             bench = Bench(args, dsn, receiver, conn)
             env = deployment_env(args, dsn, receiver, build_dags_folder(scratch / "dags"))
-            needs_airflow = {"floor", "per-cdr"} & set(args.modes)
-            stack = start_stack(scratch / "airflow", pg_server, env) if needs_airflow else None
+            needs_airflow = {"floor", "per-cdr", "deferred"} & set(args.modes)
+            stack = (
+                start_stack(scratch / "airflow", pg_server, env, triggerer="deferred" in args.modes)
+                if needs_airflow
+                else None
+            )
             try:
                 if stack:
                     bench.warm_up(stack)
@@ -494,6 +605,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         floor = bench.floor(stack, n)
                         rows.append(floor)
                         print(format_table([floor]), flush=True)
+                    if "deferred" in args.modes and stack:
+                        deferred = bench.floor(stack, n, deferred=True)
+                        if floor:
+                            deferred.reference, deferred.reference_rate = "floor", floor.rate
+                        rows.append(deferred)
+                        print(format_table([deferred]), flush=True)
                     if "per-cdr" in args.modes and stack:
                         row, _ = bench.cdr_run(stack, n, "per-CDR (`post_cdr`)")
                         if floor:
@@ -520,7 +637,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         shutil.rmtree(scratch, ignore_errors=True)
-    report = "\n\n".join([header(args, metadata), format_table(rows), *notes])
+    timelines = [
+        f"Where a try's time goes, N = {n} (task logs, REST times):\n\n{format_phases(columns)}"
+        for n, columns in bench.phases.items()
+    ]
+    report = "\n\n".join([header(args, metadata), format_table(rows), *notes, *timelines])
     print("\n" + report)
     if args.out:
         args.out.write_text(report + "\n")

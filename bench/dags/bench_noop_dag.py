@@ -3,8 +3,7 @@
 Only ``bench/harness.py`` puts this file in a DAGs folder. A run's ``conf`` gives ``n``, the number
 of items; the mapped operator takes the same ``.partial()`` arguments as ``post_cdr`` (retries,
 per-run concurrency from ``max_active_posts_per_run``, a map index template) and does nothing.
-With ``{"deferred": true}`` … see ``bench_noop_deferred`` below: the same shape, each item run by
-the triggerer instead of a worker (``start_from_trigger``).
+``bench_noop_deferred_dag.py`` is the same shape run by the triggerer.
 """
 
 from __future__ import annotations
