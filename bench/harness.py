@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -372,9 +373,11 @@ class Bench:
 
     def warm_up(self, stack: AirflowStack) -> None:
         """One small run of each DAG first: the first runs after a start pay one-off costs."""
-        run_dag(stack, "bench_noop", {"n": self.args.parallelism})
-        if "triggerer" in stack.processes:
-            run_dag(stack, "bench_noop_deferred", {"n": self.args.parallelism})
+        for dag_id in ("bench_noop", "bench_noop_deferred"):
+            if dag_id == "bench_noop" or "triggerer" in stack.processes:
+                run = run_dag(stack, dag_id, {"n": self.args.parallelism}, timeout=300)
+                if run["state"] != "success":
+                    print(f"warm-up: {dag_id} run {run['state']}", file=sys.stderr, flush=True)
         self.cdr_run(stack, self.args.parallelism, "warm-up")
 
     def fresh_cdrs(self, count: int) -> tuple[list[str], dt.datetime, dt.datetime, float]:
@@ -511,7 +514,9 @@ def start_stack(
     began = time.monotonic()
     stack.start()
     if triggerer:
-        stack.spawn("triggerer", "triggerer")
+        # The triggerer imports triggers by classpath; the DAGs folder is not on its sys.path.
+        dags = env["AIRFLOW__CORE__DAGS_FOLDER"]
+        stack.spawn("triggerer", "triggerer", env={"PYTHONPATH": os.pathsep.join([dags, str(ROOT)])})
     for dag_id in ("cdr_webhook", "bench_noop", "bench_noop_deferred"):
         wait_dag(stack, dag_id)
         stack.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
@@ -570,6 +575,8 @@ def header(args: argparse.Namespace, metadata: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # kill (SIGTERM) stops Airflow too; a background job ignores SIGINT, so that is the way to stop it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.path.insert(0, str(ROOT / "plugins"))
     from cdr_webhook.schema import migrate
 
