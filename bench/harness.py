@@ -66,6 +66,7 @@ MODES = ("floor", "per-cdr", "chunk", "raw", "deferred")
 DEFAULT_MODES = ("floor", "per-cdr", "chunk", "raw")
 DEFERRED_DAG = ROOT / "bench" / "dags" / "bench_noop_deferred_dag.py"
 TRIGGERS = ROOT / "bench" / "dags" / "bench_triggers.py"
+SHAPE = ROOT / "bench" / "dags" / "bench_shape.py"
 
 
 # -- pure parts (tests/unit/test_bench_harness.py) -----------------------------------------------
@@ -487,6 +488,7 @@ def build_dags_folder(folder: Path) -> Path:
     shutil.copy(NOOP_DAG, folder / NOOP_DAG.name)
     shutil.copy(DEFERRED_DAG, folder / DEFERRED_DAG.name)
     shutil.copy(TRIGGERS, folder / TRIGGERS.name)
+    shutil.copy(SHAPE, folder / SHAPE.name)
     return folder
 
 

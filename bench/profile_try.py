@@ -120,7 +120,7 @@ def main() -> int:
         "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
             "http://127.0.0.1:9/cdr-hook", signing_secret="whsec_" + "A" * 32
         ),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT)]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "bench" / "dags"), str(ROOT)]),
     }
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in DAG_FILES}
     for _ in range(args.repeat):
