@@ -104,6 +104,24 @@ def heaviest_imports(stderr: str, top: int = 12) -> list[tuple[str, float]]:
     return sorted(found, key=lambda item: -item[1])[:top]
 
 
+def by_package(stderr: str, top: int = 10) -> list[tuple[str, int, float]]:
+    """Modules and self time (ms) per top-level package imported after the baseline."""
+    totals: dict[str, list[float]] = {}
+    for line in stderr.split(MARK, 1)[-1].splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        own, _, name = (part.strip() for part in line.split(":", 1)[1].split("|"))
+        if not own.isdigit():
+            continue
+        parts = name.split(".")
+        package = ".".join(parts[:3]) if parts[0] == "airflow" else parts[0]
+        entry = totals.setdefault(package, [0, 0.0])
+        entry[0] += 1
+        entry[1] += int(own) / 1000
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:top]
+    return [(package, int(count), ms) for package, (count, ms) in ranked]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_try", description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
@@ -145,6 +163,10 @@ def main() -> int:
         print("| module | ms |\n| --- | ---: |")
         for module, ms in heaviest_imports(stderr):
             print(f"| `{module}` | {ms:.0f} |")
+        print(f"\nThe same import of {dag.name} by package (modules, self ms):\n")
+        print("| package | modules | ms |\n| --- | ---: | ---: |")
+        for package, count, ms in by_package(stderr):
+            print(f"| `{package}` | {count} | {ms:.0f} |")
     return 0
 
 
