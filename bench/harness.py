@@ -1,13 +1,14 @@
 """Side by side in one real Airflow: the no-op floor, one task per CDR, chunk mode, and a raw POST loop.
 
-    .venv/bin/python -m bench.harness [--cdrs 200 1000] [--modes floor per-cdr chunk raw]
-        [--parallelism 8] [--delay-ms 0] [--cdrs-per-task 50] [--metadata postgres|sqlite]
-        [--dsn DSN] [--out FILE]
+    .venv/bin/python -m bench.harness [--cdrs 200 1000] [--modes floor per-cdr chunk raw deferred]
+        [--parallelism 8] [--per-run K] [--in-flight 8] [--delay-ms 0] [--cdrs-per-task 50]
+        [--metadata postgres|sqlite] [--dsn DSN] [--out FILE]
 
 One Airflow (demo/stack.py: LocalExecutor, scheduler, dag-processor, api-server on 127.0.0.1; the
 metadata DB on the PostgreSQL server unless ``--metadata sqlite``) whose DAGs folder holds
-``cdr_webhook`` and the bench-only ``bench_noop`` (bench/dags/). A receiver (demo/receiver.py, in
-this process) answers every POST, after ``--delay-ms`` if given. For each N:
+``cdr_webhook`` and the bench-only DAGs of bench/dags/ (plus a triggerer for ``deferred``). A
+receiver (demo/receiver.py, in this process) answers every POST, after ``--delay-ms`` if given.
+For each N:
 
 * ``floor``: a ``bench_noop`` run of N items (one select task, one mapped no-op task per item);
 * ``per-cdr``: N fresh CDRs committed, then one ``cdr_webhook`` run over their window;
@@ -15,14 +16,17 @@ this process) answers every POST, after ``--delay-ms`` if given. For each N:
   ``requests.Session`` loop in a process of its own, and by ``--in-flight`` such loops at once;
 * ``chunk``: ``cdr_webhook`` with ``AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK=<--cdrs-per-task>``, on a
   second Airflow started with that parse-time setting (same metadata server, same receiver). A
-  checkout without the setting says so instead of printing a number.
+  checkout without the setting says so instead of printing a number;
+* ``deferred`` (not by default): a ``bench_noop_deferred`` run of N items, each mapped task started
+  and ended in the triggerer (``start_from_trigger``).
 
 Measured: wall time (the run's ``queued_at`` → ``end_date`` from the REST API; the loop's own clock
 for ``raw``), items/s, the ratio to its reference (per-cdr ÷ floor; chunk ÷ raw, or ÷ the
 concurrency bound ``in-flight ÷ delay`` when the receiver has a delay), p50/p95 latency from the
 CDRs' commit to each POST's arrival at the receiver, and the peak RSS of task processes (the
 scheduler's descendants below its executor workers, sampled every 100 ms): the largest one, and the
-largest sum at one sample. On demand only: never part of the test suite, never asserted.
+largest sum at one sample; and, from the task logs, where each try's time went (the phases of
+:func:`try_phases`). On demand only: never part of the test suite, never asserted.
 """
 
 from __future__ import annotations
