@@ -32,6 +32,7 @@ largest sum at one sample; and, from the task logs, where each try's time went (
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import datetime as dt
@@ -407,10 +408,14 @@ class Bench:
         dag_id = "bench_noop_deferred" if deferred else "bench_noop"
         load = load_average()
         triggerer = [stack.processes["triggerer"].pid] if "triggerer" in stack.processes else []
+        conf: dict[str, Any] = {"n": n}
+        if deferred and self.args.fail_first_try_every:
+            conf["fail_first_try_every"] = self.args.fail_first_try_every
         with RssSampler(scheduler_pid(stack), also=triggerer if deferred else ()) as rss:
-            run = run_dag(stack, dag_id, {"n": n})
+            run = run_dag(stack, dag_id, conf)
         tasks = mapped_task_instances(stack, dag_id, run["dag_run_id"])
         done = sum(ti["state"] == "success" for ti in tasks)
+        tries = collections.Counter(ti["try_number"] for ti in tasks)
         self.record_phases(stack, "no-op, triggerer" if deferred else "no-op", n, dag_id, tasks)
         return Row(
             "no-op in the triggerer (`start_from_trigger`)" if deferred else "floor (no-op DAG)",
@@ -421,7 +426,7 @@ class Bench:
             peak_task_rss=rss.peak_one,
             peak_sum_rss=rss.peak_sum,
             load=load,
-            note=f"run {run['state']}",
+            note=f"run {run['state']}, tries {dict(sorted(tries.items()))}",
         )
 
     def cdr_run(self, stack: AirflowStack, n: int, mode: str) -> tuple[Row, dict[str, Any]]:
@@ -518,14 +523,18 @@ def start_stack(
     home.mkdir(parents=True)
     stack = AirflowStack(home, pg_server, env)
     began = time.monotonic()
-    stack.start()
-    if triggerer:
-        # The triggerer imports triggers by classpath; the DAGs folder is not on its sys.path.
-        dags = env["AIRFLOW__CORE__DAGS_FOLDER"]
-        stack.spawn("triggerer", "triggerer", env={"PYTHONPATH": os.pathsep.join([dags, str(ROOT)])})
-    for dag_id in ("cdr_webhook", "bench_noop", "bench_noop_deferred"):
-        wait_dag(stack, dag_id)
-        stack.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+    try:
+        stack.start()
+        if triggerer:
+            # The triggerer imports triggers by classpath; the DAGs folder is not on its sys.path.
+            dags = env["AIRFLOW__CORE__DAGS_FOLDER"]
+            stack.spawn("triggerer", "triggerer", env={"PYTHONPATH": os.pathsep.join([dags, str(ROOT)])})
+        for dag_id in ("cdr_webhook", "bench_noop", "bench_noop_deferred"):
+            wait_dag(stack, dag_id)
+            stack.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+    except BaseException:
+        stop_stack(stack)
+        raise
     print(f"Airflow up in {time.monotonic() - began:.1f} s ({home})", flush=True)
     return stack
 
@@ -562,6 +571,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--in-flight", type=int, default=8, help="max_in_flight_per_endpoint (default 8)")
     parser.add_argument("--delay-ms", type=float, default=0, help="the receiver answers after this many ms")
     parser.add_argument("--cdrs-per-task", type=int, default=50, help="chunk mode's CDRS_PER_TASK")
+    parser.add_argument(
+        "--fail-first-try-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="deferred: the trigger fails the first try of every K-th item (retries on the triggerer path)",
+    )
     parser.add_argument("--metadata", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--dsn", help="the PostgreSQL server (default CDR_DATABASE_URL, 127.0.0.1:5432)")
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) to this file")
