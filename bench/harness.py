@@ -168,7 +168,7 @@ def try_phases(ti: dict[str, Any], lines: Sequence[dict[str, Any]]) -> dict[str,
     if len(groups) >= 2 and post is not None:
         pre_end = groups[1]
         phases["pre-execute rest"] = (pre_end - events[0][1]) * 1000 - phases.get("DAG file parse", 0)
-        sending = next((at for event, at, _ in events if event.startswith("Sending CDR")), None)
+        sending = next((at for event, at, _ in events if event.startswith("Sending ")), None)
         if sending is not None:
             phases["execute: to 'Sending'"] = (sending - pre_end) * 1000
             phases["execute: 'Sending' on"] = (post - sending) * 1000

@@ -10,6 +10,9 @@ one mapped `post_cdr` task per CDR, named by its `cdr_id` in the grid, with Airf
   `window_end`, else the run's data interval, with `policy` `missing` (never sent), `failed` or
   `all` (a deliberate redelivery), optionally for one `client_id`. They never move the watermark.
 * **Clearing** a failed `post_cdr` task sends its CDR again, with the same `webhook-id`.
+* **Chunk mode** (setting `cdrs_per_task` above 1): each `post_cdr` task sends up to that many CDRs of
+  one endpoint, each its own POST, named in the grid by its first `cdr_id` and its count; a retry or
+  a clear sends only its CDRs not delivered.
 
 Delivery state lives in the CDR database, table `cdr_webhook.delivery`. See the project README.
 """
@@ -17,6 +20,7 @@ Delivery state lives in the CDR database, table `cdr_webhook.delivery`. See the 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
@@ -78,8 +82,10 @@ notifier = (
 )
 def cdr_webhook_dag() -> None:
     @task
-    def select_cdrs(**context) -> list[dict[str, str]]:
+    def select_cdrs(cdrs_per_task: int = 1, **context) -> list[dict[str, Any]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
+        from airflow.sdk import conf
+
         from cdr_webhook.db import connect
         from cdr_webhook.selection import airflow_connections, run_info
         from cdr_webhook.selection import select_cdrs as claim_cdrs
@@ -91,19 +97,35 @@ def cdr_webhook_dag() -> None:
                 load_settings(),  # run-time settings, read when the task runs
                 now=dt.datetime.now(dt.UTC),
                 connections=airflow_connections(),
+                cdrs_per_task=cdrs_per_task,
+                max_tasks=conf.getint("core", "max_map_length") - 1,
             )
 
-    CdrWebhookOperator.partial(
-        task_id="post_cdr",
-        retries=settings.retries,
-        retry_delay=dt.timedelta(seconds=settings.retry_delay_seconds),
-        retry_exponential_backoff=2.0,
-        max_retry_delay=dt.timedelta(seconds=settings.max_retry_delay_seconds),
-        retry_policy=RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
-        max_active_tis_per_dagrun=settings.max_active_posts_per_run,
-        execution_timeout=settings.attempt_timeout,
-        map_index_template="{{ task.cdr_id }}",
-    ).expand_kwargs(select_cdrs())
+    retrying = {
+        "retries": settings.retries,
+        "retry_delay": dt.timedelta(seconds=settings.retry_delay_seconds),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": dt.timedelta(seconds=settings.max_retry_delay_seconds),
+        "retry_policy": RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
+        "max_active_tis_per_dagrun": settings.max_active_posts_per_run,
+    }
+    if settings.cdrs_per_task == 1:
+        CdrWebhookOperator.partial(
+            task_id="post_cdr",
+            execution_timeout=settings.attempt_timeout,
+            map_index_template="{{ task.cdr_id }}",
+            **retrying,
+        ).expand_kwargs(select_cdrs())
+    else:
+        from cdr_webhook.chunk import CHUNK_NAME_TEMPLATE, CdrWebhookChunkOperator
+
+        CdrWebhookChunkOperator.partial(
+            task_id="post_cdr",
+            execution_timeout=settings.chunk_timeout,
+            map_index_template=CHUNK_NAME_TEMPLATE,
+            **retrying,
+            # The chunk size is the DAG's (read at parse time): the select step groups by it.
+        ).expand_kwargs(select_cdrs(cdrs_per_task=settings.cdrs_per_task))
 
 
 cdr_webhook_dag()

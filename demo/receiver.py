@@ -162,8 +162,8 @@ class Receiver:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            # The status line and headers go out in one write, the body in another: with Nagle's
-            # algorithm the body waited for the client's delayed ACK, 40 ms per keep-alive request.
+            # The headers and the body go out in two writes: with Nagle's algorithm the body waits
+            # for the client's delayed ACK of the headers, 40 ms per reply on a kept-alive connection.
             disable_nagle_algorithm = True
 
             def _serve(self) -> None:

@@ -81,9 +81,22 @@ def end_sessions(sessions: set[int], grace: float = 10) -> list[str]:
 class AirflowStack:
     """Starts, drives and stops one Airflow deployment."""
 
-    def __init__(self, home: Path, pg_server: str | None, env: Mapping[str, str]) -> None:
-        """:param pg_server: the PostgreSQL to create the metadata DB on; None: SQLite in ``home``."""
+    def __init__(
+        self,
+        home: Path,
+        pg_server: str | None,
+        env: Mapping[str, str],
+        *,
+        login: tuple[str, str] | None = None,
+    ) -> None:
+        """
+        :param pg_server: the PostgreSQL to create the metadata DB on; None: SQLite in ``home``.
+        :param login: username and password the REST calls authenticate with (a deployment whose
+            auth manager does not make everyone an admin); None: no credentials.
+        """
         self.home = home
+        self.login = login
+        self._token: str | None = None
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.meta_db = f"airflow_meta_{uuid.uuid4().hex[:10]}"
@@ -154,7 +167,9 @@ class AirflowStack:
                     raise RuntimeError(f"airflow {component} exited: {self.log_tail(component)}")
             try:
                 health = requests.get(f"{self.base}/api/v2/monitor/health", timeout=5).json()
-                dag = requests.get(f"{self.base}/api/v2/dags/cdr_webhook", timeout=5)
+                dag = requests.get(
+                    f"{self.base}/api/v2/dags/cdr_webhook", timeout=5, headers=self.auth_headers()
+                )
                 last = (health, dag.status_code)
                 if (
                     health["scheduler"]["status"] == "healthy"
@@ -211,7 +226,21 @@ class AirflowStack:
             )
         return result
 
+    def auth_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header of ``login``'s token (fetched once from ``/auth/token``), or none."""
+        if self.login is None:
+            return {}
+        if self._token is None:
+            username, password = self.login
+            response = requests.post(
+                f"{self.base}/auth/token", json={"username": username, "password": password}, timeout=10
+            )
+            response.raise_for_status()
+            self._token = response.json()["access_token"]
+        return {"authorization": f"Bearer {self._token}"}
+
     def api(self, method: str, path: str, *, expect: int | None = 200, **kwargs: Any) -> Any:
+        kwargs["headers"] = self.auth_headers() | dict(kwargs.get("headers") or {})
         response = requests.request(method, f"{self.base}/api/v2{path}", timeout=30, **kwargs)
         if expect is not None and response.status_code != expect:
             raise AssertionError(f"{method} {path}: HTTP {response.status_code} {response.text[:2000]}")

@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS dialer.cdr (
 );
 CREATE INDEX IF NOT EXISTS cdr_created_at_idx ON dialer.cdr (created_at);
 CREATE INDEX IF NOT EXISTS cdr_callrequest_idx ON dialer.cdr (callrequest_id);
+-- The Deliveries page's search by phone number reads the view by phone_number.
+CREATE INDEX IF NOT EXISTS cdr_phone_number_idx ON dialer.cdr (phone_number);
 
 -- The source contract: exactly the 19 payload columns of the webhook spec, plus created_at.
 CREATE OR REPLACE VIEW public.cdr_webhook_source AS

@@ -111,3 +111,32 @@ def test_a_notifier_that_cannot_be_imported_is_an_import_error_naming_the_settin
     assert (
         "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER='tests.no_such_module:notifier' cannot be imported" in error
     )
+
+
+def test_chunk_mode_maps_the_chunk_operator_named_by_its_first_cdr_and_size(settings_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from cdr_webhook.chunk import CdrWebhookChunkOperator
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK", "100")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN", "20000")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SLOT_WAIT_SECONDS", "10")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS", "7")
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
+    post = dag.get_task("post_cdr")
+
+    assert issubclass(post.operator_class, CdrWebhookChunkOperator)
+    assert (
+        post.partial_kwargs["map_index_template"]
+        == "{{ task.cdr_ids[0] }} ({{ task.cdr_ids | length }} CDRs)"
+    )
+    # slot wait + every POST of a full chunk at its deadline + 60 s of database work
+    assert post.partial_kwargs["execution_timeout"] == dt.timedelta(seconds=10 + 100 * 7 + 60)
+    assert [t.task_id for t in post.upstream_list] == ["select_cdrs"]
+    assert dag.get_task("select_cdrs").op_kwargs == {"cdrs_per_task": 100}
+    assert CdrWebhookChunkOperator.template_fields == ()
+
+
+def test_one_cdr_per_task_is_the_default_dag(dagbag):
+    assert dagbag.dags["cdr_webhook"].get_task("select_cdrs").op_kwargs == {}

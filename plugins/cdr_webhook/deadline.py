@@ -7,6 +7,7 @@ would hold a POST for minutes. Airflow owns SIGALRM (``execution_timeout``), so 
 from __future__ import annotations
 
 import math
+import os
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: Name (prefix) of the watchdog threads; at most one per exchange, gone when it ends.
+#: Name (prefix) of the watchdog threads: one while any exchange runs, gone when the last one ends.
 WATCHDOG_THREAD = "cdr-webhook-deadline"
 
 _current = threading.local()
@@ -46,9 +47,6 @@ class Deadline:
         self._expired = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.name = WATCHDOG_THREAD
-        self._timer.daemon = True
         self._outer: Deadline | None = None
 
     def remaining(self) -> float:
@@ -105,12 +103,11 @@ class Deadline:
     def __enter__(self) -> Deadline:
         self._outer = getattr(_current, "deadline", None)
         _current.deadline = self
-        self._timer.start()
+        _WATCHDOG.watch(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        self._timer.join()  # after this no shutdown can race the closing below
+        _WATCHDOG.forget(self)  # after this no shutdown can race the closing below
         _current.deadline = self._outer
         with self._lock:
             sockets, self._sockets = self._sockets, []
@@ -123,6 +120,50 @@ class Deadline:
             sockets = list(self._sockets)
         for duplicate in sockets:
             _shut(duplicate)
+
+
+class _Watchdog:
+    """
+    The thread that expires deadlines when their time comes: one for every exchange of the process
+    (a chunk's threads each run one), started by the first, ended when the last one is forgotten.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active: set[Deadline] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: Deadline) -> None:
+        with self._cond:
+            self._active.add(deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=WATCHDOG_THREAD, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def forget(self, deadline: Deadline) -> None:
+        """Stop watching; once this returns, the deadline is not being expired and never will be."""
+        with self._cond:
+            self._active.discard(deadline)
+            if self._active or self._thread is None:
+                return
+            thread, self._thread = self._thread, None
+            self._cond.notify()
+        thread.join()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            while self._thread is me:
+                now = time.monotonic()
+                for deadline in [d for d in self._active if d.ends <= now]:
+                    self._active.discard(deadline)
+                    deadline._expire()  # under the lock: forget() waits for it
+                nearest = min((d.ends for d in self._active), default=None)
+                self._cond.wait(None if nearest is None else nearest - now)
+
+
+_WATCHDOG = _Watchdog()
 
 
 def current_deadline() -> Deadline | None:
@@ -158,6 +199,18 @@ class WatchedHTTPConnection(HTTPConnection):
         sock = super()._new_conn()
         deadline.watch(sock)
         return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        """Send a request; a kept-alive socket (connected under an earlier deadline) joins this one."""
+        deadline = current_deadline()
+        if deadline is not None and self.sock is not None:
+            # A TLS socket cannot be duplicated as such: its descriptor can.
+            raw = socket.socket(fileno=os.dup(self.sock.fileno()))
+            try:
+                deadline.watch(raw)
+            finally:
+                raw.close()
+        super().request(*args, **kwargs)
 
     def getresponse(self) -> HTTPResponse:
         response = super().getresponse()

@@ -16,6 +16,7 @@ from cdr_webhook.settings import load_settings, resolve_import_path
 
 if TYPE_CHECKING:
     import datetime as dt
+    from collections.abc import Sequence
 
     import psycopg
 
@@ -105,6 +106,15 @@ def resume(
         return _record_event(conn, endpoint, "resumed", reason, actor)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttemptOutcome:
+    """What one attempt means to its endpoint's state (see :func:`record_outcome`)."""
+
+    delivered: bool
+    final: bool = True
+    gone: bool = False
+
+
 def record_outcome(
     conn: psycopg.Connection[Any],
     endpoint: str,
@@ -126,38 +136,75 @@ def record_outcome(
     first failed delivery ``pause_after_hours`` ago. Returns the event only when this call paused
     the endpoint.
     """
-    if delivered and (gone or not final):
-        raise ValueError("a delivered attempt ends its delivery and cannot be HTTP 410 Gone")
+    return record_outcomes(
+        conn,
+        endpoint,
+        [AttemptOutcome(delivered, final, gone)],
+        pause_after_failures=pause_after_failures,
+        pause_after_hours=pause_after_hours,
+        actor=actor,
+    )
+
+
+def record_outcomes(
+    conn: psycopg.Connection[Any],
+    endpoint: str,
+    outcomes: Sequence[AttemptOutcome],
+    *,
+    pause_after_failures: int,
+    pause_after_hours: float,
+    actor: str = "cdr_webhook",
+) -> EndpointEvent | None:
+    """
+    Count several attempts of one endpoint, in the order given, in one statement (a chunk's).
+
+    The counts end as :func:`record_outcome` called once per attempt would leave them: a delivery
+    resets them, so only the attempts after the last delivery count. A 410 among them pauses the
+    endpoint; the other rules are checked on the counts at the end.
+    """
+    for outcome in outcomes:
+        if outcome.delivered and (outcome.gone or not outcome.final):
+            raise ValueError("a delivered attempt ends its delivery and cannot be HTTP 410 Gone")
     if pause_after_failures < 1 or not pause_after_hours > 0:
         raise ValueError(
             f"pause_after_failures ({pause_after_failures}) must be at least 1 and "
             f"pause_after_hours ({pause_after_hours}) greater than 0"
         )
-    counts = final and not delivered
+    if not outcomes:
+        return None
+    delivered_at = [i for i, outcome in enumerate(outcomes) if outcome.delivered]
+    tail = outcomes[delivered_at[-1] + 1 :] if delivered_at else outcomes
+    counted = sum(1 for outcome in tail if outcome.final)  # failed deliveries since the last success
+    gone = any(outcome.gone for outcome in outcomes)
     with conn.transaction():
         # One upsert both counts and locks the row until commit: concurrent outcomes of one endpoint
         # queue on it, so every count is exact and only one of them can see the threshold crossed.
         row = conn.execute(
             "INSERT INTO cdr_webhook.endpoint_state AS s "
             "(endpoint, consecutive_failures, failing_since, last_success_at, failed_attempts) "
-            "VALUES (%(endpoint)s, CASE WHEN %(counts)s THEN 1 ELSE 0 END, "
-            "CASE WHEN %(counts)s THEN now() END, CASE WHEN %(ok)s THEN now() END, "
-            "CASE WHEN %(ok)s THEN 0 ELSE 1 END) "
+            "VALUES (%(endpoint)s, %(counted)s, CASE WHEN %(counted)s > 0 THEN now() END, "
+            "CASE WHEN %(ok)s THEN now() END, %(failed)s) "
             "ON CONFLICT (endpoint) DO UPDATE SET "
-            "consecutive_failures = CASE WHEN %(ok)s THEN 0 WHEN %(counts)s THEN s.consecutive_failures + 1 "
-            "  ELSE s.consecutive_failures END, "
-            "failing_since = CASE WHEN %(ok)s THEN NULL "
-            "  WHEN %(counts)s THEN COALESCE(s.failing_since, now()) ELSE s.failing_since END, "
+            "consecutive_failures = CASE WHEN %(ok)s THEN 0 ELSE s.consecutive_failures END + %(counted)s, "
+            "failing_since = CASE WHEN %(ok)s THEN CASE WHEN %(counted)s > 0 THEN now() END "
+            "  WHEN %(counted)s > 0 THEN COALESCE(s.failing_since, now()) ELSE s.failing_since END, "
             "last_success_at = CASE WHEN %(ok)s THEN now() ELSE s.last_success_at END, "
-            "failed_attempts = CASE WHEN %(ok)s THEN 0 ELSE s.failed_attempts + 1 END, updated_at = now() "
+            "failed_attempts = CASE WHEN %(ok)s THEN 0 ELSE s.failed_attempts END + %(failed)s, "
+            "updated_at = now() "
             "RETURNING paused, consecutive_failures, "
             "COALESCE(failing_since <= now() - make_interval(secs => %(secs)s), false), "
             "extract(epoch FROM now() - failing_since)::float8",
-            {"endpoint": endpoint, "ok": delivered, "counts": counts, "secs": pause_after_hours * 3600.0},
+            {
+                "endpoint": endpoint,
+                "ok": bool(delivered_at),
+                "counted": counted,
+                "failed": len(tail),
+                "secs": pause_after_hours * 3600.0,
+            },
         ).fetchone()
         assert row is not None
         paused, failures, failing_too_long, failing_seconds = row
-        if paused or not counts:
+        if paused or not (counted or gone):
             return None
         if gone:
             reason = GONE_REASON

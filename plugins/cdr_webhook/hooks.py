@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.utils
 import functools
 import json
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import requests
 import urllib3.exceptions
-from airflow.providers.http.hooks.http import HttpHook
+from airflow.sdk import BaseHook
 from requests import Session
 
 from cdr_webhook import __version__
@@ -21,7 +23,7 @@ from cdr_webhook.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_
 from cdr_webhook.ledger import EXCERPT_BYTES
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from cdr_webhook.config import EndpointConfig
     from cdr_webhook.egress import Resolver
@@ -49,11 +51,11 @@ class AttemptResult:
         )
 
 
-class CdrWebhookHook(HttpHook):
+class CdrWebhookHook(BaseHook):
     """
     POST webhook bodies to the endpoint of an HTTP connection, safely.
 
-    Unlike :class:`~airflow.providers.http.hooks.http.HttpHook` it never follows a redirect (a 302
+    Unlike the HTTP provider's ``HttpHook`` it never follows a redirect (a 302
     would turn the POST into a GET and hand ``x-api-key`` to another host), gives each POST one
     deadline (``timeout``) for resolving, connecting, TLS, sending and the reply's status line and
     headers, ignores proxy environment variables, sends none of the connection's extras as headers
@@ -73,7 +75,16 @@ class CdrWebhookHook(HttpHook):
         (retryable) failure; a body still arriving then leaves a partial excerpt.
     :param allowed_networks: CIDRs the egress guard lets through (internal receivers).
     :param resolver: ``(host, port) -> addresses``, for tests; the default is the system resolver.
+
+    It derives from ``BaseHook``, not from the provider's ``HttpHook``: every method of that hook is
+    replaced here, and importing its module costs every task process ~70 ms of CPU for ``aiohttp``
+    (``docs/benchmarks.md``). Connections keep the provider's ``http`` type.
     """
+
+    conn_name_attr = "http_conn_id"
+    default_conn_name = "cdr_webhook"
+    conn_type = "http"
+    hook_name = "CDR webhook endpoint"
 
     def __init__(
         self,
@@ -83,7 +94,8 @@ class CdrWebhookHook(HttpHook):
         allowed_networks: Sequence[str] = (),
         resolver: Resolver | None = None,
     ) -> None:
-        super().__init__(method="POST", http_conn_id=http_conn_id)
+        super().__init__()
+        self.http_conn_id = http_conn_id
         self.timeout = timeout
         self.allowed_networks = parse_networks(",".join(allowed_networks))
         self.resolver = resolver
@@ -103,13 +115,10 @@ class CdrWebhookHook(HttpHook):
     def get_conn(
         self,
         headers: dict[Any, Any] | None = None,
-        extra_options: dict[str, Any] | None = None,
         *,
         tls: TlsFiles | None = None,
     ) -> Session:
         """Return a session with no auth, no extras as headers, no proxies, and the egress guard."""
-        connection = self.connection
-        self._set_base_url(connection)
         session = Session()
         session.trust_env = False
         session.headers.clear()
@@ -128,13 +137,51 @@ class CdrWebhookHook(HttpHook):
             session.headers.update(headers)
         return session
 
-    def post(self, body: bytes, headers: dict[str, str]) -> AttemptResult:
-        """POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal."""
+    @contextlib.contextmanager
+    def sessions(self) -> Iterator[Callable[[], Session]]:
+        """
+        Yield ``session()``: the calling thread's own session, made on first use, kept for the block.
+
+        For many POSTs to the endpoint (a chunk): each thread's session keeps its connection alive
+        from one POST to the next. Raises :class:`ValueError` when a TLS extra is malformed (a POST
+        without a session reports that as the refusal it is).
+        """
+        with pem_files(self.endpoint.tls_extra()) as tls:
+            local = threading.local()
+            made: list[Session] = []
+            lock = threading.Lock()
+
+            def session() -> Session:
+                found = getattr(local, "session", None)
+                if found is None:
+                    found = local.session = self.get_conn(tls=tls)
+                    with lock:
+                        made.append(found)
+                return found
+
+            try:
+                yield session
+            finally:
+                for each in made:
+                    each.close()
+
+    def post(self, body: bytes, headers: dict[str, str], *, session: Session | None = None) -> AttemptResult:
+        """
+        POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal.
+
+        ``session``: one from :meth:`sessions`, whose connections are kept alive from POST to POST;
+        by default the POST has a session of its own.
+        """
         started = time.monotonic()
         refused = False
         try:
-            with pem_files(self.endpoint.tls_extra()) as tls, Deadline(self.timeout) as deadline:
-                session = self.get_conn(tls=tls)
+            with contextlib.ExitStack() as stack:
+                own_session = session is None
+                if session is None:
+                    tls = stack.enter_context(pem_files(self.endpoint.tls_extra()))
+                deadline = stack.enter_context(Deadline(self.timeout))
+                if session is None:
+                    session = self.get_conn(tls=tls)
                 try:
                     with session.post(
                         self.endpoint.url,
@@ -160,7 +207,8 @@ class CdrWebhookHook(HttpHook):
                         f"no complete reply within the {self.timeout:g} s deadline ({_waited_for(deadline)})"
                     )
                 finally:
-                    session.close()
+                    if own_session:
+                        session.close()
         except EndpointRefused as err:
             error, refused = f"refused by the egress guard: {err}", True
         except ValueError as err:  # the endpoint URL or a TLS extra is malformed: no retry can help

@@ -57,6 +57,15 @@ class ClaimLost(RuntimeError):
     """The CDR's ledger row is owned by another live run (or is gone); this task must not POST it."""
 
 
+@dataclasses.dataclass(frozen=True)
+class NotStarted:
+    """Why a CDR's attempt was not started: the reason, the row's status, and whether this run owns it."""
+
+    reason: str
+    status: str | None
+    this_run: bool = False
+
+
 _CLAIM_COLUMNS = sql.SQL("d.cdr_id, d.endpoint, d.client_id, d.cdr_created_at, d.status, d.attempts")
 
 
@@ -484,19 +493,42 @@ def prune(conn: psycopg.Connection[Any], *, before: dt.datetime, limit: int = 10
 
 def mark_skipped(conn: psycopg.Connection[Any], claim: Claim, reason: str) -> None:
     """Record that a CDR will not be sent, and why."""
+    mark_skipped_many(conn, [(claim, reason)])
+
+
+def mark_skipped_many(conn: psycopg.Connection[Any], skipped: Sequence[tuple[Claim, str]]) -> None:
+    """Record that these CDRs will not be sent, each with its reason, in one statement."""
+    if not skipped:
+        return
     conn.execute(
-        "UPDATE cdr_webhook.delivery SET status = 'skipped', error = %s, updated_at = now() "
-        "WHERE cdr_id = %s AND endpoint = %s",
-        (reason, claim.cdr_id, claim.endpoint),
+        "UPDATE cdr_webhook.delivery AS d SET status = 'skipped', error = s.reason, updated_at = now() "
+        "FROM unnest(%s::text[], %s::text[], %s::text[]) AS s(cdr_id, endpoint, reason) "
+        "WHERE d.cdr_id = s.cdr_id AND d.endpoint = s.endpoint",
+        (
+            [claim.cdr_id for claim, _ in skipped],
+            [claim.endpoint for claim, _ in skipped],
+            [reason for _, reason in skipped],
+        ),
     )
 
 
 def release(conn: psycopg.Connection[Any], claim: Claim, *, reason: str | None = None) -> None:
     """Give a CDR back to the queue, unowned: the next run takes it, in order; ``reason``: why it waits."""
+    release_many(conn, [claim], reason=reason)
+
+
+def release_many(
+    conn: psycopg.Connection[Any], claims: Sequence[Claim], *, reason: str | None = None
+) -> None:
+    """Give CDRs back to the queue, unowned, in one statement (see :func:`release`)."""
+    if not claims:
+        return
     conn.execute(
-        "UPDATE cdr_webhook.delivery SET status = 'queued', dag_id = NULL, run_id = NULL, map_index = NULL, "
-        "error = COALESCE(%s, error), updated_at = now() WHERE cdr_id = %s AND endpoint = %s",
-        (reason, claim.cdr_id, claim.endpoint),
+        "UPDATE cdr_webhook.delivery AS d SET status = 'queued', dag_id = NULL, run_id = NULL, "
+        "map_index = NULL, error = COALESCE(%s, d.error), updated_at = now() "
+        "FROM unnest(%s::text[], %s::text[]) AS c(cdr_id, endpoint) "
+        "WHERE d.cdr_id = c.cdr_id AND d.endpoint = c.endpoint",
+        (reason, [claim.cdr_id for claim in claims], [claim.endpoint for claim in claims]),
     )
 
 
@@ -520,41 +552,103 @@ def start_attempt(
     re-sends it. Starting an attempt also refreshes every queued claim of this run, so claims of a
     live run never go stale while its other tasks wait for a worker.
     """
+    claims, lost = start_attempts(
+        conn,
+        cdr_ids=[cdr_id],
+        endpoint=endpoint,
+        dag_id=dag_id,
+        run_id=run_id,
+        map_index=map_index,
+        claim_timeout_seconds=claim_timeout_seconds,
+    )
+    if claims:
+        return claims[0]
+    raise ClaimLost(lost[cdr_id].reason)
+
+
+def start_attempts(
+    conn: psycopg.Connection[Any],
+    *,
+    cdr_ids: Sequence[str],
+    endpoint: str,
+    dag_id: str,
+    run_id: str,
+    map_index: int,
+    claim_timeout_seconds: int,
+    own_statuses: Sequence[str] = STATUSES,
+) -> tuple[list[Claim], dict[str, NotStarted]]:
+    """
+    Start an attempt on each of ``cdr_ids`` this task may POST now, in one statement (see
+    :func:`start_attempt` for who may send); return the claims (oldest first) and, for every other
+    CDR, why it is not sent.
+
+    ``own_statuses``: the statuses of its own run's rows that are sent again. A chunk's retry sends
+    only ``queued`` rows: its delivered and failed CDRs stay as they are.
+    """
     query = sql.SQL(
         "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, "
         "map_index = %(map_index)s, status = 'queued', updated_at = now() "
-        "WHERE d.cdr_id = %(cdr_id)s AND d.endpoint = %(endpoint)s AND ("
-        "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s) OR (d.status = 'queued' AND ("
+        "WHERE d.cdr_id = ANY(%(cdr_ids)s) AND d.endpoint = %(endpoint)s AND ("
+        "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s AND d.status = ANY(%(own)s)) "
+        "  OR (d.status = 'queued' AND ("
         "    d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s)))) "
         "RETURNING {columns}"
     ).format(columns=_CLAIM_COLUMNS)
     params = {
-        "cdr_id": cdr_id,
+        "cdr_ids": list(cdr_ids),
         "endpoint": endpoint,
         "dag_id": dag_id,
         "run_id": run_id,
         "map_index": map_index,
         "timeout": claim_timeout_seconds,
+        "own": list(own_statuses),
     }
     with conn.transaction(), conn.cursor(row_factory=class_row(Claim)) as cur:
-        claim = cur.execute(query, params).fetchone()
-    if claim is not None:
+        claims = cur.execute(query, params).fetchall()
+    if claims:
         _refresh_claims(conn, dag_id=dag_id, run_id=run_id, older_than_seconds=claim_timeout_seconds / 4)
-        return claim
-    owner = conn.execute(
-        "SELECT run_id, map_index, status FROM cdr_webhook.delivery WHERE cdr_id = %s AND endpoint = %s",
-        (cdr_id, endpoint),
-    ).fetchone()
-    if owner is None:
-        raise ClaimLost(f"CDR {cdr_id!r} has no ledger row for endpoint {endpoint!r}")
-    other_run, other_index, status = owner
-    task = f"run {other_run!r}" + (f", map index {other_index}" if other_index is not None else "")
-    if status == "queued":
-        raise ClaimLost(f"CDR {cdr_id!r} for endpoint {endpoint!r} is being delivered by {task}")
-    raise ClaimLost(
-        f"CDR {cdr_id!r} for endpoint {endpoint!r} belongs to {task} (status {status}): clear that task "
-        "to send it again"
-    )
+    claims.sort(key=lambda claim: (claim.cdr_created_at, claim.cdr_id))
+    taken = {claim.cdr_id for claim in claims}
+    missing = [cdr_id for cdr_id in dict.fromkeys(cdr_ids) if cdr_id not in taken]
+    if not missing:
+        return claims, {}
+    owners = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT cdr_id, dag_id, run_id, map_index, status FROM cdr_webhook.delivery "
+            "WHERE cdr_id = ANY(%s) AND endpoint = %s",
+            (missing, endpoint),
+        ).fetchall()
+    }
+    lost = {}
+    for cdr_id in missing:
+        owner = owners.get(cdr_id)
+        if owner is None:
+            lost[cdr_id] = NotStarted(f"CDR {cdr_id!r} has no ledger row for endpoint {endpoint!r}", None)
+            continue
+        other_dag, other_run, other_index, status = owner
+        if (other_dag, other_run) == (dag_id, run_id):
+            lost[cdr_id] = NotStarted(
+                f"CDR {cdr_id!r} is {status} (an earlier try of this run)", status, True
+            )
+            continue
+        task = f"run {other_run!r}" + (f", map index {other_index}" if other_index is not None else "")
+        if status == "queued":
+            reason = f"CDR {cdr_id!r} for endpoint {endpoint!r} is being delivered by {task}"
+        else:
+            reason = (
+                f"CDR {cdr_id!r} for endpoint {endpoint!r} belongs to {task} (status {status}): clear that "
+                "task to send it again"
+            )
+        lost[cdr_id] = NotStarted(reason, status)
+    return claims, lost
+
+
+def keep_claims_alive(
+    conn: psycopg.Connection[Any], *, dag_id: str, run_id: str, claim_timeout_seconds: int
+) -> None:
+    """Refresh the run's queued claims untouched for a quarter of the timeout (a long chunk calls it)."""
+    _refresh_claims(conn, dag_id=dag_id, run_id=run_id, older_than_seconds=claim_timeout_seconds / 4)
 
 
 def _refresh_claims(
@@ -579,6 +673,18 @@ def _refresh_claims(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt's result, as its CDR's ledger row records it."""
+
+    claim: Claim
+    status: str
+    http_status: int | None
+    error: str | None
+    response_excerpt: str | None
+    latency_ms: int | None
+
+
 def record_attempt(
     conn: psycopg.Connection[Any],
     claim: Claim,
@@ -590,22 +696,38 @@ def record_attempt(
     latency_ms: int | None,
 ) -> None:
     """Record one attempt's result on the CDR's row: its count, status, HTTP status, error and latency."""
-    if status not in STATUSES:
-        raise ValueError(f"unknown ledger status {status!r}")
+    record_attempts(conn, [AttemptRecord(claim, status, http_status, error, response_excerpt, latency_ms)])
+
+
+def record_attempts(conn: psycopg.Connection[Any], records: Sequence[AttemptRecord]) -> None:
+    """
+    Record attempts on their CDRs' rows in one statement (an UPDATE of each row, as one attempt's is).
+
+    Each row gets one more attempt, its status, HTTP status, error, response excerpt and latency.
+    """
+    for record in records:
+        if record.status not in STATUSES:
+            raise ValueError(f"unknown ledger status {record.status!r}")
+    if not records:
+        return
+    columns = {
+        "cdr_ids": [r.claim.cdr_id for r in records],
+        "endpoints": [r.claim.endpoint for r in records],
+        "statuses": [r.status for r in records],
+        "http_statuses": [r.http_status for r in records],
+        "errors": [r.error for r in records],
+        "excerpts": [r.response_excerpt for r in records],
+        "latencies": [r.latency_ms for r in records],
+    }
     with conn.transaction():
         conn.execute(
-            "UPDATE cdr_webhook.delivery SET attempts = attempts + 1, status = %(status)s, "
-            "http_status = %(http_status)s, error = %(error)s, response_excerpt = %(excerpt)s, "
-            "latency_ms = %(latency_ms)s, last_attempt_at = now(), updated_at = now(), "
-            "delivered_at = CASE WHEN %(status)s = 'delivered' THEN now() ELSE delivered_at END "
-            "WHERE cdr_id = %(cdr_id)s AND endpoint = %(endpoint)s",
-            {
-                "status": status,
-                "http_status": http_status,
-                "error": error,
-                "excerpt": response_excerpt,
-                "latency_ms": latency_ms,
-                "cdr_id": claim.cdr_id,
-                "endpoint": claim.endpoint,
-            },
+            "UPDATE cdr_webhook.delivery AS d SET attempts = d.attempts + 1, status = a.status, "
+            "http_status = a.http_status, error = a.error, response_excerpt = a.excerpt, "
+            "latency_ms = a.latency_ms, last_attempt_at = now(), updated_at = now(), "
+            "delivered_at = CASE WHEN a.status = 'delivered' THEN now() ELSE d.delivered_at END "
+            "FROM unnest(%(cdr_ids)s::text[], %(endpoints)s::text[], %(statuses)s::text[], "
+            "  %(http_statuses)s::int[], %(errors)s::text[], %(excerpts)s::text[], %(latencies)s::int[]) "
+            "  AS a(cdr_id, endpoint, status, http_status, error, excerpt, latency_ms) "
+            "WHERE d.cdr_id = a.cdr_id AND d.endpoint = a.endpoint",
+            columns,
         )

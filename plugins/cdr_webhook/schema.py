@@ -104,6 +104,60 @@ CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_event (
 CREATE INDEX IF NOT EXISTS endpoint_event_endpoint_idx ON cdr_webhook.endpoint_event (endpoint, at);
 """
 
+# Step 6: one row per attempt (the ledger row keeps only the last), written by a trigger so that every
+# path that counts an attempt (one CDR per task, or many in one statement) records it; and the
+# indexes the Deliveries page lists by, newest first, with keyset pagination.
+_ATTEMPTS_V6 = """
+CREATE TABLE IF NOT EXISTS cdr_webhook.delivery_attempt (
+    cdr_id           text        NOT NULL,
+    endpoint         text        NOT NULL,
+    attempt          integer     NOT NULL,
+    status           text        NOT NULL,
+    http_status      integer,
+    error            text,
+    response_excerpt text,
+    latency_ms       integer,
+    dag_id           text,
+    run_id           text,
+    map_index        integer,
+    at               timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (cdr_id, endpoint, attempt),
+    FOREIGN KEY (cdr_id, endpoint) REFERENCES cdr_webhook.delivery (cdr_id, endpoint) ON DELETE CASCADE
+);
+
+CREATE OR REPLACE FUNCTION cdr_webhook.record_delivery_attempt() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- A second record of the same attempt number (a row re-inserted after retention) replaces it.
+    INSERT INTO cdr_webhook.delivery_attempt (cdr_id, endpoint, attempt, status, http_status, error,
+        response_excerpt, latency_ms, dag_id, run_id, map_index, at)
+    VALUES (NEW.cdr_id, NEW.endpoint, NEW.attempts, NEW.status, NEW.http_status, NEW.error,
+        NEW.response_excerpt, NEW.latency_ms, NEW.dag_id, NEW.run_id, NEW.map_index,
+        COALESCE(NEW.last_attempt_at, now()))
+    ON CONFLICT (cdr_id, endpoint, attempt) DO UPDATE SET status = EXCLUDED.status,
+        http_status = EXCLUDED.http_status, error = EXCLUDED.error,
+        response_excerpt = EXCLUDED.response_excerpt, latency_ms = EXCLUDED.latency_ms,
+        dag_id = EXCLUDED.dag_id, run_id = EXCLUDED.run_id, map_index = EXCLUDED.map_index, at = EXCLUDED.at;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS delivery_attempt_recorded ON cdr_webhook.delivery;
+CREATE TRIGGER delivery_attempt_recorded AFTER UPDATE OF attempts ON cdr_webhook.delivery
+    FOR EACH ROW WHEN (NEW.attempts > OLD.attempts)
+    EXECUTE FUNCTION cdr_webhook.record_delivery_attempt();
+
+-- The page lists newest first by (cdr_created_at, cdr_id, endpoint); each filter has an index in
+-- that order, so a page is one index range read, however deep (keyset, never OFFSET). Unfiltered
+-- and delivered-only lists read delivery_cdr_created_at_idx; the rarer statuses their own index.
+CREATE INDEX IF NOT EXISTS delivery_client_list_idx
+    ON cdr_webhook.delivery (client_id, cdr_created_at, cdr_id);
+CREATE INDEX IF NOT EXISTS delivery_endpoint_list_idx
+    ON cdr_webhook.delivery (endpoint, cdr_created_at, cdr_id);
+CREATE INDEX IF NOT EXISTS delivery_status_list_idx
+    ON cdr_webhook.delivery (status, cdr_created_at, cdr_id) WHERE status <> 'delivered';
+"""
+
 STEPS: tuple[Step, ...] = (
     Step(1, "ledger, watermark and endpoint tables", _LEDGER_V1 + _ENDPOINTS_V1),
     Step(
@@ -134,6 +188,7 @@ STEPS: tuple[Step, ...] = (
         # instead of a scan of every row. Status updates are not HOT already (partial indexes).
         "CREATE INDEX IF NOT EXISTS delivery_endpoint_status_idx ON cdr_webhook.delivery (endpoint, status)",
     ),
+    Step(6, "attempt history and the Deliveries page's list indexes", _ATTEMPTS_V6),
 )
 
 LATEST = STEPS[-1].version

@@ -20,7 +20,7 @@ from cdr_webhook.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.window import SCHEDULED, InvalidRunRequest, Window, plan_scan, plan_window
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     import psycopg
 
@@ -94,9 +94,15 @@ def select_cdrs(
     *,
     now: dt.datetime,
     connections: Connections,
-) -> list[dict[str, str]]:
+    cdrs_per_task: int = 1,
+    max_tasks: int | None = None,
+) -> list[dict[str, Any]]:
     """
     Claim this run's CDRs and return one ``{"cdr_id", "http_conn_id"}`` mapping per CDR to POST.
+
+    With ``cdrs_per_task`` above 1 it returns chunks instead, ``{"cdr_ids", "http_conn_id"}``: each
+    endpoint's CDRs, oldest first, in lists of at most ``cdrs_per_task`` (see :func:`chunked`); at
+    most ``max_tasks`` of them, the claims of any further chunk going back to the queue.
 
     A run cleared and run again with the same request (the same kind of run, window, policy and
     client) gets exactly the CDRs it had claimed; a run cleared with new Params, as a reprocessing
@@ -117,7 +123,7 @@ def select_cdrs(
     if ledger.recorded_request(conn, dag_id=run.dag_id, run_id=run.run_id) == request:
         owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
         log.info("Run %s was cleared: mapping again the %d CDR(s) it had claimed", run.run_id, len(owned))
-        return [_mapped(claim) for claim in owned]
+        return _mapped_all(conn, owned, cdrs_per_task, max_tasks)
     known = _Endpoints(
         connections=connections,
         router=Router(
@@ -147,7 +153,7 @@ def select_cdrs(
         len(claims) - len(sendable),
         ledger.queued_backlog(conn),
     )
-    return [_mapped(claim) for claim in sendable]
+    return _mapped_all(conn, sendable, cdrs_per_task, max_tasks)
 
 
 def _check_retention(window: Window, settings: Settings, now: dt.datetime) -> None:
@@ -315,13 +321,24 @@ def _claim_window(
     return _assign(conn, run, settings, known, window=window, client_id=window.client_id)
 
 
+#: Source rows the select step reads at once to check its claims.
+_CHECK_BATCH = 1000
+
+
 def _drop_invalid(
     conn: psycopg.Connection[Any], relation: str, claims: list[ledger.Claim], known: _Endpoints
 ) -> list[ledger.Claim]:
-    """Mark claims that cannot become a payload, or that their endpoint filters out, as skipped."""
-    rows = fetch_rows(conn, relation, ((claim.cdr_id, claim.cdr_created_at) for claim in claims))
+    """
+    Mark claims that cannot become a payload, or that their endpoint filters out, as skipped.
+
+    Rows are read :data:`_CHECK_BATCH` at a time: a run of chunk mode may claim tens of thousands.
+    """
     sendable = []
-    for claim in claims:
+    rows: dict[str, Any] = {}
+    for index, claim in enumerate(claims):
+        if index % _CHECK_BATCH == 0:
+            batch = claims[index : index + _CHECK_BATCH]
+            rows = fetch_rows(conn, relation, ((c.cdr_id, c.cdr_created_at) for c in batch))
         row = rows.get(claim.cdr_id)
         if row is None:
             reason = f"CDR {claim.cdr_id!r} is no longer in the source relation {relation!r}"
@@ -373,6 +390,49 @@ def _hold_misconfigured(
 
 def _mapped(claim: ledger.Claim) -> dict[str, str]:
     return {"cdr_id": claim.cdr_id, "http_conn_id": claim.endpoint}
+
+
+def chunked(
+    claims: Sequence[ledger.Claim], size: int, max_chunks: int | None = None
+) -> tuple[list[list[ledger.Claim]], list[ledger.Claim]]:
+    """
+    Group claims into chunks of one endpoint each, at most ``size`` CDRs, in the claims' order.
+
+    Claims come in round-robin order (every endpoint's oldest first); each endpoint's claims fill its
+    chunks in that order, and the chunks are ordered by their first claim, so every endpoint gets an
+    early task. Beyond ``max_chunks`` chunks (many endpoints with a few CDRs each), the later chunks
+    are returned apart, as the claims to give back to the queue.
+    """
+    chunks: list[list[ledger.Claim]] = []
+    open_chunk: dict[str, list[ledger.Claim]] = {}
+    for claim in claims:
+        chunk = open_chunk.get(claim.endpoint)
+        if chunk is None or len(chunk) >= size:
+            chunk = open_chunk[claim.endpoint] = []
+            chunks.append(chunk)
+        chunk.append(claim)
+    if max_chunks is None or len(chunks) <= max_chunks:
+        return chunks, []
+    return chunks[:max_chunks], [claim for chunk in chunks[max_chunks:] for claim in chunk]
+
+
+def _mapped_all(
+    conn: psycopg.Connection[Any], claims: list[ledger.Claim], cdrs_per_task: int, max_tasks: int | None
+) -> list[dict[str, Any]]:
+    """What the post tasks are mapped over: a CDR each, or (``cdrs_per_task`` > 1) a chunk each."""
+    if cdrs_per_task == 1:
+        return [_mapped(claim) for claim in claims]
+    chunks, surplus = chunked(claims, cdrs_per_task, max_tasks)
+    if surplus:
+        ledger.release_many(conn, surplus)
+        log.info(
+            "%d chunk(s) reach max_map_length: %d CDR(s) go back to the queue for the next runs",
+            len(chunks),
+            len(surplus),
+        )
+    return [
+        {"cdr_ids": [claim.cdr_id for claim in chunk], "http_conn_id": chunk[0].endpoint} for chunk in chunks
+    ]
 
 
 def airflow_connections() -> Connections:

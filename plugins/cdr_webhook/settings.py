@@ -44,6 +44,7 @@ class Settings:
     failure_notifier: str | None = None  # "module:attribute" of an Airflow notifier for failed runs
     max_active_posts_per_run: int = 16  # post_cdr tasks of one run in flight (max_active_tis_per_dagrun)
     max_active_runs: int = 4  # runs at once: a run held up by one endpoint's retries blocks no other
+    cdrs_per_task: int = 1  # 1: a post_cdr task per CDR; more: each post_cdr task sends this many
     # Read by the tasks when they run.
     lag_seconds: int = 60
     # Late commits beyond the lag: a scheduled run queues what its scans missed in the last
@@ -74,12 +75,31 @@ class Settings:
             seconds=self.slot_wait_seconds + self.request_timeout_seconds + DATABASE_ALLOWANCE_SECONDS
         )
 
+    @property
+    def chunk_timeout(self) -> dt.timedelta:
+        """
+        The ``execution_timeout`` of one ``post_chunk`` try: the slot wait, every POST of a full chunk
+        one after the other at its deadline (an endpoint with one slot), and the database allowance.
+        """
+        return dt.timedelta(
+            seconds=self.slot_wait_seconds
+            + self.cdrs_per_task * self.request_timeout_seconds
+            + DATABASE_ALLOWANCE_SECONDS
+        )
+
     def validate(self, *, max_map_length: int) -> None:
         """Check the rules that tie settings together; raise :class:`SettingsError` naming the fix."""
-        if self.max_cdrs_per_run >= max_map_length:
+        if self.cdrs_per_task == 1 and self.max_cdrs_per_run >= max_map_length:
             raise SettingsError(
                 f"{_env('max_cdrs_per_run')}={self.max_cdrs_per_run} must stay below Airflow's "
                 f"[core] max_map_length ({max_map_length}): every CDR of a run is one mapped task"
+            )
+        if -(-self.max_cdrs_per_run // self.cdrs_per_task) >= max_map_length:
+            raise SettingsError(
+                f"{_env('max_cdrs_per_run')}={self.max_cdrs_per_run} in chunks of "
+                f"{_env('cdrs_per_task')}={self.cdrs_per_task} makes more chunk tasks than Airflow's "
+                f"[core] max_map_length ({max_map_length}) allows: raise cdrs_per_task or lower "
+                "max_cdrs_per_run"
             )
         if self.retention_days and self.retention_days * 24 <= self.reconcile_hours:
             raise SettingsError(
@@ -236,6 +256,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_in_flight_per_endpoint": _positive_int,
     "max_active_runs": _positive_int,
     "slot_wait_seconds": _non_negative_int,
+    "cdrs_per_task": _positive_int,
 }
 
 

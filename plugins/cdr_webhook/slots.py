@@ -38,22 +38,84 @@ def endpoint_slot(
     poll_seconds: float = 0.1,
 ) -> Iterator[int]:
     """Hold one of ``limit`` slots of ``endpoint`` for the duration of the block; yield its number."""
+    with endpoint_slots(
+        conn, endpoint, limit=limit, wanted=1, wait_seconds=wait_seconds, poll_seconds=poll_seconds
+    ) as held:
+        yield held.slots[0]
+
+
+class HeldSlots:
+    """
+    The slots a block holds. A chunk takes more as they come free (:meth:`take_more`) and gives
+    back those it no longer needs (:meth:`give_back`).
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], key: int, limit: int, slots: list[int]) -> None:
+        self._conn = conn
+        self._key = key
+        self._limit = limit
+        self.slots = slots
+
+    def take_more(self, wanted: int) -> None:
+        """Take free slots until ``wanted`` are held (or none is free); never one held already."""
+        for slot in range(self._limit):
+            if len(self.slots) >= wanted:
+                return
+            if slot not in self.slots and _try_lock(self._conn, self._key, slot):
+                self.slots.append(slot)
+
+    def give_back(self, slot: int) -> None:
+        if slot in self.slots:
+            self.slots.remove(slot)
+            _unlock(self._conn, self._key, slot)
+
+    def release_all(self) -> None:
+        for slot in list(self.slots):
+            self.give_back(slot)
+
+
+@contextlib.contextmanager
+def endpoint_slots(
+    conn: psycopg.Connection[Any],
+    endpoint: str,
+    *,
+    limit: int,
+    wanted: int,
+    wait_seconds: float,
+    poll_seconds: float = 0.1,
+) -> Iterator[HeldSlots]:
+    """
+    Hold up to ``wanted`` of ``limit`` slots of ``endpoint`` (at least one) for the block.
+
+    Takes every free slot up to ``wanted`` at once; waits ``wait_seconds`` at most for the first.
+    A session holds each slot once (advisory locks are re-entrant per session: a slot number is never
+    asked for twice while held).
+    """
     key = _key(endpoint)
     deadline = time.monotonic() + wait_seconds
     while True:
-        for slot in range(limit):
-            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, slot)).fetchone()
-            if row and row[0]:
-                try:
-                    yield slot
-                finally:
-                    # A connection that broke mid-POST took its locks with it: nothing left to free.
-                    with contextlib.suppress(psycopg.Error):
-                        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (key, slot))
-                return
+        held = HeldSlots(conn, key, limit, [])
+        held.take_more(wanted)
+        if held.slots:
+            try:
+                yield held
+            finally:
+                held.release_all()
+            return
         if time.monotonic() >= deadline:
             raise NoSlot(
                 f"all {limit} in-flight slots of endpoint {endpoint!r} stayed busy for {wait_seconds:g} s "
                 "(extra max_in_flight, or setting max_in_flight_per_endpoint)"
             )
         time.sleep(poll_seconds)
+
+
+def _try_lock(conn: psycopg.Connection[Any], key: int, slot: int) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, slot)).fetchone()
+    return bool(row and row[0])
+
+
+def _unlock(conn: psycopg.Connection[Any], key: int, slot: int) -> None:
+    # A connection that broke mid-POST took its locks with it: nothing left to free.
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (key, slot))

@@ -151,3 +151,31 @@ def distinct_clients(
     ).format(relation=relation_identifier(relation), client=client_filter)
     rows = conn.execute(query, {"start": start, "end": end, "client_id": client_id}).fetchall()
     return [row[0] for row in rows]
+
+
+def cdr_ids_by_phone(
+    conn: psycopg.Connection[Any],
+    relation: str,
+    phone_number: str,
+    *,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    limit: int = 1000,
+) -> list[str]:
+    """
+    Return the cdr_ids of the source rows dialled to ``phone_number`` (exactly), newest first.
+
+    Fast only when the column behind the view's ``phone_number`` is indexed (the reference schema's
+    ``dialer.cdr_phone_number_idx``): the Deliveries page's phone search reads the source this way,
+    then the ledger by its key.
+    """
+    conditions = [sql.SQL("phone_number = %(phone)s")]
+    if start is not None:
+        conditions.append(sql.SQL("created_at >= %(start)s"))
+    if end is not None:
+        conditions.append(sql.SQL("created_at < %(end)s"))
+    query = sql.SQL(
+        "SELECT cdr_id::text FROM {relation} WHERE {where} ORDER BY created_at DESC LIMIT %(limit)s"
+    ).format(relation=relation_identifier(relation), where=sql.SQL(" AND ").join(conditions))
+    params = {"phone": phone_number, "start": start, "end": end, "limit": limit}
+    return [row[0] for row in conn.execute(query, params).fetchall() if row[0] is not None]

@@ -10,7 +10,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from cdr_webhook import ledger, schema
+from cdr_webhook import ledger, schema, selection
 from cdr_webhook.selection import RunInfo
 from cdr_webhook.selection import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
@@ -150,7 +150,9 @@ def test_cleared_select_maps_exactly_what_its_run_claimed(cdr_db):
     assert ids(again) == first
 
 
-def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db):
+@pytest.mark.parametrize("batch", [1000, 2], ids=["one-read", "read-in-batches-of-2"])
+def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db, monkeypatch, batch):
+    monkeypatch.setattr(selection, "_CHECK_BATCH", batch)
     create_feed(cdr_db)
 
     def add(cdr_id, second, **overrides):
@@ -288,3 +290,42 @@ def test_a_run_cleared_with_new_params_selects_anew(cdr_db):
     finish(cdr_db, [missed], "failed")
     as_failed = dataclasses.replace(as_backfill, params={"policy": "failed"})
     assert ids(select_cdrs(cdr_db, as_failed, SETTINGS, now=later)) == [missed]
+
+
+def test_chunk_mode_maps_chunks_and_gives_back_those_beyond_the_map_length(cdr_db):
+    """Three endpoints, one chunk each; with room for two tasks, the third's CDRs wait for the next run."""
+    dialer = Dialer(cdr_db)
+    made = {
+        client: [
+            dialer.cdr(client_id=client, created_at=T0 + dt.timedelta(seconds=n + client)) for n in range(3)
+        ]
+        for client in (1, 7, 8)
+    }
+    connections = {"cdr_webhook": {}, "cdr_webhook_client_7": {}, "cdr_webhook_client_8": {}}
+    settings = dataclasses.replace(SETTINGS, start_from=T0, cdrs_per_task=2)
+
+    def run(n: int) -> list[dict]:
+        return claim_cdrs(
+            cdr_db,
+            scheduled(n, T0 + (n - 1) * MINUTE, T0 + n * MINUTE),
+            settings,
+            now=T0 + n * MINUTE + MINUTE,
+            connections=configs(connections),
+            cdrs_per_task=2,
+            max_tasks=2,
+        )
+
+    first = run(1)
+    # Round robin, oldest first: each endpoint's first chunk; a chunk holds one endpoint's CDRs.
+    assert first == [
+        {"cdr_ids": made[1][:2], "http_conn_id": "cdr_webhook"},
+        {"cdr_ids": made[7][:2], "http_conn_id": "cdr_webhook_client_7"},
+    ]
+    rows = ledger_rows(cdr_db)
+    assert {rows[cdr][:2] for cdr in made[8]} == {("queued", None)}  # given back, unowned
+    second = run(2)
+    assert {"cdr_ids": made[8][:2], "http_conn_id": "cdr_webhook_client_8"} in second
+    third = run(3)
+    sent = [cdr for chunk in first + second + third for cdr in chunk["cdr_ids"]]
+    assert sorted(sent) == sorted(cdr for cdrs in made.values() for cdr in cdrs)  # each once, none lost
+    assert run(4) == []

@@ -106,3 +106,29 @@ def test_retention_must_outlast_the_reconciliation_window():
         SettingsError, match="RETENTION_DAYS=1 must keep the ledger longer than reconcile_hours"
     ):
         parse_settings({"retention_days": "1", "reconcile_hours": "24"})
+
+
+def test_cdrs_per_task_defaults_to_one_cdr_per_task_and_is_validated():
+    assert parse_settings({}).cdrs_per_task == 1
+    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK='0' must be at least 1"):
+        parse_settings({"cdrs_per_task": "0"})
+    with pytest.raises(
+        SettingsError, match="AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK='many' is not a whole number"
+    ):
+        parse_settings({"cdrs_per_task": "many"})
+
+
+def test_in_chunk_mode_max_cdrs_per_run_counts_cdrs_and_the_chunks_must_fit_max_map_length():
+    settings = parse_settings({"cdrs_per_task": "100", "max_cdrs_per_run": "50000"}, max_map_length=1024)
+    assert (settings.cdrs_per_task, settings.max_cdrs_per_run) == (100, 50000)
+    with pytest.raises(SettingsError, match=r"makes more chunk tasks than Airflow's \[core\] max_map_length"):
+        parse_settings({"cdrs_per_task": "10", "max_cdrs_per_run": "10240"}, max_map_length=1024)
+    with pytest.raises(SettingsError, match="every CDR of a run is one mapped task"):
+        parse_settings({"max_cdrs_per_run": "1024"}, max_map_length=1024)
+
+
+def test_a_chunk_try_may_send_every_cdr_of_a_full_chunk_at_its_deadline():
+    settings = parse_settings(
+        {"cdrs_per_task": "20", "request_timeout_seconds": "5", "slot_wait_seconds": "10"}
+    )
+    assert settings.chunk_timeout == dt.timedelta(seconds=10 + 20 * 5 + 60)

@@ -1,0 +1,228 @@
+"""The Deliveries page's queries on a big ledger: each list filter, a deep page, the searches, completeness.
+
+    PYTHONPATH=plugins .venv/bin/python -m bench.deliveries_page [--cdrs 1000000] [--repeat 20] \
+        [--plans FILE] [--keep | --reuse NAME] [--dsn DSN]
+
+Fills a scratch database with bench/selection_at_size.py's loader (N source CDRs over ``--days`` days
+and ``--clients`` clients, a ledger row for nearly every one: mostly delivered, 1.5 % failed, 1 %
+skipped), gives every failed delivery two recorded attempts, then times each query the page sends,
+through the page's own functions, and prints p50/p95/max (``EXPLAIN (ANALYZE, BUFFERS)`` of each
+goes to ``--plans``); then what step 6 adds to recording an attempt (``ledger.record_attempt`` with
+and without its trigger and indexes). On demand only: never part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from bench.harness import server_dsn
+from bench.selection_at_size import RELATION, Bench, RecordingCursor, fill
+from cdr_webhook import deliveries, endpoints, ledger, schema, source
+from cdr_webhook.deliveries import Filters
+
+PAGE = 50
+
+
+class PageBench(Bench):
+    """Explains each statement under the settings the function set (``set_config``) in its transaction."""
+
+    def explain(self, name: str, statements: list[tuple[Any, Any]]) -> None:
+        settings = [(q, p) for q, p in statements if isinstance(q, str) and "set_config(" in q]
+        self.plans.write(f"\n===== {name} =====\n")
+        for query, params in statements:
+            if (query, params) in settings:
+                continue
+            text = query if isinstance(query, str) else query.as_string(self.conn)
+            self.plans.write(f"\n-- {' '.join(text.split())[:400]}\n")
+            with self.conn.transaction(force_rollback=True):
+                for setting, setting_params in settings:
+                    self.conn.execute(setting, setting_params)
+                explain = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + sql.SQL(text)  # type: ignore[arg-type]
+                for (line,) in self.conn.execute(explain, params).fetchall():
+                    self.plans.write(line + "\n")
+        self.plans.flush()
+
+
+def add_history(conn: psycopg.Connection[Any]) -> None:
+    """Two recorded attempts (a 503, then the last one) for every failed delivery."""
+    conn.execute(
+        "INSERT INTO cdr_webhook.delivery_attempt (cdr_id, endpoint, attempt, status, http_status, error, "
+        "run_id, map_index, at) "
+        "SELECT cdr_id, endpoint, a, CASE a WHEN 1 THEN 'queued' ELSE status END, 503, 'HTTP 503', run_id, "
+        "map_index, last_attempt_at FROM cdr_webhook.delivery, generate_series(1, 2) a "
+        "WHERE status = 'failed' ON CONFLICT DO NOTHING"
+    )
+    conn.execute("ANALYZE cdr_webhook.delivery_attempt")
+
+
+def measure(bench: Bench) -> None:
+    conn = bench.conn
+    newest = conn.execute("SELECT max(cdr_created_at) FROM cdr_webhook.delivery").fetchone()[0]  # type: ignore[index]
+    yesterday = dt.datetime.combine(newest.date() - dt.timedelta(days=1), dt.time(), dt.UTC)
+    day = dt.timedelta(days=1)
+    # A row 20,000 deep (the OFFSET here only finds where to start; the page itself never uses one).
+    deep = conn.execute(
+        "SELECT cdr_created_at, cdr_id, endpoint FROM cdr_webhook.delivery "
+        "ORDER BY cdr_created_at DESC, cdr_id DESC, endpoint DESC OFFSET 20000 LIMIT 1"
+    ).fetchone()
+    assert deep is not None
+    deep_cursor = deliveries.encode_cursor(*deep)
+    failed = conn.execute(
+        "SELECT cdr_id, endpoint FROM cdr_webhook.delivery WHERE status = 'failed' "
+        "ORDER BY cdr_created_at DESC LIMIT 1"
+    ).fetchone()
+    assert failed is not None
+    phone = conn.execute(
+        "SELECT phone_number FROM cdr_webhook_source WHERE cdr_id = %s", (failed[0],)
+    ).fetchone()[0]  # type: ignore[index]
+
+    def page(filters: Filters, cursor: str | None = None) -> list[Any]:
+        return deliveries.list_deliveries(conn, filters, cursor=cursor, limit=PAGE).rows
+
+    bench.time("list: newest page, no filter", lambda: page(Filters()))
+    bench.time("list: a page 20,000 rows deep (keyset)", lambda: page(Filters(), deep_cursor))
+    bench.time("list: client 42", lambda: page(Filters(client_id=42)))
+    bench.time("list: client 42, failed, yesterday", lambda: page(
+        Filters(client_id=42, status="failed", start=yesterday, end=yesterday + day)))  # fmt: skip
+    bench.time("list: failed", lambda: page(Filters(status="failed")))
+    bench.time("list: delivered, yesterday", lambda: page(
+        Filters(status="delivered", start=yesterday, end=yesterday + day)))  # fmt: skip
+    bench.time("list: endpoint cdr_webhook_client_7", lambda: page(Filters(endpoint="cdr_webhook_client_7")))
+    bench.time("list: endpoint cdr_webhook (250 clients)", lambda: page(Filters(endpoint="cdr_webhook")))
+    bench.time("search: cdr_id", lambda: page(Filters(cdr_ids=(failed[0],))))
+    bench.time(
+        "search: phone number (source by phone, then ledger by key)",
+        lambda: page(Filters(cdr_ids=(phone, *source.cdr_ids_by_phone(conn, RELATION, phone)))),
+    )
+    bench.time(
+        "detail: the row and its attempts",
+        lambda: [
+            deliveries.get_delivery(conn, cdr_id=failed[0], endpoint=failed[1]),
+            deliveries.attempts(conn, cdr_id=failed[0], endpoint=failed[1]),
+        ],
+    )
+    today = newest.date()
+    bench.time(
+        "completeness: 7 days, every client",
+        lambda: deliveries.completeness(
+            conn, relation=RELATION, start=today - dt.timedelta(days=6), end=today + dt.timedelta(days=1)
+        ),
+        repeat=3,
+    )
+    bench.time(
+        "completeness: 7 days, client 42",
+        lambda: deliveries.completeness(
+            conn, relation=RELATION, start=today - dt.timedelta(days=6), end=today + dt.timedelta(days=1),
+            client_id=42,
+        ),
+    )  # fmt: skip
+    bench.time("endpoints: state and backlog", lambda: endpoints.list_endpoints(conn))
+
+
+_STEP_6_WRITE_PATH = (
+    "DROP TRIGGER delivery_attempt_recorded ON cdr_webhook.delivery; "
+    "DROP INDEX cdr_webhook.delivery_client_list_idx, cdr_webhook.delivery_endpoint_list_idx, "
+    "cdr_webhook.delivery_status_list_idx"
+)
+
+
+def measure_writes(bench: Bench, count: int = 500) -> None:
+    """What step 6 adds to recording an attempt: ``count`` calls of ``ledger.record_attempt``, with its
+    trigger and indexes, then without them (dropped in the rolled-back transaction)."""
+    conn = bench.conn
+    claims = [
+        ledger.Claim(row[0], row[1], row[2], row[3], "queued", 1)
+        for row in conn.execute(
+            "SELECT cdr_id, endpoint, client_id, cdr_created_at FROM cdr_webhook.delivery "
+            "WHERE status = 'delivered' ORDER BY cdr_created_at DESC LIMIT %s",
+            (count,),
+        )
+    ]
+
+    def record() -> int:
+        for claim in claims:
+            ledger.record_attempt(
+                conn, claim, status="failed", http_status=503, error="HTTP 503", response_excerpt="busy",
+                latency_ms=7,
+            )  # fmt: skip
+        return len(claims)
+
+    for label, before in (
+        ("with step 6", None),
+        ("without step 6's trigger and indexes", _STEP_6_WRITE_PATH),
+    ):
+        timings = []
+        for _ in range(5):
+            with conn.transaction(force_rollback=True):
+                if before:
+                    conn.execute(before)
+                began = time.perf_counter()
+                record()
+                timings.append((time.perf_counter() - began) * 1000 / len(claims))
+        bench.rows.append((f"write: one record_attempt, {label}", timings, ""))
+        print(f"  write: record_attempt {label:<40} p50 {sorted(timings)[2]:8.3f} ms per attempt", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cdrs", type=int, default=1_000_000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--clients", type=int, default=300)
+    parser.add_argument("--endpoints", type=int, default=50, help="clients with an endpoint of their own")
+    parser.add_argument("--queued", type=int, default=5000, help="the newest ledger rows, queued")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--plans", type=Path, default=Path("deliveries_page_plans.txt"))
+    parser.add_argument("--keep", action="store_true", help="keep the database (prints its name)")
+    parser.add_argument("--reuse", help="measure this database (made by --keep) instead of a new one")
+    parser.add_argument("--dsn", help="a PostgreSQL server to create the benchmark's database on")
+    args = parser.parse_args()
+
+    admin_dsn = server_dsn(args.dsn, Path("/nonexistent"))
+    database = args.reuse or f"cdr_webhook_bench_{uuid.uuid4().hex[:8]}"
+    if not args.reuse:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{database}"')
+    try:
+        with psycopg.connect(
+            make_conninfo(admin_dsn, dbname=database),
+            autocommit=True,
+            cursor_factory=RecordingCursor,
+            prepare_threshold=None,
+        ) as conn:
+            if not args.reuse:
+                print(f"Filling {database}: {args.cdrs} CDRs over {args.days} days, {args.clients} clients")
+                fill(conn, args)
+            schema.migrate(conn)
+            add_history(conn)
+            sizes = conn.execute(
+                "SELECT (SELECT count(*) FROM dialer.cdr), (SELECT count(*) FROM cdr_webhook.delivery), "
+                "(SELECT count(*) FROM cdr_webhook.delivery_attempt)"
+            ).fetchone()
+            assert sizes is not None
+            print(f"{database}: source {sizes[0]} CDRs, ledger {sizes[1]} rows, {sizes[2]} attempt rows")
+            bench = PageBench(conn, args.repeat, args.plans)
+            measure(bench)
+            measure_writes(bench)
+            bench.table(f"N = {sizes[0]} source CDRs, {sizes[1]} ledger rows, pages of {PAGE}")
+            print(f"\nPlans: {args.plans}")
+    finally:
+        if args.keep or args.reuse:
+            print(f"Kept database {database}")
+        else:
+            with psycopg.connect(admin_dsn, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The Deliveries page's app and its pages: the list, a delivery, a task's, completeness, endpoints.
+
+Reads go to the ledger and the source (``cdr_db``); the state changes are in :mod:`.actions`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cdr_webhook import deliveries, endpoints
+from cdr_webhook.web import actions, forms
+from cdr_webhook.web.deps import HERE, Conn, login_url, prefix, render, settings, templates
+from cdr_webhook.web.security import CanView  # noqa: TC001 (FastAPI reads the annotations at runtime)
+
+PAGE_SIZE = 50
+#: The stylesheet and the nav icon: served to signed-in users like every other route.
+STATIC_FILES = {"style.css": "text/css", "icon.svg": "image/svg+xml"}
+
+
+def create_app() -> FastAPI:
+    """The page's app, mounted by the plugin at ``/cdr-webhook``."""
+    app = FastAPI(title="CDR webhook deliveries", docs_url=None, redoc_url=None, openapi_url=None)
+    app.exception_handler(StarletteHTTPException)(_error)
+    app.add_api_route("/static/{name}", static_file, methods=["GET"], response_class=FileResponse)
+    for path, page in (
+        ("/", list_page),
+        ("/delivery", delivery_page),
+        ("/task", task_page),
+        ("/completeness", completeness_page),
+        ("/endpoints", endpoints_page),
+    ):
+        app.add_api_route(path, page, methods=["GET"], response_class=HTMLResponse, response_model=None)
+    app.include_router(actions.router)
+    return app
+
+
+async def _error(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
+    # A plain page, never one with the user's data: no user may be known here.
+    return templates.TemplateResponse(
+        request,
+        "error.html",
+        {
+            "status": exc.status_code,
+            "detail": exc.detail,
+            "login": login_url() if exc.status_code == 401 else None,
+        },
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def static_file(name: str, user: CanView) -> FileResponse:
+    if name not in STATIC_FILES:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {name!r}")
+    return FileResponse(HERE / "static" / name, media_type=STATIC_FILES[name])
+
+
+def list_page(
+    request: Request,
+    user: CanView,
+    conn: Conn,
+    query: Annotated[forms.ListQuery, Depends()],
+    cursor: Annotated[str | None, Query()] = None,
+) -> HTMLResponse:
+    """The ledger, newest first, filtered and searched; one keyset page."""
+    error = None
+    page = deliveries.Page(rows=[], next_cursor=None)
+    try:
+        filters = query.filters(conn, settings().source_relation)
+        page = deliveries.list_deliveries(conn, filters, cursor=cursor, limit=PAGE_SIZE)
+    except ValueError as err:  # BadCursor is one
+        error = str(err)
+    return render(
+        request, "deliveries.html", user, status_code=400 if error else 200, page=page, query=query,
+        error=error, statuses=deliveries.LIST_STATUSES, cursor=cursor,
+    )  # fmt: skip
+
+
+def delivery_page(request: Request, user: CanView, conn: Conn, cdr_id: str, endpoint: str) -> HTMLResponse:
+    """One delivery: its row, every attempt, and the request it would send now."""
+    from cdr_webhook.web.preview import preview
+
+    row = deliveries.get_delivery(conn, cdr_id=cdr_id, endpoint=endpoint)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no delivery of CDR {cdr_id!r} to {endpoint!r}")
+    return render(
+        request, "delivery.html", user, row=row,
+        history=deliveries.attempts(conn, cdr_id=cdr_id, endpoint=endpoint),
+        preview=preview(conn, row, relation=settings().source_relation),
+    )  # fmt: skip
+
+
+def task_page(
+    request: Request,
+    user: CanView,
+    conn: Conn,
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int = -1,
+) -> HTMLResponse | RedirectResponse:
+    """The task instance tab: the deliveries that task instance owns (one: straight to it)."""
+    rows = deliveries.task_deliveries(conn, dag_id=dag_id, run_id=run_id, map_index=map_index)
+    if len(rows) == 1:
+        target = urlencode({"cdr_id": rows[0].cdr_id, "endpoint": rows[0].endpoint})
+        return RedirectResponse(f"{prefix(request)}/delivery?{target}", status_code=status.HTTP_303_SEE_OTHER)
+    return render(request, "task.html", user, rows=rows, task_id=task_id, run_id=run_id, map_index=map_index)
+
+
+def completeness_page(
+    request: Request, user: CanView, conn: Conn, since: str = "", to: str = "", client: str = ""
+) -> HTMLResponse:
+    """Per client and UTC day (the last 7 by default): the source's CDRs against the ledger."""
+    today = dt.datetime.now(dt.UTC).date()
+    error, days = None, []
+    try:
+        start = forms.parse_day(since, "from") or today - dt.timedelta(days=6)
+        end = forms.parse_day(to, "to") or today
+        days = deliveries.completeness(
+            conn,
+            relation=settings().source_relation,
+            start=start,
+            end=end + dt.timedelta(days=1),
+            client_id=forms.parse_int(client, "client"),
+        )
+    except ValueError as err:
+        error, start, end = str(err), today, today
+    return render(
+        request, "completeness.html", user, status_code=400 if error else 200, days=days,
+        since=start.isoformat(), to=end.isoformat(), client=client, error=error,
+    )  # fmt: skip
+
+
+def endpoints_page(request: Request, user: CanView, conn: Conn) -> HTMLResponse:
+    """Every endpoint's state, backlog and in-flight limit, with pause and resume."""
+    from cdr_webhook.config import EndpointConfigError, load_endpoint
+
+    default_limit = settings().max_in_flight_per_endpoint
+    rows = []
+    for state in endpoints.list_endpoints(conn):
+        try:
+            config = load_endpoint(state.endpoint)
+            limit, origin, problem = config.max_in_flight or default_limit, config.origin, None
+        except EndpointConfigError as err:
+            limit, origin, problem = default_limit, None, str(err)
+        rows.append({"state": state, "limit": limit, "origin": origin, "problem": problem})
+    return render(request, "endpoints.html", user, rows=rows)

@@ -1,0 +1,67 @@
+"""The request a delivery would send now: built from the source row by the code ``post_cdr`` runs.
+
+The body comes from :func:`~cdr_webhook.source.fetch_rows` and :func:`~cdr_webhook.payload.build_payload`,
+the headers from :func:`~cdr_webhook.signing.build_headers`; what the connection's secrets produce
+(``x-api-key``, the signatures) is replaced before anything reaches a page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from cdr_webhook.config import EndpointConfigError, load_endpoint, scrub
+from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+from cdr_webhook.signing import build_headers, webhook_id
+from cdr_webhook.source import fetch_rows
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from cdr_webhook.deliveries import Delivery
+
+REDACTED = "(secret, not shown)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """The body (pretty-printed) and headers of the next POST, or why none can be built."""
+
+    body: str | None
+    headers: dict[str, str]
+    endpoint_origin: str | None
+    problem: str | None = None
+
+
+def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str) -> Preview:
+    """Build the delivery's next request now, secrets redacted."""
+    msg_id = webhook_id(delivery.cdr_id, delivery.endpoint)
+    try:
+        endpoint = load_endpoint(delivery.endpoint)
+    except EndpointConfigError as err:
+        return Preview(None, {"webhook-id": msg_id}, None, f"endpoint configuration: {err}")
+    row = fetch_rows(conn, relation, [(delivery.cdr_id, delivery.cdr_created_at)]).get(delivery.cdr_id)
+    try:
+        if row is None:
+            raise InvalidCdr(delivery.cdr_id, "cdr_id", delivery.cdr_id, f"no longer in {relation}")
+        payload = build_payload(row)
+    except InvalidCdr as err:
+        problem = scrub(str(err), endpoint.secrets())
+        return Preview(None, {"webhook-id": msg_id}, endpoint.origin, problem)
+    body = encode_body(payload)
+    headers = build_headers(
+        msg_id=msg_id,
+        timestamp=int(time.time()),
+        body=body,
+        api_key=endpoint.api_key,
+        signing_secrets=endpoint.signing_secrets,
+    )
+    if "x-api-key" in headers:
+        headers["x-api-key"] = REDACTED
+    if "webhook-signature" in headers:
+        count = len(headers["webhook-signature"].split())
+        headers["webhook-signature"] = f"v1,… ({count} signature(s), computed when sent)"
+    pretty = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    return Preview(pretty, headers, endpoint.origin)

@@ -1,0 +1,327 @@
+"""CdrWebhookChunkOperator.execute against real PostgreSQL and real receivers, one try at a time.
+
+Each test plays tries of one mapped chunk task (run, map index, try number and max_tries as Airflow
+hands them) and checks the ledger, the endpoint's state, what the receiver got and how the try ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import http.server
+import threading
+import time
+
+import psycopg
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from cdr_webhook import schema
+from cdr_webhook.chunk import CdrWebhookChunkOperator
+from cdr_webhook.operators import RetryLater
+from cdr_webhook.signing import webhook_id
+from cdr_webhook.slots import endpoint_slot, endpoint_slots
+from demo.dialer import Dialer
+from demo.receiver import Receiver
+from tests.integration.test_operators import (
+    API_KEY,
+    ENDPOINT,
+    SECRET,
+    FakeTaskInstance,
+    connect_endpoint,
+    endpoint_state,
+    queue,
+    row,
+)
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture
+def db(cdr_db):
+    schema.migrate(cdr_db)
+    return cdr_db
+
+
+@pytest.fixture
+def receiver(monkeypatch):
+    with Receiver(secret=SECRET, api_key=API_KEY) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET)
+        yield server
+
+
+def cdrs(conn, n: int) -> list[str]:
+    """``n`` queued CDRs of client 7, claimed by run scheduled__1, oldest first."""
+    dialer = Dialer(conn)
+    made = [
+        dialer.cdr(created_at=NOW - dt.timedelta(minutes=30) + dt.timedelta(seconds=i), client_id=7)
+        for i in range(n)
+    ]
+    for cdr in made:
+        queue(conn, cdr)
+    return made
+
+
+def run_chunk(cdr_ids: list[str], ti: FakeTaskInstance, *, retries: int = 2) -> None:
+    operator = CdrWebhookChunkOperator(
+        task_id="post_cdr", cdr_ids=cdr_ids, http_conn_id=ENDPOINT, retries=retries
+    )
+    operator.execute({"ti": ti})
+
+
+def statuses(conn, cdr_ids: list[str]) -> dict[str, tuple[str, int]]:
+    return {cdr: (row(conn, cdr)["status"], row(conn, cdr)["attempts"]) for cdr in cdr_ids}
+
+
+def test_a_chunk_delivers_every_cdr_each_its_own_signed_post_with_its_own_webhook_id(db, receiver, capsys):
+    chunk = cdrs(db, 6)
+
+    run_chunk(chunk, FakeTaskInstance())
+
+    assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+    got = receiver.received()
+    assert sorted(r.cdr_id for r in got) == sorted(chunk)
+    assert all(r.signature_ok for r in got)
+    assert {r.cdr_id: r.headers["webhook-id"] for r in got} == {
+        cdr: webhook_id(cdr, ENDPOINT) for cdr in chunk
+    }
+    assert endpoint_state(db)["failed_attempts"] == 0
+    lines = capsys.readouterr().out.splitlines()  # the task's log
+    for cdr in chunk:  # one line per CDR: its outcome, HTTP status, latency and webhook-id
+        assert any(
+            f"CDR {cdr} delivered to {ENDPOINT}: HTTP 200 in" in line and webhook_id(cdr, ENDPOINT) in line
+            for line in lines
+        )
+    assert any("Chunk of 6 CDR(s)" in line and "6 delivered" in line for line in lines)
+
+
+def test_a_refused_cdr_fails_alone_a_retryable_one_is_the_only_one_sent_again(db, receiver):
+    chunk = cdrs(db, 5)
+    refused, flaky = chunk[1], chunk[3]
+    receiver.script(refused, [400])
+    receiver.script(flaky, [(503, {"Retry-After": "3"})])
+
+    with pytest.raises(RetryLater, match=f"1 CDR\\(s\\) of this chunk to retry \\({flaky}\\)") as raised:
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2))
+    assert raised.value.retry_after == 3
+    assert statuses(db, chunk) == {
+        **{cdr: ("delivered", 1) for cdr in chunk},
+        refused: ("failed", 1),
+        flaky: ("queued", 1),  # waits for the retry
+    }
+
+    # The retry sends only the queued CDR; the task then fails, naming the one that failed for good.
+    with pytest.raises(AirflowFailException, match=f"1 CDR\\(s\\) of this chunk failed for good: {refused}"):
+        run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=2))
+    assert statuses(db, chunk) == {
+        **{cdr: ("delivered", 1) for cdr in chunk},
+        refused: ("failed", 1),
+        flaky: ("delivered", 2),
+    }
+    sent = [r.cdr_id for r in receiver.received()]
+    assert sorted(sent) == sorted([*chunk, flaky])
+    # Every POST of a CDR carries its one webhook-id, on the retry too.
+    assert {r.headers["webhook-id"] for r in receiver.received(flaky)} == {webhook_id(flaky, ENDPOINT)}
+    # One failed delivery counts in the endpoint's streak, after the deliveries of its neighbours.
+    assert endpoint_state(db)["consecutive_failures"] == 0
+
+
+def test_clearing_a_chunk_sends_again_only_its_cdrs_not_delivered(db, receiver):
+    chunk = cdrs(db, 4)
+    refused = chunk[2]
+    receiver.script(refused, [400])
+    with pytest.raises(AirflowFailException):
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2))
+
+    # The receiver is fixed; the operator clears the task: Airflow sets max_tries = try_number + retries.
+    run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=1 + 2))
+
+    assert statuses(db, chunk) == {**{cdr: ("delivered", 1) for cdr in chunk}, refused: ("delivered", 2)}
+    assert sorted(r.cdr_id for r in receiver.received()) == sorted([*chunk, refused])
+
+
+def test_retries_exhausted_fail_the_chunk_naming_the_cdr(db, receiver):
+    chunk = cdrs(db, 3)
+    receiver.script(chunk[0], [503, 503])
+    with pytest.raises(RetryLater):
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=1), retries=1)
+    with pytest.raises(AirflowFailException, match=f"failed for good: {chunk[0]}"):
+        run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=1), retries=1)
+    assert statuses(db, chunk) == {**{cdr: ("delivered", 1) for cdr in chunk}, chunk[0]: ("failed", 2)}
+    assert len(receiver.received()) == 4
+
+
+class Concurrency:
+    """A receiver's ``before_answer`` that holds each request ``seconds`` and records how many were in
+    flight as each arrived; ``on_arrival(n)`` runs as the n-th arrives."""
+
+    def __init__(self, seconds: float, on_arrival=None) -> None:
+        self.seconds = seconds
+        self.on_arrival = on_arrival
+        self.in_flight = 0
+        self.seen: list[int] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, headers, body) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.seen.append(self.in_flight)
+            if self.on_arrival is not None:
+                self.on_arrival(len(self.seen))
+        time.sleep(self.seconds)
+        with self._lock:
+            self.in_flight -= 1
+
+
+def test_a_chunk_never_passes_the_endpoints_in_flight_limit_shared_with_other_tasks(db, cdr_dsn, monkeypatch):
+    slow = Concurrency(0.15)
+    with Receiver(secret=SECRET, api_key=API_KEY, before_answer=slow) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=4)
+        chunk = cdrs(db, 12)
+        # Another task (a worker of its own) holds one of the endpoint's 4 slots the whole time.
+        with psycopg.connect(cdr_dsn, autocommit=True) as other_worker:
+            with endpoint_slot(other_worker, ENDPOINT, limit=4, wait_seconds=0):
+                started = time.monotonic()
+                run_chunk(chunk, FakeTaskInstance())
+                elapsed = time.monotonic() - started
+
+    assert max(slow.seen) == 3  # concurrent, up to the slots left, never more
+    assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+    assert elapsed < 12 * 0.15  # not one after the other
+
+
+def test_the_ledger_is_written_in_batches_not_per_cdr(db, receiver):
+    """Statement-level triggers count the UPDATE statements on the ledger and the endpoint's state."""
+    db.execute("CREATE TABLE public.statement_count (tbl text, op text)")
+    db.execute(
+        "CREATE FUNCTION public.count_statement() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN INSERT INTO public.statement_count VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$"
+    )
+    for table in ("delivery", "endpoint_state"):
+        db.execute(
+            f"CREATE TRIGGER count_statements AFTER INSERT OR UPDATE ON cdr_webhook.{table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION public.count_statement()"
+        )
+    chunk = cdrs(db, 30)
+    db.execute("TRUNCATE public.statement_count")
+
+    run_chunk(chunk, FakeTaskInstance())
+
+    counts = dict(
+        db.execute("SELECT tbl || ' ' || op, count(*) FROM public.statement_count GROUP BY 1").fetchall()
+    )
+    # Start the attempts, refresh the run's other claims, record the outcomes; one endpoint upsert.
+    assert counts["delivery UPDATE"] <= 4
+    assert counts["endpoint_state INSERT"] == 1
+    assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+
+
+def test_a_chunk_skips_cdrs_another_run_owns_and_sends_the_rest(db, receiver):
+    chunk = cdrs(db, 3)
+    db.execute(
+        "UPDATE cdr_webhook.delivery SET run_id = 'scheduled__2', status = 'delivered' WHERE cdr_id = %s",
+        (chunk[0],),
+    )
+    run_chunk(chunk, FakeTaskInstance())
+    assert sorted(r.cdr_id for r in receiver.received()) == sorted(chunk[1:])
+    assert row(db, chunk[0])["run_id"] == "scheduled__2"
+
+
+class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1: answers at once, except (when ``drip``) the second request of a connection, whose
+    headers it sends a byte at a time."""
+
+    protocol_version = "HTTP/1.1"
+    ports: list[int]
+    drip = False
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.served = getattr(self, "served", 0) + 1
+        self.ports.append(self.client_address[1])
+        reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-padding: " + b"." * 40 + b"\r\n\r\n"
+        if self.drip and self.served == 2:
+            for byte in reply:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
+        self.wfile.write(reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def keep_alive_server(*, drip: bool = False):
+    handler = type("Handler", (_KeepAliveHandler,), {"ports": [], "drip": drip})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler.ports
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_chunk_keeps_its_connections_alive(db, monkeypatch):
+    with keep_alive_server() as (url, ports):
+        connect_endpoint(monkeypatch, url, max_in_flight=2)
+        chunk = cdrs(db, 20)
+        run_chunk(chunk, FakeTaskInstance())
+    assert len(ports) == 20
+    assert len(set(ports)) <= 2  # a connection per sending thread, reused from POST to POST
+
+
+def test_a_kept_alive_connection_is_still_bound_by_each_posts_deadline(db, monkeypatch, settings_env):
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS", "1")
+    with keep_alive_server(drip=True) as (url, ports):
+        connect_endpoint(monkeypatch, url, max_in_flight=1)
+        chunk = cdrs(db, 2)
+        started = time.monotonic()
+        with pytest.raises(RetryLater):
+            run_chunk(chunk, FakeTaskInstance())
+        elapsed = time.monotonic() - started
+    assert len(set(ports)) == 1  # the second POST went over the first one's connection
+    assert statuses(db, chunk) == {chunk[0]: ("delivered", 1), chunk[1]: ("queued", 1)}
+    assert "within the 1 s deadline" in row(db, chunk[1])["error"]
+    assert elapsed < 3  # the reply's 60 bytes would take 6 s
+
+
+def test_a_chunk_takes_the_slots_another_task_frees_while_it_sends(db, cdr_dsn, monkeypatch):
+    # Another task holds 3 of the endpoint's 4 slots until the chunk's third POST arrives.
+    other_worker = psycopg.connect(cdr_dsn, autocommit=True)
+    held = endpoint_slots(other_worker, ENDPOINT, limit=4, wanted=3, wait_seconds=0)
+    held.__enter__()  # (never left: the connection's end frees them)
+    # When the third POST arrives, the other task's connection ends: its slots are free.
+    slow = Concurrency(0.1, on_arrival=lambda n: n == 3 and other_worker.close())
+
+    with Receiver(secret=SECRET, api_key=API_KEY, before_answer=slow) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=4)
+        chunk = cdrs(db, 30)
+        run_chunk(chunk, FakeTaskInstance())
+
+    assert slow.seen[:3] == [1, 1, 1]  # one slot to start with
+    assert max(slow.seen) == 4  # then the 3 others, once free
+    assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+
+
+def test_a_410_pauses_the_endpoint_and_the_rest_of_the_chunk_waits_queued(db, monkeypatch):
+    with Receiver(secret=SECRET, api_key=API_KEY) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=1)
+        chunk = cdrs(db, 6)
+        server.script(chunk[1], [410])
+        with pytest.raises(AirflowFailException, match=f"failed for good: {chunk[1]}"):
+            run_chunk(chunk, FakeTaskInstance())
+        sent = [r.cdr_id for r in server.received()]
+
+    assert sent == chunk[:2]  # one at a time, oldest first: nothing after the 410
+    assert endpoint_state(db)["paused"] is True
+    assert statuses(db, chunk) == {
+        chunk[0]: ("delivered", 1),
+        chunk[1]: ("failed", 1),
+        **{cdr: ("queued", 0) for cdr in chunk[2:]},
+    }
+    assert {row(db, cdr)["run_id"] for cdr in chunk[2:]} == {None}  # unowned: the next run takes them

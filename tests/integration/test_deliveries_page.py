@@ -1,0 +1,421 @@
+"""The Deliveries page's routes, in-process, on real PostgreSQL with a populated ledger, and Airflow's
+own SimpleAuthManager issuing real tokens (roles: admin, viewer, and a user with no role at all).
+
+The page is mounted under ``/cdr-webhook`` in a parent app, as the api-server mounts it. The actions
+that call Airflow's REST API (redeliver, runs) run against a real api-server in
+tests/e2e/test_deliveries_page_e2e.py; here, their refusals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from html import unescape
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from cdr_webhook import deliveries, ledger
+from cdr_webhook.schema import migrate
+from demo.connections import http_conn, postgres_conn
+from demo.dialer import Dialer
+from tests.e2e.conftest import API_KEY, SIGNING_SECRET, airflow_db  # noqa: F401 (a fixture)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+DAY = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
+USERS = "admin:admin,viewer:viewer,nobody:"
+
+
+@pytest.fixture
+def populated(cdr_db, cdr_dsn) -> dict[str, Any]:
+    """Three days of CDRs for clients 1, 2 and 42, with ledger rows in every status and attempt histories."""
+    migrate(cdr_db)
+    dialer = Dialer(cdr_db)
+    made: dict[str, Any] = {"by_status": {}, "all": []}
+
+    def add(client: int, day: int, minute: int, status: str | None, *, phone: str = "+34650123456", tries=()):
+        created = DAY + dt.timedelta(days=day, minutes=minute)
+        cdr_id = dialer.cdr(client_id=client, created_at=created, phone_number=phone)
+        made["all"].append(cdr_id)
+        if status is None:
+            return cdr_id  # in the source only: never queued
+        endpoint = "cdr_webhook" if client != 42 else "cdr_webhook_client_42"
+        cdr_db.execute(
+            "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, dag_id, "
+            "run_id, map_index) VALUES (%s, %s, %s, %s, 'queued', 'cdr_webhook', %s, %s)",
+            (cdr_id, endpoint, client, created, f"manual__{day}", minute),
+        )
+        claim = ledger.Claim(cdr_id, endpoint, client, created, "queued", 0)
+        for outcome, http, error in tries:  # the operator's write path, one attempt at a time
+            ledger.record_attempt(
+                cdr_db, claim, status=outcome, http_status=http, error=error,
+                response_excerpt=f"answer {http}", latency_ms=12,
+            )  # fmt: skip
+        if status == "skipped":
+            ledger.mark_skipped(cdr_db, claim, "column cost = NaN")
+        made["by_status"].setdefault(status, []).append(cdr_id)
+        return cdr_id
+
+    for minute in range(0, 60, 5):
+        add(1, 0, minute, "delivered", tries=[("delivered", 200, None)])
+    made["failed_42"] = add(
+        42, 1, 10, "failed",
+        phone="+15550100042",
+        tries=[("queued", 503, "HTTP 503 Service Unavailable"), ("failed", 400, "HTTP 400 Bad Request")],
+    )  # fmt: skip
+    add(42, 1, 20, "delivered", tries=[("delivered", 200, None)])
+    add(2, 1, 30, "skipped")
+    add(2, 2, 40, "queued")
+    made["never"] = add(2, 2, 50, None)
+    return made
+
+
+def _simple_auth_manager() -> type:
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    return SimpleAuthManager
+
+
+class EveryDagButCdrWebhook(_simple_auth_manager()):  # type: ignore[misc]
+    """The SimpleAuthManager, except that nobody has any access to the ``cdr_webhook`` DAG."""
+
+    def is_authorized_dag(self, *, method, user, access_entity=None, details=None) -> bool:
+        if details is not None and details.id == "cdr_webhook":
+            return False
+        return super().is_authorized_dag(
+            method=method, user=user, access_entity=access_entity, details=details
+        )
+
+
+SIMPLE = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+
+
+@pytest.fixture(params=[SIMPLE])
+def client(request, populated, cdr_dsn, airflow_db, monkeypatch, tmp_path) -> Iterator[Any]:  # noqa: F811
+    """A parent app with the page mounted at /cdr-webhook, and tokens of each test user."""
+    from airflow.api_fastapi import app as api_app
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from cdr_webhook.web.app import create_app
+
+    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER", request.param)
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", USERS)
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(tmp_path / "passwords.json"))
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-" + "0123456789abcdef" * 4)
+    monkeypatch.setenv("AIRFLOW__API__SECRET_KEY", "test-secret-key")
+    monkeypatch.setenv("AIRFLOW_CONN_CDR_WEBHOOK", http_conn("https://hooks.example/p/s3cret-path",
+                       api_key=API_KEY, signing_secret=SIGNING_SECRET))  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_CDR_DB", postgres_conn(cdr_dsn))
+    api_app.purge_cached_app()
+    manager = api_app.init_auth_manager()
+    tokens = {
+        name: manager.generate_jwt(SimpleAuthManagerUser(username=name, role=role))
+        for name, role in (entry.split(":") for entry in USERS.split(","))
+    }
+    parent = FastAPI()
+    parent.mount("/cdr-webhook", create_app())
+    with TestClient(parent, base_url="http://127.0.0.1:8080") as http:
+        http.tokens = tokens  # type: ignore[attr-defined]
+        yield http
+    api_app.purge_cached_app()
+
+
+def get(http, path: str, user: str | None = "viewer", **params: Any):
+    http.cookies.clear()
+    if user:
+        http.cookies.set("_token", http.tokens[user])
+    return http.get(f"/cdr-webhook{path}", params=params)
+
+
+def post(http, path: str, user: str = "admin", data: dict | None = None, **headers: str):
+    http.cookies.clear()
+    http.cookies.set("_token", http.tokens[user])
+    return http.post(f"/cdr-webhook{path}", data=data or {}, headers=headers, follow_redirects=False)
+
+
+def listed(html: str) -> list[str]:
+    """The cdr_ids of the list's rows, in order."""
+    return [json.loads(unescape(key))[0] for key in re.findall(r'name="key" value=\'([^\']+)\'', html)]
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/delivery?cdr_id=x&endpoint=y", "/completeness", "/endpoints", "/task", "/static/style.css"],
+)
+def test_anonymous_requests_get_401(client, path):
+    response = get(client, path, user=None)
+    assert response.status_code == 401, response.text
+    assert "Not authenticated" in response.text
+    assert "Log in to Airflow" in response.text
+
+
+def test_a_user_without_access_to_the_dag_gets_403_and_sees_no_delivery(client, populated):
+    response = get(client, "/", user="nobody")
+    assert response.status_code == 403
+    assert populated["failed_42"] not in response.text
+    assert (
+        post(client, "/endpoints/pause", user="nobody", data={"endpoint": "cdr_webhook"}).status_code == 403
+    )
+
+
+@pytest.mark.parametrize("client", [f"{__name__}.EveryDagButCdrWebhook"], indirect=True)
+def test_access_to_other_dags_is_not_enough(client):
+    """The page asks about the cdr_webhook DAG itself: an admin of every other DAG is refused."""
+    for user in ("viewer", "admin"):
+        assert get(client, "/", user=user).status_code == 403
+        assert get(client, "/endpoints", user=user).status_code == 403
+
+
+def test_a_viewer_reads_but_may_not_change_anything(client, cdr_db):
+    page = get(client, "/endpoints")
+    assert page.status_code == 200
+    assert get(client, "/static/style.css").headers["content-type"].startswith("text/css")
+    # The page offers a viewer its actions disabled; an admin gets them enabled.
+    viewer, admin = get(client, "/", user="viewer").text, get(client, "/", user="admin").text
+    assert re.search(r"<button [^>]*disabled[^>]*>Redeliver selected", viewer)
+    assert not re.search(r"<button [^>]*disabled[^>]*>Redeliver selected", admin)
+    assert "may not do this" in page.text
+    token = csrf_of(page.text)
+    for path in ("/endpoints/pause", "/redeliver", "/runs"):
+        data = {"csrf": token, "endpoint": "cdr_webhook", "key": '["a", "b"]', "policy": "all"}
+        assert post(client, path, user="viewer", data=data).status_code == 403, path
+    assert not cdr_db.execute("SELECT paused FROM cdr_webhook.endpoint_state WHERE paused").fetchall()
+
+
+def test_an_invalid_token_is_refused(client):
+    client.cookies.clear()
+    client.cookies.set("_token", "not-a-jwt")
+    assert client.get("/cdr-webhook/").status_code == 403  # Airflow's get_user: an invalid JWT is a 403
+
+
+# -- the list --------------------------------------------------------------------------------------
+
+
+def test_the_list_is_newest_first_and_pages_by_keyset(client, populated):
+    first = get(client, "/")
+    assert first.status_code == 200
+    rows = listed(first.text)
+    assert len(rows) == 16  # every ledger row; the never-queued CDR has none
+    assert populated["never"] not in rows
+    assert rows[0] == populated["by_status"]["queued"][0]  # the newest
+
+    seen, cursor = [], None
+    for _ in range(10):
+        response = get(client, "/", **({"cursor": cursor} if cursor else {}))
+        seen += listed(response.text)
+        found = re.search(r'href="/cdr-webhook/\?cursor=([^"]+)" rel="next"', response.text)
+        if not found:
+            break
+        cursor = unescape(found.group(1))
+    assert seen == rows
+
+
+def test_pages_of_the_data_layer_continue_exactly_where_the_last_stopped(cdr_db, populated):
+    everything = deliveries.list_deliveries(cdr_db, deliveries.Filters(), limit=100).rows
+    pages, cursor = [], None
+    while True:
+        page = deliveries.list_deliveries(cdr_db, deliveries.Filters(), cursor=cursor, limit=3)
+        pages.append([row.cdr_id for row in page.rows])
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert [cdr for page in pages for cdr in page] == [row.cdr_id for row in everything]
+    assert all(len(page) == 3 for page in pages[:-1])
+    keys = [(row.cdr_created_at, row.cdr_id) for row in everything]
+    assert keys == sorted(keys, reverse=True)
+
+
+def test_filters_client_status_endpoint_and_dates(client, populated):
+    assert listed(get(client, "/", status="failed", **{"client": "42"}).text) == [populated["failed_42"]]
+    assert set(listed(get(client, "/", endpoint="cdr_webhook_client_42").text)) == {
+        populated["failed_42"],
+        *[
+            c
+            for c in populated["by_status"]["delivered"]
+            if c in listed(get(client, "/", **{"client": "42"}).text)
+        ],
+    }
+    day_one = listed(get(client, "/", since="2026-11-21", to="2026-11-21").text)
+    assert len(day_one) == 3
+    assert set(listed(get(client, "/", status="delivered", since="2026-11-20", to="2026-11-20").text)) == set(
+        populated["by_status"]["delivered"][:12]
+    )
+
+
+def test_search_by_cdr_id_and_by_phone_number(client, populated):
+    target = populated["failed_42"]
+    assert listed(get(client, "/", q=target).text) == [target]
+    assert listed(get(client, "/", q="+15550100042").text) == [target]
+    assert listed(get(client, "/", q="+19999999999").text) == []
+
+
+def test_a_row_shows_attempts_http_status_error_latency_and_task_links(client, populated):
+    html = get(client, "/", q=populated["failed_42"]).text
+    assert "HTTP 400 Bad Request" in html
+    assert '<td class="num">2</td>' in html  # attempts
+    assert '<td class="num">400</td>' in html
+    assert "12 ms" in html
+    assert 'href="/dags/cdr_webhook/runs/manual__1/tasks/post_cdr/mapped/10"' in html
+
+
+def test_bad_filters_are_named(client):
+    response = get(client, "/", **{"client": "forty-two"})
+    assert response.status_code == 400
+    assert "client: &#39;forty-two&#39; is not a whole number" in response.text
+    assert get(client, "/", cursor="garbage").status_code == 400
+
+
+# -- detail ----------------------------------------------------------------------------------------
+
+
+def test_the_detail_shows_every_attempt_and_the_payload_as_sent_now_without_secrets(client, populated):
+    response = get(client, "/delivery", cdr_id=populated["failed_42"], endpoint="cdr_webhook_client_42")
+    assert response.status_code == 200
+    html = response.text
+    # Two attempts, latest first, each with its outcome and excerpt.
+    assert html.index("HTTP 400 Bad Request") < html.index("HTTP 503 Service Unavailable")
+    assert "answer 503" in html
+    assert "answer 400" in html
+    # Client 42 has no connection of its own here: the page says so instead of a request.
+    assert "endpoint configuration" in html
+
+    response = get(client, "/delivery", cdr_id=populated["by_status"]["delivered"][0], endpoint="cdr_webhook")
+    html = unescape(response.text)
+    assert '"phone_number": "+34650123456"' in html  # built from the source row
+    assert '"cost": 0.0525' in html
+    assert "webhook-signature" in html
+    assert "x-api-key" in html
+    for secret in (API_KEY, SIGNING_SECRET, SIGNING_SECRET.removeprefix("whsec_"), "s3cret-path"):
+        assert secret not in html
+    assert "https://hooks.example" in html
+
+
+def test_the_task_instance_tab_opens_that_tasks_delivery(client, populated):
+    response = get(
+        client, "/task", dag_id="cdr_webhook", run_id="manual__1", task_id="post_cdr", map_index="10"
+    )
+    assert response.status_code == 200
+    assert populated["failed_42"] in response.text
+    assert "HTTP 400 Bad Request" in response.text
+    other = get(
+        client, "/task", dag_id="cdr_webhook", run_id="manual__1", task_id="select_cdrs", map_index="-1"
+    )
+    assert "owns no delivery" in other.text
+
+
+def test_an_unknown_delivery_is_404(client):
+    assert get(client, "/delivery", cdr_id="nope", endpoint="cdr_webhook").status_code == 404
+
+
+# -- completeness ----------------------------------------------------------------------------------
+
+
+def test_completeness_per_client_and_day(client, cdr_db, populated):
+    days = deliveries.completeness(
+        cdr_db, relation="cdr_webhook_source", start=DAY.date(), end=(DAY + dt.timedelta(days=3)).date()
+    )
+    table = {(d.client_id, d.day.isoformat()): d for d in days}
+    assert table[(1, "2026-11-20")].in_source == table[(1, "2026-11-20")].delivered == 12
+    assert table[(1, "2026-11-20")].complete
+    assert (table[(42, "2026-11-21")].failed, table[(42, "2026-11-21")].delivered) == (1, 1)
+    two = table[(2, "2026-11-22")]
+    assert (two.in_source, two.queued, two.never_queued, two.complete) == (2, 1, 1, False)
+
+    html = get(client, "/completeness", since="2026-11-20", to="2026-11-22").text
+    assert "send never queued" in html
+    assert "retry failed" in html
+    assert get(client, "/completeness", since="2026-01-01", to="2026-12-31").status_code == 400
+
+
+# -- endpoints and CSRF ----------------------------------------------------------------------------
+
+
+def test_endpoints_show_state_and_pause_resume_record_who(client, cdr_db):
+    page = get(client, "/endpoints", user="admin")
+    assert "cdr_webhook_client_42" in page.text
+    assert "active" in page.text
+    token = csrf_of(page.text)
+    response = post(
+        client, "/endpoints/pause", data={"csrf": token, "endpoint": "cdr_webhook", "reason": "maint"}
+    )
+    assert response.status_code == 303
+    state = cdr_db.execute(
+        "SELECT paused, reason, changed_by FROM cdr_webhook.endpoint_state WHERE endpoint = 'cdr_webhook'"
+    ).fetchone()
+    assert state == (True, "maint", "admin (Deliveries page)")
+    html = get(client, "/endpoints", user="admin").text
+    assert "paused" in html
+    assert "maint" in html
+    assert "Resume" in html
+    post(client, "/endpoints/resume", data={"csrf": token, "endpoint": "cdr_webhook"})
+    assert not cdr_db.execute(
+        "SELECT paused FROM cdr_webhook.endpoint_state WHERE endpoint = 'cdr_webhook'"
+    ).fetchone()[0]
+
+
+def test_cross_site_and_tokenless_posts_are_refused(client, cdr_db):
+    token = csrf_of(get(client, "/endpoints", user="admin").text)
+    data = {"csrf": token, "endpoint": "cdr_webhook"}
+    assert post(client, "/endpoints/pause", data=data, origin="https://evil.example").status_code == 403
+    assert post(client, "/endpoints/pause", data=data, **{"sec-fetch-site": "cross-site"}).status_code == 403
+    assert post(client, "/endpoints/pause", data={"endpoint": "cdr_webhook"}).status_code == 403
+    viewer_token = csrf_of(get(client, "/endpoints", user="viewer").text)
+    assert post(client, "/endpoints/pause", data=data | {"csrf": viewer_token}).status_code == 403
+    assert not cdr_db.execute("SELECT 1 FROM cdr_webhook.endpoint_state WHERE paused").fetchall()
+    # The same form from the page's own origin goes through.
+    assert post(client, "/endpoints/pause", data=data, origin="http://127.0.0.1:8080").status_code == 303
+
+
+def test_a_redelivery_of_nothing_says_so(client):
+    token = csrf_of(get(client, "/", user="admin").text)
+    response = post(client, "/redeliver", data={"csrf": token})
+    assert response.status_code == 400
+    assert "no delivery selected" in response.text
+
+
+def test_a_delivery_no_task_owns_is_reported_not_cleared(client, cdr_db, populated):
+    cdr_id = populated["by_status"]["queued"][0]
+    cdr_db.execute(
+        "UPDATE cdr_webhook.delivery SET dag_id = NULL, run_id = NULL, map_index = NULL WHERE cdr_id = %s",
+        (cdr_id,),
+    )
+    token = csrf_of(get(client, "/", user="admin").text)
+    response = post(client, "/redeliver", data={"csrf": token, "key": json.dumps([cdr_id, "cdr_webhook"])})
+    assert response.status_code == 200
+    assert "no task owns it (it waits queued for a run): nothing to clear" in unescape(response.text)
+    assert "Cleared" not in response.text
+
+
+def test_in_chunk_mode_a_delivered_cdr_is_not_cleared_and_the_page_says_what_redelivers_it(
+    client, populated, monkeypatch
+):
+    from cdr_webhook.settings import load_settings
+    from cdr_webhook.web.actions import CHUNK_DELIVERED
+
+    monkeypatch.setenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK", "50")
+    load_settings.cache_clear()
+    try:
+        cdr_id = populated["by_status"]["delivered"][0]
+        token = csrf_of(get(client, "/", user="admin").text)
+        response = post(
+            client, "/redeliver", data={"csrf": token, "key": json.dumps([cdr_id, "cdr_webhook"])}
+        )
+    finally:
+        monkeypatch.delenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK")
+        load_settings.cache_clear()
+    assert response.status_code == 200
+    assert CHUNK_DELIVERED in unescape(response.text)
+    assert "Cleared" not in response.text
