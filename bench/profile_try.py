@@ -6,10 +6,10 @@ Each measurement runs in a fresh interpreter that first imports what a task proc
 its LocalExecutor worker (forked from the scheduler: Airflow, the scheduler, the Task SDK's task
 runner and supervisor, psycopg for a PostgreSQL metadata DB), then times, in order: importing the
 DAG file (``runpy``, as the task runner's DagBag does), the modules ``execute`` imports on its first
-call, ``load_settings()`` (cold and again), the endpoint's HTTP connection and hook, the Postgres
-provider's hook, and one connection to the CDR database (``cdr_webhook.db.connect``). ``-X
-importtime`` names the DAG file's heaviest imports. Prints markdown tables (median and max over
-``--repeat`` interpreters). On demand only: never part of the test suite.
+call, ``load_settings()`` (cold and again), the endpoint's HTTP connection and hook, and one
+connection to the CDR database (``cdr_webhook.db.connect``). ``-X importtime`` names the DAG file's
+heaviest imports. Prints markdown tables (median and max over ``--repeat`` interpreters). On demand
+only: never part of the test suite.
 """
 
 from __future__ import annotations
@@ -69,8 +69,6 @@ if {execute!r}:
         "hook and endpoint config (HTTP connection)",
         lambda: CdrWebhookHook("cdr_webhook", allowed_networks=settings.allowed_networks).endpoint,
     )
-    pg_hook = "airflow.providers.postgres.hooks.postgres"
-    timed("import the Postgres provider's hook", lambda: importlib.import_module(pg_hook))
     from cdr_webhook.db import connect
     conn = timed("connect() to the CDR database (Airflow connection, libpq)", connect)
     timed("one round trip (SELECT 1)", lambda: conn.execute("SELECT 1").fetchone())
