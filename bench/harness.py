@@ -77,6 +77,17 @@ SHAPE = ROOT / "bench" / "dags" / "bench_shape.py"
 # -- pure parts (tests/unit/test_bench_harness.py) -----------------------------------------------
 
 
+def extra_env(pairs: Sequence[str]) -> dict[str, str]:
+    """``NAME=VALUE`` pairs as a mapping; a pair without ``=`` is an error naming it."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--env {pair!r}: expected NAME=VALUE")
+        env[name] = value
+    return env
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q`` percentile (0–100) of ``values``, linear between the closest ranks; None if empty."""
     if not values:
@@ -514,6 +525,7 @@ def deployment_env(args: argparse.Namespace, dsn: str, receiver: Receiver, dags:
         "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN": str(largest),
         "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_POSTS_PER_RUN": str(args.per_run or args.parallelism),
         "AIRFLOW__CDR_WEBHOOK__MAX_IN_FLIGHT_PER_ENDPOINT": str(args.in_flight),
+        **extra_env(args.env),
     }
 
 
@@ -580,8 +592,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--metadata", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--dsn", help="the PostgreSQL server (default CDR_DATABASE_URL, 127.0.0.1:5432)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for every Airflow process, e.g. AIRFLOW__API__WORKERS=2 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    extra_env(args.env)  # a malformed pair stops here, before anything starts
+    return args
 
 
 def header(args: argparse.Namespace, metadata: str) -> str:

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench.harness import Row, concurrency_bound, format_phases, format_table, percentile, try_phases
+from bench.harness import (
+    Row,
+    concurrency_bound,
+    extra_env,
+    format_phases,
+    format_table,
+    parse_args,
+    percentile,
+    try_phases,
+)
 
 
 def test_percentile_interpolates_between_ranks_and_is_none_for_nothing() -> None:
@@ -111,3 +120,13 @@ def test_the_phase_table_takes_the_median_of_each_column() -> None:
     assert table[0] == "| phase (median ms per try) | no-op (2 tries) | post_cdr (1 tries) |"
     assert table[2] == "| DAG file parse | 20 | — |"
     assert table[3] == "| execute | — | 5 |"
+
+
+def test_airflow_settings_pass_through_as_name_value_pairs_and_a_malformed_one_is_named() -> None:
+    assert extra_env(["AIRFLOW__API__WORKERS=2", "AIRFLOW__X__Y=a=b"]) == {
+        "AIRFLOW__API__WORKERS": "2",
+        "AIRFLOW__X__Y": "a=b",
+    }
+    assert parse_args(["--env", "AIRFLOW__API__WORKERS=2"]).env == ["AIRFLOW__API__WORKERS=2"]
+    with pytest.raises(SystemExit, match="AIRFLOW__API__WORKERS"):
+        parse_args(["--env", "AIRFLOW__API__WORKERS"])
