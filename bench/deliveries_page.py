@@ -25,8 +25,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from bench.harness import server_dsn
 from bench.selection_at_size import RELATION, Bench, RecordingCursor, fill
-from bench.throughput import server_dsn
 from cdr_webhook import deliveries, endpoints, ledger, schema, source
 from cdr_webhook.deliveries import Filters
 

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from bench.throughput import server_dsn
+from bench.harness import server_dsn
 from cdr_webhook import endpoints, ledger, schema, source
 from cdr_webhook.routing import Route, client_conn_id
 from cdr_webhook.window import Scan, Window

@@ -60,6 +60,8 @@ class Receiver:
     :param redirect_to: The Location of 302 answers.
     :param before_answer: Called with each request's headers and body before it is answered, in the
         request's own thread: a test can hold a reply there (it is also settable as an attribute).
+    :param delay_ms: Answer every request this many milliseconds after it arrived (a slow receiver,
+        for benchmarks); its arrival time is recorded before the wait.
     """
 
     def __init__(
@@ -71,11 +73,13 @@ class Receiver:
         host: str = "127.0.0.1",
         port: int = 0,
         before_answer: Callable[[dict[str, str], bytes], None] | None = None,
+        delay_ms: float = 0,
     ) -> None:
         self._verifier = Webhook(secret) if secret else None
         self.api_key = api_key
         self.redirect_to = redirect_to
         self.before_answer = before_answer
+        self.delay_ms = delay_ms
         self.requests: list[Received] = []
         self._scripts: dict[str, list[int | tuple[int, dict[str, str]]]] = {}
         self._lock = threading.Lock()
@@ -169,6 +173,8 @@ class Receiver:
                 if receiver.before_answer is not None:
                     receiver.before_answer(headers, body)
                 status, extra_headers = receiver._answer(self.command, self.path, headers, body)
+                if receiver.delay_ms:
+                    time.sleep(receiver.delay_ms / 1000)
                 reply = json.dumps({"status": status}).encode()
                 self.send_response(status)
                 for name, value in extra_headers.items():
@@ -194,11 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.receiver", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument(
+        "--delay-ms", type=float, default=0, help="answer each request after this many ms (default 0)"
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # docker stop: close the socket, exit 0
     api_key = os.environ.get("RECEIVER_API_KEY") or None
     secret = os.environ.get("RECEIVER_SIGNING_SECRET") or None
-    receiver = Receiver(secret=secret, api_key=api_key, host=args.host, port=args.port).start()
+    receiver = Receiver(
+        secret=secret, api_key=api_key, host=args.host, port=args.port, delay_ms=args.delay_ms
+    ).start()
     print(
         f"Receiver listening on {receiver.url}: x-api-key {'checked' if api_key else 'not checked'}, "
         f"webhook-signature {'verified' if secret else 'not verified'}",

@@ -116,3 +116,32 @@ def test_receiver_entrypoint_checks_the_key_and_signature_from_its_environment_a
     assert [line.rsplit(" ", 1)[1] for line in lines] == ["200", "401", "401"]
     assert "signature valid" in lines[0]
     assert "signature INVALID" in lines[2]
+
+
+def test_the_receiver_answers_after_its_delay_and_records_the_arrival_before_it() -> None:
+    from demo.receiver import Receiver
+
+    with Receiver(delay_ms=300) as receiver, requests.Session() as session:
+        sent = time.time()
+        response = session.post(receiver.url, data=b'{"cdr_id": "d1"}', timeout=10)
+        answered = time.time()
+    assert response.status_code == 200
+    assert answered - sent >= 0.3
+    (request,) = receiver.received("d1")
+    assert request.at < answered - 0.25  # the arrival, not the answer
+
+
+def test_keep_alive_replies_are_not_held_back_by_nagles_algorithm() -> None:
+    """
+    Each reply is two writes (status line and headers, then the body); with Nagle's algorithm the
+    second waited for the client's delayed ACK, at least 40 ms per request on Linux.
+    """
+    from demo.receiver import Receiver
+
+    with Receiver() as receiver, requests.Session() as session:
+        session.post(receiver.url, data=b"{}", timeout=10)  # the connection, once
+        began = time.monotonic()
+        for _ in range(20):
+            session.post(receiver.url, data=b"{}", timeout=10)
+        elapsed = time.monotonic() - began
+    assert elapsed < 20 * 0.040, f"20 keep-alive POSTs took {elapsed:.2f} s"
