@@ -104,16 +104,20 @@ def signed_post(
     session: Session | None = None,
 ) -> AttemptResult:
     """Sign ``body`` now and POST it; the result has the endpoint's secrets scrubbed."""
+    return hook.post(body, sign(endpoint, body, msg_id), session=session).scrubbed(endpoint.secrets())
+
+
+def sign(endpoint: EndpointConfig, body: bytes, msg_id: str) -> dict[str, str]:
+    """The request's headers for ``body``, signed now: ``webhook-*``, ``x-api-key``, content type."""
     from cdr_webhook.signing import build_headers
 
-    headers = build_headers(
+    return build_headers(
         msg_id=msg_id,
         timestamp=int(time.time()),
         body=body,
         api_key=endpoint.api_key,
         signing_secrets=endpoint.signing_secrets,
     )
-    return hook.post(body, headers, session=session).scrubbed(endpoint.secrets())
 
 
 def decide(result: AttemptResult, ti: Any) -> Decision:

@@ -1,7 +1,7 @@
 """The request a delivery would send now: built from the source row by the code ``post_cdr`` runs.
 
 The body comes from :func:`~cdr_webhook.source.fetch_rows` and :func:`~cdr_webhook.payload.build_payload`,
-the headers from :func:`~cdr_webhook.signing.build_headers`; what the connection's secrets produce
+the headers from :func:`~cdr_webhook.attempts.sign`; what the connection's secrets produce
 (``x-api-key``, the signatures) is replaced before anything reaches a page.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
+from cdr_webhook.attempts import sign
 from cdr_webhook.config import EndpointConfigError, load_endpoint, scrub
 from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
-from cdr_webhook.signing import build_headers, webhook_id
+from cdr_webhook.signing import webhook_id
 from cdr_webhook.source import fetch_rows
 
 if TYPE_CHECKING:
@@ -51,13 +51,7 @@ def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str)
         problem = scrub(str(err), endpoint.secrets())
         return Preview(None, {"webhook-id": msg_id}, endpoint.origin, problem)
     body = encode_body(payload)
-    headers = build_headers(
-        msg_id=msg_id,
-        timestamp=int(time.time()),
-        body=body,
-        api_key=endpoint.api_key,
-        signing_secrets=endpoint.signing_secrets,
-    )
+    headers = sign(endpoint, body, msg_id)
     if "x-api-key" in headers:
         headers["x-api-key"] = REDACTED
     if "webhook-signature" in headers:
