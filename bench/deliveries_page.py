@@ -17,17 +17,13 @@ import argparse
 import datetime as dt
 import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
-from bench.harness import server_dsn
-from bench.selection_at_size import RELATION, Bench, RecordingCursor, fill
-from cdr_webhook import deliveries, endpoints, ledger, schema, source
+from bench.selection_at_size import RELATION, Bench, dataset, dataset_arguments
+from cdr_webhook import deliveries, endpoints, ledger, source
 from cdr_webhook.deliveries import Filters
 
 PAGE = 50
@@ -175,52 +171,22 @@ def measure_writes(bench: Bench, count: int = 500) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cdrs", type=int, default=1_000_000)
-    parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--clients", type=int, default=300)
-    parser.add_argument("--endpoints", type=int, default=50, help="clients with an endpoint of their own")
-    parser.add_argument("--queued", type=int, default=5000, help="the newest ledger rows, queued")
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--plans", type=Path, default=Path("deliveries_page_plans.txt"))
-    parser.add_argument("--keep", action="store_true", help="keep the database (prints its name)")
-    parser.add_argument("--reuse", help="measure this database (made by --keep) instead of a new one")
-    parser.add_argument("--dsn", help="a PostgreSQL server to create the benchmark's database on")
+    dataset_arguments(parser, cdrs=1_000_000, repeat=20, plans="deliveries_page_plans.txt")
     args = parser.parse_args()
 
-    admin_dsn = server_dsn(args.dsn, Path("/nonexistent"))
-    database = args.reuse or f"cdr_webhook_bench_{uuid.uuid4().hex[:8]}"
-    if not args.reuse:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{database}"')
-    try:
-        with psycopg.connect(
-            make_conninfo(admin_dsn, dbname=database),
-            autocommit=True,
-            cursor_factory=RecordingCursor,
-            prepare_threshold=None,
-        ) as conn:
-            if not args.reuse:
-                print(f"Filling {database}: {args.cdrs} CDRs over {args.days} days, {args.clients} clients")
-                fill(conn, args)
-            schema.migrate(conn)
-            add_history(conn)
-            sizes = conn.execute(
-                "SELECT (SELECT count(*) FROM dialer.cdr), (SELECT count(*) FROM cdr_webhook.delivery), "
-                "(SELECT count(*) FROM cdr_webhook.delivery_attempt)"
-            ).fetchone()
-            assert sizes is not None
-            print(f"{database}: source {sizes[0]} CDRs, ledger {sizes[1]} rows, {sizes[2]} attempt rows")
-            bench = PageBench(conn, args.repeat, args.plans)
-            measure(bench)
-            measure_writes(bench)
-            bench.table(f"N = {sizes[0]} source CDRs, {sizes[1]} ledger rows, pages of {PAGE}")
-            print(f"\nPlans: {args.plans}")
-    finally:
-        if args.keep or args.reuse:
-            print(f"Kept database {database}")
-        else:
-            with psycopg.connect(admin_dsn, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with dataset(args) as (database, conn):
+        add_history(conn)
+        sizes = conn.execute(
+            "SELECT (SELECT count(*) FROM dialer.cdr), (SELECT count(*) FROM cdr_webhook.delivery), "
+            "(SELECT count(*) FROM cdr_webhook.delivery_attempt)"
+        ).fetchone()
+        assert sizes is not None
+        print(f"{database}: source {sizes[0]} CDRs, ledger {sizes[1]} rows, {sizes[2]} attempt rows")
+        bench = PageBench(conn, args.repeat, args.plans)
+        measure(bench)
+        measure_writes(bench)
+        bench.table(f"N = {sizes[0]} source CDRs, {sizes[1]} ledger rows, pages of {PAGE}")
+        print(f"\nPlans: {args.plans}")
     return 0
 
 

@@ -439,60 +439,78 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cdrs", type=int, default=5_000_000)
+def dataset_arguments(parser: argparse.ArgumentParser, *, cdrs: int, repeat: int, plans: str) -> None:
+    """The options of a benchmark over a loaded dataset (this one's, and bench/deliveries_page.py's)."""
+    parser.add_argument("--cdrs", type=int, default=cdrs)
     parser.add_argument("--days", type=int, default=60)
     parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--endpoints", type=int, default=50, help="clients with an endpoint of their own")
     parser.add_argument("--queued", type=int, default=5000, help="the newest ledger rows, queued")
-    parser.add_argument("--backlog", type=int, default=100_000, help="then measure the claim with this many")
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--plans", type=Path, default=Path("selection_at_size_plans.txt"))
-    parser.add_argument("--without-index", action="store_true", help="also time the scan without it")
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--plans", type=Path, default=Path(plans))
     parser.add_argument("--keep", action="store_true", help="keep the database (prints its name)")
     parser.add_argument("--reuse", help="measure this database (made by --keep) instead of a new one")
     parser.add_argument("--dsn", help="a PostgreSQL server to create the benchmark's database on")
-    args = parser.parse_args()
 
+
+@contextlib.contextmanager
+def dataset(args: argparse.Namespace) -> Iterator[tuple[str, psycopg.Connection[Any]]]:
+    """
+    Yield a database filled by :func:`fill` (or ``--reuse``'s) at the latest schema, and a connection
+    to it that records its statements; drop it afterwards unless ``--keep`` or ``--reuse``.
+    """
     admin_dsn = server_dsn(args.dsn, Path("/nonexistent"))
     database = args.reuse or f"cdr_webhook_bench_{uuid.uuid4().hex[:8]}"
     if not args.reuse:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{database}"')
-    dsn = make_conninfo(admin_dsn, dbname=database)
     try:
         # A run's connection sends each query once: no prepared statements (and no generic plans).
         with psycopg.connect(
-            dsn, autocommit=True, cursor_factory=RecordingCursor, prepare_threshold=None
+            make_conninfo(admin_dsn, dbname=database),
+            autocommit=True,
+            cursor_factory=RecordingCursor,
+            prepare_threshold=None,
         ) as conn:
             if not args.reuse:
                 print(f"Filling {database}: {args.cdrs} CDRs over {args.days} days, {args.clients} clients")
                 fill(conn, args)
             schema.migrate(conn)
-            if args.reuse:  # the dead rows of earlier runs' rolled-back writes gone, as after a fresh load
-                began = time.monotonic()
-                conn.execute("VACUUM ANALYZE cdr_webhook.delivery")
-                print(f"  vacuum analyze of the ledger: {time.monotonic() - began:.1f} s", flush=True)
-            sizes = conn.execute(
-                "SELECT (SELECT count(*) FROM dialer.cdr), (SELECT count(*) FROM cdr_webhook.delivery), "
-                "(SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued'), "
-                "(SELECT count(DISTINCT endpoint) FROM cdr_webhook.delivery)"
-            ).fetchone()
-            print(
-                f"{database}: source {sizes[0]} CDRs, ledger {sizes[1]} rows, {sizes[2]} queued, "  # type: ignore[index]
-                f"{sizes[3]} endpoints; schema version {schema.current_version(conn)}"
-            )  # type: ignore[index]
-            bench = Bench(conn, args.repeat, args.plans)
-            measure(bench, args)
-            bench.table(f"N = {sizes[0]} source CDRs, {sizes[1]} ledger rows")  # type: ignore[index]
-            print(f"\nPlans: {args.plans}")
+            yield database, conn
     finally:
         if args.keep or args.reuse:
             print(f"Kept database {database}")
         else:
             with psycopg.connect(admin_dsn, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    dataset_arguments(parser, cdrs=5_000_000, repeat=30, plans="selection_at_size_plans.txt")
+    parser.add_argument("--backlog", type=int, default=100_000, help="then measure the claim with this many")
+    parser.add_argument("--without-index", action="store_true", help="also time the scan without it")
+    args = parser.parse_args()
+
+    with dataset(args) as (database, conn):
+        if args.reuse:  # the dead rows of earlier runs' rolled-back writes gone, as after a fresh load
+            began = time.monotonic()
+            conn.execute("VACUUM ANALYZE cdr_webhook.delivery")
+            print(f"  vacuum analyze of the ledger: {time.monotonic() - began:.1f} s", flush=True)
+        sizes = conn.execute(
+            "SELECT (SELECT count(*) FROM dialer.cdr), (SELECT count(*) FROM cdr_webhook.delivery), "
+            "(SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'queued'), "
+            "(SELECT count(DISTINCT endpoint) FROM cdr_webhook.delivery)"
+        ).fetchone()
+        assert sizes is not None
+        print(
+            f"{database}: source {sizes[0]} CDRs, ledger {sizes[1]} rows, {sizes[2]} queued, "
+            f"{sizes[3]} endpoints; schema version {schema.current_version(conn)}"
+        )
+        bench = Bench(conn, args.repeat, args.plans)
+        measure(bench, args)
+        bench.table(f"N = {sizes[0]} source CDRs, {sizes[1]} ledger rows")
+        print(f"\nPlans: {args.plans}")
     return 0
 
 

@@ -74,18 +74,24 @@ def build_bodies(
     rows: Mapping[str, Mapping[str, Any]], claims: Sequence[Claim], relation: str
 ) -> tuple[dict[str, bytes], list[tuple[Claim, str]]]:
     """Build each claim's body from its current source row; return the bodies and the unmappable."""
-    from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+    from cdr_webhook.payload import InvalidCdr
 
     bodies, invalid = {}, []
     for claim in claims:
-        row = rows.get(claim.cdr_id)
         try:
-            if row is None:
-                raise InvalidCdr(claim.cdr_id, "cdr_id", claim.cdr_id, f"no longer in {relation}")
-            bodies[claim.cdr_id] = encode_body(build_payload(row))
+            bodies[claim.cdr_id] = build_body(claim.cdr_id, rows.get(claim.cdr_id), relation)
         except InvalidCdr as err:
             invalid.append((claim, str(err)))
     return bodies, invalid
+
+
+def build_body(cdr_id: str, row: Mapping[str, Any] | None, relation: str) -> bytes:
+    """The body of CDR ``cdr_id`` from its source ``row``; raises ``InvalidCdr`` (a row gone is one too)."""
+    from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+
+    if row is None:
+        raise InvalidCdr(cdr_id, "cdr_id", cdr_id, f"no longer in {relation}")
+    return encode_body(build_payload(row))
 
 
 def mask_secrets(endpoint: EndpointConfig) -> None:

@@ -193,9 +193,12 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=wanted, thread_name_prefix="cdr-webhook")
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
 
+            msg_ids = {claim.cdr_id: webhook_id(claim.cdr_id, endpoint.conn_id) for claim in claims}
+
             def send(claim: Claim) -> AttemptResult:
-                msg_id = webhook_id(claim.cdr_id, endpoint.conn_id)
-                return signed_post(self.hook, endpoint, bodies[claim.cdr_id], msg_id, session())
+                return signed_post(
+                    self.hook, endpoint, bodies[claim.cdr_id], msg_ids[claim.cdr_id], session()
+                )
 
             # At the end, and when the try is cut short (its execution_timeout): what was sent is recorded.
             stack.callback(lambda: self._record(conn, ti, attempts[recorded:], settings))
@@ -210,9 +213,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                 for future in finished:
                     claim = running.pop(future)
                     result = future.result()
-                    attempt = Attempt(
-                        claim, result, decide(result, ti), webhook_id(claim.cdr_id, endpoint.conn_id)
-                    )
+                    attempt = Attempt(claim, result, decide(result, ti), msg_ids[claim.cdr_id])
                     log_attempt(self.log, attempt)
                     attempts.append(attempt)
                 now = time.monotonic()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from psycopg.rows import class_row
 
+from cdr_webhook.ledger import without_jit
 from cdr_webhook.source import relation_identifier
 
 if TYPE_CHECKING:
@@ -262,10 +263,9 @@ def completeness(
         "WHERE s.cdr_created_at >= %(low)s AND s.cdr_created_at < %(high)s{client} GROUP BY 1, 2, 3"
     ).format(client=client)
     days: dict[tuple[int | None, dt.date], dict[str, int]] = {}
-    with conn.transaction():
-        # The anti-join's estimate over a week of CDRs makes PostgreSQL compile it (JIT): 1.9 s of
-        # the 2.4 s measured at 1M CDRs (docs/benchmarks.md); the query itself needs no compiling.
-        conn.execute("SELECT set_config('jit', 'off', true)")
+    # The anti-join's estimate over a week of CDRs makes PostgreSQL compile it (JIT): 1.9 s of the
+    # 2.4 s measured at 1M CDRs (docs/benchmarks.md); the query itself needs no compiling.
+    with without_jit(conn):
         for client_key, day, in_source, never in conn.execute(source_query, params).fetchall():
             days[(client_key, day)] = {"in_source": in_source, "never_queued": never}
         for client_key, day, status, count in conn.execute(ledger_query, params).fetchall():

@@ -689,7 +689,7 @@ def start_attempts(
     with conn.transaction(), conn.cursor(row_factory=class_row(Claim)) as cur:
         claims = cur.execute(query, params).fetchall()
     if claims:
-        _refresh_claims(conn, dag_id=dag_id, run_id=run_id, older_than_seconds=claim_timeout_seconds / 4)
+        keep_claims_alive(conn, dag_id=dag_id, run_id=run_id, claim_timeout_seconds=claim_timeout_seconds)
     claims.sort(key=lambda claim: (claim.cdr_created_at, claim.cdr_id))
     taken = {claim.cdr_id for claim in claims}
     missing = [cdr_id for cdr_id in dict.fromkeys(cdr_ids) if cdr_id not in taken]
@@ -730,15 +730,9 @@ def start_attempts(
 def keep_claims_alive(
     conn: psycopg.Connection[Any], *, dag_id: str, run_id: str, claim_timeout_seconds: int
 ) -> None:
-    """Refresh the run's queued claims untouched for a quarter of the timeout (a long chunk calls it)."""
-    _refresh_claims(conn, dag_id=dag_id, run_id=run_id, older_than_seconds=claim_timeout_seconds / 4)
-
-
-def _refresh_claims(
-    conn: psycopg.Connection[Any], *, dag_id: str, run_id: str, older_than_seconds: float
-) -> None:
     """
-    Mark the run's queued claims as alive, so that none goes stale while the run still works.
+    Mark the run's queued claims as alive, so that none goes stale while the run still works (every
+    try's start, and a long chunk between its batches, call it).
 
     Its own statement, after the try's claim has committed, and ``SKIP LOCKED``: tries of one run
     running at once would otherwise lock each other's rows in opposite orders (a deadlock). Only rows
@@ -752,7 +746,7 @@ def _refresh_claims(
         "    AND updated_at < now() - make_interval(secs => %(age)s) "
         "  FOR UPDATE SKIP LOCKED) AS alive "
         "WHERE d.cdr_id = alive.cdr_id AND d.endpoint = alive.endpoint",
-        {"dag_id": dag_id, "run_id": run_id, "age": older_than_seconds},
+        {"dag_id": dag_id, "run_id": run_id, "age": claim_timeout_seconds / 4},
     )
 
 

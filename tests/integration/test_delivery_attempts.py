@@ -6,7 +6,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import ledger, schema
-from tests.integration.test_schema import indexes, versions
+from tests.integration.test_schema import indexes, install_up_to, versions
 
 if TYPE_CHECKING:
     import psycopg
@@ -33,13 +33,7 @@ def queue(conn: psycopg.Connection[Any], *cdr_ids: str) -> list[ledger.Claim]:
 
 
 def test_step_6_upgrades_a_database_at_step_5_and_keeps_its_rows(cdr_db):
-    cdr_db.execute(schema._VERSION_TABLE)
-    for step in schema.STEPS[:5]:
-        cdr_db.execute(step.ddl)
-        cdr_db.execute(
-            "INSERT INTO cdr_webhook.schema_version (version, name) VALUES (%s, %s)",
-            (step.version, step.name),
-        )
+    install_up_to(cdr_db, 5)
     cdr_db.execute(
         "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status, attempts, http_status) "
         "VALUES ('old', 'cdr_webhook', %s, 'failed', 3, 400)",

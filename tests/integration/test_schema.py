@@ -28,6 +28,17 @@ def versions(conn: psycopg.Connection[Any]) -> list[int]:
     return [row[0] for row in conn.execute("SELECT version FROM cdr_webhook.schema_version ORDER BY 1")]
 
 
+def install_up_to(conn: psycopg.Connection[Any], version: int) -> None:
+    """A database as the migrations left it at ``version``: the steps up to it, each recorded."""
+    conn.execute(schema._VERSION_TABLE)
+    for step in schema.STEPS[:version]:
+        conn.execute(step.ddl)
+        conn.execute(
+            "INSERT INTO cdr_webhook.schema_version (version, name) VALUES (%s, %s)",
+            (step.version, step.name),
+        )
+
+
 def test_an_install_from_before_versioning_is_migrated_and_keeps_its_rows(cdr_db):
     # What ledger.ensure_schema and endpoints.ensure_endpoint_schema made, with a few rows in it.
     cdr_db.execute(schema.STEPS[0].ddl)
@@ -94,13 +105,7 @@ def test_concurrent_first_migrations_apply_each_step_once(cdr_db, cdr_dsn):
 
 
 def test_the_endpoint_status_index_applies_on_a_database_at_version_4(cdr_db):
-    cdr_db.execute(schema._VERSION_TABLE)
-    for step in schema.STEPS[:4]:
-        cdr_db.execute(step.ddl)
-        cdr_db.execute(
-            "INSERT INTO cdr_webhook.schema_version (version, name) VALUES (%s, %s)",
-            (step.version, step.name),
-        )
+    install_up_to(cdr_db, 4)
     cdr_db.execute(
         "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
         "VALUES ('a', 'cdr_webhook', '2026-11-28T09:00:00Z', 'failed')"

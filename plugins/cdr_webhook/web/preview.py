@@ -1,6 +1,6 @@
 """The request a delivery would send now: built from the source row by the code ``post_cdr`` runs.
 
-The body comes from :func:`~cdr_webhook.source.fetch_rows` and :func:`~cdr_webhook.payload.build_payload`,
+The body comes from :func:`~cdr_webhook.source.fetch_rows` and :func:`~cdr_webhook.attempts.build_body`,
 the headers from :func:`~cdr_webhook.attempts.sign`; what the connection's secrets produce
 (``x-api-key``, the signatures) is replaced before anything reaches a page.
 """
@@ -11,9 +11,9 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook.attempts import sign
+from cdr_webhook.attempts import build_body, sign
 from cdr_webhook.config import EndpointConfigError, load_endpoint, scrub
-from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+from cdr_webhook.payload import InvalidCdr
 from cdr_webhook.signing import webhook_id
 from cdr_webhook.source import fetch_rows
 
@@ -44,13 +44,10 @@ def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str)
         return Preview(None, {"webhook-id": msg_id}, None, f"endpoint configuration: {err}")
     row = fetch_rows(conn, relation, [(delivery.cdr_id, delivery.cdr_created_at)]).get(delivery.cdr_id)
     try:
-        if row is None:
-            raise InvalidCdr(delivery.cdr_id, "cdr_id", delivery.cdr_id, f"no longer in {relation}")
-        payload = build_payload(row)
+        body = build_body(delivery.cdr_id, row, relation)
     except InvalidCdr as err:
         problem = scrub(str(err), endpoint.secrets())
         return Preview(None, {"webhook-id": msg_id}, endpoint.origin, problem)
-    body = encode_body(payload)
     headers = sign(endpoint, body, msg_id)
     if "x-api-key" in headers:
         headers["x-api-key"] = REDACTED
