@@ -278,6 +278,19 @@ class AirflowStack:
             time.sleep(1)
         raise TimeoutError(f"backfills not completed after {timeout:.0f} s")
 
+    def clear_mapped_task(self, run_id: str, map_index: int, task_id: str = "post_cdr") -> None:
+        """Clear one mapped task instance of a run through the REST API, as an operator's retry does."""
+        self.api(
+            "POST",
+            "/dags/cdr_webhook/clearTaskInstances",
+            json={
+                "dry_run": False,
+                "dag_run_id": run_id,
+                "task_ids": [[task_id, map_index]],
+                "reset_dag_runs": True,
+            },
+        )
+
     def task_instances(self, run_id: str) -> list[dict[str, Any]]:
         return self.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}/taskInstances", params={"limit": 1000})[
             "task_instances"

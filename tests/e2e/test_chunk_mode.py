@@ -88,16 +88,7 @@ def test_chunks_deliver_a_refused_cdr_fails_alone_and_a_clear_resends_only_it(de
     assert any(f"CDR {refused} to endpoint cdr_webhook failed: HTTP 400" in line for line in log)
     assert any("Chunk of 5 CDR(s) to cdr_webhook, try 1: 4 delivered" in line for line in log), log
 
-    stack.api(
-        "POST",
-        "/dags/cdr_webhook/clearTaskInstances",
-        json={
-            "dry_run": False,
-            "dag_run_id": run_id,
-            "task_ids": [["post_cdr", second["map_index"]]],
-            "reset_dag_runs": True,
-        },
-    )
+    stack.clear_mapped_task(run_id, second["map_index"])
     deadline = time.monotonic() + 120
     while len(receiver.received(refused)) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)

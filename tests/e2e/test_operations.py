@@ -251,16 +251,7 @@ def test_clearing_one_failed_task_resends_its_cdr_once_with_the_same_webhook_id(
     assert ours[0].startswith(f"Sending CDR {refused} to endpoint cdr_webhook")
     assert f"CDR {refused} to endpoint cdr_webhook failed: HTTP 400, HTTP 400 Bad Request" in ours[1]
 
-    stack.api(
-        "POST",
-        "/dags/cdr_webhook/clearTaskInstances",
-        json={
-            "dry_run": False,
-            "dag_run_id": run_id,
-            "task_ids": [["post_cdr", ti["map_index"]]],
-            "reset_dag_runs": True,
-        },
-    )
+    stack.clear_mapped_task(run_id, ti["map_index"])
     assert_sent_again_once(stack, receiver, cdr_conn, run_id, good, refused)
     # Airflow's own metrics carry ours, tagged by endpoint.
     deadline = time.monotonic() + 10

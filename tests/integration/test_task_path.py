@@ -62,13 +62,17 @@ def test_the_cdr_database_is_opened_with_the_arguments_the_provider_hook_uses(mo
     from cdr_webhook import db
 
     params = conninfo_to_dict(cdr_dsn)
-    uri = (
-        f"postgres://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
-        f"{params.get('port', 5432)}/{params['dbname']}"
-    )
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_CDR_DB_PROBE", json.dumps({"conn_type": "postgres", "extra": extra} | _parts(uri))
-    )
+    # The server's fields as a connection holds them (the embedded server's host is a socket directory).
+    fields = {
+        "conn_type": "postgres",
+        "host": params.get("host", "127.0.0.1"),
+        "port": int(params.get("port", 5432)),
+        "login": params.get("user", "postgres"),
+        "password": params.get("password"),
+        "schema": params["dbname"],
+        "extra": extra,
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_CDR_DB_PROBE", json.dumps(fields))
     seen: dict[str, dict] = {}
     monkeypatch.setattr(
         PostgresHook, "_create_connection", lambda self, args: seen.setdefault("hook", dict(args)) and None
@@ -103,15 +107,3 @@ def test_a_connection_with_a_provider_only_extra_is_opened_by_the_provider_hook(
         assert conn.autocommit
 
     assert calls == ["cdr_db_iam"]
-
-
-def _parts(uri: str) -> dict:
-    from urllib.parse import urlsplit
-
-    split = urlsplit(uri)
-    return {
-        "host": split.hostname,
-        "port": split.port,
-        "login": split.username,
-        "schema": split.path.lstrip("/"),
-    }
