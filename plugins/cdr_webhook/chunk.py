@@ -11,7 +11,16 @@ import concurrent.futures
 import time
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook.attempts import Attempt, build_bodies, decide, log_attempt, mask_secrets, record, signed_post
+from cdr_webhook.attempts import (
+    Attempt,
+    build_bodies,
+    decide,
+    log_attempt,
+    log_delivered,
+    mask_secrets,
+    record,
+    signed_post,
+)
 from cdr_webhook.operators import EndpointPostOperator
 from cdr_webhook.outcome import Verdict
 
@@ -183,7 +192,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         running: dict[concurrent.futures.Future[AttemptResult], Claim] = {}
         attempts: list[Attempt] = []
         recorded = 0
-        last_write = last_grow = time.monotonic()
+        last_write = last_grow = last_alive = time.monotonic()
         with contextlib.ExitStack() as stack:
             session: Callable[[], Session | None]
             try:
@@ -201,7 +210,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                 )
 
             # At the end, and when the try is cut short (its execution_timeout): what was sent is recorded.
-            stack.callback(lambda: self._record(conn, ti, attempts[recorded:], settings))
+            stack.callback(lambda: self._record(conn, attempts[recorded:], settings))
             while waiting or running:
                 while waiting and len(running) < len(held.slots):
                     claim = waiting.popleft()
@@ -214,7 +223,8 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                     claim = running.pop(future)
                     result = future.result()
                     attempt = Attempt(claim, result, decide(result, ti), msg_ids[claim.cdr_id])
-                    log_attempt(self.log, attempt)
+                    if attempt.decision.verdict is not Verdict.SUCCEED:
+                        log_attempt(self.log, attempt)  # deliveries are logged a batch at a time
                     attempts.append(attempt)
                 now = time.monotonic()
                 # A delivery that failed for good may pause the endpoint: it is recorded at once.
@@ -226,8 +236,18 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                     or len(attempts) - recorded >= RECORD_EVERY
                     or now - last_write >= RECORD_SECONDS
                 ):
-                    paused = self._record(conn, ti, attempts[recorded:], settings, keep_claims=True)
+                    paused = self._record(conn, attempts[recorded:], settings)
                     recorded, last_write = len(attempts), now
+                    if now - last_alive >= settings.claim_timeout_seconds / 8:
+                        # A claim is refreshed once a quarter of the timeout old: asking more often
+                        # only rereads the run's claims.
+                        ledger.keep_claims_alive(
+                            conn,
+                            dag_id=ti.dag_id,
+                            run_id=ti.run_id,
+                            claim_timeout_seconds=settings.claim_timeout_seconds,
+                        )
+                        last_alive = now
                     if paused and waiting:
                         ledger.release_many(conn, list(waiting))
                         self.log.warning(
@@ -245,26 +265,11 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         return attempts
 
     def _record(
-        self,
-        conn: psycopg.Connection[Any],
-        ti: Any,
-        attempts: list[Attempt],
-        settings: Settings,
-        *,
-        keep_claims: bool = False,
+        self, conn: psycopg.Connection[Any], attempts: list[Attempt], settings: Settings
     ) -> list[str]:
-        """
-        Record a batch of outcomes; mid-chunk, keep the run's claims alive through a long chunk.
-        Returns the endpoints the outcomes paused.
-        """
-        from cdr_webhook import ledger
-
-        paused = record(conn, attempts, settings)
-        if keep_claims:
-            ledger.keep_claims_alive(
-                conn, dag_id=ti.dag_id, run_id=ti.run_id, claim_timeout_seconds=settings.claim_timeout_seconds
-            )
-        return paused
+        """Log and record a batch of outcomes; return the endpoints they paused."""
+        log_delivered(self.log, [a for a in attempts if a.decision.verdict is Verdict.SUCCEED])
+        return record(conn, attempts, settings)
 
     def _report(
         self,

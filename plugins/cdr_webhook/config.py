@@ -8,6 +8,7 @@ endpoint through :func:`parse_endpoint`, so a malformed connection fails in one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import urllib.parse
 from decimal import Decimal, InvalidOperation
@@ -177,6 +178,17 @@ def from_connection(connection: Any) -> EndpointConfig:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _secret_forms(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    """Each secret as written, JSON-escaped and URL-encoded; longest first (computed once per endpoint)."""
+    forms: set[str] = set()
+    for secret in secrets:
+        escaped = json.dumps(secret)[1:-1]
+        # JSON as Python writes it, and as encoders that also escape "/" (PHP's) write it.
+        forms.update({secret, escaped, escaped.replace("/", "\\/"), urllib.parse.quote(secret, safe="")})
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
 def scrub(text: str | None, secrets: Iterable[str]) -> str | None:
     """
     Replace every secret in ``text`` with ``***``, also in its JSON-escaped and URL-encoded forms.
@@ -186,12 +198,8 @@ def scrub(text: str | None, secrets: Iterable[str]) -> str | None:
     """
     if not text:
         return text
-    forms: set[str] = set()
-    for secret in secrets:
-        escaped = json.dumps(secret)[1:-1]
-        # JSON as Python writes it, and as encoders that also escape "/" (PHP's) write it.
-        forms.update({secret, escaped, escaped.replace("/", "\\/"), urllib.parse.quote(secret, safe="")})
-    for form in sorted((f for f in forms if f), key=len, reverse=True):
+    forms = _secret_forms(tuple(secrets))
+    for form in forms:
         text = text.replace(form, REDACTED)
     for form in forms:
         for length in range(min(len(form) - 1, len(text)), 3, -1):

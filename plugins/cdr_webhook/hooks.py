@@ -15,6 +15,7 @@ import requests
 import urllib3.exceptions
 from airflow.sdk import BaseHook
 from requests import Session
+from requests.structures import CaseInsensitiveDict
 
 from cdr_webhook import __version__
 from cdr_webhook.config import scrub
@@ -49,6 +50,13 @@ class AttemptResult:
             error=scrub(self.error, secrets),
             response_excerpt=scrub(self.response_excerpt, secrets),
         )
+
+
+#: Every request's headers besides the caller's (a session's, and each POST's).
+BASE_HEADERS = {
+    "user-agent": f"cdr-webhook/{__version__}",
+    "accept-encoding": "identity",  # no compressed replies: no decompression bombs
+}
 
 
 class CdrWebhookHook(BaseHook):
@@ -112,6 +120,20 @@ class CdrWebhookHook(BaseHook):
 
         return load_endpoint(self.http_conn_id, lambda _: self.connection)
 
+    @functools.cached_property
+    def _request_template(self) -> requests.PreparedRequest:
+        """A POST to the endpoint's URL, parsed and checked once (raises ValueError for a bad URL)."""
+        return requests.Request("POST", self.endpoint.url).prepare()
+
+    def _request(self, body: bytes, headers: dict[str, str]) -> requests.PreparedRequest:
+        """The request for ``body``: exactly :data:`BASE_HEADERS`, ``headers`` and its length."""
+        request = self._request_template.copy()
+        request.headers = CaseInsensitiveDict(BASE_HEADERS)
+        request.headers.update(headers)
+        request.headers["Content-Length"] = str(len(body))
+        request.body = body
+        return request
+
     def get_conn(
         self,
         headers: dict[Any, Any] | None = None,
@@ -122,8 +144,7 @@ class CdrWebhookHook(BaseHook):
         session = Session()
         session.trust_env = False
         session.headers.clear()
-        session.headers["user-agent"] = f"cdr-webhook/{__version__}"
-        session.headers["accept-encoding"] = "identity"  # no compressed replies: no decompression bombs
+        session.headers.update(BASE_HEADERS)
         tls = tls or TlsFiles()
         guard = GuardedAdapter(
             self.allowed_networks,
@@ -183,13 +204,12 @@ class CdrWebhookHook(BaseHook):
                 if session is None:
                     session = self.get_conn(tls=tls)
                 try:
-                    with session.post(
-                        self.endpoint.url,
-                        data=body,
-                        headers=headers,
-                        timeout=(self.timeout, self.timeout),
-                        allow_redirects=False,
-                        stream=True,
+                    # Straight to the session's egress guard: Session.post would merge settings,
+                    # parse the URL, run hooks and keep the receiver's cookies for the next POST
+                    # (none of which a webhook wants): over a third of a kept-alive POST's CPU.
+                    request = self._request(body, headers)
+                    with session.get_adapter(request.url).send(
+                        request, stream=True, timeout=(self.timeout, self.timeout), proxies={}
                     ) as response:
                         excerpt = _read_excerpt(response, deadline.ends)
                         return AttemptResult(

@@ -150,10 +150,14 @@ def encode_body(payload: Mapping[str, Any]) -> bytes:
     return ("{" + ",".join(parts) + "}").encode("utf-8")
 
 
+#: json.dumps with options builds an encoder per call: one, made once, encodes every value.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def _json_value(value: Any) -> str:
     if isinstance(value, Decimal):
         return str(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODE(value)
 
 
 def _string(cdr_id: object, column: str, value: Any) -> str | None:
