@@ -190,15 +190,40 @@ def try_phases(ti: dict[str, Any], lines: Sequence[dict[str, Any]]) -> dict[str,
     return phases
 
 
-def format_phases(columns: dict[str, list[dict[str, float]]]) -> str:
-    """A markdown table: one row per phase, the median (ms) of each column's tries."""
+def run_timeline(run: dict[str, Any], tis: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Where a run's wall time went (ms): before, in and after its select step, and its mapped tasks.
+
+    ``run queued→select start``: the scheduler starting the run and the select task's process;
+    ``select start→end``: the select step's try; ``select end→first mapped start``: expanding the
+    mapped task and starting the first; ``mapped: first start→last end``: the mapped tries, as many
+    at once as allowed; ``last mapped end→run end``: the scheduler closing the run.
+    """
+    select = next((ti for ti in tis if ti["map_index"] < 0 and ti.get("start_date")), None)
+    mapped = [ti for ti in tis if ti["map_index"] >= 0 and ti.get("start_date") and ti.get("end_date")]
+    timeline: dict[str, float] = {}
+    if select is None or not mapped or not select.get("end_date"):
+        return timeline
+    first = min(_ts(ti["start_date"]) for ti in mapped)
+    last = max(_ts(ti["end_date"]) for ti in mapped)
+    timeline["run queued→select start"] = (_ts(select["start_date"]) - _ts(run["queued_at"])) * 1000
+    timeline["select start→end"] = (_ts(select["end_date"]) - _ts(select["start_date"])) * 1000
+    timeline["select end→first mapped start"] = (first - _ts(select["end_date"])) * 1000
+    timeline["mapped: first start→last end"] = (last - first) * 1000
+    timeline["last mapped end→run end"] = (_ts(run["end_date"]) - last) * 1000
+    timeline["run (wall)"] = (_ts(run["end_date"]) - _ts(run["queued_at"])) * 1000
+    return timeline
+
+
+def format_phases(columns: dict[str, list[dict[str, float]]], per: str = "try") -> str:
+    """A markdown table: one row per phase, the median (ms) of each column's tries (or runs)."""
     names: list[str] = []
     for tries in columns.values():
         for phases in tries:
             names += [name for name in phases if name not in names]
-    heads = " | ".join(f"{label} ({len(tries)} tries)" for label, tries in columns.items())
+    plural = "tries" if per == "try" else f"{per}s"
+    heads = " | ".join(f"{label} ({len(tries)} {plural})" for label, tries in columns.items())
     lines = [
-        f"| phase (median ms per try) | {heads} |",
+        f"| phase (median ms per {per}) | {heads} |",
         "| --- |" + " ---: |" * len(columns),
     ]
     for name in names:
@@ -339,6 +364,10 @@ def run_seconds(run: dict[str, Any]) -> float:
 
 
 def mapped_task_instances(stack: AirflowStack, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    return [ti for ti in task_instances(stack, dag_id, run_id) if ti["map_index"] >= 0]
+
+
+def task_instances(stack: AirflowStack, dag_id: str, run_id: str) -> list[dict[str, Any]]:
     found, offset = [], 0
     while True:
         page = stack.api(
@@ -346,7 +375,7 @@ def mapped_task_instances(stack: AirflowStack, dag_id: str, run_id: str) -> list
             f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
             params={"limit": 100, "offset": offset},
         )["task_instances"]
-        found += [ti for ti in page if ti["map_index"] >= 0]
+        found += page
         if len(page) < 100:
             return found
         offset += 100
@@ -365,6 +394,7 @@ class Bench:
     raw_rates: dict[int, float | None] = dataclasses.field(default_factory=dict)
     _pool: concurrent.futures.ProcessPoolExecutor | None = None
     phases: dict[int, dict[str, list[dict[str, float]]]] = dataclasses.field(default_factory=dict)
+    timelines: dict[int, dict[str, list[dict[str, float]]]] = dataclasses.field(default_factory=dict)
 
     def record_phases(
         self, stack: AirflowStack, label: str, n: int, dag_id: str, tasks: list[dict[str, Any]]
@@ -448,9 +478,11 @@ class Bench:
                 stack, "cdr_webhook", {"window_start": start.isoformat(), "window_end": end.isoformat()}
             )
         done, latencies = self.arrivals(ids, committed)
-        tasks = mapped_task_instances(stack, "cdr_webhook", run["dag_run_id"])
+        every = task_instances(stack, "cdr_webhook", run["dag_run_id"])
+        tasks = [ti for ti in every if ti["map_index"] >= 0]
         if mode != "warm-up":
             self.record_phases(stack, mode.split(" (")[0], n, "cdr_webhook", tasks)
+            self.timelines.setdefault(n, {})[mode.split(" (")[0]] = [run_timeline(run, every)]
         row = Row(
             mode,
             n,
@@ -690,6 +722,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     timelines = [
         f"Where a try's time goes, N = {n} (task logs, REST times):\n\n{format_phases(columns)}"
         for n, columns in bench.phases.items()
+    ]
+    timelines += [
+        f"Where the run's time goes, N = {n} (REST times):\n\n{format_phases(columns, 'run')}"
+        for n, columns in bench.timelines.items()
     ]
     report = "\n\n".join([header(args, metadata), format_table(rows), *notes, *timelines])
     print("\n" + report)

@@ -15,6 +15,7 @@ from bench.harness import (
     format_table,
     parse_args,
     percentile,
+    run_timeline,
     try_phases,
 )
 
@@ -130,3 +131,39 @@ def test_airflow_settings_pass_through_as_name_value_pairs_and_a_malformed_one_i
     assert parse_args(["--env", "AIRFLOW__API__WORKERS=2"]).env == ["AIRFLOW__API__WORKERS=2"]
     with pytest.raises(SystemExit, match="AIRFLOW__API__WORKERS"):
         parse_args(["--env", "AIRFLOW__API__WORKERS"])
+
+
+def test_where_a_runs_wall_time_goes_from_its_task_instances() -> None:
+    run = {"queued_at": "2026-11-30T12:00:00.000000Z", "end_date": "2026-11-30T12:00:10.000000Z"}
+    tis = [
+        {
+            "map_index": -1,
+            "start_date": "2026-11-30T12:00:01.000000Z",
+            "end_date": "2026-11-30T12:00:02.500000Z",
+        },
+        {
+            "map_index": 0,
+            "start_date": "2026-11-30T12:00:03.000000Z",
+            "end_date": "2026-11-30T12:00:06.000000Z",
+        },
+        {
+            "map_index": 1,
+            "start_date": "2026-11-30T12:00:03.500000Z",
+            "end_date": "2026-11-30T12:00:09.000000Z",
+        },
+        {"map_index": 2, "start_date": None, "end_date": None},  # never started (skipped upstream)
+    ]
+    assert run_timeline(run, tis) == pytest.approx(
+        {
+            "run queued→select start": 1000,
+            "select start→end": 1500,
+            "select end→first mapped start": 500,
+            "mapped: first start→last end": 6000,
+            "last mapped end→run end": 1000,
+            "run (wall)": 10000,
+        }
+    )
+    assert format_phases({"chunk": [run_timeline(run, tis)]}, "run").splitlines()[0] == (
+        "| phase (median ms per run) | chunk (1 runs) |"
+    )
+    assert run_timeline(run, tis[:1]) == {}  # no mapped task ran: nothing to split
