@@ -234,12 +234,15 @@ class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     ports: list[int]
     drip = False
+    set_cookie = b""
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.served = getattr(self, "served", 0) + 1
         self.ports.append(self.client_address[1])
-        reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-padding: " + b"." * 40 + b"\r\n\r\n"
+        self.cookies.append(self.headers.get("cookie"))
+        padding = b"x-padding: " + b"." * 40 + b"\r\n"
+        reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + (self.set_cookie or padding) + b"\r\n"
         if self.drip and self.served == 2:
             for byte in reply:
                 self.wfile.write(bytes([byte]))
@@ -253,38 +256,48 @@ class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def keep_alive_server(*, drip: bool = False):
-    handler = type("Handler", (_KeepAliveHandler,), {"ports": [], "drip": drip})
+def keep_alive_server(*, drip: bool = False, set_cookie: bytes = b""):
+    attributes = {"ports": [], "cookies": [], "drip": drip, "set_cookie": set_cookie}
+    handler = type("Handler", (_KeepAliveHandler,), attributes)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler.ports
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
     finally:
         server.shutdown()
         server.server_close()
 
 
 def test_a_chunk_keeps_its_connections_alive(db, monkeypatch):
-    with keep_alive_server() as (url, ports):
+    with keep_alive_server() as (url, served):
         connect_endpoint(monkeypatch, url, max_in_flight=2)
         chunk = cdrs(db, 20)
         run_chunk(chunk, FakeTaskInstance())
-    assert len(ports) == 20
-    assert len(set(ports)) <= 2  # a connection per sending thread, reused from POST to POST
+    assert len(served.ports) == 20
+    assert len(set(served.ports)) <= 2  # a connection per sending thread, reused from POST to POST
+
+
+def test_a_receivers_cookie_is_never_sent_back(db, monkeypatch):
+    # One CDR's reply must not shape the next CDR's request: a kept-alive session keeps no cookies.
+    with keep_alive_server(set_cookie=b"set-cookie: session=abc; Path=/\r\n") as (url, served):
+        connect_endpoint(monkeypatch, url, max_in_flight=1)
+        run_chunk(cdrs(db, 3), FakeTaskInstance())
+    assert len(set(served.ports)) == 1  # one kept-alive connection; each reply set a cookie
+    assert served.cookies == [None, None, None]
 
 
 def test_a_kept_alive_connection_is_still_bound_by_each_posts_deadline(db, monkeypatch, settings_env):
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS", "1")
-    with keep_alive_server(drip=True) as (url, ports):
+    with keep_alive_server(drip=True) as (url, served):
         connect_endpoint(monkeypatch, url, max_in_flight=1)
         chunk = cdrs(db, 2)
         started = time.monotonic()
         with pytest.raises(RetryLater):
             run_chunk(chunk, FakeTaskInstance())
         elapsed = time.monotonic() - started
-    assert len(set(ports)) == 1  # the second POST went over the first one's connection
+    assert len(set(served.ports)) == 1  # the second POST went over the first one's connection
     assert statuses(db, chunk) == {chunk[0]: ("delivered", 1), chunk[1]: ("queued", 1)}
     assert "within the 1 s deadline" in row(db, chunk[1])["error"]
     assert elapsed < 3  # the reply's 60 bytes would take 6 s
