@@ -219,26 +219,6 @@ def log_attempt(log: logging.Logger, attempt: Attempt) -> None:
         log.error("Response body starts: %s", describe_excerpt(result.response_excerpt))
 
 
-def log_delivered(log: logging.Logger, attempts: Sequence[Attempt]) -> None:
-    """
-    Log a batch of deliveries as one record, a line per CDR as :func:`log_attempt` writes it.
-
-    A chunk's log lists every CDR's outcome; one record per CDR cost a tenth of a chunk's CPU
-    (and the task supervisor's, which writes each record). Failures are logged one by one.
-    """
-    if not attempts:
-        return
-    lines = []
-    for attempt in attempts:
-        claim, result = attempt.claim, attempt.result
-        _count("delivered", claim.endpoint, result)
-        lines.append(
-            f"CDR {claim.cdr_id} delivered to {claim.endpoint}: HTTP {result.http_status} in "
-            f"{result.latency_ms} ms (attempt {claim.attempts + 1}, webhook-id {attempt.msg_id})"
-        )
-    log.info("%d CDR(s) delivered:\n%s", len(lines), "\n".join(lines))
-
-
 def _count(event: str, endpoint: str, result: AttemptResult) -> None:
     """Emit Airflow metrics (StatsD / OpenTelemetry, as configured): the outcome and the latency."""
     from airflow.sdk.observability.stats import Stats

@@ -16,7 +16,6 @@ from cdr_webhook.attempts import (
     build_bodies,
     decide,
     log_attempt,
-    log_delivered,
     mask_secrets,
     record,
     signed_post,
@@ -156,6 +155,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                 limit=limit,
                 wanted=min(limit, len(sendable)),
                 wait_seconds=settings.slot_wait_seconds,
+                share=True,
             ) as held:
                 attempts = self._post_all(conn, ti, held, endpoint, sendable, bodies, settings)
         except NoSlot as err:
@@ -178,8 +178,9 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         session; decide, log and record the outcomes as they come (a batch at a time).
 
         Only this thread touches the database: the workers only send. While CDRs wait, it takes the
-        endpoint's slots that come free (another task finished); once fewer CDRs are left than slots
-        held, it gives the spare ones back for other tasks of the endpoint.
+        endpoint's slots that come free (another task finished) up to its fair share (the limit
+        divided among the endpoint's chunks sending at once); once fewer CDRs are left than slots
+        held, or more chunks share the endpoint, it gives the spare ones back.
         """
         import collections
         import contextlib
@@ -193,6 +194,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         attempts: list[Attempt] = []
         recorded = 0
         last_write = last_grow = last_alive = time.monotonic()
+        share = len(held.slots)
         with contextlib.ExitStack() as stack:
             session: Callable[[], Session | None]
             try:
@@ -210,21 +212,19 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                 )
 
             # At the end, and when the try is cut short (its execution_timeout): what was sent is recorded.
-            stack.callback(lambda: self._record(conn, attempts[recorded:], settings))
+            stack.callback(lambda: record(conn, attempts[recorded:], settings))
             while waiting or running:
                 while waiting and len(running) < len(held.slots):
                     claim = waiting.popleft()
                     running[pool.submit(send, claim)] = claim
-                short = len(held.slots) < wanted and waiting
                 finished, _ = concurrent.futures.wait(
-                    running, timeout=GROW_SECONDS if short else None, return_when="FIRST_COMPLETED"
+                    running, timeout=GROW_SECONDS, return_when="FIRST_COMPLETED"
                 )
                 for future in finished:
                     claim = running.pop(future)
                     result = future.result()
                     attempt = Attempt(claim, result, decide(result, ti), msg_ids[claim.cdr_id])
-                    if attempt.decision.verdict is not Verdict.SUCCEED:
-                        log_attempt(self.log, attempt)  # deliveries are logged a batch at a time
+                    log_attempt(self.log, attempt)
                     attempts.append(attempt)
                 now = time.monotonic()
                 # A delivery that failed for good may pause the endpoint: it is recorded at once.
@@ -236,7 +236,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                     or len(attempts) - recorded >= RECORD_EVERY
                     or now - last_write >= RECORD_SECONDS
                 ):
-                    paused = self._record(conn, attempts[recorded:], settings)
+                    paused = record(conn, attempts[recorded:], settings)
                     recorded, last_write = len(attempts), now
                     if now - last_alive >= settings.claim_timeout_seconds / 8:
                         # A claim is refreshed once a quarter of the timeout old: asking more often
@@ -257,19 +257,18 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                             len(waiting),
                         )
                         waiting.clear()
-                if short and now - last_grow >= GROW_SECONDS:
-                    held.take_more(wanted)
+                if now - last_grow >= GROW_SECONDS:
+                    share = min(wanted, held.fair_share())
+                    if waiting and len(held.slots) < share:
+                        held.take_more(share)
                     last_grow = now
-                while len(held.slots) > max(len(running) + len(waiting), 1):
+                # Slots no POST uses go back: beyond what is left to send, or beyond this chunk's
+                # share now that more chunks of the endpoint send (never one a POST is using).
+                while len(held.slots) > max(min(share, len(running) + len(waiting)), 1) and len(
+                    held.slots
+                ) > len(running):
                     held.give_back(held.slots[-1])
         return attempts
-
-    def _record(
-        self, conn: psycopg.Connection[Any], attempts: list[Attempt], settings: Settings
-    ) -> list[str]:
-        """Log and record a batch of outcomes; return the endpoints they paused."""
-        log_delivered(self.log, [a for a in attempts if a.decision.verdict is Verdict.SUCCEED])
-        return record(conn, attempts, settings)
 
     def _report(
         self,

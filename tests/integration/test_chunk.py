@@ -6,9 +6,11 @@ hands them) and checks the ledger, the endpoint's state, what the receiver got a
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import http.server
+import json
 import threading
 import time
 
@@ -319,6 +321,53 @@ def test_a_chunk_takes_the_slots_another_task_frees_while_it_sends(db, cdr_dsn, 
     assert slow.seen[:3] == [1, 1, 1]  # one slot to start with
     assert max(slow.seen) == 4  # then the 3 others, once free
     assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+
+
+class PerChunk:
+    """A receiver's hook counting each chunk's POSTs in flight (a chunk: a set of cdr_ids)."""
+
+    def __init__(self, seconds: float, chunks: dict[str, list[str]]) -> None:
+        self.seconds = seconds
+        self.chunk_of = {cdr: name for name, ids in chunks.items() for cdr in ids}
+        self.in_flight = dict.fromkeys(chunks, 0)
+        self.seen: list[dict[str, int]] = []  # everyone's in flight, at each arrival
+        self._lock = threading.Lock()
+
+    def __call__(self, headers, body) -> None:
+        name = self.chunk_of[json.loads(body)["cdr_id"]]
+        with self._lock:
+            self.in_flight[name] += 1
+            self.seen.append(dict(self.in_flight))
+        time.sleep(self.seconds)
+        with self._lock:
+            self.in_flight[name] -= 1
+
+
+def test_chunks_of_one_endpoint_sending_at_once_share_its_in_flight_limit(db, monkeypatch):
+    # Two chunk tasks of one endpoint (limit 4) at once: each sends its half, so both task
+    # processes work (one holding all 4 slots while the other waited would use one core only).
+    cdr_ids = cdrs(db, 72)
+    small, big = cdr_ids[:24], cdr_ids[24:]
+    slow = PerChunk(0.1, {"small": small, "big": big})
+    with Receiver(secret=SECRET, api_key=API_KEY, before_answer=slow) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=4)
+        with concurrent.futures.ThreadPoolExecutor(2) as tasks:
+            sent = [
+                tasks.submit(run_chunk, chunk, FakeTaskInstance(map_index=index))
+                for index, chunk in enumerate((small, big))
+            ]
+            for task in sent:
+                task.result()
+
+    assert statuses(db, cdr_ids) == {cdr: ("delivered", 1) for cdr in cdr_ids}
+    assert max(sum(seen.values()) for seen in slow.seen) <= 4  # the endpoint's limit, always
+    # They sent side by side, about 2 each, for the small chunk's whole time (about 24 of its
+    # POSTs and 24 of the big one's); a chunk holding the 4 slots while the other waited would
+    # overlap with it for a few POSTs only.
+    both = [seen for seen in slow.seen if seen["small"] and seen["big"]]
+    assert len(both) >= 24, both
+    alone = [seen["big"] for seen in slow.seen if not seen["small"]]
+    assert max(alone) > 2  # once the small chunk is done, the big one takes its slots
 
 
 def test_a_410_pauses_the_endpoint_and_the_rest_of_the_chunk_waits_queued(db, monkeypatch):
