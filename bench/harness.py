@@ -196,7 +196,7 @@ def run_timeline(run: dict[str, Any], tis: Sequence[dict[str, Any]]) -> dict[str
     ``run queued→select start``: the scheduler starting the run and the select task's process;
     ``select start→end``: the select step's try; ``select end→first mapped start``: expanding the
     mapped task and starting the first; ``mapped: first start→last end``: the mapped tries, as many
-    at once as allowed; ``last mapped end→run end``: the scheduler closing the run.
+    at once as allowed (and the spread of their starts); ``last mapped end→run end``: the scheduler closing the run.
     """
     select = next((ti for ti in tis if ti["map_index"] < 0 and ti.get("start_date")), None)
     mapped = [ti for ti in tis if ti["map_index"] >= 0 and ti.get("start_date") and ti.get("end_date")]
@@ -209,6 +209,7 @@ def run_timeline(run: dict[str, Any], tis: Sequence[dict[str, Any]]) -> dict[str
     timeline["select start→end"] = (_ts(select["end_date"]) - _ts(select["start_date"])) * 1000
     timeline["select end→first mapped start"] = (first - _ts(select["end_date"])) * 1000
     timeline["mapped: first start→last end"] = (last - first) * 1000
+    timeline["mapped: first start→last start"] = (max(_ts(ti["start_date"]) for ti in mapped) - first) * 1000
     timeline["last mapped end→run end"] = (_ts(run["end_date"]) - last) * 1000
     timeline["run (wall)"] = (_ts(run["end_date"]) - _ts(run["queued_at"])) * 1000
     return timeline

@@ -159,6 +159,7 @@ def test_where_a_runs_wall_time_goes_from_its_task_instances() -> None:
             "select start→end": 1500,
             "select end→first mapped start": 500,
             "mapped: first start→last end": 6000,
+            "mapped: first start→last start": 500,
             "last mapped end→run end": 1000,
             "run (wall)": 10000,
         }
