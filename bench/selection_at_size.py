@@ -32,6 +32,7 @@ from psycopg.conninfo import make_conninfo
 from bench.harness import server_dsn
 from cdr_webhook import endpoints, ledger, schema, source
 from cdr_webhook.routing import Route, client_conn_id
+from cdr_webhook.settings import Settings
 from cdr_webhook.window import Scan, Window
 from demo.dialer import load_reference_schema
 
@@ -346,14 +347,35 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             window=Window(start=end - dt.timedelta(hours=1), end=end),
         ),
     )
-    bench.time(
-        "reconcile: ledger.late_clients (24 h)",
-        lambda: ledger.late_clients(conn, relation=RELATION, start=reconcile_start, end=reconcile_end),
+    # A reconciliation checks one slice of the window (the first of a sweep here: the cursor is unset).
+    per_run = Settings().reconcile_cdrs_per_run
+    piece = bench.time(
+        "reconcile: ledger.reconcile_slice (next slice)",
+        lambda: ledger.reconcile_slice(
+            conn, RELATION, start=reconcile_start, before=reconcile_end, max_cdrs=per_run
+        ),
+    )
+    assert piece is not None
+    in_slice = conn.execute(
+        "SELECT (SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_created_at >= %(low)s "
+        "AND cdr_created_at < %(high)s), (SELECT count(*) FROM dialer.cdr WHERE created_at >= %(low)s "
+        "AND created_at < %(high)s)",
+        {"low": piece[0], "high": piece[1]},
+    ).fetchone()
+    assert in_slice is not None
+    print(
+        f"  (the slice: [{piece[0]}, {piece[1]}), {piece[1] - piece[0]} of the window's 24 h, "
+        f"{in_slice[0]} ledger rows, {in_slice[1]} source CDRs)",
+        flush=True,
     )
     bench.time(
-        "reconcile: ledger.enqueue_new (24 h)",
+        f"reconcile: ledger.late_clients (slice of {per_run:,})",
+        lambda: ledger.late_clients(conn, relation=RELATION, start=piece[0], end=piece[1]),
+    )
+    bench.time(
+        f"reconcile: ledger.enqueue_new (slice of {per_run:,})",
         lambda: ledger.enqueue_new(
-            conn, relation=RELATION, routes=routes, start=reconcile_start, end=reconcile_end
+            conn, relation=RELATION, routes=routes, start=piece[0], end=piece[1], parallel=False
         ),
     )
     bench.time(

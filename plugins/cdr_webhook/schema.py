@@ -189,6 +189,15 @@ STEPS: tuple[Step, ...] = (
         "CREATE INDEX IF NOT EXISTS delivery_endpoint_status_idx ON cdr_webhook.delivery (endpoint, status)",
     ),
     Step(6, "attempt history and the Deliveries page's list indexes", _ATTEMPTS_V6),
+    Step(
+        7,
+        "reconciliation in slices: a cursor on the watermark",
+        # A reconciliation checks the window a slice at a time: reconcile_cursor is where the next
+        # slice begins, reconcile_until where the current sweep of the window ends (NULL: none yet,
+        # the next reconciliation starts a sweep).
+        "ALTER TABLE cdr_webhook.watermark ADD COLUMN IF NOT EXISTS reconcile_cursor timestamptz; "
+        "ALTER TABLE cdr_webhook.watermark ADD COLUMN IF NOT EXISTS reconcile_until timestamptz",
+    ),
 )
 
 LATEST = STEPS[-1].version

@@ -261,8 +261,10 @@ def _reconcile(
     Queue the CDRs of the last ``reconcile_hours`` before the scan that have no ledger row yet.
 
     They are rows whose transaction committed after the watermark (less the lag) had passed their
-    created_at. It runs at most once per ``reconcile_interval_seconds`` and never reaches before the
-    first scan (older history is a backfill's job).
+    created_at. It runs at most once per ``reconcile_interval_seconds``, checks one slice of about
+    ``reconcile_cdrs_per_run`` CDRs of the window (the next one of the sweep: see
+    :func:`ledger.reconcile_slice`), and never reaches before the first scan (older history is a
+    backfill's job).
     """
     if settings.reconcile_hours == 0:
         return
@@ -275,19 +277,29 @@ def _reconcile(
     start = max(now - dt.timedelta(hours=settings.reconcile_hours), scanned_from)
     if start >= before:
         return
-    clients = ledger.late_clients(conn, relation=relation, start=start, end=before)
+    found = ledger.reconcile_slice(
+        conn, relation, start=start, before=before, max_cdrs=settings.reconcile_cdrs_per_run
+    )
+    if found is None:
+        return
+    low, high = found
+    clients = ledger.late_clients(conn, relation=relation, start=low, end=high)
     queued = (
-        ledger.enqueue_new(conn, relation=relation, routes=known.routes(clients), start=start, end=before)
+        ledger.enqueue_new(
+            conn, relation=relation, routes=known.routes(clients), start=low, end=high, parallel=False
+        )
         if clients
         else 0
     )
+    whole = (low, high) == (start, before)
     log.log(
         logging.WARNING if queued else logging.INFO,
         "Reconciliation of created_at in [%s, %s): %d late CDR(s) queued (committed after the scan "
-        "had passed them)",
-        start.isoformat(),
-        before.isoformat(),
+        "had passed them)%s",
+        low.isoformat(),
+        high.isoformat(),
         queued,
+        "" if whole else f"; one slice of the window [{start.isoformat()}, {before.isoformat()})",
     )
 
 

@@ -48,9 +48,11 @@ class Settings:
     # Read by the tasks when they run.
     lag_seconds: int = 60
     # Late commits beyond the lag: a scheduled run queues what its scans missed in the last
-    # reconcile_hours (0 disables), at most once every reconcile_interval_seconds.
+    # reconcile_hours (0 disables), at most once every reconcile_interval_seconds, checking a slice of
+    # about reconcile_cdrs_per_run CDRs each time (a sweep of the window takes as many as it needs).
     reconcile_hours: int = 24
-    reconcile_interval_seconds: int = 600
+    reconcile_interval_seconds: int = 60
+    reconcile_cdrs_per_run: int = 10_000
     # Finished ledger rows, endpoint events and run records older than this are deleted (0: never).
     retention_days: int = 180
     max_cdrs_per_run: int = 500
@@ -242,6 +244,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "lag_seconds": _non_negative_int,
     "reconcile_hours": _non_negative_int,
     "reconcile_interval_seconds": _positive_int,
+    "reconcile_cdrs_per_run": _positive_int,
     "retention_days": _non_negative_int,
     "max_cdrs_per_run": _positive_int,
     "request_timeout_seconds": _positive_float,

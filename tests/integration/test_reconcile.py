@@ -15,6 +15,7 @@ from cdr_webhook.selection import RunInfo, select_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
+from tests.integration.test_schema import columns, install_up_to, versions
 from tests.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
@@ -112,26 +113,32 @@ def test_a_cdr_recorded_under_another_created_at_is_not_late(cdr_db):
     ]
 
 
-class SettingRecorder(psycopg.Cursor):
-    """Notes the ``jit`` setting each statement on the source relation runs under."""
+@pytest.fixture
+def span(cdr_db):
+    """One row of client 7 in the feed, and the minute that holds it."""
+    schema.migrate(cdr_db)
+    create_feed(cdr_db)
+    add_feed_row(cdr_db, "a", T0 + SECOND)
+    return {"relation": FEED, "start": T0, "end": T0 + MINUTE}
 
+
+class SettingRecorder(psycopg.Cursor):
+    """Notes the value of ``setting`` each statement on the source relation runs under."""
+
+    setting = "jit"
     seen: list[str]
 
     def execute(self, query, params=None, **kwargs):
         text = query if isinstance(query, str) else query.as_string(self.connection)
         if "cdr_feed" in text:
             with psycopg.Cursor(self.connection) as cur:
-                SettingRecorder.seen.append(cur.execute("SHOW jit").fetchone()[0])
+                type(self).seen.append(cur.execute(f"SHOW {self.setting}").fetchone()[0])
         return super().execute(query, params, **kwargs)
 
 
-def test_the_day_long_reads_run_without_jit_and_leave_the_setting_as_it_was(cdr_db, cdr_dsn):
+def test_the_day_long_reads_run_without_jit_and_leave_the_setting_as_it_was(span, cdr_dsn):
     # A day of CDRs read by index is costed above jit_above_cost yet takes milliseconds: compiling
     # the plan cost more than running it (measured in docs/benchmarks.md).
-    schema.migrate(cdr_db)
-    create_feed(cdr_db)
-    add_feed_row(cdr_db, "a", T0 + SECOND)
-    span = {"relation": FEED, "start": T0, "end": T0 + MINUTE}
     SettingRecorder.seen = []
     with psycopg.connect(cdr_dsn, autocommit=True, cursor_factory=SettingRecorder) as conn:
         conn.execute("SET jit = on")
@@ -144,3 +151,141 @@ def test_the_day_long_reads_run_without_jit_and_leave_the_setting_as_it_was(cdr_
             ledger.late_clients(conn, relation="public.no_such_feed", start=T0, end=T0 + MINUTE)
         assert conn.execute("SHOW jit").fetchone() == ("on",)
     assert SettingRecorder.seen == ["off"] * 4  # late_clients; enqueue_new's three statements
+
+
+SLICED = dataclasses.replace(SETTINGS, reconcile_interval_seconds=60, reconcile_cdrs_per_run=3)
+
+
+def test_a_sweep_in_slices_queues_a_late_cdr_anywhere_in_the_window_exactly_once(cdr_db, caplog):
+    # Three ledger rows a slice, a slice a run: the window is checked over several runs. Late CDRs
+    # at its start, middle and end (some behind the cursor when they commit) are each queued once.
+    dialer = Dialer(cdr_db)
+    on_time = {dialer.cdr(client_id=1 + k % 3, created_at=T0 + k * 10 * SECOND) for k in range(1, 13)}
+    sent = [cdr_id for n in range(1, 7) for cdr_id in run(cdr_db, n, SLICED)]
+    assert sorted(sent) == sorted(on_time)
+
+    late = {dialer.cdr(client_id=2, created_at=T0 + at * SECOND) for at in (15, 65, 118)}
+    caplog.set_level(logging.INFO, logger="cdr_webhook.selection")
+    caplog.clear()
+    # The window [T0, T0 + (n - 2) min) holds 15 ledger rows at most: a sweep is 5 runs, two sweeps 10.
+    sent = [cdr_id for n in range(7, 17) for cdr_id in run(cdr_db, n, SLICED)]
+    assert sorted(sent) == sorted(late)
+    rows = cdr_db.execute(
+        "SELECT cdr_id, count(*) FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s) GROUP BY 1", (list(late),)
+    ).fetchall()
+    assert sorted(rows) == sorted((cdr_id, 1) for cdr_id in late)
+    slices = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Reconciliation of")]
+    assert len(slices) == 10  # one slice per run
+    assert all("one slice of the window [2026-11-28T09:00:00+00:00" in message for message in slices)
+
+
+def _ledger_rows_at(conn, *seconds: int) -> None:
+    conn.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "SELECT 'cdr-' || i, 'cdr_webhook', %s + make_interval(secs => s), 'delivered' "
+        "FROM unnest(%s::int[]) WITH ORDINALITY AS t(s, i)",
+        (T0, list(seconds)),
+    )
+
+
+def _slices(conn, *, start, before, max_cdrs, count):
+    return [
+        ledger.reconcile_slice(conn, "src", start=start, before=before, max_cdrs=max_cdrs)
+        for _ in range(count)
+    ]
+
+
+def test_reconcile_slices_tile_the_window_and_the_cursor_wraps(cdr_db):
+    schema.migrate(cdr_db)
+    cdr_db.execute("INSERT INTO cdr_webhook.watermark (source_relation) VALUES ('src')")
+    # Ten rows a second apart, and four more at second 5: five rows at one instant.
+    _ledger_rows_at(cdr_db, *range(10), 5, 5, 5, 5)
+    at = [T0 + s * SECOND for s in range(21)]
+
+    assert _slices(cdr_db, start=T0, before=at[20], max_cdrs=3, count=6) == [
+        (at[0], at[3]),
+        (at[3], at[5]),  # 3 and 4; the next three rows are all at second 5
+        (at[5], at[6]),  # the five rows of second 5, together
+        (at[6], at[9]),
+        (at[9], at[20]),  # the last row, and the rest of the sweep
+        (at[0], at[3]),  # a new sweep
+    ]
+    cursor = cdr_db.execute("SELECT reconcile_cursor, reconcile_until FROM cdr_webhook.watermark").fetchone()
+    assert cursor == (at[3], at[20])
+
+
+def test_a_sweep_ends_where_it_began_and_skips_what_left_the_window(cdr_db):
+    schema.migrate(cdr_db)
+    cdr_db.execute("INSERT INTO cdr_webhook.watermark (source_relation) VALUES ('src')")
+    _ledger_rows_at(cdr_db, *range(30))
+    at = [T0 + s * SECOND for s in range(41)]
+
+    assert _slices(cdr_db, start=at[0], before=at[10], max_cdrs=4, count=1) == [(at[0], at[4])]
+    # Later runs scanned further: the sweep still ends at second 10, the next one reaches the new end.
+    assert _slices(cdr_db, start=at[0], before=at[20], max_cdrs=4, count=3) == [
+        (at[4], at[8]),
+        (at[8], at[10]),
+        (at[0], at[4]),
+    ]
+    # The window moved past the cursor: the sweep goes on from the window's start.
+    assert _slices(cdr_db, start=at[6], before=at[30], max_cdrs=4, count=2) == [
+        (at[6], at[10]),
+        (at[10], at[14]),
+    ]
+    # ... and past the whole sweep: a new one begins at the window's start.
+    assert _slices(cdr_db, start=at[25], before=at[40], max_cdrs=4, count=2) == [
+        (at[25], at[29]),
+        (at[29], at[40]),
+    ]
+    # An empty window: nothing to check.
+    assert _slices(cdr_db, start=at[40], before=at[40], max_cdrs=4, count=1) == [None]
+
+
+class ParallelRecorder(SettingRecorder):
+    setting = "max_parallel_workers_per_gather"
+
+
+def test_a_reconciliation_slice_is_read_without_parallel_workers(span, cdr_dsn):
+    # A slice of 10,000 CDRs took a third longer with parallel workers, and at 20,000 their plan read
+    # the view's biggest table whole (docs/benchmarks.md); a window run's enqueue keeps them.
+    ParallelRecorder.seen = []
+    with psycopg.connect(cdr_dsn, autocommit=True, cursor_factory=ParallelRecorder) as conn:
+        conn.execute("SET max_parallel_workers_per_gather = 3")
+        assert ledger.late_clients(conn, **span) == [7]
+        with conn.transaction(force_rollback=True):
+            assert ledger.enqueue_new(conn, routes={7: Route("cdr_webhook")}, parallel=False, **span) == 1
+            assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("3",)
+        assert ledger.enqueue_new(conn, routes={7: Route("cdr_webhook")}, **span) == 1
+        assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("3",)
+    assert ParallelRecorder.seen == ["0"] * 4 + ["3"] * 3
+
+
+def test_step_7_upgrades_a_database_at_step_6_and_its_next_reconciliation_starts_a_sweep(cdr_db):
+    # As a release at step 6 leaves it after a few scheduled runs: scanned, reconciled, no cursor.
+    dialer = Dialer(cdr_db)
+    on_time = dialer.cdr(created_at=T0 + 10 * SECOND)
+    late = dialer.cdr(created_at=T0 + 20 * SECOND)  # committed after the scans had passed it
+    install_up_to(cdr_db, 6)
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status) "
+        "VALUES (%s, 'cdr_webhook', 1, %s, 'delivered')",
+        (on_time, T0 + 10 * SECOND),
+    )
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.watermark (source_relation, created_at, scanned_from, reconciled_at) "
+        "VALUES ('cdr_webhook_source', %s, %s, %s)",
+        (T0 + 3 * MINUTE, T0, T0 + 3 * MINUTE),
+    )
+    assert "reconcile_cursor" not in columns(cdr_db, "watermark")
+
+    # Its select step migrates, scans from the watermark less the lag, and reconciles [T0, T0 + 2 min).
+    assert run(cdr_db, 6) == [late]
+
+    assert versions(cdr_db) == [step.version for step in schema.STEPS]
+    assert {"reconcile_cursor", "reconcile_until"} <= columns(cdr_db, "watermark")
+    assert cdr_db.execute(
+        "SELECT reconcile_cursor, reconcile_until FROM cdr_webhook.watermark"
+    ).fetchone() == (
+        T0 + 2 * MINUTE,
+        T0 + 2 * MINUTE,
+    )

@@ -71,9 +71,16 @@ def test_bad_values_name_the_variable(raw, message):
 
 
 def test_reconciliation_settings():
-    assert (Settings().reconcile_hours, Settings().reconcile_interval_seconds) == (24, 600)
-    settings = parse_settings({"reconcile_hours": "0", "reconcile_interval_seconds": "60"})
-    assert (settings.reconcile_hours, settings.reconcile_interval_seconds) == (0, 60)
+    defaults = Settings()
+    assert (defaults.reconcile_hours, defaults.reconcile_interval_seconds) == (24, 60)
+    assert defaults.reconcile_cdrs_per_run == 10_000
+    settings = parse_settings(
+        {"reconcile_hours": "0", "reconcile_interval_seconds": "600", "reconcile_cdrs_per_run": "500"}
+    )
+    assert (settings.reconcile_hours, settings.reconcile_interval_seconds) == (0, 600)
+    assert settings.reconcile_cdrs_per_run == 500
+    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__RECONCILE_CDRS_PER_RUN='0' must be"):
+        parse_settings({"reconcile_cdrs_per_run": "0"})
     with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__RECONCILE_INTERVAL_SECONDS='0' must be"):
         parse_settings({"reconcile_interval_seconds": "0"})
     with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__RECONCILE_HOURS='-1' must be"):
