@@ -25,8 +25,9 @@ for ``raw``), items/s, the ratio to its reference (per-cdr ÷ floor; chunk ÷ ra
 concurrency bound ``in-flight ÷ delay`` when the receiver has a delay), p50/p95 latency from the
 CDRs' commit to each POST's arrival at the receiver, and the peak RSS of task processes (the
 scheduler's descendants below its executor workers, sampled every 100 ms): the largest one, and the
-largest sum at one sample; and, from the task logs, where each try's time went (the phases of
-:func:`try_phases`). On demand only: never part of the test suite, never asserted.
+largest sum at one sample; from the task logs, where each try's time went (the phases of
+:func:`try_phases`); and where each run's wall time went (:func:`run_timeline`). On demand only:
+never part of the test suite, never asserted.
 """
 
 from __future__ import annotations
