@@ -197,7 +197,8 @@ def run_timeline(run: dict[str, Any], tis: Sequence[dict[str, Any]]) -> dict[str
     ``run queued→select start``: the scheduler starting the run and the select task's process;
     ``select start→end``: the select step's try; ``select end→first mapped start``: expanding the
     mapped task and starting the first; ``mapped: first start→last end``: the mapped tries, as many
-    at once as allowed (and the spread of their starts); ``last mapped end→run end``: the scheduler closing the run.
+    at once as allowed (and the spread of their starts); ``last mapped end→run end``: the scheduler
+    closing the run.
     """
     select = next((ti for ti in tis if ti["map_index"] < 0 and ti.get("start_date")), None)
     mapped = [ti for ti in tis if ti["map_index"] >= 0 and ti.get("start_date") and ti.get("end_date")]
