@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import compileall
 import concurrent.futures
 import dataclasses
 import datetime as dt
@@ -544,6 +545,7 @@ def build_dags_folder(folder: Path) -> Path:
     shutil.copy(DEFERRED_DAG, folder / DEFERRED_DAG.name)
     shutil.copy(TRIGGERS, folder / TRIGGERS.name)
     shutil.copy(SHAPE, folder / SHAPE.name)
+    compileall.compile_dir(folder, quiet=1)  # as scripts/bootstrap and the image do for theirs
     return folder
 
 

@@ -257,7 +257,10 @@ def path_problems(compose: dict[str, Any], root: Path) -> list[str]:
 
 
 def dockerfile_problems(dockerfile: str, requirements: str, root: Path) -> list[str]:
-    """``FROM apache/airflow:<the pinned version>``; the pins installed; every COPY source exists."""
+    """
+    ``FROM apache/airflow:<the pinned version>``; the pins installed; every COPY source exists; the
+    DAG and the plugin compiled to bytecode in the image (task processes then load it).
+    """
     problems = []
     pin = re.search(r"^apache-airflow==(\S+)", requirements, re.MULTILINE)
     froms = re.findall(r"^FROM\s+(\S+)", dockerfile, re.MULTILINE)
@@ -280,6 +283,8 @@ def dockerfile_problems(dockerfile: str, requirements: str, root: Path) -> list[
     for needed in ("dags", "plugins"):
         if needed not in copied:
             problems.append(f"the Dockerfile does not copy {needed}/ into the image")
+    if not re.search(r"python -m compileall .*/opt/airflow/dags /opt/airflow/plugins", dockerfile):
+        problems.append("the Dockerfile does not compile the DAG's and the plugin's bytecode (compileall)")
     return problems
 
 
