@@ -140,7 +140,8 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         if not sendable:
             return [], skipped
         mask_secrets(endpoint)
-        limit = endpoint.max_in_flight or settings.max_in_flight_per_endpoint
+        limit = endpoint.in_flight_limit(settings.max_in_flight_per_endpoint)
+        wanted = min(limit, len(sendable))
         self.log.info(
             "Sending %d CDR(s) to endpoint %s, up to %d at once (try %d)",
             len(sendable),
@@ -153,11 +154,11 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
                 conn,
                 endpoint.conn_id,
                 limit=limit,
-                wanted=min(limit, len(sendable)),
+                wanted=wanted,
                 wait_seconds=settings.slot_wait_seconds,
                 share=True,
             ) as held:
-                attempts = self._post_all(conn, ti, held, endpoint, sendable, bodies, settings)
+                attempts = self._post_all(conn, ti, held, wanted, endpoint, sendable, bodies, settings)
         except NoSlot as err:
             # Nothing was sent: the claims stay this run's, queued, for the rescheduled try.
             raise reschedule(self.log, err, settings) from None
@@ -168,14 +169,16 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         conn: psycopg.Connection[Any],
         ti: Any,
         held: HeldSlots,
+        wanted: int,
         endpoint: EndpointConfig,
         claims: list[Claim],
         bodies: dict[str, bytes],
         settings: Settings,
     ) -> list[Attempt]:
         """
-        POST every claim, as many at once as slots are held, each sending thread with its kept-alive
-        session; decide, log and record the outcomes as they come (a batch at a time).
+        POST every claim, as many at once as slots are held (``wanted`` at most: the endpoint's
+        limit, or fewer when fewer CDRs), each sending thread with its kept-alive session; decide,
+        log and record the outcomes as they come (a batch at a time).
 
         Only this thread touches the database: the workers only send. While CDRs wait, it takes the
         endpoint's slots that come free (another task finished) up to its fair share (the limit
@@ -188,7 +191,6 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         from cdr_webhook import ledger
         from cdr_webhook.signing import webhook_id
 
-        wanted = min(len(claims), endpoint.max_in_flight or settings.max_in_flight_per_endpoint)
         waiting = collections.deque(claims)
         running: dict[concurrent.futures.Future[AttemptResult], Claim] = {}
         attempts: list[Attempt] = []

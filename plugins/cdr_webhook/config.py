@@ -78,6 +78,10 @@ class EndpointConfig:
     filters: EndpointFilters | None = None
     max_in_flight: int | None = None  # None: the max_in_flight_per_endpoint setting
 
+    def in_flight_limit(self, default: int) -> int:
+        """The POSTs this endpoint may have in flight at once: its ``max_in_flight``, else ``default``."""
+        return self.max_in_flight or default
+
     @property
     def origin(self) -> str:
         """``scheme://host[:port]``: how messages name the endpoint (its path may carry a token)."""

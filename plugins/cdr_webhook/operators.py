@@ -198,7 +198,8 @@ class CdrWebhookOperator(EndpointPostOperator):
 
         rows = fetch_rows(conn, settings.source_relation, [(claim.cdr_id, claim.cdr_created_at)])
         bodies, invalid = build_bodies(rows, [claim], settings.source_relation)
-        for _, reason in invalid:
+        if invalid:
+            [(_, reason)] = invalid
             ledger.mark_skipped(conn, claim, reason)
             raise AirflowFailException(f"CDR {claim.cdr_id} cannot be sent: {reason}")
         return bodies[claim.cdr_id]
@@ -215,7 +216,7 @@ class CdrWebhookOperator(EndpointPostOperator):
         from cdr_webhook.slots import NoSlot, endpoint_slot
 
         mask_secrets(endpoint)
-        limit = endpoint.max_in_flight or settings.max_in_flight_per_endpoint
+        limit = endpoint.in_flight_limit(settings.max_in_flight_per_endpoint)
         try:
             with endpoint_slot(conn, endpoint.conn_id, limit=limit, wait_seconds=settings.slot_wait_seconds):
                 return signed_post(self.hook, endpoint, body, msg_id)

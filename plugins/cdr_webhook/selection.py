@@ -80,10 +80,9 @@ class _Endpoints:
         limits = {}
         for endpoint in endpoints.failing_endpoints(conn):
             try:
-                own = self.config(endpoint).max_in_flight
-            except EndpointConfigError:
-                own = None  # held when its CDRs are claimed
-            limits[endpoint] = own or settings.max_in_flight_per_endpoint
+                limits[endpoint] = self.config(endpoint).in_flight_limit(settings.max_in_flight_per_endpoint)
+            except EndpointConfigError:  # held when its CDRs are claimed
+                limits[endpoint] = settings.max_in_flight_per_endpoint
         return limits
 
 

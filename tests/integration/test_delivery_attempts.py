@@ -80,16 +80,23 @@ def test_every_attempt_of_the_operators_write_path_is_kept(cdr_db):
 def test_a_statement_that_records_many_cdrs_at_once_keeps_one_row_each(cdr_db):
     """A batched recorder (chunk mode) writes one UPDATE for many CDRs: the trigger sees each row."""
     schema.migrate(cdr_db)
-    queue(cdr_db, "b1", "b2", "b3")
-    cdr_db.execute(
-        "UPDATE cdr_webhook.delivery AS d SET attempts = d.attempts + 1, status = o.status, "
-        "http_status = o.http, last_attempt_at = now() "
-        "FROM unnest(%s::text[], %s::text[], %s::int[]) AS o(cdr_id, status, http) WHERE d.cdr_id = o.cdr_id",
-        (["b1", "b2", "b3"], ["delivered", "failed", "delivered"], [200, 400, 204]),
+    claims = queue(cdr_db, "b1", "b2", "b3")
+    ledger.record_attempts(
+        cdr_db,
+        [
+            ledger.AttemptRecord(claim, status, http, error, None, 1)
+            for claim, status, http, error in zip(
+                claims,
+                ["delivered", "failed", "delivered"],
+                [200, 400, 204],
+                [None, "HTTP 400", None],
+                strict=True,
+            )
+        ],
     )
     assert [history(cdr_db, c) for c in ("b1", "b2", "b3")] == [
         [(1, "delivered", 200, None, "manual__1", 0)],
-        [(1, "failed", 400, None, "manual__1", 0)],
+        [(1, "failed", 400, "HTTP 400", "manual__1", 0)],
         [(1, "delivered", 204, None, "manual__1", 0)],
     ]
 

@@ -146,7 +146,7 @@ def endpoints_page(request: Request, user: CanView, conn: Conn) -> HTMLResponse:
     for state in endpoints.list_endpoints(conn):
         try:
             config = load_endpoint(state.endpoint)
-            limit, origin, problem = config.max_in_flight or default_limit, config.origin, None
+            limit, origin, problem = config.in_flight_limit(default_limit), config.origin, None
         except EndpointConfigError as err:
             limit, origin, problem = default_limit, None, str(err)
         rows.append({"state": state, "limit": limit, "origin": origin, "problem": problem})

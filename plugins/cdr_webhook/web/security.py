@@ -19,12 +19,13 @@ from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
 from fastapi import Depends, HTTPException, Request, status
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+from cdr_webhook.web.airflow_api import DAG_ID
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from airflow.api_fastapi.auth.managers.base_auth_manager import ResourceMethod
 
-DAG_ID = "cdr_webhook"
 _CSRF_SALT = "cdr-webhook-page-csrf"
 _CSRF_MAX_AGE_SECONDS = 12 * 3600
 
