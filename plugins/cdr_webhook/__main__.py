@@ -1,4 +1,5 @@
-"""The operator's command line: ``python -m cdr_webhook endpoints list|pause|resume|check``.
+"""The operator's command line: ``python -m cdr_webhook endpoints list|pause|resume|check`` and
+``python -m cdr_webhook source install-notify|remove-notify TABLE``.
 
 (plugins/ on sys.path.) The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow
 connection ``cdr_db``; ``check`` reads endpoint connections the way the DAG does, through Airflow.
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"else the Airflow connection {CDR_DB_CONN_ID!r})",
     )
     parser = argparse.ArgumentParser(prog="python -m cdr_webhook", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints|source")
     group = groups.add_parser("endpoints", help="pause, resume and list webhook endpoints")
     commands = group.add_subparsers(dest="command", required=True, metavar="list|pause|resume|check")
     commands.add_parser("list", parents=[common], help="every endpoint: state, backlog and failures")
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("endpoint", nargs="+", type=_non_empty, help="Airflow connection ids")
     pause.add_argument("--reason", type=_non_empty, required=True, help="why, for the audit trail")
     resume.add_argument("--reason", type=_non_empty, help="why, for the audit trail")
+    source = groups.add_parser("source", help="the NOTIFY trigger that wakes the commit watcher at once")
+    source_commands = source.add_subparsers(
+        dest="command", required=True, metavar="install-notify|remove-notify"
+    )
+    for name, text in (
+        ("install-notify", "notify the watcher on every INSERT statement into TABLE"),
+        ("remove-notify", "drop that trigger (the watcher polls again)"),
+    ):
+        sub = source_commands.add_parser(name, parents=[common], help=text)
+        sub.add_argument(
+            "table", type=_non_empty, help="the table the dialer inserts CDRs into, e.g. dialer.cdr"
+        )
     return parser
 
 
@@ -179,7 +192,29 @@ def check(conn_ids: Sequence[str]) -> None:
         raise CliError(f"{len(broken)} of {len(conn_ids)} endpoint(s) cannot be used: {', '.join(broken)}")
 
 
+def source_command(args: argparse.Namespace) -> None:
+    from cdr_webhook.watch import notify
+
+    with connect(args.dsn) as conn:
+        try:
+            if args.command == "install-notify":
+                notify.install(conn, args.table)
+                print(
+                    f"installed trigger {notify.TRIGGER_NAME} on {args.table}: every INSERT statement "
+                    "wakes the commit watcher (it polls only as a fallback now)"
+                )
+            elif notify.remove(conn, args.table):
+                print(f"removed trigger {notify.TRIGGER_NAME} from {args.table}: the watcher polls again")
+            else:
+                print(f"{args.table} has no trigger {notify.TRIGGER_NAME}: nothing to remove")
+        except notify.NotifyError as err:
+            raise CliError(str(err)) from err
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.group == "source":
+        source_command(args)
+        return
     if args.command == "check":
         check(args.endpoint)
         return
