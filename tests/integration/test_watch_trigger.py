@@ -227,3 +227,26 @@ def test_a_database_error_is_retried_and_the_password_never_logged(cdr_db, cdr_d
     assert "retrying in 2 s (the schedule still delivers)" in text
     assert secret not in text
     assert 'database "***" does not exist' in text
+
+
+def event_run(number: int) -> RunInfo:
+    return RunInfo("cdr_webhook", f"asset_triggered__{number}", "asset_triggered", None, None, {})
+
+
+def test_an_event_run_selects_like_a_scheduled_scan_in_chunk_mode_and_a_clear_maps_the_same(cdr_db):
+    dialer = Dialer(cdr_db)
+    with_watermark(cdr_db, db_now(cdr_db))
+    cdrs = [dialer.cdr() for _ in range(5)]
+    settings = Settings(cdrs_per_task=2)
+    now = dt.datetime.now(dt.UTC)
+    select = lambda run, at: claim_cdrs(  # noqa: E731
+        cdr_db, run, settings, now=at, connections=configs({"cdr_webhook": {}}), cdrs_per_task=2
+    )
+
+    chunks = select(event_run(1), now)
+    assert [len(chunk["cdr_ids"]) for chunk in chunks] == [2, 2, 1]
+    assert [cdr for chunk in chunks for cdr in chunk["cdr_ids"]] == cdrs  # oldest first
+    # A clear of its select step maps exactly what it had claimed, later or not.
+    assert select(event_run(1), now + dt.timedelta(minutes=5)) == chunks
+    # Another event run finds nothing new: it sends nothing.
+    assert select(event_run(2), now + dt.timedelta(seconds=1)) == []
