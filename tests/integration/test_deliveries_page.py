@@ -281,7 +281,9 @@ def test_bad_filters_are_named(client):
 # -- detail ----------------------------------------------------------------------------------------
 
 
-def test_the_detail_shows_every_attempt_and_the_payload_as_sent_now_without_secrets(client, populated, cdr_db):
+def test_the_detail_shows_every_attempt_and_the_payload_as_sent_now_without_secrets(
+    client, populated, cdr_db
+):
     response = get(client, "/delivery", cdr_id=populated["failed_42"], endpoint="cdr_webhook_client_42")
     assert response.status_code == 200
     html = response.text

@@ -25,7 +25,7 @@ def test_fires_only_for_rows_newer_than_the_watermark_and_the_last_fire():
     assert fire(state(), T0 + S).fire
     assert not fire(state(), T0).fire  # the scan already read up to the watermark
     assert not fire(state(), None).fire  # an empty source
-    assert not fire(state(fired_through=T0 + 5 * S, fired_at=T0), T0 + 5 * S).fire  # already fired for
+    assert not fire(state(fired_through=T0 + 5 * S, fired_at=T0 + 55 * S), T0 + 5 * S).fire  # fired for
     assert fire(state(fired_through=T0 + 5 * S, fired_at=T0), T0 + 6 * S).fire
     # A scan that moved the watermark past the last fire covers the rows before it.
     assert not fire(state(watermark=T0 + 9 * S, fired_through=T0 + 5 * S), T0 + 8 * S).fire
@@ -62,3 +62,12 @@ def test_an_event_run_scans_to_its_own_clock_from_the_watchers_start():
     now = T0 + 60 * S
     assert event_scan_bounds(now=now, watch_started_from=T0) == (T0 + dt.timedelta(microseconds=1), now)
     assert event_scan_bounds(now=now, watch_started_from=None) == (now, now)  # nothing to read yet
+
+
+def test_a_fire_no_scan_followed_fires_again_once_a_while_later():
+    # The DAG was paused as the watcher fired (the event started nothing), or the run waits behind
+    # max_active_runs: the rows are still after the watermark.
+    assert not fire(state(fired_through=T0 + 5 * S, fired_at=T0 + 50 * S), T0 + 5 * S).fire  # 10 s ago
+    assert fire(state(fired_through=T0 + 5 * S, fired_at=T0 + 30 * S), T0 + 5 * S).fire
+    # A scan read them: nothing to do.
+    assert not fire(state(watermark=T0 + 9 * S, fired_through=T0 + 5 * S, fired_at=T0), T0 + 5 * S).fire

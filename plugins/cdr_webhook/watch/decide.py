@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 NOTIFY_FALLBACK_SECONDS = 15.0
 
 
+#: Seconds after a fire whose rows no scan has read yet (the watermark is still before them) when the
+#: watcher fires again: the run it asked for was never started (an event while the DAG was being
+#: paused, apache/airflow#49857) or waits (``max_active_runs`` reached, #56050). At most one such
+#: fire per this many seconds; a run it starts for rows another run took finds nothing.
+REFIRE_SECONDS = 15.0
+
+
 @dataclasses.dataclass(frozen=True)
 class WatchState:
     """The database's view of one source relation, read on every poll (one row each)."""
@@ -37,6 +44,14 @@ class WatchState:
         """The newest created_at a run has scanned or been asked for; rows newer than it are new."""
         known = [t for t in (self.watermark, self.fired_through, self.started_from) if t is not None]
         return max(known) if known else None
+
+    def unscanned_fire(self, refire_seconds: float) -> bool:
+        """The last fire is ``refire_seconds`` old and no scan has read its rows yet."""
+        if self.fired_through is None or self.fired_at is None:
+            return False
+        if self.watermark is not None and self.watermark > self.fired_through:
+            return False
+        return (self.now - self.fired_at).total_seconds() >= refire_seconds
 
     @property
     def needs_baseline(self) -> bool:
@@ -67,14 +82,18 @@ def decide(
     covered = state.covered
     new_rows = newest is not None and (covered is None or newest > covered)
     more = state.more_at is not None and (state.fired_at is None or state.more_at > state.fired_at)
-    if not (new_rows or more):
+    unscanned = state.unscanned_fire(max(REFIRE_SECONDS, 5 * min_gap_seconds))
+    if not (new_rows or more or unscanned):
         return Decision(False, "nothing new", poll_seconds)
-    reason = (
-        f"CDRs committed up to created_at {newest.isoformat()} (covered up to "
-        f"{covered.isoformat() if covered else 'nothing'})"
-        if new_rows and newest is not None
-        else "a run left CDRs queued beyond max_cdrs_per_run"
-    )
+    if new_rows and newest is not None:
+        reason = (
+            f"CDRs committed up to created_at {newest.isoformat()} (covered up to "
+            f"{covered.isoformat() if covered else 'nothing'})"
+        )
+    elif more:
+        reason = "a run left CDRs queued beyond max_cdrs_per_run"
+    else:
+        reason = "no run has scanned the CDRs of the last event yet (paused, or max_active_runs reached?)"
     if state.fired_at is not None:
         since = (state.now - state.fired_at).total_seconds()
         if 0 <= since < min_gap_seconds:
