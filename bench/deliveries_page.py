@@ -23,8 +23,11 @@ import psycopg
 from psycopg import sql
 
 from bench.selection_at_size import RELATION, Bench, dataset, dataset_arguments
-from cdr_webhook import deliveries, endpoints, ledger, source
-from cdr_webhook.deliveries import Filters
+from cdr_webhook import ledger
+from cdr_webhook.ledger import endpoints
+from cdr_webhook.selection import source
+from cdr_webhook.web import deliveries
+from cdr_webhook.web.deliveries import Filters
 
 PAGE = 50
 

@@ -503,8 +503,8 @@ class Bench:
     def raw(self, n: int, loops: int) -> Row:
         """N fresh CDRs, their bodies built and signed as post_cdr does, POSTed by ``loops`` sessions."""
         from cdr_webhook.payload import build_payload, encode_body
+        from cdr_webhook.selection.source import fetch_rows
         from cdr_webhook.signing import build_headers, webhook_id
-        from cdr_webhook.source import fetch_rows
 
         pool = self.pool()
         ids, _, _, committed = self.fresh_cdrs(n)
@@ -659,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # kill (SIGTERM) stops Airflow too; a background job ignores SIGINT, so that is the way to stop it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.path.insert(0, str(ROOT / "plugins"))
-    from cdr_webhook.schema import migrate
+    from cdr_webhook.ledger.schema import migrate
 
     scratch = Path(tempfile.mkdtemp(prefix="cdr-webhook-harness-"))
     admin_dsn = server_dsn(args.dsn, scratch)

@@ -56,15 +56,16 @@ if {execute!r}:
     timed(
         "execute's first-call imports",
         lambda: [importlib.import_module(m) for m in (
-            "cdr_webhook.db", "cdr_webhook.ledger", "cdr_webhook.endpoints", "cdr_webhook.payload",
-            "cdr_webhook.source", "cdr_webhook.signing", "cdr_webhook.slots", "cdr_webhook.config",
+            "cdr_webhook.db", "cdr_webhook.ledger", "cdr_webhook.ledger.endpoints", "cdr_webhook.payload",
+            "cdr_webhook.selection.source", "cdr_webhook.signing", "cdr_webhook.deliver.slots",
+            "cdr_webhook.config",
             "airflow.sdk.observability.stats",
         )],
     )
     from cdr_webhook.settings import load_settings
     settings = timed("load_settings(), first", load_settings)
     timed("load_settings(), again", load_settings)
-    from cdr_webhook.hooks import CdrWebhookHook
+    from cdr_webhook.deliver.hook import CdrWebhookHook
     hook = timed(
         "hook and endpoint config (HTTP connection)",
         lambda: CdrWebhookHook("cdr_webhook", allowed_networks=settings.allowed_networks).endpoint,

@@ -30,8 +30,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from bench.harness import server_dsn
-from cdr_webhook import endpoints, ledger, schema, source
-from cdr_webhook.routing import Route, client_conn_id
+from cdr_webhook import ledger
+from cdr_webhook.ledger import endpoints, schema
+from cdr_webhook.selection import source
+from cdr_webhook.selection.routing import Route, client_conn_id
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import Scan, Window
 from demo.dialer import load_reference_schema

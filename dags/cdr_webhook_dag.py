@@ -26,7 +26,7 @@ from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
-from cdr_webhook.operators import CdrWebhookOperator, RetryAfterPolicy
+from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryAfterPolicy
 from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
 from cdr_webhook.watch.schedule import watched_schedule
 from cdr_webhook.window import POLICIES
@@ -92,8 +92,8 @@ def cdr_webhook_dag() -> None:
         from airflow.sdk import conf
 
         from cdr_webhook.db import connect
-        from cdr_webhook.selection import airflow_connections, run_info
-        from cdr_webhook.selection import select_cdrs as claim_cdrs
+        from cdr_webhook.selection.step import airflow_connections, run_info
+        from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 
         with connect() as conn:
             return claim_cdrs(
@@ -122,7 +122,7 @@ def cdr_webhook_dag() -> None:
             **retrying,
         ).expand_kwargs(select_cdrs())
     else:
-        from cdr_webhook.chunk import CHUNK_NAME_TEMPLATE, CdrWebhookChunkOperator
+        from cdr_webhook.deliver.chunk import CHUNK_NAME_TEMPLATE, CdrWebhookChunkOperator
 
         CdrWebhookChunkOperator.partial(
             task_id="post_cdr",

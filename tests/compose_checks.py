@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from cdr_webhook.config import EndpointConfigError, parse_endpoint
-from cdr_webhook.egress import parse_networks
-from cdr_webhook.routing import CLIENT_CONN_PREFIX
+from cdr_webhook.deliver.egress import parse_networks
+from cdr_webhook.selection.routing import CLIENT_CONN_PREFIX
 from cdr_webhook.settings import (
     _PARSERS,
     CDR_DB_CONN_ID,

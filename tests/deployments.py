@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def prepare_cdr_database(dsn: str) -> None:
     """A clean CDR database for a deployment: the reference schema, the ledger and endpoint tables."""
-    from cdr_webhook.schema import migrate
+    from cdr_webhook.ledger.schema import migrate
     from demo.dialer import load_reference_schema
 
     with psycopg.connect(dsn, autocommit=True) as conn:

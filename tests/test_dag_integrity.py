@@ -1,4 +1,4 @@
-"""The DAG folder and the plugins folder load cleanly, and the DAG has the shape DESIGN.md promises."""
+"""The DAG and plugins folders load cleanly, and the DAG has the shape README.md's "How it works" draws."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_no_import_errors(dagbag):
 def test_dag_shape(dagbag):
     from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable
 
-    from cdr_webhook.operators import CdrWebhookOperator
+    from cdr_webhook.deliver.operator import CdrWebhookOperator
 
     dag = dagbag.dags["cdr_webhook"]
     # The minute schedule, or an event of the commit watcher (watch_interval_seconds 1 by default).
@@ -54,10 +54,10 @@ def test_plugin_loading_does_not_import_package_modules_under_bare_names():
     assert plugins_manager.get_import_errors() == {}
     package_modules = sorted(
         path.stem
-        for path in (ROOT / "plugins" / "cdr_webhook").glob("*.py")
+        for path in (ROOT / "plugins" / "cdr_webhook").rglob("*.py")
         if not path.stem.startswith("__")
     )
-    assert {"hooks", "egress", "deadline", "settings"} <= set(package_modules)  # the glob found the package
+    assert {"hook", "egress", "deadline", "settings"} <= set(package_modules)  # the glob found the package
     for bare in package_modules:
         module = sys.modules.get(bare)
         assert module is None or "cdr_webhook" not in str(getattr(module, "__file__", "")), bare
@@ -118,7 +118,7 @@ def test_a_notifier_that_cannot_be_imported_is_an_import_error_naming_the_settin
 def test_chunk_mode_maps_the_chunk_operator_named_by_its_first_cdr_and_size(settings_env):
     from airflow.dag_processing.dagbag import DagBag
 
-    from cdr_webhook.chunk import CdrWebhookChunkOperator
+    from cdr_webhook.deliver.chunk import CdrWebhookChunkOperator
 
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK", "100")
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN", "20000")

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from cdr_webhook import endpoints, schema
 from cdr_webhook.config import EndpointConfig, EndpointConfigError, EndpointFilters, load_endpoint
+from cdr_webhook.ledger import endpoints, schema
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
 if TYPE_CHECKING:

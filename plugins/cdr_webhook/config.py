@@ -88,7 +88,7 @@ class EndpointConfig:
         return _origin(self.url)
 
     def tls_extra(self) -> dict[str, str]:
-        """The TLS material as connection extras (for :func:`cdr_webhook.egress.pem_files`)."""
+        """The TLS material as connection extras (for :func:`cdr_webhook.deliver.egress.pem_files`)."""
         values = {"ca_bundle": self.ca_bundle, "client_cert": self.client_cert, "client_key": self.client_key}
         return {name: value for name, value in values.items() if value}
 

@@ -6,6 +6,15 @@ import dataclasses
 import enum
 
 
+class DeliveryStatus(enum.StrEnum):
+    """A ledger row's status: the state of one CDR's delivery to one endpoint."""
+
+    QUEUED = "queued"  # waiting to be sent, or between two tries
+    DELIVERED = "delivered"  # a 2xx came back
+    FAILED = "failed"  # given up: no retry can help, or the retries ran out
+    SKIPPED = "skipped"  # never to be sent: the row cannot be mapped (the error says why)
+
+
 class Outcome(enum.Enum):
     """The verdict on one attempt."""
 
@@ -55,7 +64,7 @@ class Verdict(enum.Enum):
 class Decision:
     """The whole decision on one attempt: the ledger's record, the task's verdict, the endpoint's count."""
 
-    status: str  # the ledger status to record: delivered, queued (a retry follows) or failed
+    status: DeliveryStatus  # to record: delivered, queued (a retry follows) or failed
     verdict: Verdict
     error: str | None  # the ledger's error text; None when delivered
     final: bool  # the delivery has ended (delivered or given up): it counts in the endpoint's streak
@@ -86,11 +95,11 @@ def decide_attempt(
     else:
         outcome = classify_response(http_status)
     if outcome is Outcome.DELIVERED:
-        return Decision("delivered", Verdict.SUCCEED, None, final=True, gone=False)
+        return Decision(DeliveryStatus.DELIVERED, Verdict.SUCCEED, None, final=True, gone=False)
     text = error or describe_status(http_status or 0, reason)
     gone = http_status == GONE
     if outcome is Outcome.FAIL:
-        return Decision("failed", Verdict.FAIL_NOW, text, final=True, gone=gone)
+        return Decision(DeliveryStatus.FAILED, Verdict.FAIL_NOW, text, final=True, gone=gone)
     if try_number <= max_tries:
-        return Decision("queued", Verdict.RETRY, text, final=False, gone=False)
-    return Decision("failed", Verdict.EXHAUSTED, text, final=True, gone=False)
+        return Decision(DeliveryStatus.QUEUED, Verdict.RETRY, text, final=False, gone=False)
+    return Decision(DeliveryStatus.FAILED, Verdict.EXHAUSTED, text, final=True, gone=False)

@@ -248,7 +248,7 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
 
 
 def _networks(name: str, raw: str) -> tuple[str, ...]:
-    from cdr_webhook.egress import parse_networks  # the egress guard's own parser, one rule for both
+    from cdr_webhook.deliver.egress import parse_networks  # the egress guard's own parser, one rule for both
 
     try:
         return tuple(str(network) for network in parse_networks(raw))

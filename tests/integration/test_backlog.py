@@ -7,8 +7,8 @@ import os
 import statistics
 import time
 
-from cdr_webhook.selection import RunInfo
-from cdr_webhook.selection import select_cdrs as claim_cdrs
+from cdr_webhook.selection.step import RunInfo
+from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from tests.endpoint_configs import configs
 from tests.source_feed import FEED, create_feed
@@ -88,8 +88,8 @@ def fill_feed(conn, n: int) -> None:
 
 def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(cdr_db, settings_env):
     """Chunk mode end to end below Airflow: select steps, then every chunk task of each run, for real."""
-    from cdr_webhook import endpoints, schema
-    from cdr_webhook.chunk import CdrWebhookChunkOperator
+    from cdr_webhook.deliver.chunk import CdrWebhookChunkOperator
+    from cdr_webhook.ledger import endpoints, schema
     from demo.connections import http_conn
     from demo.receiver import Receiver
     from tests.integration.test_operators import FakeTaskInstance

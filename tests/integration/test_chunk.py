@@ -18,11 +18,11 @@ import psycopg
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from cdr_webhook import schema
-from cdr_webhook.chunk import CdrWebhookChunkOperator
-from cdr_webhook.operators import RetryLater
+from cdr_webhook.deliver.chunk import CdrWebhookChunkOperator
+from cdr_webhook.deliver.operator import RetryLater
+from cdr_webhook.deliver.slots import endpoint_slot, endpoint_slots
+from cdr_webhook.ledger import schema
 from cdr_webhook.signing import webhook_id
-from cdr_webhook.slots import endpoint_slot, endpoint_slots
 from demo.dialer import Dialer
 from demo.receiver import Receiver
 from tests.integration.test_operators import (

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from cdr_webhook import deliveries, ledger
-from cdr_webhook.schema import migrate
+from cdr_webhook import ledger
+from cdr_webhook.ledger.schema import migrate
+from cdr_webhook.web import deliveries
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
 from tests.e2e.conftest import API_KEY, SIGNING_SECRET, airflow_db  # noqa: F401 (a fixture)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook import ledger, schema
+from cdr_webhook import ledger
+from cdr_webhook.ledger import schema
 from tests.integration.test_schema import indexes, install_up_to, versions
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cdr_webhook.egress import (
+from cdr_webhook.deliver.egress import (
     ALLOWED_NETWORKS_ENV,
     EndpointRefused,
     GuardedAdapter,
@@ -326,7 +326,7 @@ def test_the_next_checked_address_is_tried_when_one_cannot_be_connected_to(caplo
         assert target.seen == [
             {"path": "/x", "host": f"two.test:{target.port}", "body": b"once", "client": None}
         ]
-        [warning] = [r.getMessage() for r in caplog.records if r.name == "cdr_webhook.egress"]
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "cdr_webhook.deliver.egress"]
         assert warning.startswith("Could not connect to two.test at 127.0.0.2 (")
         assert warning.endswith("; trying its next address, 127.0.0.1")
 
@@ -581,7 +581,7 @@ def test_missing_tls_file_is_refused_at_construction(tmp_path):
 
 
 def test_hook_uses_the_connection_ca_bundle_and_client_certificate(pki, monkeypatch):
-    from cdr_webhook.hooks import CdrWebhookHook
+    from cdr_webhook.deliver.hook import CdrWebhookHook
 
     def connection(**extra: str) -> None:
         monkeypatch.setenv(
@@ -612,7 +612,7 @@ def test_hook_uses_the_connection_ca_bundle_and_client_certificate(pki, monkeypa
 
 
 def test_hook_deadline_cuts_off_headers_sent_a_byte_at_a_time_over_tls(pki, monkeypatch):
-    from cdr_webhook.hooks import CdrWebhookHook
+    from cdr_webhook.deliver.hook import CdrWebhookHook
     from tests.drip_server import DripServer
 
     reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\nok"
@@ -644,7 +644,7 @@ def test_hook_deadline_cuts_off_headers_sent_a_byte_at_a_time_over_tls(pki, monk
 
 
 def test_hook_refusal_is_reported_not_raised(monkeypatch):
-    from cdr_webhook.hooks import CdrWebhookHook
+    from cdr_webhook.deliver.hook import CdrWebhookHook
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_TLS_TEST", json.dumps({"conn_type": "http", "host": "http://127.0.0.1:9/x"})

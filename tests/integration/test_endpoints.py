@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
-from cdr_webhook import endpoints, schema
-from cdr_webhook.endpoints import GONE_REASON, EndpointEvent
+from cdr_webhook.ledger import endpoints, schema
+from cdr_webhook.ledger.endpoints import GONE_REASON, EndpointEvent
 from tests.conftest import ROOT
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ def test_a_failing_notifier_is_logged_not_raised(settings_env, caplog):
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER", "tests.endpoint_notifier_probe:broken")
     event = EndpointEvent("ep", "paused", "by hand", "alice", dt.datetime(2026, 11, 28, tzinfo=dt.UTC))
 
-    with caplog.at_level(logging.INFO, logger="cdr_webhook.endpoints"):
+    with caplog.at_level(logging.INFO, logger="cdr_webhook.ledger.endpoints"):
         endpoints.notify(event)
 
     messages = [record.getMessage() for record in caplog.records]
@@ -396,7 +396,7 @@ def test_a_failing_notifier_is_logged_not_raised(settings_env, caplog):
 
 def test_notify_without_a_notifier_only_logs(settings_env, caplog):
     event = EndpointEvent("ep", "resumed", None, "alice", dt.datetime(2026, 11, 28, tzinfo=dt.UTC))
-    with caplog.at_level(logging.INFO, logger="cdr_webhook.endpoints"):
+    with caplog.at_level(logging.INFO, logger="cdr_webhook.ledger.endpoints"):
         endpoints.notify(event)
     assert [record.getMessage() for record in caplog.records] == [
         "Endpoint ep resumed by alice at 2026-11-28 00:00:00+00:00: no reason given"

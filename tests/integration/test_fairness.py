@@ -6,7 +6,8 @@ import datetime as dt
 
 import pytest
 
-from cdr_webhook import ledger, schema
+from cdr_webhook import ledger
+from cdr_webhook.ledger import schema
 from cdr_webhook.window import Window
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)

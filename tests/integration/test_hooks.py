@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cdr_webhook.config import EndpointConfigError
-from cdr_webhook.hooks import CdrWebhookHook
+from cdr_webhook.deliver.hook import CdrWebhookHook
 from cdr_webhook.signing import build_headers
 from demo.receiver import Receiver
 from tests.drip_server import DripServer

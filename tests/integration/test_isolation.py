@@ -11,10 +11,10 @@ from decimal import Decimal
 import pytest
 
 from cdr_webhook import ledger
-from cdr_webhook.selection import RunInfo
-from cdr_webhook.selection import select_cdrs as claim_cdrs
+from cdr_webhook.selection.source import fetch_rows
+from cdr_webhook.selection.step import RunInfo
+from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
-from cdr_webhook.source import fetch_rows
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
 from tests.source_feed import FEED, add_feed_row, create_feed
@@ -270,7 +270,7 @@ def test_an_endpoint_whose_connection_was_deleted_is_held(cdr_db):
 
 
 def test_a_failing_endpoint_is_throttled_to_its_in_flight_limit_across_runs(cdr_db):
-    from cdr_webhook import endpoints, schema
+    from cdr_webhook.ledger import endpoints, schema
 
     schema.migrate(cdr_db)
     dialer = Dialer(cdr_db)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from cdr_webhook import schema
-from cdr_webhook.operators import CdrWebhookOperator, RetryLater
+from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryLater
+from cdr_webhook.ledger import schema
 from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
@@ -263,7 +263,7 @@ def test_a_try_that_finds_every_slot_busy_is_rescheduled_without_using_a_retry(
     import psycopg
     from airflow.sdk.exceptions import AirflowRescheduleException
 
-    from cdr_webhook.slots import endpoint_slot
+    from cdr_webhook.deliver.slots import endpoint_slot
 
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SLOT_WAIT_SECONDS", "0")
     connect_endpoint(monkeypatch, receiver.url, signing_secret=SECRET, max_in_flight=1)

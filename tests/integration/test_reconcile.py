@@ -9,9 +9,10 @@ import logging
 import psycopg
 import pytest
 
-from cdr_webhook import ledger, schema
-from cdr_webhook.routing import Route
-from cdr_webhook.selection import RunInfo, select_cdrs
+from cdr_webhook import ledger
+from cdr_webhook.ledger import schema
+from cdr_webhook.selection.routing import Route
+from cdr_webhook.selection.step import RunInfo, select_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
@@ -44,7 +45,7 @@ def test_a_cdr_committed_long_after_the_lag_is_queued_by_the_next_reconciliation
         assert [run(cdr_db, n) for n in (2, 3, 4)] == [[], [], []]
         late_conn.commit()
 
-    caplog.set_level(logging.INFO, logger="cdr_webhook.selection")
+    caplog.set_level(logging.INFO, logger="cdr_webhook.selection.step")
     caplog.clear()  # what runs 1 to 4 logged, if this logger was already at INFO
     assert run(cdr_db, 5) == []  # the last reconciliation was 60 s ago: not yet
     assert "Reconciliation" not in caplog.text
@@ -165,7 +166,7 @@ def test_a_sweep_in_slices_queues_a_late_cdr_anywhere_in_the_window_exactly_once
     assert sorted(sent) == sorted(on_time)
 
     late = {dialer.cdr(client_id=2, created_at=T0 + at * SECOND) for at in (15, 65, 118)}
-    caplog.set_level(logging.INFO, logger="cdr_webhook.selection")
+    caplog.set_level(logging.INFO, logger="cdr_webhook.selection.step")
     caplog.clear()
     # The window [T0, T0 + (n - 2) min) holds 15 ledger rows at most: a sweep is 5 runs, two sweeps 10.
     sent = [cdr_id for n in range(7, 17) for cdr_id in run(cdr_db, n, SLICED)]

@@ -7,9 +7,10 @@ import datetime as dt
 
 import pytest
 
-from cdr_webhook import endpoints, ledger, schema
-from cdr_webhook.selection import RunInfo
-from cdr_webhook.selection import select_cdrs as claim_cdrs
+from cdr_webhook import ledger
+from cdr_webhook.ledger import endpoints, schema
+from cdr_webhook.selection.step import RunInfo
+from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
 from tests.endpoint_configs import configs

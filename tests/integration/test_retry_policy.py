@@ -6,8 +6,8 @@ import datetime as dt
 
 from airflow.sdk.definitions.retry_policy import RetryAction
 
-from cdr_webhook.hooks import retry_after_seconds
-from cdr_webhook.operators import RetryAfterPolicy, RetryLater
+from cdr_webhook.deliver.hook import retry_after_seconds
+from cdr_webhook.deliver.operator import RetryAfterPolicy, RetryLater
 
 
 def test_retry_after_sets_the_delay_up_to_the_cap():

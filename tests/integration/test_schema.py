@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from cdr_webhook import schema
+from cdr_webhook.ledger import schema
 
 
 def columns(conn: psycopg.Connection[Any], table: str) -> set[str]:

@@ -10,9 +10,11 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from cdr_webhook import ledger, schema, selection
-from cdr_webhook.selection import RunInfo
-from cdr_webhook.selection import select_cdrs as claim_cdrs
+from cdr_webhook import ledger
+from cdr_webhook.ledger import schema
+from cdr_webhook.selection import step as selection
+from cdr_webhook.selection.step import RunInfo
+from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
 from demo.dialer import Dialer
@@ -115,8 +117,8 @@ def test_the_backlog_in_the_log_is_counted_up_to_a_bound(cdr_db, monkeypatch, ca
     for s in range(1, 8):
         dialer.cdr(created_at=T0 + dt.timedelta(seconds=s))
     settings = dataclasses.replace(SETTINGS, max_cdrs_per_run=1)
-    monkeypatch.setattr(ledger, "BACKLOG_COUNT_LIMIT", 5)
-    caplog.set_level("INFO", logger="cdr_webhook.selection")
+    monkeypatch.setattr(ledger.queue, "BACKLOG_COUNT_LIMIT", 5)
+    caplog.set_level("INFO", logger="cdr_webhook.selection.step")
 
     select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), settings, now=T0 + MINUTE)
     assert "; at least 5 queued CDR(s) wait for later runs" in caplog.text

@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 
-from cdr_webhook.slots import NoSlot, endpoint_slot
+from cdr_webhook.deliver.slots import NoSlot, endpoint_slot
 
 
 def test_no_more_than_limit_posts_in_flight_per_endpoint(cdr_db, cdr_dsn):

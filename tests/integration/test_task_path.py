@@ -32,10 +32,10 @@ before = set(sys.modules)
 spec = importlib.util.spec_from_file_location("cdr_webhook_dag", {dag!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-from cdr_webhook.operators import CdrWebhookOperator
+from cdr_webhook.deliver.operator import CdrWebhookOperator
 # every module execute() imports when it runs
-import cdr_webhook.db, cdr_webhook.endpoints, cdr_webhook.ledger, cdr_webhook.payload, cdr_webhook.signing
-import cdr_webhook.slots, cdr_webhook.source, cdr_webhook.config
+import cdr_webhook.db, cdr_webhook.ledger.endpoints, cdr_webhook.ledger, cdr_webhook.payload
+import cdr_webhook.signing, cdr_webhook.deliver.slots, cdr_webhook.selection.source, cdr_webhook.config
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
@@ -47,7 +47,7 @@ def test_a_try_imports_neither_aiohttp_nor_the_provider_hooks():
     )
     imported = set(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    assert "cdr_webhook.operators" in imported  # the probe did load the task's modules
+    assert "cdr_webhook.deliver.operator" in imported  # the probe did load the task's modules
     assert sorted(name for name in imported if name.startswith(HEAVY)) == []
 
 

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from cdr_webhook import ledger, schema
-from cdr_webhook.selection import RunInfo
-from cdr_webhook.selection import select_cdrs as claim_cdrs
+from cdr_webhook import ledger
+from cdr_webhook.ledger import schema
+from cdr_webhook.selection.step import RunInfo
+from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.watch import notify
 from cdr_webhook.watch.trigger import CdrCommitTrigger

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdr_webhook.routing import Route, Router
+from cdr_webhook.selection.routing import Route, Router
 
 EXISTING = {"cdr_webhook_client_7", "cdr_webhook_client_8"}
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
-from cdr_webhook.source import relation_identifier
+from cdr_webhook.db import relation_identifier
 
 if TYPE_CHECKING:
     import psycopg

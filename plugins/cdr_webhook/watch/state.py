@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
-from cdr_webhook.source import relation_identifier
+from cdr_webhook.db import relation_identifier
 from cdr_webhook.watch.decide import WatchState
 
 if TYPE_CHECKING:

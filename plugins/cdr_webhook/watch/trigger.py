@@ -184,7 +184,7 @@ async def _drain(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 def _migrate(args: dict[str, Any]) -> None:
-    from cdr_webhook import schema
+    from cdr_webhook.ledger import schema
 
     with psycopg.connect(**args, autocommit=True) as conn:
         schema.migrate(conn)

@@ -1,7 +1,7 @@
 """The page's state changes, each a POST with the user's CSRF token: redeliver, a Params run, pause/resume.
 
 Redeliveries and runs go to Airflow's REST API with the caller's own token; pause and resume are our
-own endpoint tables (:mod:`cdr_webhook.endpoints`, as the CLI).
+own endpoint tables (:mod:`cdr_webhook.ledger.endpoints`, as the CLI).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from cdr_webhook import deliveries, endpoints
+from cdr_webhook.ledger import endpoints
 from cdr_webhook.settings import load_settings
-from cdr_webhook.web import airflow_api, forms
+from cdr_webhook.web import airflow_api, deliveries, forms
 from cdr_webhook.web.deps import Conn, base_url, prefix, render
 from cdr_webhook.web.security import CanClear, CanPause, CanTrigger, caller_token, check_csrf
 

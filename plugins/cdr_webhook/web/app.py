@@ -13,8 +13,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cdr_webhook import deliveries, endpoints
-from cdr_webhook.web import actions, forms
+from cdr_webhook.ledger import endpoints
+from cdr_webhook.web import actions, deliveries, forms
 from cdr_webhook.web.deps import HERE, Conn, login_url, prefix, render, settings, templates
 from cdr_webhook.web.security import CanView  # noqa: TC001 (FastAPI reads the annotations at runtime)
 

@@ -42,7 +42,7 @@ def _connect() -> psycopg.Connection[Any]:
 @functools.cache
 def _migrated() -> bool:
     # The page may open before the DAG's first run has made (or upgraded) the ledger.
-    from cdr_webhook.schema import migrate
+    from cdr_webhook.ledger.schema import migrate
 
     with _connect() as conn:
         migrate(conn)

@@ -1,8 +1,9 @@
 """The request a delivery would send now: built from the source row by the code ``post_cdr`` runs.
 
-The body comes from :func:`~cdr_webhook.source.fetch_rows` and :func:`~cdr_webhook.attempts.build_body`,
-the headers from :func:`~cdr_webhook.attempts.sign`; what the connection's secrets produce
-(``x-api-key``, the signatures) is replaced before anything reaches a page.
+The body comes from :func:`~cdr_webhook.selection.source.fetch_rows` and
+:func:`~cdr_webhook.deliver.attempts.build_body`, the headers from
+:func:`~cdr_webhook.deliver.attempts.sign`; what the connection's secrets produce (``x-api-key``, the
+signatures) is replaced before anything reaches a page.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook.attempts import build_body, sign
 from cdr_webhook.config import EndpointConfigError, load_endpoint, scrub
+from cdr_webhook.deliver.attempts import build_body, sign
 from cdr_webhook.payload import InvalidCdr
+from cdr_webhook.selection.source import fetch_rows
 from cdr_webhook.signing import webhook_id
-from cdr_webhook.source import fetch_rows
 
 if TYPE_CHECKING:
     import psycopg
 
-    from cdr_webhook.deliveries import Delivery
+    from cdr_webhook.web.deliveries import Delivery
 
 REDACTED = "(secret, not shown)"
 

@@ -11,12 +11,13 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook import endpoints, ledger, schema
+from cdr_webhook import ledger
 from cdr_webhook.config import EndpointConfig, EndpointConfigError
+from cdr_webhook.ledger import endpoints, schema
 from cdr_webhook.payload import InvalidCdr, build_payload
-from cdr_webhook.routing import Route, Router
+from cdr_webhook.selection.routing import Route, Router
+from cdr_webhook.selection.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
-from cdr_webhook.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.watch import state as watch_state
 from cdr_webhook.window import (
     ASSET_TRIGGERED,
@@ -164,7 +165,7 @@ def select_cdrs(
         len(claims),
         len(sendable),
         len(claims) - len(sendable),
-        f"at least {waiting}" if waiting >= ledger.BACKLOG_COUNT_LIMIT else waiting,
+        f"at least {waiting}" if waiting >= ledger.queue.BACKLOG_COUNT_LIMIT else waiting,
     )
     return _mapped_all(conn, sendable, cdrs_per_task, max_tasks)
 

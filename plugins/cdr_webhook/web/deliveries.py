@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from psycopg.rows import class_row
 
-from cdr_webhook.ledger import without_jit
-from cdr_webhook.source import relation_identifier
+from cdr_webhook.db import relation_identifier, without_jit
+from cdr_webhook.outcome import DeliveryStatus
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import psycopg
 
 #: Ledger statuses, and "never queued": CDRs of the source with no ledger row (completeness only).
-LIST_STATUSES = ("queued", "delivered", "failed", "skipped")
+LIST_STATUSES = tuple(DeliveryStatus)
 #: Days one completeness table may span: each day reads its CDRs from the source.
 MAX_COMPLETENESS_DAYS = 31
 

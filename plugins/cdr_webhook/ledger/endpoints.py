@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg.rows import class_row
 
-from cdr_webhook.ledger import without_jit
+from cdr_webhook.db import without_jit
 from cdr_webhook.settings import load_settings, resolve_import_path
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ def list_endpoints(conn: psycopg.Connection[Any], *, endpoint: str | None = None
     """
     Return every endpoint with a state row or ledger rows (or just ``endpoint``), ordered by name.
 
-    Needs the ledger table too (:func:`cdr_webhook.schema.migrate` makes both). An endpoint with only
+    Needs the ledger table too (:func:`cdr_webhook.ledger.schema.migrate` makes both). An endpoint with only
     delivered CDRs is listed as well: the ledger's endpoints are found one index probe each (a loose
     index scan), and only their queued and failed rows are counted.
     """

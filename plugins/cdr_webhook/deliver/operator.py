@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 from airflow.sdk.exceptions import AirflowException
 
-from cdr_webhook.attempts import (
+from cdr_webhook.deliver.attempts import (
     Attempt,
     build_bodies,
     decide,
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from cdr_webhook.config import EndpointConfig
-    from cdr_webhook.hooks import AttemptResult, CdrWebhookHook
+    from cdr_webhook.deliver.hook import AttemptResult, CdrWebhookHook
     from cdr_webhook.ledger import Claim
     from cdr_webhook.settings import Settings
 
@@ -167,7 +167,8 @@ class CdrWebhookOperator(EndpointPostOperator):
         """Own the CDR's ledger row for this try; skip when another run has it or its endpoint is paused."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from cdr_webhook import endpoints, ledger
+        from cdr_webhook import ledger
+        from cdr_webhook.ledger import endpoints
 
         try:
             claim = ledger.start_attempt(
@@ -194,7 +195,7 @@ class CdrWebhookOperator(EndpointPostOperator):
         from airflow.sdk.exceptions import AirflowFailException
 
         from cdr_webhook import ledger
-        from cdr_webhook.source import fetch_rows
+        from cdr_webhook.selection.source import fetch_rows
 
         rows = fetch_rows(conn, settings.source_relation, [(claim.cdr_id, claim.cdr_created_at)])
         bodies, invalid = build_bodies(rows, [claim], settings.source_relation)
@@ -213,7 +214,7 @@ class CdrWebhookOperator(EndpointPostOperator):
         settings: Settings,
     ) -> AttemptResult:
         """Sign and send, holding one of the endpoint's in-flight slots."""
-        from cdr_webhook.slots import NoSlot, endpoint_slot
+        from cdr_webhook.deliver.slots import NoSlot, endpoint_slot
 
         mask_secrets(endpoint)
         limit = endpoint.in_flight_limit(settings.max_in_flight_per_endpoint)

@@ -8,6 +8,7 @@ from psycopg import DataError, sql
 from psycopg.rows import dict_row
 from psycopg.types import datetime as pg_datetime
 
+from cdr_webhook.db import relation_identifier
 from cdr_webhook.payload import SOURCE_COLUMNS, Ambiguous, Unloadable
 
 if TYPE_CHECKING:
@@ -45,11 +46,6 @@ _TOLERANT_LOADERS: dict[str, type[Loader]] = {
     "timestamptz": _tolerant(pg_datetime.TimestamptzLoader),
     "interval": _tolerant(pg_datetime.IntervalLoader),
 }
-
-
-def relation_identifier(relation: str) -> sql.Identifier:
-    """Return the SQL identifier of a (possibly schema-qualified) relation name."""
-    return sql.Identifier(*relation.split("."))
 
 
 def check_source(conn: psycopg.Connection[Any], relation: str) -> None:

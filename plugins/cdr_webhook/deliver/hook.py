@@ -19,15 +19,14 @@ from requests.structures import CaseInsensitiveDict
 
 from cdr_webhook import __version__
 from cdr_webhook.config import scrub
-from cdr_webhook.deadline import Deadline
-from cdr_webhook.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
-from cdr_webhook.ledger import EXCERPT_BYTES
+from cdr_webhook.deliver.deadline import Deadline
+from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
     from cdr_webhook.config import EndpointConfig
-    from cdr_webhook.egress import Resolver
+    from cdr_webhook.deliver.egress import Resolver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +52,9 @@ class AttemptResult:
 
 
 #: Every request's headers besides the caller's (a session's, and each POST's).
+#: The most of a response body read and kept as its excerpt (the ledger's ``response_excerpt``).
+EXCERPT_BYTES = 2048
+
 BASE_HEADERS = {
     "user-agent": f"cdr-webhook/{__version__}",
     "accept-encoding": "identity",  # no compressed replies: no decompression bombs
@@ -69,7 +71,7 @@ class CdrWebhookHook(BaseHook):
     headers, ignores proxy environment variables, sends none of the connection's extras as headers
     (the signing secret lives there), and reads at most :data:`EXCERPT_BYTES` of a response, by the
     same deadline.
-    Every request goes through the egress guard (:mod:`cdr_webhook.egress`): no internal address
+    Every request goes through the egress guard (:mod:`cdr_webhook.deliver.egress`): no internal address
     unless ``allowed_networks`` lets it, no plain http outside them, the checked address is the one
     connected to, and TLS is always verified.
 

@@ -1,8 +1,8 @@
 """The steps of a delivery attempt that a CDR task and a chunk task share: one set of rules for both.
 
 Reading the endpoint, building a body, signing and sending, recording the outcomes (ledger and
-endpoint state) and logging them are here; :mod:`cdr_webhook.operators` (one CDR per task) and
-:mod:`cdr_webhook.chunk` (many) differ only in how they end the task.
+endpoint state) and logging them are here; :mod:`cdr_webhook.deliver.operator` (one CDR per task) and
+:mod:`cdr_webhook.deliver.chunk` (many) differ only in how they end the task.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook.hooks import CdrWebhookHook, describe_excerpt
+from cdr_webhook.deliver.hook import CdrWebhookHook, describe_excerpt
 
 if TYPE_CHECKING:
     import logging
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from requests import Session
 
     from cdr_webhook.config import EndpointConfig, EndpointConfigError
-    from cdr_webhook.hooks import AttemptResult
+    from cdr_webhook.deliver.hook import AttemptResult
     from cdr_webhook.ledger import Claim
     from cdr_webhook.outcome import Decision
     from cdr_webhook.settings import Settings
@@ -56,7 +56,8 @@ def hold_endpoint(
     No retry can mend a connection, so the endpoint is paused with the reason and the claims go back
     to the queue (they go out once it is fixed and resumed).
     """
-    from cdr_webhook import endpoints, ledger
+    from cdr_webhook import ledger
+    from cdr_webhook.ledger import endpoints
 
     reason = f"configuration: {err}"
     ledger.release_many(conn, claims, reason=reason)
@@ -147,7 +148,8 @@ def record(conn: psycopg.Connection[Any], attempts: Sequence[Attempt], settings:
     A delivery's end may pause the endpoint; its event is logged and sent to the notifier. Returns
     the endpoints these attempts paused.
     """
-    from cdr_webhook import endpoints, ledger
+    from cdr_webhook import ledger
+    from cdr_webhook.ledger import endpoints
 
     if not attempts:
         return []

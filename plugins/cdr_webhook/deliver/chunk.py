@@ -1,7 +1,7 @@
 """Chunk mode: one mapped task POSTs up to ``cdrs_per_task`` CDRs of one endpoint, each its own POST.
 
 Each CDR keeps its own ledger row, attempts, ``webhook-id``, deadline and outcome rules (the same
-steps as a task of one CDR: :mod:`cdr_webhook.attempts`); the task sends up to the endpoint's
+steps as a task of one CDR: :mod:`cdr_webhook.deliver.attempts`); the task sends up to the endpoint's
 in-flight limit at once over kept-alive connections, and its ledger work is batched.
 """
 
@@ -11,7 +11,7 @@ import concurrent.futures
 import time
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook.attempts import (
+from cdr_webhook.deliver.attempts import (
     Attempt,
     build_bodies,
     decide,
@@ -20,7 +20,7 @@ from cdr_webhook.attempts import (
     record,
     signed_post,
 )
-from cdr_webhook.operators import EndpointPostOperator
+from cdr_webhook.deliver.operator import EndpointPostOperator
 from cdr_webhook.outcome import Verdict
 
 if TYPE_CHECKING:
@@ -31,10 +31,10 @@ if TYPE_CHECKING:
     from requests import Session
 
     from cdr_webhook.config import EndpointConfig
-    from cdr_webhook.hooks import AttemptResult
+    from cdr_webhook.deliver.hook import AttemptResult
+    from cdr_webhook.deliver.slots import HeldSlots
     from cdr_webhook.ledger import Claim, NotStarted
     from cdr_webhook.settings import Settings
-    from cdr_webhook.slots import HeldSlots
 
 #: Outcomes recorded at once: a worker lost mid-chunk re-sends at most these (at-least-once).
 RECORD_EVERY = 50
@@ -52,7 +52,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
     POST a chunk of CDRs of one endpoint, each as its own Standard Webhooks–signed request.
 
     Every CDR is claimed, built, signed, sent, decided and recorded exactly as
-    :class:`~cdr_webhook.operators.CdrWebhookOperator` does for one; up to the endpoint's in-flight
+    :class:`~cdr_webhook.deliver.operator.CdrWebhookOperator` does for one; up to the endpoint's in-flight
     limit go at once. The task ends by the worst outcome among its CDRs: some to retry, it raises
     for Airflow to retry, and the retry sends only those; some failed for good (after its other CDRs
     were delivered), it fails, naming them; clearing it sends again its CDRs not delivered.
@@ -93,7 +93,8 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         """
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from cdr_webhook import endpoints, ledger
+        from cdr_webhook import ledger
+        from cdr_webhook.ledger import endpoints
 
         # Airflow sets max_tries to try_number + retries when it clears a task: this is a fresh start.
         fresh = ti.try_number == ti.max_tries - self.retries + 1
@@ -127,9 +128,9 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
     ) -> tuple[list[Attempt], list[tuple[Claim, str]]]:
         """Build every body (one query), then POST them up to the in-flight limit at once."""
         from cdr_webhook import ledger
-        from cdr_webhook.operators import reschedule
-        from cdr_webhook.slots import NoSlot, endpoint_slots
-        from cdr_webhook.source import fetch_rows
+        from cdr_webhook.deliver.operator import reschedule
+        from cdr_webhook.deliver.slots import NoSlot, endpoint_slots
+        from cdr_webhook.selection.source import fetch_rows
 
         rows = fetch_rows(conn, settings.source_relation, [(c.cdr_id, c.cdr_created_at) for c in claims])
         bodies, skipped = build_bodies(rows, claims, settings.source_relation)
@@ -282,7 +283,7 @@ class CdrWebhookChunkOperator(EndpointPostOperator):
         """Log the chunk's summary and end the task by its worst outcome: retry, fail, or succeed."""
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-        from cdr_webhook.operators import RetryLater
+        from cdr_webhook.deliver.operator import RetryLater
 
         retry = [a for a in attempts if a.decision.verdict is Verdict.RETRY]
         failed = [

@@ -23,7 +23,7 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 from urllib3.util import parse_url
 
-from cdr_webhook.deadline import WATCHED_POOLS, current_deadline
+from cdr_webhook.deliver.deadline import WATCHED_POOLS, current_deadline
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -190,7 +190,7 @@ class GuardedAdapter(HTTPAdapter):
     against ``ca_bundle`` when given (it replaces the default store), else requests' CA bundle.
     ``client_cert`` is ``(cert_path, key_path)`` for mutual TLS. Proxies are refused.
 
-    Inside a :class:`~cdr_webhook.deadline.Deadline` block, resolving, connecting and every socket
+    Inside a :class:`~cdr_webhook.deliver.deadline.Deadline` block, resolving, connecting and every socket
     the adapter opens are bound by that one deadline, and no further address is tried once it passed.
     """
 

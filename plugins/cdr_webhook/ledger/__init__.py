@@ -1,0 +1,91 @@
+"""The delivery ledger, in schema ``cdr_webhook`` of the CDR database: one row per (CDR, endpoint).
+
+A row is both the outbox and the record. Its life, one module per stage:
+
+* :mod:`~cdr_webhook.ledger.watermark`: how far scheduled scans have read the source, and the
+  reconciliation's sweep behind them;
+* :mod:`~cdr_webhook.ledger.queue`: new CDRs entered as ``queued``, and a run's fair share of them;
+* :mod:`~cdr_webhook.ledger.claims`: which run and task own a row, and the start of each attempt;
+* :mod:`~cdr_webhook.ledger.records`: what each attempt produced (and the attempt history);
+* :mod:`~cdr_webhook.ledger.retention`: finished rows deleted after ``retention_days``;
+* :mod:`~cdr_webhook.ledger.endpoints`: each endpoint's state (paused, why, its failure streak);
+* :mod:`~cdr_webhook.ledger.schema`: the tables, made and upgraded by numbered steps.
+
+The names below are the ledger's API, used as ``ledger.assign(...)``, ``ledger.Claim``.
+"""
+
+from __future__ import annotations
+
+from cdr_webhook.ledger.claims import (
+    Claim,
+    ClaimLost,
+    NotStarted,
+    keep_claims_alive,
+    owned_claims,
+    record_request,
+    recorded_request,
+    release,
+    release_many,
+    start_attempt,
+    start_attempts,
+)
+from cdr_webhook.ledger.queue import (
+    LONG_CDR_ID_PREFIX,
+    MAX_CDR_ID_LENGTH,
+    NULL_CDR_ID_PREFIX,
+    assign,
+    enqueue_new,
+    finished_endpoints,
+    late_clients,
+    queued_backlog,
+    requeue,
+)
+from cdr_webhook.ledger.records import (
+    AttemptRecord,
+    mark_skipped,
+    mark_skipped_many,
+    record_attempt,
+    record_attempts,
+)
+from cdr_webhook.ledger.retention import prune
+from cdr_webhook.ledger.watermark import (
+    advance_watermark,
+    due_reconciliation,
+    lock_watermark,
+    note_scan_start,
+    reconcile_slice,
+)
+
+__all__ = [
+    "LONG_CDR_ID_PREFIX",
+    "MAX_CDR_ID_LENGTH",
+    "NULL_CDR_ID_PREFIX",
+    "AttemptRecord",
+    "Claim",
+    "ClaimLost",
+    "NotStarted",
+    "advance_watermark",
+    "assign",
+    "due_reconciliation",
+    "enqueue_new",
+    "finished_endpoints",
+    "keep_claims_alive",
+    "late_clients",
+    "lock_watermark",
+    "mark_skipped",
+    "mark_skipped_many",
+    "note_scan_start",
+    "owned_claims",
+    "prune",
+    "queued_backlog",
+    "reconcile_slice",
+    "record_attempt",
+    "record_attempts",
+    "record_request",
+    "recorded_request",
+    "release",
+    "release_many",
+    "requeue",
+    "start_attempt",
+    "start_attempts",
+]
