@@ -16,6 +16,7 @@ type), ``enum`` for any enum type, and ``<name>[]`` for arrays.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from cdr_webhook.payload import PAYLOAD_FIELDS, SOURCE_COLUMNS
 
@@ -47,17 +48,17 @@ class ColumnRule:
         return type_name in self.accepted or type_name in self.tolerated
 
 
-_INTEGER = {
+_INTEGER: dict[str, Any] = {
     "display": "smallint, integer or bigint",
     "accepted": _INTEGER_TYPES,
     "tolerated": frozenset({"numeric"}) | _FLOAT_TYPES | _JSON_TYPES,  # whole values only
 }
-_NUMBER = {
+_NUMBER: dict[str, Any] = {
     "display": "numeric, integer types, real or double precision",
     "accepted": _INTEGER_TYPES | _FLOAT_TYPES | {"numeric"},
     "tolerated": _JSON_TYPES,
 }
-_TEXT = {"display": "text, varchar or char", "accepted": _AS_TEXT, "tolerated": _JSON_TYPES}
+_TEXT: dict[str, Any] = {"display": "text, varchar or char", "accepted": _AS_TEXT, "tolerated": _JSON_TYPES}
 _KINDS = {"integer": _INTEGER, "number": _NUMBER, "text": _TEXT}
 
 _KIND_OF = {
