@@ -1,8 +1,9 @@
-"""The operator's command line: ``python -m cdr_webhook endpoints list|pause|resume|check`` and
-``python -m cdr_webhook source install-notify|remove-notify TABLE``.
+"""The operator's command line: python -m cdr_webhook endpoints list|pause|resume|check, source
+check|preview|install-notify|remove-notify.
 
 (plugins/ on sys.path.) The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow
-connection ``cdr_db``; ``check`` reads endpoint connections the way the DAG does, through Airflow.
+connection ``cdr_db``; ``endpoints check`` and ``source preview`` read endpoint connections the way the
+DAG does, through Airflow.
 """
 
 from __future__ import annotations
@@ -62,19 +63,52 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("endpoint", nargs="+", type=_non_empty, help="Airflow connection ids")
     pause.add_argument("--reason", type=_non_empty, required=True, help="why, for the audit trail")
     resume.add_argument("--reason", type=_non_empty, help="why, for the audit trail")
-    source = groups.add_parser("source", help="the NOTIFY trigger that wakes the commit watcher at once")
-    source_commands = source.add_subparsers(
-        dest="command", required=True, metavar="install-notify|remove-notify"
+    _add_source_commands(groups, common)
+    return parser
+
+
+def _add_source_commands(groups: Any, common: argparse.ArgumentParser) -> None:
+    """``source check`` and ``source preview`` (the source relation, before a run reads it), and
+    ``source install-notify|remove-notify`` (the commit watcher's NOTIFY trigger)."""
+    group = groups.add_parser(
+        "source", help="check the source relation, preview what a run would send, the NOTIFY trigger"
     )
-    for name, text in (
-        ("install-notify", "notify the watcher on every INSERT statement into TABLE"),
-        ("remove-notify", "drop that trigger (the watcher polls again)"),
-    ):
-        sub = source_commands.add_parser(name, parents=[common], help=text)
-        sub.add_argument(
+    commands = group.add_subparsers(
+        dest="command", required=True, metavar="check|preview|install-notify|remove-notify"
+    )
+    check = commands.add_parser(
+        "check", parents=[common], help="columns, types, query, index and the newest rows' mapping"
+    )
+    check.add_argument("--sample", type=_positive, default=1000, help="newest rows to map (default 1000)")
+    preview = commands.add_parser(
+        "preview", parents=[common], help="print the requests a run over a window would send; sends nothing"
+    )
+    preview.add_argument("--from", dest="start", required=True, help="first created_at (ISO 8601, UTC)")
+    preview.add_argument("--to", dest="end", help="created_at to stop before (default: now)")
+    preview.add_argument("--client", type=int, help="only this client_id's CDRs")
+    preview.add_argument("--limit", type=_positive, default=100, help="CDRs to show at most (default 100)")
+    for name, text in NOTIFY_COMMANDS.items():
+        notify = commands.add_parser(name, parents=[common], help=text)
+        notify.add_argument(
             "table", type=_non_empty, help="the table the dialer inserts CDRs into, e.g. dialer.cdr"
         )
-    return parser
+
+
+#: ``source install-notify|remove-notify TABLE``: the NOTIFY trigger that wakes the commit watcher.
+NOTIFY_COMMANDS = {
+    "install-notify": "wake the commit watcher on every INSERT statement into TABLE",
+    "remove-notify": "drop that trigger (the watcher polls again)",
+}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _secrets(dsn: str) -> list[str]:
@@ -213,7 +247,15 @@ def source_command(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.group == "source":
-        source_command(args)
+        if args.command in NOTIFY_COMMANDS:
+            source_command(args)
+            return
+        from cdr_webhook.selection import cli as source_cli
+
+        with connect(args.dsn) as conn:
+            problem = source_cli.run(conn, args)
+        if problem:
+            raise CliError(problem)
         return
     if args.command == "check":
         check(args.endpoint)

@@ -251,3 +251,14 @@ def test_an_event_run_selects_like_a_scheduled_scan_in_chunk_mode_and_a_clear_ma
     assert select(event_run(1), now + dt.timedelta(minutes=5)) == chunks
     # Another event run finds nothing new: it sends nothing.
     assert select(event_run(2), now + dt.timedelta(seconds=1)) == []
+
+
+def test_the_cli_installs_and_removes_the_notify_trigger_by_table(cdr_db, cdr_dsn, capsys):
+    from cdr_webhook.__main__ import main
+
+    assert main(["source", "install-notify", "dialer.cdr", "--dsn", cdr_dsn]) == 0
+    assert "installed trigger cdr_webhook_notify on dialer.cdr" in capsys.readouterr().out
+    assert main(["source", "install-notify", "cdr_webhook_source", "--dsn", cdr_dsn]) == 1
+    assert "is a view: install the trigger on the table" in capsys.readouterr().err
+    assert main(["source", "remove-notify", "dialer.cdr", "--dsn", cdr_dsn]) == 0
+    assert "removed trigger cdr_webhook_notify from dialer.cdr" in capsys.readouterr().out
