@@ -26,7 +26,12 @@ from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
-from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryAfterPolicy
+from cdr_webhook.deliver.operator import (
+    CDR_NAME_TEMPLATE,
+    CHUNK_NAME_TEMPLATE,
+    CdrWebhookOperator,
+    RetryAfterPolicy,
+)
 from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
 from cdr_webhook.watch.schedule import watched_schedule
 from cdr_webhook.window import POLICIES
@@ -114,23 +119,15 @@ def cdr_webhook_dag() -> None:
         "retry_policy": RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
         "max_active_tis_per_dagrun": settings.max_active_posts_per_run,
     }
-    if settings.cdrs_per_task == 1:
-        CdrWebhookOperator.partial(
-            task_id="post_cdr",
-            execution_timeout=settings.attempt_timeout,
-            map_index_template="{{ task.cdr_id }}",
-            **retrying,
-        ).expand_kwargs(select_cdrs())
-    else:
-        from cdr_webhook.deliver.chunk import CHUNK_NAME_TEMPLATE, CdrWebhookChunkOperator
-
-        CdrWebhookChunkOperator.partial(
-            task_id="post_cdr",
-            execution_timeout=settings.chunk_timeout,
-            map_index_template=CHUNK_NAME_TEMPLATE,
-            **retrying,
-            # The chunk size is the DAG's (read at parse time): the select step groups by it.
-        ).expand_kwargs(select_cdrs(cdrs_per_task=settings.cdrs_per_task))
+    chunks = settings.cdrs_per_task > 1
+    CdrWebhookOperator.partial(
+        task_id="post_cdr",
+        # The chunk size is the DAG's (read at parse time): the select step groups by it.
+        cdrs_per_task=settings.cdrs_per_task,
+        execution_timeout=settings.chunk_timeout if chunks else settings.attempt_timeout,
+        map_index_template=CHUNK_NAME_TEMPLATE if chunks else CDR_NAME_TEMPLATE,
+        **retrying,
+    ).expand_kwargs(select_cdrs(cdrs_per_task=settings.cdrs_per_task) if chunks else select_cdrs())
 
 
 cdr_webhook_dag()

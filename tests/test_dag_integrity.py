@@ -39,7 +39,8 @@ def test_dag_shape(dagbag):
     assert "CDR webhook delivery" in dag.doc_md
     post = dag.get_task("post_cdr")
     assert issubclass(post.operator_class, CdrWebhookOperator)
-    assert post.partial_kwargs["map_index_template"] == "{{ task.cdr_id }}"
+    assert post.partial_kwargs["map_index_template"] == "{{ task.cdr_ids[0] }}"
+    assert post.partial_kwargs["cdrs_per_task"] == 1
     assert [t.task_id for t in post.upstream_list] == ["select_cdrs"]
     # Nothing of the CDR is ever a template field (Jinja in CDR text must arrive verbatim).
     assert CdrWebhookOperator.template_fields == ()
@@ -115,10 +116,10 @@ def test_a_notifier_that_cannot_be_imported_is_an_import_error_naming_the_settin
     )
 
 
-def test_chunk_mode_maps_the_chunk_operator_named_by_its_first_cdr_and_size(settings_env):
+def test_chunk_mode_maps_the_operator_over_chunks_named_by_its_first_cdr_and_size(settings_env):
     from airflow.dag_processing.dagbag import DagBag
 
-    from cdr_webhook.deliver.chunk import CdrWebhookChunkOperator
+    from cdr_webhook.deliver.operator import CdrWebhookOperator
 
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK", "100")
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN", "20000")
@@ -128,7 +129,8 @@ def test_chunk_mode_maps_the_chunk_operator_named_by_its_first_cdr_and_size(sett
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
     post = dag.get_task("post_cdr")
 
-    assert issubclass(post.operator_class, CdrWebhookChunkOperator)
+    assert issubclass(post.operator_class, CdrWebhookOperator)
+    assert post.partial_kwargs["cdrs_per_task"] == 100
     assert (
         post.partial_kwargs["map_index_template"]
         == "{{ task.cdr_ids[0] }} ({{ task.cdr_ids | length }} CDRs)"
@@ -137,7 +139,7 @@ def test_chunk_mode_maps_the_chunk_operator_named_by_its_first_cdr_and_size(sett
     assert post.partial_kwargs["execution_timeout"] == dt.timedelta(seconds=10 + 100 * 7 + 60)
     assert [t.task_id for t in post.upstream_list] == ["select_cdrs"]
     assert dag.get_task("select_cdrs").op_kwargs == {"cdrs_per_task": 100}
-    assert CdrWebhookChunkOperator.template_fields == ()
+    assert CdrWebhookOperator.template_fields == ()
 
 
 def test_one_cdr_per_task_is_the_default_dag(dagbag):

@@ -1,9 +1,22 @@
-"""What one delivery attempt's result means: delivered, retry later, or fail now. Pure: no Airflow."""
+"""What one POST produced and what it means: delivered, retry later, or fail now. Pure: no Airflow.
+
+One value travels from the hook to the ledger: the hook's :class:`PostResult`, decided into a
+:class:`Decision` (:func:`decide`), makes an :class:`Attempt`, which the ledger records as it is
+(:func:`cdr_webhook.ledger.record_attempts`, :func:`cdr_webhook.ledger.endpoints.record_outcomes`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import TYPE_CHECKING
+
+from cdr_webhook.config import scrub
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from cdr_webhook.ledger.claims import Claim
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -15,18 +28,50 @@ class DeliveryStatus(enum.StrEnum):
     SKIPPED = "skipped"  # never to be sent: the row cannot be mapped (the error says why)
 
 
-class Outcome(enum.Enum):
-    """The verdict on one attempt."""
+@dataclasses.dataclass(frozen=True)
+class PostResult:
+    """What one POST produced: a status line, or the network error that prevented one."""
 
-    DELIVERED = "delivered"
-    RETRY = "retry"  # a later attempt can succeed: throttling, server errors, network trouble
-    FAIL = "fail"  # no retry can help: the receiver refused this request
+    http_status: int | None
+    reason: str | None
+    response_excerpt: str | None
+    latency_ms: int
+    sent_at: float  # when the POST began, seconds since the epoch
+    error: str | None = None
+    refused: bool = False  # the egress guard refused the endpoint: no request was sent
+    retry_after: float | None = None  # seconds the receiver asked us to wait (Retry-After)
 
+    def scrubbed(self, secrets: Sequence[str]) -> PostResult:
+        """The same result with every secret removed from the texts a receiver can echo into."""
+        return dataclasses.replace(
+            self,
+            reason=scrub(self.reason, secrets),
+            error=scrub(self.error, secrets),
+            response_excerpt=scrub(self.response_excerpt, secrets),
+        )
+
+
+class Verdict(enum.Enum):
+    """What an attempt means, and so what the task does after recording it."""
+
+    DELIVERED = "delivered"  # a 2xx: the task succeeds
+    RETRY = "retry"  # a later attempt can succeed (throttling, server errors, network trouble): retry
+    FAIL_NOW = "fail_now"  # no retry can help (the receiver refused this request): fail at once
+    EXHAUSTED = "exhausted"  # retryable, but this was the last try: fail
+
+
+_STATUS_OF = {
+    Verdict.DELIVERED: DeliveryStatus.DELIVERED,
+    Verdict.RETRY: DeliveryStatus.QUEUED,  # a retry follows
+    Verdict.FAIL_NOW: DeliveryStatus.FAILED,
+    Verdict.EXHAUSTED: DeliveryStatus.FAILED,
+}
 
 _RETRYABLE_4XX = frozenset({408, 429})
+GONE = 410
 
 
-def classify_response(status: int) -> Outcome:
+def classify_response(status: int) -> Verdict:
     """
     Classify an HTTP status: 2xx delivered; 408, 429 and 5xx retried; anything else fails at once.
 
@@ -34,10 +79,10 @@ def classify_response(status: int) -> Outcome:
     POST into a GET and hand the API key to another host.
     """
     if 200 <= status < 300:
-        return Outcome.DELIVERED
+        return Verdict.DELIVERED
     if status in _RETRYABLE_4XX or 500 <= status < 600:
-        return Outcome.RETRY
-    return Outcome.FAIL
+        return Verdict.RETRY
+    return Verdict.FAIL_NOW
 
 
 def describe_status(status: int, reason: str | None) -> str:
@@ -48,38 +93,26 @@ def describe_status(status: int, reason: str | None) -> str:
     return text
 
 
-GONE = 410
-
-
-class Verdict(enum.Enum):
-    """What the task does after recording an attempt."""
-
-    SUCCEED = "succeed"  # delivered: the task succeeds
-    RETRY = "retry"  # raise for Airflow to retry (after the receiver's Retry-After, if any)
-    FAIL_NOW = "fail_now"  # no retry can help: fail without using the remaining tries
-    EXHAUSTED = "exhausted"  # retryable, but this was the last try: fail
-
-
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """The whole decision on one attempt: the ledger's record, the task's verdict, the endpoint's count."""
+    """The decision on one attempt: the task's verdict, the ledger's error text, and a 410."""
 
-    status: DeliveryStatus  # to record: delivered, queued (a retry follows) or failed
     verdict: Verdict
-    error: str | None  # the ledger's error text; None when delivered
-    final: bool  # the delivery has ended (delivered or given up): it counts in the endpoint's streak
-    gone: bool  # HTTP 410: the endpoint is to be paused
+    error: str | None = None  # the ledger's error text; None when delivered
+    gone: bool = False  # HTTP 410: the endpoint is to be paused
+
+    @property
+    def status(self) -> DeliveryStatus:
+        """The ledger row's status to record: delivered, queued (a retry follows) or failed."""
+        return _STATUS_OF[self.verdict]
+
+    @property
+    def final(self) -> bool:
+        """The delivery has ended (delivered or given up): it counts in the endpoint's streak."""
+        return self.verdict is not Verdict.RETRY
 
 
-def decide_attempt(
-    *,
-    http_status: int | None,
-    reason: str | None,
-    error: str | None,
-    refused: bool,
-    try_number: int,
-    max_tries: int,
-) -> Decision:
+def decide(result: PostResult, *, try_number: int, max_tries: int) -> Decision:
     """
     Decide one attempt from what the POST produced and where the task stands in its tries.
 
@@ -88,18 +121,37 @@ def decide_attempt(
     retried while ``try_number <= max_tries``. Only a delivery's end (delivered, failed at once or
     retries exhausted) counts in the endpoint's failure streak, never a try that will be retried.
     """
-    if refused:
-        outcome = Outcome.FAIL  # the egress guard or a malformed endpoint: nothing was sent
-    elif http_status is None:
-        outcome = Outcome.RETRY  # a timeout or a connection error
+    if result.refused:
+        verdict = Verdict.FAIL_NOW  # the egress guard or a malformed endpoint: nothing was sent
+    elif result.http_status is None:
+        verdict = Verdict.RETRY  # a timeout or a connection error
     else:
-        outcome = classify_response(http_status)
-    if outcome is Outcome.DELIVERED:
-        return Decision(DeliveryStatus.DELIVERED, Verdict.SUCCEED, None, final=True, gone=False)
-    text = error or describe_status(http_status or 0, reason)
-    gone = http_status == GONE
-    if outcome is Outcome.FAIL:
-        return Decision(DeliveryStatus.FAILED, Verdict.FAIL_NOW, text, final=True, gone=gone)
+        verdict = classify_response(result.http_status)
+    if verdict is Verdict.DELIVERED:
+        return Decision(verdict)
+    text = result.error or describe_status(result.http_status or 0, result.reason)
+    if verdict is Verdict.FAIL_NOW:
+        return Decision(verdict, text, gone=result.http_status == GONE)
     if try_number <= max_tries:
-        return Decision(DeliveryStatus.QUEUED, Verdict.RETRY, text, final=False, gone=False)
-    return Decision(DeliveryStatus.FAILED, Verdict.EXHAUSTED, text, final=True, gone=False)
+        return Decision(Verdict.RETRY, text)
+    return Decision(Verdict.EXHAUSTED, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One POST of one CDR: its claim, what the POST produced, what was decided, its ``webhook-id``."""
+
+    claim: Claim
+    result: PostResult
+    decision: Decision
+    webhook_id: str
+
+    @property
+    def number(self) -> int:
+        """The attempt's number in the CDR's delivery (1 for its first POST)."""
+        return self.claim.attempts + 1
+
+    @property
+    def pickup_seconds(self) -> float:
+        """How long after the CDR's ``created_at`` this POST began."""
+        return self.result.sent_at - self.claim.cdr_created_at.timestamp()

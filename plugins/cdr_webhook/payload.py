@@ -139,6 +139,13 @@ def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def build_body(cdr_id: str, row: Mapping[str, Any] | None, relation: str) -> bytes:
+    """The body of CDR ``cdr_id`` from its source ``row``; raises ``InvalidCdr`` (a row gone is one too)."""
+    if row is None:
+        raise InvalidCdr(cdr_id, "cdr_id", cdr_id, f"no longer in {relation}")
+    return encode_body(build_payload(row))
+
+
 def encode_body(payload: Mapping[str, Any]) -> bytes:
     """
     Return the exact bytes to POST: compact UTF-8 JSON, fields in spec order.

@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 import uuid
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+
+    from cdr_webhook.config import EndpointConfig
 
 _SECRET_PREFIX = "whsec_"
 # A fixed namespace makes webhook-id a pure function of (endpoint, cdr_id): the same on every
@@ -68,6 +71,17 @@ def build_headers(
     if signing_secrets:
         headers["webhook-signature"] = " ".join(sign(s, msg_id, timestamp, body) for s in signing_secrets)
     return headers
+
+
+def signed_headers(endpoint: EndpointConfig, body: bytes, msg_id: str) -> dict[str, str]:
+    """The headers of a POST of ``body`` to ``endpoint``, signed now: ``webhook-*``, ``x-api-key``, type."""
+    return build_headers(
+        msg_id=msg_id,
+        timestamp=int(time.time()),
+        body=body,
+        api_key=endpoint.api_key,
+        signing_secrets=endpoint.signing_secrets,
+    )
 
 
 #: What a shown request has instead of its ``x-api-key``.

@@ -179,7 +179,8 @@ def test_secrets_reach_no_log_xcom_rendered_field_or_metadata_row(
     assert xcoms  # select_cdrs' mapping list is there...
     for value in xcoms:
         for item in json.loads(value) if value.startswith("[") else []:
-            assert set(item) == {"cdr_id", "http_conn_id"}  # ...and holds ids, never a body
+            assert set(item) == {"cdr_ids", "http_conn_id"}  # ...and holds ids, never a body
+            assert len(item["cdr_ids"]) == 1  # one CDR per task by default
     secret_body = SIGNING_SECRET.removeprefix("whsec_")
     for secret in (API_KEY, SIGNING_SECRET, secret_body):
         assert secret not in log_text

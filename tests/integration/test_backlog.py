@@ -40,9 +40,9 @@ def test_a_50k_backlog_drains_oldest_first_each_cdr_once_never_above_the_cap(cdr
         mapped = claim_cdrs(cdr_db, scheduled(run), SETTINGS, now=T0 + run * MINUTE, connections=CONNECTIONS)
         seconds.append(time.perf_counter() - started)
         assert 0 < len(mapped) <= CAP
-        ids = [item["cdr_id"] for item in mapped]
+        ids = [cdr_id for item in mapped for cdr_id in item["cdr_ids"]]
         for endpoint in last:  # ids sort as the CDRs were created: oldest first, within and across runs
-            theirs = [item["cdr_id"] for item in mapped if item["http_conn_id"] == endpoint]
+            theirs = [c for item in mapped if item["http_conn_id"] == endpoint for c in item["cdr_ids"]]
             assert theirs == sorted(theirs)
             assert not theirs or theirs[0] > last[endpoint]
             last[endpoint] = theirs[-1] if theirs else last[endpoint]
@@ -88,7 +88,7 @@ def fill_feed(conn, n: int) -> None:
 
 def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(cdr_db, settings_env):
     """Chunk mode end to end below Airflow: select steps, then every chunk task of each run, for real."""
-    from cdr_webhook.deliver.chunk import CdrWebhookChunkOperator
+    from cdr_webhook.deliver.operator import CdrWebhookOperator
     from cdr_webhook.ledger import endpoints, schema
     from demo.connections import http_conn
     from demo.receiver import Receiver
@@ -134,8 +134,12 @@ def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(c
                 assert ids == sorted(ids)  # oldest first within the chunk, and after the chunk before it
                 assert ids[0] > last[chunk["http_conn_id"]]
                 last[chunk["http_conn_id"]] = ids[-1]
-                operator = CdrWebhookChunkOperator(
-                    task_id="post_cdr", cdr_ids=ids, http_conn_id=chunk["http_conn_id"], retries=2
+                operator = CdrWebhookOperator(
+                    task_id="post_cdr",
+                    cdr_ids=ids,
+                    http_conn_id=chunk["http_conn_id"],
+                    cdrs_per_task=CHUNK,
+                    retries=2,
                 )
                 operator.execute({"ti": FakeTaskInstance(run_id=f"scheduled__{run}", map_index=index)})
             if run == 1:

@@ -1,4 +1,4 @@
-"""CdrWebhookChunkOperator.execute against real PostgreSQL and real receivers, one try at a time.
+"""CdrWebhookOperator.execute in chunk mode against real PostgreSQL and real receivers, one try at a time.
 
 Each test plays tries of one mapped chunk task (run, map index, try number and max_tries as Airflow
 hands them) and checks the ledger, the endpoint's state, what the receiver got and how the try ends.
@@ -16,10 +16,9 @@ import time
 
 import psycopg
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from cdr_webhook.deliver.chunk import CdrWebhookChunkOperator
-from cdr_webhook.deliver.operator import RetryLater
+from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryLater
 from cdr_webhook.deliver.slots import endpoint_slot, endpoint_slots
 from cdr_webhook.ledger import schema
 from cdr_webhook.signing import webhook_id
@@ -37,6 +36,8 @@ from tests.integration.test_operators import (
 )
 
 NOW = dt.datetime.now(dt.UTC)
+#: The DAG's cdrs_per_task in these tests: every chunk below fits.
+CHUNK_SIZE = 100
 
 
 @pytest.fixture
@@ -65,8 +66,8 @@ def cdrs(conn, n: int) -> list[str]:
 
 
 def run_chunk(cdr_ids: list[str], ti: FakeTaskInstance, *, retries: int = 2) -> None:
-    operator = CdrWebhookChunkOperator(
-        task_id="post_cdr", cdr_ids=cdr_ids, http_conn_id=ENDPOINT, retries=retries
+    operator = CdrWebhookOperator(
+        task_id="post_cdr", cdr_ids=cdr_ids, http_conn_id=ENDPOINT, cdrs_per_task=CHUNK_SIZE, retries=retries
     )
     operator.execute({"ti": ti})
 
@@ -387,3 +388,116 @@ def test_a_410_pauses_the_endpoint_and_the_rest_of_the_chunk_waits_queued(db, mo
         **{cdr: ("queued", 0) for cdr in chunk[2:]},
     }
     assert {row(db, cdr)["run_id"] for cdr in chunk[2:]} == {None}  # unowned: the next run takes them
+
+
+# -- the rules of a chunk -------------------------------------------------------------------------
+
+
+def test_a_chunk_of_a_paused_endpoint_gives_its_cdrs_back_to_the_queue_and_skips(db, receiver):
+    from cdr_webhook.ledger import endpoints
+
+    chunk = cdrs(db, 3)
+    endpoints.pause(db, ENDPOINT, reason="by hand", actor="test")
+    with pytest.raises(AirflowSkipException, match=r"the 3 CDR\(s\) of this chunk still to send stay queued"):
+        run_chunk(chunk, FakeTaskInstance())
+    assert receiver.received() == []
+    assert statuses(db, chunk) == {cdr: ("queued", 0) for cdr in chunk}
+    assert {row(db, cdr)["run_id"] for cdr in chunk} == {None}
+
+
+def test_a_cdr_gone_from_the_source_is_skipped_and_the_chunk_fails_naming_it_after_the_rest(db, receiver):
+    chunk = cdrs(db, 3)
+    db.execute("DELETE FROM dialer.cdr WHERE id::text = %s", (chunk[1],))  # gone from the source
+    with pytest.raises(
+        AirflowFailException, match=f"1 CDR\\(s\\) of this chunk failed for good: {chunk[1]};"
+    ):
+        run_chunk(chunk, FakeTaskInstance())
+    assert statuses(db, chunk) == {
+        chunk[0]: ("delivered", 1),
+        chunk[1]: ("skipped", 0),
+        chunk[2]: ("delivered", 1),
+    }
+    assert sorted(r.cdr_id for r in receiver.received()) == sorted([chunk[0], chunk[2]])
+
+
+def test_a_chunk_of_one_cdr_keeps_the_chunk_rules(db, receiver):
+    # The DAG's chunk size makes the task a chunk, not its length: a cleared chunk of one delivered
+    # CDR does not send it again (a cleared task of one CDR in the default mode would).
+    [cdr] = chunk = cdrs(db, 1)
+    run_chunk(chunk, FakeTaskInstance())
+    run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=1 + 2))
+    assert len(receiver.received(cdr)) == 1
+    assert statuses(db, chunk) == {cdr: ("delivered", 1)}
+
+
+class FakeSlots:
+    """The HeldSlots a ChunkSender asks: its slots, the fair share, taking and giving back."""
+
+    def __init__(self, slots: list[int], fair_share: int) -> None:
+        self.slots = slots
+        self.share = fair_share
+
+    def fair_share(self) -> int:
+        return self.share
+
+    def take_more(self, wanted: int) -> None:
+        free = (slot for slot in range(16) if slot not in self.slots)
+        while len(self.slots) < wanted:
+            self.slots.append(next(free))
+
+    def give_back(self, slot: int) -> None:
+        self.slots.remove(slot)
+
+
+def chunk_sender(held: FakeSlots, wanted: int):
+    from types import SimpleNamespace
+
+    from cdr_webhook.deliver.chunk import ChunkSender
+
+    return ChunkSender(SimpleNamespace(), SimpleNamespace(conn_id=ENDPOINT), held, wanted)
+
+
+def attempt_of(verdict):
+    from cdr_webhook.ledger import Claim
+    from cdr_webhook.outcome import Attempt, Decision, PostResult
+
+    claim = Claim("c", ENDPOINT, 7, NOW, "queued", 0)
+    return Attempt(claim, PostResult(200, None, None, 1, sent_at=0.0), Decision(verdict), "msg")
+
+
+def test_outcomes_are_recorded_in_batches_by_count_by_age_and_at_once_when_one_failed_for_good():
+    from cdr_webhook.deliver.chunk import RECORD_EVERY, RECORD_SECONDS
+    from cdr_webhook.outcome import Verdict
+
+    sender = chunk_sender(FakeSlots([0], 1), wanted=1)
+    soon = sender.last_write + 0.01
+    sender.attempts = [attempt_of(Verdict.DELIVERED)] * (RECORD_EVERY - 1)
+    assert not sender.record_due(soon)
+    assert sender.record_due(sender.last_write + RECORD_SECONDS)  # by age
+    sender.attempts.append(attempt_of(Verdict.DELIVERED))
+    assert sender.record_due(soon)  # by count
+    sender.recorded = len(sender.attempts)
+    sender.attempts.append(attempt_of(Verdict.RETRY))
+    assert not sender.record_due(soon)  # a retry waits for the batch
+    sender.attempts.append(attempt_of(Verdict.EXHAUSTED))
+    assert sender.record_due(soon)  # a failed delivery may pause the endpoint: at once
+
+
+def test_a_chunk_holds_its_fair_share_of_slots_and_no_more_than_it_can_use():
+    import collections
+
+    from cdr_webhook.deliver.chunk import GROW_SECONDS
+
+    held = FakeSlots([0, 1, 2, 3], fair_share=2)  # another chunk of the endpoint sends too
+    sender = chunk_sender(held, wanted=4)
+    sender.waiting = collections.deque(["cdr"] * 10)
+    sender.grow(sender.last_grow + 2 * GROW_SECONDS)
+    sender.shrink()
+    assert len(held.slots) == 2  # its share
+    sender.waiting = collections.deque(["cdr"])
+    sender.shrink()
+    assert len(held.slots) == 1  # one CDR left: one slot
+    held.share = 4  # the other chunk is done
+    sender.waiting = collections.deque(["cdr"] * 10)
+    sender.grow(sender.last_grow + 2 * GROW_SECONDS)
+    assert len(held.slots) == 4  # the slots that came free, up to its share

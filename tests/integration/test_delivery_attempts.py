@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import ledger
 from cdr_webhook.ledger import schema
+from cdr_webhook.outcome import Attempt, PostResult, decide
 from tests.integration.test_schema import indexes, install_up_to, versions
 
 if TYPE_CHECKING:
@@ -82,17 +83,13 @@ def test_a_statement_that_records_many_cdrs_at_once_keeps_one_row_each(cdr_db):
     """A batched recorder (chunk mode) writes one UPDATE for many CDRs: the trigger sees each row."""
     schema.migrate(cdr_db)
     claims = queue(cdr_db, "b1", "b2", "b3")
+    # What three POSTs produced, decided as a task decides them: 200, 400 (refused) and 204.
+    results = [PostResult(http, None, None, latency_ms=1, sent_at=0.0) for http in (200, 400, 204)]
     ledger.record_attempts(
         cdr_db,
         [
-            ledger.AttemptRecord(claim, status, http, error, None, 1)
-            for claim, status, http, error in zip(
-                claims,
-                ["delivered", "failed", "delivered"],
-                [200, 400, 204],
-                [None, "HTTP 400", None],
-                strict=True,
-            )
+            Attempt(claim, result, decide(result, try_number=1, max_tries=1), webhook_id=claim.cdr_id)
+            for claim, result in zip(claims, results, strict=True)
         ],
     )
     assert [history(cdr_db, c) for c in ("b1", "b2", "b3")] == [

@@ -29,7 +29,7 @@ CONNECTIONS: dict[str, dict] = {"cdr_webhook": {}}
 def select_cdrs(conn, run, settings=SETTINGS, *, now=None, connections=None):
     now = now or (run.interval_end if run.interval_end else T0 + dt.timedelta(hours=1))
     mapped = claim_cdrs(conn, run, settings, now=now, connections=configs(connections or CONNECTIONS))
-    return [item["cdr_id"] for item in mapped]
+    return [cdr_id for item in mapped for cdr_id in item["cdr_ids"]]
 
 
 def scheduled(n: int) -> RunInfo:
@@ -181,7 +181,7 @@ def test_a_new_client_connection_does_not_resend_what_the_default_endpoint_had(c
     # Run 2's lag re-read sees the delivered CDR again: routing applies to new CDRs only.
     mapped = claim_cdrs(cdr_db, scheduled(2), SETTINGS, now=T0 + 2 * MINUTE, connections=configs(own))
 
-    assert [(item["cdr_id"], item["http_conn_id"]) for item in mapped] == [(fresh, "cdr_webhook_client_1")]
+    assert mapped == [{"cdr_ids": [fresh], "http_conn_id": "cdr_webhook_client_1"}]
     assert cdr_db.execute(
         "SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_id = %s", (cdr,)
     ).fetchone() == (1,)

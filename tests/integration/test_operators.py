@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import http.server
 import json
+import re
 import threading
 from typing import Any
 
@@ -85,7 +86,9 @@ def endpoint_state(conn) -> dict[str, Any]:
 
 
 def run_try(cdr_id: str, ti: FakeTaskInstance, *, retries: int = 1) -> None:
-    operator = CdrWebhookOperator(task_id="post_cdr", cdr_id=cdr_id, http_conn_id=ENDPOINT, retries=retries)
+    operator = CdrWebhookOperator(
+        task_id="post_cdr", cdr_ids=[cdr_id], http_conn_id=ENDPOINT, retries=retries
+    )
     operator.execute({"ti": ti})
 
 
@@ -311,3 +314,77 @@ def test_tries_of_one_run_at_once_never_wait_on_each_others_claims(db, cdr_dsn):
             claim_timeout_seconds=3600,
         )
     assert claim.cdr_id == mine
+
+
+# -- the rules of a task of one CDR ---------------------------------------------------------------
+
+
+def test_a_paused_endpoint_gives_the_cdr_back_to_the_queue_and_skips_the_task(db, receiver):
+    from cdr_webhook.ledger import endpoints
+
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+    endpoints.pause(db, ENDPOINT, reason="by hand", actor="test")
+
+    with pytest.raises(AirflowSkipException, match=f"endpoint {ENDPOINT} is paused: CDR {cdr} stays queued"):
+        run_try(cdr, FakeTaskInstance())
+
+    assert receiver.received() == []
+    assert (row(db, cdr)["status"], row(db, cdr)["attempts"], row(db, cdr)["run_id"]) == ("queued", 0, None)
+
+
+def test_a_cdr_gone_from_the_source_is_skipped_and_fails_without_retries(db, receiver):
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+    db.execute("DELETE FROM dialer.cdr WHERE id::text = %s", (cdr,))  # gone from the source
+
+    with pytest.raises(AirflowFailException, match=f"CDR {cdr} cannot be sent: .*no longer in"):
+        run_try(cdr, FakeTaskInstance())
+
+    assert receiver.received() == []
+    assert (row(db, cdr)["status"], row(db, cdr)["attempts"]) == ("skipped", 0)
+
+
+def test_a_refused_request_fails_at_once_without_using_a_retry(db, receiver):
+    cdr = Dialer(db).cdr(created_at=NOW - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+    receiver.script(cdr, [400])
+    with pytest.raises(AirflowFailException, match="HTTP 400.*; not retried, no retry can help"):
+        run_try(cdr, FakeTaskInstance(try_number=1, max_tries=3))
+    assert (row(db, cdr)["status"], row(db, cdr)["attempts"]) == ("failed", 1)
+
+
+def test_a_cdrs_first_attempt_logs_and_measures_how_long_after_its_created_at_it_went_out(
+    db, receiver, capsys, monkeypatch
+):
+    from cdr_webhook.deliver import report
+
+    timings: list[tuple[str, float]] = []
+
+    class Stats:
+        @staticmethod
+        def incr(name: str, tags: dict[str, str]) -> None:
+            pass
+
+        @staticmethod
+        def timing(name: str, value: float, tags: dict[str, str]) -> None:
+            timings.append((name, value))
+
+    monkeypatch.setattr(report, "Stats", Stats)
+    cdr = Dialer(db).cdr(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5), client_id=7)
+    queue(db, cdr)
+    receiver.script(cdr, [503])
+
+    with pytest.raises(RetryLater):
+        run_try(cdr, FakeTaskInstance(try_number=1, max_tries=2))
+    run_try(cdr, FakeTaskInstance(try_number=2, max_tries=2))
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if f"CDR {cdr} " in line]
+    [first] = [line for line in lines if "(attempt 1," in line]
+    [second] = [line for line in lines if "(attempt 2," in line]
+    waited = float(re.search(r"\), (\d+\.\d) s after its created_at", first).group(1))
+    assert 300 <= waited < 360  # created 5 minutes before this test sent it
+    assert "after its created_at" not in second  # only the first POST says how long the CDR waited
+    [pickup] = [value for name, value in timings if name == "cdr_webhook.pickup_latency"]
+    assert 300_000 <= pickup < 360_000  # milliseconds, once per CDR
+    assert [name for name, _ in timings].count("cdr_webhook.latency") == 2

@@ -30,7 +30,7 @@ def run(conn, n: int, settings: Settings = SETTINGS) -> list[str]:
     """Scheduled run n, over [T0 + (n-1) min, T0 + n min), at the end of its interval."""
     info = RunInfo("cdr_webhook", f"scheduled__{n}", "scheduled", T0 + (n - 1) * MINUTE, T0 + n * MINUTE, {})
     mapped = select_cdrs(conn, info, settings, now=T0 + n * MINUTE, connections=configs(CONNECTIONS))
-    return [item["cdr_id"] for item in mapped]
+    return [cdr_id for item in mapped for cdr_id in item["cdr_ids"]]
 
 
 def test_a_cdr_committed_long_after_the_lag_is_queued_by_the_next_reconciliation(cdr_db, cdr_dsn, caplog):

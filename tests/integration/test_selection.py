@@ -40,7 +40,7 @@ def manual(run: str, **params) -> RunInfo:
 
 
 def ids(mapped: list[dict[str, str]]) -> list[str]:
-    return [item["cdr_id"] for item in mapped]
+    return [cdr_id for item in mapped for cdr_id in item["cdr_ids"]]
 
 
 def ledger_rows(conn) -> dict[str, tuple]:

@@ -222,7 +222,7 @@ def run(conn, number: int) -> list[str]:
     mapped = select_cdrs(
         conn, scheduled(number), SETTINGS, now=T0 + number * MINUTE, connections=configs({"cdr_webhook": {}})
     )
-    return [item["cdr_id"] for item in mapped]
+    return [cdr_id for item in mapped for cdr_id in item["cdr_ids"]]
 
 
 def ledger_state(conn) -> tuple[list[tuple[str, str]], dt.datetime | None]:

@@ -36,6 +36,7 @@ from cdr_webhook.deliver.operator import CdrWebhookOperator
 # every module execute() imports when it runs
 import cdr_webhook.db, cdr_webhook.ledger.endpoints, cdr_webhook.ledger, cdr_webhook.payload
 import cdr_webhook.signing, cdr_webhook.deliver.slots, cdr_webhook.selection.source, cdr_webhook.config
+import cdr_webhook.deliver.engine, cdr_webhook.deliver.report, cdr_webhook.deliver.hook
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 

@@ -134,7 +134,7 @@ def test_first_start_without_any_scan_leaves_history_to_backfills_and_the_event_
     run = RunInfo("cdr_webhook", "asset_triggered__1", "asset_triggered", None, None, {})
     mapped = claim_cdrs(cdr_db, run, Settings(), now=now, connections=configs({"cdr_webhook": {}}))
 
-    assert [item["cdr_id"] for item in mapped] == [new]
+    assert [cdr_id for item in mapped for cdr_id in item["cdr_ids"]] == [new]
     assert history not in {row[0] for row in cdr_db.execute("SELECT cdr_id FROM cdr_webhook.delivery")}
     row = cdr_db.execute("SELECT created_at FROM cdr_webhook.watermark").fetchone()
     assert row is not None

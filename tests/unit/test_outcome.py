@@ -2,31 +2,32 @@ from __future__ import annotations
 
 import pytest
 
-from cdr_webhook.outcome import Decision, Outcome, Verdict, classify_response, decide_attempt, describe_status
+from cdr_webhook.outcome import Decision, PostResult, Verdict, classify_response, describe_status
+from cdr_webhook.outcome import decide as decide_result
 
 
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [
-        (200, Outcome.DELIVERED),
-        (202, Outcome.DELIVERED),
-        (204, Outcome.DELIVERED),
-        (301, Outcome.FAIL),
-        (302, Outcome.FAIL),
-        (307, Outcome.FAIL),
-        (308, Outcome.FAIL),
-        (400, Outcome.FAIL),
-        (401, Outcome.FAIL),
-        (404, Outcome.FAIL),
-        (410, Outcome.FAIL),
-        (413, Outcome.FAIL),
-        (408, Outcome.RETRY),
-        (429, Outcome.RETRY),
-        (500, Outcome.RETRY),
-        (502, Outcome.RETRY),
-        (503, Outcome.RETRY),
-        (504, Outcome.RETRY),
-        (100, Outcome.FAIL),
+        (200, Verdict.DELIVERED),
+        (202, Verdict.DELIVERED),
+        (204, Verdict.DELIVERED),
+        (301, Verdict.FAIL_NOW),
+        (302, Verdict.FAIL_NOW),
+        (307, Verdict.FAIL_NOW),
+        (308, Verdict.FAIL_NOW),
+        (400, Verdict.FAIL_NOW),
+        (401, Verdict.FAIL_NOW),
+        (404, Verdict.FAIL_NOW),
+        (410, Verdict.FAIL_NOW),
+        (413, Verdict.FAIL_NOW),
+        (408, Verdict.RETRY),
+        (429, Verdict.RETRY),
+        (500, Verdict.RETRY),
+        (502, Verdict.RETRY),
+        (503, Verdict.RETRY),
+        (504, Verdict.RETRY),
+        (100, Verdict.FAIL_NOW),
     ],
 )
 def test_classify_response(status, outcome):
@@ -39,19 +40,14 @@ def test_redirect_error_says_it_was_not_followed():
 
 
 def decide(http_status=None, *, error=None, refused=False, try_number=1, max_tries=3, reason=None):
-    return decide_attempt(
-        http_status=http_status,
-        reason=reason,
-        error=error,
-        refused=refused,
-        try_number=try_number,
-        max_tries=max_tries,
-    )
+    result = PostResult(http_status, reason, None, latency_ms=1, sent_at=0.0, error=error, refused=refused)
+    return decide_result(result, try_number=try_number, max_tries=max_tries)
 
 
 def test_a_2xx_is_delivered_and_ends_the_delivery():
     decision = decide(204, try_number=4, max_tries=3)
-    assert decision == Decision("delivered", Verdict.SUCCEED, None, final=True, gone=False)
+    assert decision == Decision(Verdict.DELIVERED, None, gone=False)
+    assert (decision.status, decision.final) == ("delivered", True)
 
 
 @pytest.mark.parametrize("status", [429, 503, None])
@@ -63,9 +59,8 @@ def test_a_retryable_failure_is_retried_while_tries_remain(status):
 
 def test_the_last_try_of_a_retryable_failure_gives_up():
     decision = decide(503, reason="Service Unavailable", try_number=4, max_tries=3)
-    assert decision == Decision(
-        "failed", Verdict.EXHAUSTED, "HTTP 503 Service Unavailable", final=True, gone=False
-    )
+    assert decision == Decision(Verdict.EXHAUSTED, "HTTP 503 Service Unavailable", gone=False)
+    assert (decision.status, decision.final) == ("failed", True)
 
 
 def test_a_cleared_task_is_judged_by_its_max_tries_not_its_retries():
@@ -84,6 +79,5 @@ def test_a_refusal_by_the_receiver_fails_at_once_whatever_the_tries(status):
 
 def test_a_refused_endpoint_fails_at_once_with_its_error():
     decision = decide(None, error="refused by the egress guard: …", refused=True, max_tries=6)
-    assert decision == Decision(
-        "failed", Verdict.FAIL_NOW, "refused by the egress guard: …", final=True, gone=False
-    )
+    assert decision == Decision(Verdict.FAIL_NOW, "refused by the egress guard: …", gone=False)
+    assert (decision.status, decision.final) == ("failed", True)

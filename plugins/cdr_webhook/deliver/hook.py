@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import email.utils
 import functools
 import json
@@ -18,37 +17,16 @@ from requests import Session
 from requests.structures import CaseInsensitiveDict
 
 from cdr_webhook import __version__
-from cdr_webhook.config import scrub
 from cdr_webhook.deliver.deadline import Deadline
 from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
+from cdr_webhook.outcome import PostResult
+from cdr_webhook.settings import load_settings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
     from cdr_webhook.config import EndpointConfig
     from cdr_webhook.deliver.egress import Resolver
-
-
-@dataclasses.dataclass(frozen=True)
-class AttemptResult:
-    """What one POST produced: a status line, or the network error that prevented one."""
-
-    http_status: int | None
-    reason: str | None
-    response_excerpt: str | None
-    latency_ms: int
-    error: str | None = None
-    refused: bool = False  # the egress guard refused the endpoint: no request was sent
-    retry_after: float | None = None  # seconds the receiver asked us to wait (Retry-After)
-
-    def scrubbed(self, secrets: Sequence[str]) -> AttemptResult:
-        """The same result with every secret removed from the texts a receiver can echo into."""
-        return dataclasses.replace(
-            self,
-            reason=scrub(self.reason, secrets),
-            error=scrub(self.error, secrets),
-            response_excerpt=scrub(self.response_excerpt, secrets),
-        )
 
 
 #: Every request's headers besides the caller's (a session's, and each POST's).
@@ -109,6 +87,14 @@ class CdrWebhookHook(BaseHook):
         self.timeout = timeout
         self.allowed_networks = parse_networks(",".join(allowed_networks))
         self.resolver = resolver
+
+    @classmethod
+    def from_settings(cls, http_conn_id: str) -> CdrWebhookHook:
+        """The hook of an endpoint with the ``request_timeout_seconds`` and ``allowed_networks`` settings."""
+        settings = load_settings()
+        return cls(
+            http_conn_id, timeout=settings.request_timeout_seconds, allowed_networks=settings.allowed_networks
+        )
 
     @functools.cached_property
     def connection(self) -> Any:
@@ -188,14 +174,14 @@ class CdrWebhookHook(BaseHook):
                 for each in made:
                     each.close()
 
-    def post(self, body: bytes, headers: dict[str, str], *, session: Session | None = None) -> AttemptResult:
+    def post(self, body: bytes, headers: dict[str, str], *, session: Session | None = None) -> PostResult:
         """
         POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal.
 
         ``session``: one from :meth:`sessions`, whose connections are kept alive from POST to POST;
         by default the POST has a session of its own.
         """
-        started = time.monotonic()
+        started, sent_at = time.monotonic(), time.time()
         refused = False
         try:
             with contextlib.ExitStack() as stack:
@@ -206,21 +192,7 @@ class CdrWebhookHook(BaseHook):
                 if session is None:
                     session = self.get_conn(tls=tls)
                 try:
-                    # Straight to the session's egress guard: Session.post would merge settings,
-                    # parse the URL, run hooks and keep the receiver's cookies for the next POST
-                    # (none of which a webhook wants): over a third of a kept-alive POST's CPU.
-                    request = self._request(body, headers)
-                    with session.get_adapter(request.url).send(
-                        request, stream=True, timeout=(self.timeout, self.timeout), proxies={}
-                    ) as response:
-                        excerpt = _read_excerpt(response, deadline.ends)
-                        return AttemptResult(
-                            http_status=response.status_code,
-                            reason=response.reason,
-                            response_excerpt=excerpt,
-                            latency_ms=_elapsed_ms(started),
-                            retry_after=retry_after_seconds(response.headers.get("retry-after")),
-                        )
+                    return self._exchange(session, self._request(body, headers), deadline, started, sent_at)
                 except requests.RequestException:
                     if not deadline.passed:
                         raise
@@ -241,14 +213,40 @@ class CdrWebhookHook(BaseHook):
             error = f"TLS failed: {_network_reason(err)}"
         except requests.RequestException as err:
             error = f"connection failed: {_network_reason(err)}"
-        return AttemptResult(
+        return PostResult(
             http_status=None,
             reason=None,
             response_excerpt=None,
             latency_ms=_elapsed_ms(started),
+            sent_at=sent_at,
             error=error,
             refused=refused,
         )
+
+    def _exchange(
+        self,
+        session: Session,
+        request: requests.PreparedRequest,
+        deadline: Deadline,
+        started: float,
+        sent_at: float,
+    ) -> PostResult:
+        """Send ``request`` and read the reply's status line, headers and excerpt, by the deadline."""
+        # Straight to the session's egress guard: Session.post would merge settings, parse the URL,
+        # run hooks and keep the receiver's cookies for the next POST (none of which a webhook
+        # wants): over a third of a kept-alive POST's CPU.
+        with session.get_adapter(request.url).send(
+            request, stream=True, timeout=(self.timeout, self.timeout), proxies={}
+        ) as response:
+            excerpt = _read_excerpt(response, deadline.ends)
+            return PostResult(
+                http_status=response.status_code,
+                reason=response.reason,
+                response_excerpt=excerpt,
+                latency_ms=_elapsed_ms(started),
+                sent_at=sent_at,
+                retry_after=retry_after_seconds(response.headers.get("retry-after")),
+            )
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:

@@ -41,7 +41,6 @@ from cdr_webhook.ledger.queue import (
     requeue,
 )
 from cdr_webhook.ledger.records import (
-    AttemptRecord,
     mark_skipped,
     mark_skipped_many,
     record_attempt,
@@ -60,7 +59,6 @@ __all__ = [
     "LONG_CDR_ID_PREFIX",
     "MAX_CDR_ID_LENGTH",
     "NULL_CDR_ID_PREFIX",
-    "AttemptRecord",
     "Claim",
     "ClaimLost",
     "NotStarted",

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from psycopg.rows import class_row
 
 from cdr_webhook.db import without_jit
+from cdr_webhook.ledger.claims import release_many
+from cdr_webhook.outcome import Decision, Verdict
 from cdr_webhook.settings import load_settings, resolve_import_path
 
 if TYPE_CHECKING:
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import psycopg
+
+    from cdr_webhook.config import EndpointConfigError
+    from cdr_webhook.ledger.claims import Claim
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +112,18 @@ def resume(
         return _record_event(conn, endpoint, "resumed", reason, actor)
 
 
-@dataclasses.dataclass(frozen=True)
-class AttemptOutcome:
-    """What one attempt means to its endpoint's state (see :func:`record_outcome`)."""
+def hold(
+    conn: psycopg.Connection[Any], endpoint: str, claims: Sequence[Claim], err: EndpointConfigError
+) -> EndpointEvent | None:
+    """
+    Hold an endpoint whose connection cannot be used: pause it with the reason and give its claims
+    back to the queue, the reason on their rows. Returns the pause event (None if it was paused).
 
-    delivered: bool
-    final: bool = True
-    gone: bool = False
+    No retry can mend a connection: its CDRs go out, in order, once it is fixed and resumed.
+    """
+    reason = f"configuration: {err}"
+    release_many(conn, claims, reason=reason)
+    return pause(conn, endpoint, reason=reason, actor="cdr_webhook")
 
 
 def record_outcome(
@@ -137,10 +147,13 @@ def record_outcome(
     first failed delivery ``pause_after_hours`` ago. Returns the event only when this call paused
     the endpoint.
     """
+    if delivered and (gone or not final):
+        raise ValueError("a delivered attempt ends its delivery and cannot be HTTP 410 Gone")
+    verdict = Verdict.DELIVERED if delivered else Verdict.FAIL_NOW if final else Verdict.RETRY
     return record_outcomes(
         conn,
         endpoint,
-        [AttemptOutcome(delivered, final, gone)],
+        [Decision(verdict, gone=gone)],
         pause_after_failures=pause_after_failures,
         pause_after_hours=pause_after_hours,
         actor=actor,
@@ -150,33 +163,30 @@ def record_outcome(
 def record_outcomes(
     conn: psycopg.Connection[Any],
     endpoint: str,
-    outcomes: Sequence[AttemptOutcome],
+    decisions: Sequence[Decision],
     *,
     pause_after_failures: int,
     pause_after_hours: float,
     actor: str = "cdr_webhook",
 ) -> EndpointEvent | None:
     """
-    Count several attempts of one endpoint, in the order given, in one statement (a chunk's).
+    Count the decided attempts of one endpoint, in the order given, in one statement (a chunk's).
 
     The counts end as :func:`record_outcome` called once per attempt would leave them: a delivery
     resets them, so only the attempts after the last delivery count. A 410 among them pauses the
     endpoint; the other rules are checked on the counts at the end.
     """
-    for outcome in outcomes:
-        if outcome.delivered and (outcome.gone or not outcome.final):
-            raise ValueError("a delivered attempt ends its delivery and cannot be HTTP 410 Gone")
     if pause_after_failures < 1 or not pause_after_hours > 0:
         raise ValueError(
             f"pause_after_failures ({pause_after_failures}) must be at least 1 and "
             f"pause_after_hours ({pause_after_hours}) greater than 0"
         )
-    if not outcomes:
+    if not decisions:
         return None
-    delivered_at = [i for i, outcome in enumerate(outcomes) if outcome.delivered]
-    tail = outcomes[delivered_at[-1] + 1 :] if delivered_at else outcomes
-    counted = sum(1 for outcome in tail if outcome.final)  # failed deliveries since the last success
-    gone = any(outcome.gone for outcome in outcomes)
+    delivered_at = [i for i, decision in enumerate(decisions) if decision.verdict is Verdict.DELIVERED]
+    tail = decisions[delivered_at[-1] + 1 :] if delivered_at else decisions
+    counted = sum(1 for decision in tail if decision.final)  # failed deliveries since the last success
+    gone = any(decision.gone for decision in decisions)
     with conn.transaction():
         # One upsert both counts and locks the row until commit: concurrent outcomes of one endpoint
         # queue on it, so every count is exact and only one of them can see the threshold crossed.

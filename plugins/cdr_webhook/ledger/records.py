@@ -8,7 +8,6 @@ chunk records are both covered.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook.outcome import DeliveryStatus
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from cdr_webhook.ledger.claims import Claim
+    from cdr_webhook.outcome import Attempt
 
 
 def mark_skipped(conn: psycopg.Connection[Any], claim: Claim, reason: str) -> None:
@@ -31,27 +31,16 @@ def mark_skipped_many(conn: psycopg.Connection[Any], skipped: Sequence[tuple[Cla
     if not skipped:
         return
     conn.execute(
-        "UPDATE cdr_webhook.delivery AS d SET status = 'skipped', error = s.reason, updated_at = now() "
+        "UPDATE cdr_webhook.delivery AS d SET status = %s, error = s.reason, updated_at = now() "
         "FROM unnest(%s::text[], %s::text[], %s::text[]) AS s(cdr_id, endpoint, reason) "
         "WHERE d.cdr_id = s.cdr_id AND d.endpoint = s.endpoint",
         (
+            DeliveryStatus.SKIPPED,
             [claim.cdr_id for claim, _ in skipped],
             [claim.endpoint for claim, _ in skipped],
             [reason for _, reason in skipped],
         ),
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class AttemptRecord:
-    """One attempt's result, as its CDR's ledger row records it."""
-
-    claim: Claim
-    status: str
-    http_status: int | None
-    error: str | None
-    response_excerpt: str | None
-    latency_ms: int | None
 
 
 def record_attempt(
@@ -65,28 +54,47 @@ def record_attempt(
     latency_ms: int | None,
 ) -> None:
     """Record one attempt's result on the CDR's row: its count, status, HTTP status, error and latency."""
-    record_attempts(conn, [AttemptRecord(claim, status, http_status, error, response_excerpt, latency_ms)])
+    if status not in DeliveryStatus.__members__.values():
+        raise ValueError(f"unknown ledger status {status!r}")
+    _write(conn, [claim], [status], [http_status], [error], [response_excerpt], [latency_ms])
 
 
-def record_attempts(conn: psycopg.Connection[Any], records: Sequence[AttemptRecord]) -> None:
+def record_attempts(conn: psycopg.Connection[Any], attempts: Sequence[Attempt]) -> None:
     """
     Record attempts on their CDRs' rows in one statement (an UPDATE of each row, as one attempt's is).
 
     Each row gets one more attempt, its status, HTTP status, error, response excerpt and latency.
     """
-    for record in records:
-        if record.status not in DeliveryStatus.__members__.values():
-            raise ValueError(f"unknown ledger status {record.status!r}")
-    if not records:
+    if not attempts:
         return
+    _write(
+        conn,
+        [a.claim for a in attempts],
+        [a.decision.status for a in attempts],
+        [a.result.http_status for a in attempts],
+        [a.decision.error for a in attempts],
+        [a.result.response_excerpt for a in attempts],
+        [a.result.latency_ms for a in attempts],
+    )
+
+
+def _write(
+    conn: psycopg.Connection[Any],
+    claims: Sequence[Claim],
+    statuses: list[str],
+    http_statuses: list[int | None],
+    errors: list[str | None],
+    excerpts: list[str | None],
+    latencies: list[int | None],
+) -> None:
     columns = {
-        "cdr_ids": [r.claim.cdr_id for r in records],
-        "endpoints": [r.claim.endpoint for r in records],
-        "statuses": [r.status for r in records],
-        "http_statuses": [r.http_status for r in records],
-        "errors": [r.error for r in records],
-        "excerpts": [r.response_excerpt for r in records],
-        "latencies": [r.latency_ms for r in records],
+        "cdr_ids": [claim.cdr_id for claim in claims],
+        "endpoints": [claim.endpoint for claim in claims],
+        "statuses": statuses,
+        "http_statuses": http_statuses,
+        "errors": errors,
+        "excerpts": excerpts,
+        "latencies": latencies,
     }
     with conn.transaction():
         conn.execute(

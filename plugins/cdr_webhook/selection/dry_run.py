@@ -3,14 +3,13 @@
 Every CDR of the window (as policy ``all`` would select it) is routed to its endpoint
 (:mod:`cdr_webhook.selection.routing`), read as the select step reads it, mapped
 (:func:`~cdr_webhook.payload.build_payload`, the endpoint's filters), encoded and signed
-(:func:`~cdr_webhook.signing.build_headers` with the connection's real secrets); the secrets are then
+(:func:`~cdr_webhook.signing.signed_headers` with the connection's real secrets); the secrets are then
 masked for showing. Nothing is sent and nothing is written: not the ledger, not the watermark.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook.config import EndpointConfigError, scrub
@@ -19,7 +18,7 @@ from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
 from cdr_webhook.selection import source
 from cdr_webhook.selection.routing import Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID
-from cdr_webhook.signing import build_headers, masked_headers, webhook_id
+from cdr_webhook.signing import masked_headers, signed_headers, webhook_id
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -111,12 +110,6 @@ def _request(
     from cdr_webhook.deliver.hook import BASE_HEADERS  # imports Airflow: only once there is a body
 
     body = encode_body(payload)
-    signed = build_headers(
-        msg_id=webhook_id(cdr_id, endpoint),
-        timestamp=int(time.time()),
-        body=body,
-        api_key=config.api_key,
-        signing_secrets=config.signing_secrets,
-    )
+    signed = signed_headers(config, body, webhook_id(cdr_id, endpoint))
     headers = {**BASE_HEADERS, "content-length": str(len(body)), **signed}
     return PreviewedCdr(cdr_id, endpoint, config.origin, body, masked_headers(headers))

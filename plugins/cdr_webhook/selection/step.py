@@ -107,11 +107,10 @@ def select_cdrs(
     max_tasks: int | None = None,
 ) -> list[dict[str, Any]]:
     """
-    Claim this run's CDRs and return one ``{"cdr_id", "http_conn_id"}`` mapping per CDR to POST.
-
-    With ``cdrs_per_task`` above 1 it returns chunks instead, ``{"cdr_ids", "http_conn_id"}``: each
-    endpoint's CDRs, oldest first, in lists of at most ``cdrs_per_task`` (see :func:`chunked`); at
-    most ``max_tasks`` of them, the claims of any further chunk going back to the queue.
+    Claim this run's CDRs and return what ``post_cdr`` is mapped over, ``{"cdr_ids", "http_conn_id"}``
+    per task: one CDR each by default; with ``cdrs_per_task`` above 1, each endpoint's CDRs, oldest
+    first, in lists of at most ``cdrs_per_task`` (see :func:`chunked`). At most ``max_tasks`` of
+    them, the claims of any further chunk going back to the queue.
 
     A run cleared and run again with the same request (the same kind of run, window, policy and
     client) gets exactly the CDRs it had claimed; a run cleared with new Params, as a reprocessing
@@ -402,29 +401,17 @@ def _hold_misconfigured(
     and its CDRs go back to the queue, in order, with the reason on their ledger rows: fixing the
     connection and resuming the endpoint sends them. Every other endpoint delivers in this run.
     """
-    broken: dict[str, EndpointConfigError] = {}
+    held: set[str] = set()
     for endpoint in dict.fromkeys(claim.endpoint for claim in claims):
         try:
             known.config(endpoint)
         except EndpointConfigError as err:
-            broken[endpoint] = err
-    for endpoint, err in broken.items():
-        reason = f"configuration: {err}"
-        log.error("Endpoint %s is held, its CDRs stay queued: %s", endpoint, err)
-        event = endpoints.pause(conn, endpoint, reason=reason, actor="cdr_webhook")
-        if event is not None:
-            known.held.append(event)
-    kept = []
-    for claim in claims:
-        if claim.endpoint in broken:
-            ledger.release(conn, claim, reason=f"configuration: {broken[claim.endpoint]}")
-        else:
-            kept.append(claim)
-    return kept
-
-
-def _mapped(claim: ledger.Claim) -> dict[str, str]:
-    return {"cdr_id": claim.cdr_id, "http_conn_id": claim.endpoint}
+            log.error("Endpoint %s is held, its CDRs stay queued: %s", endpoint, err)
+            event = endpoints.hold(conn, endpoint, [c for c in claims if c.endpoint == endpoint], err)
+            if event is not None:
+                known.held.append(event)
+            held.add(endpoint)
+    return [claim for claim in claims if claim.endpoint not in held]
 
 
 def chunked(
@@ -454,9 +441,7 @@ def chunked(
 def _mapped_all(
     conn: psycopg.Connection[Any], claims: list[ledger.Claim], cdrs_per_task: int, max_tasks: int | None
 ) -> list[dict[str, Any]]:
-    """What the post tasks are mapped over: a CDR each, or (``cdrs_per_task`` > 1) a chunk each."""
-    if cdrs_per_task == 1:
-        return [_mapped(claim) for claim in claims]
+    """What the post tasks are mapped over: a chunk of CDRs each (of one CDR when ``cdrs_per_task`` is 1)."""
     chunks, surplus = chunked(claims, cdrs_per_task, max_tasks)
     if surplus:
         ledger.release_many(conn, surplus)

@@ -75,8 +75,8 @@ class Delivery:
 
 
 @dataclasses.dataclass(frozen=True)
-class Attempt:
-    """One recorded attempt (schema step 6 keeps every one)."""
+class AttemptRow:
+    """One row of a delivery's attempt history (schema step 6 keeps every attempt)."""
 
     attempt: int
     status: str
@@ -217,9 +217,9 @@ def task_deliveries(
         return cur.execute(query, (dag_id, run_id, map_index)).fetchall()
 
 
-def attempts(conn: psycopg.Connection[Any], *, cdr_id: str, endpoint: str) -> list[Attempt]:
+def attempts(conn: psycopg.Connection[Any], *, cdr_id: str, endpoint: str) -> list[AttemptRow]:
     """Return every recorded attempt of one delivery, the latest first."""
-    with conn.cursor(row_factory=class_row(Attempt)) as cur:
+    with conn.cursor(row_factory=class_row(AttemptRow)) as cur:
         return cur.execute(
             "SELECT attempt, status, http_status, error, response_excerpt, latency_ms, run_id, map_index, at "
             "FROM cdr_webhook.delivery_attempt WHERE cdr_id = %s AND endpoint = %s ORDER BY attempt DESC",

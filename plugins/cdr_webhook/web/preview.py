@@ -1,8 +1,8 @@
 """The request a delivery would send now: built from the source row by the code ``post_cdr`` runs.
 
 The body comes from :func:`~cdr_webhook.selection.source.fetch_rows` and
-:func:`~cdr_webhook.deliver.attempts.build_body`, the headers from
-:func:`~cdr_webhook.deliver.attempts.sign`; what the connection's secrets produce (``x-api-key``, the
+:func:`~cdr_webhook.payload.build_body`, the headers from
+:func:`~cdr_webhook.signing.signed_headers`; what the connection's secrets produce (``x-api-key``, the
 signatures) is replaced before anything reaches a page.
 """
 
@@ -13,10 +13,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook.config import EndpointConfigError, load_endpoint, scrub
-from cdr_webhook.deliver.attempts import build_body, sign
-from cdr_webhook.payload import InvalidCdr
+from cdr_webhook.payload import InvalidCdr, build_body
 from cdr_webhook.selection.source import fetch_rows
-from cdr_webhook.signing import masked_headers, webhook_id
+from cdr_webhook.signing import masked_headers, signed_headers, webhook_id
 
 if TYPE_CHECKING:
     import psycopg
@@ -47,6 +46,6 @@ def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str)
     except InvalidCdr as err:
         problem = scrub(str(err), endpoint.secrets())
         return Preview(None, {"webhook-id": msg_id}, endpoint.origin, problem)
-    headers = masked_headers(sign(endpoint, body, msg_id))
+    headers = masked_headers(signed_headers(endpoint, body, msg_id))
     pretty = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
     return Preview(pretty, headers, endpoint.origin)
