@@ -6,11 +6,12 @@ Reads go to the ledger and the source (``cdr_db``); the state changes are in :mo
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+import logging
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdr_webhook.ledger import endpoints
@@ -18,15 +19,28 @@ from cdr_webhook.web import actions, deliveries, forms
 from cdr_webhook.web.deps import HERE, Conn, login_url, prefix, render, settings, templates
 from cdr_webhook.web.security import CanView  # noqa: TC001 (FastAPI reads the annotations at runtime)
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
 PAGE_SIZE = 50
 #: The stylesheet and the nav icon: served to signed-in users like every other route.
 STATIC_FILES = {"style.css": "text/css", "icon.svg": "image/svg+xml"}
+#: On every response (pages, files, errors): only Airflow's own pages may frame the page (its nav
+#: shows it in an iframe), and no browser guesses a type other than the one sent.
+SECURITY_HEADERS = {
+    "content-security-policy": "frame-ancestors 'self'",
+    "x-content-type-options": "nosniff",
+}
 
 
 def create_app() -> FastAPI:
     """The page's app, mounted by the plugin at ``/cdr-webhook``."""
     app = FastAPI(title="CDR webhook deliveries", docs_url=None, redoc_url=None, openapi_url=None)
     app.exception_handler(StarletteHTTPException)(_error)
+    app.exception_handler(Exception)(_crash)
+    app.middleware("http")(_security_headers)
     app.add_api_route("/static/{name}", static_file, methods=["GET"], response_class=FileResponse)
     for path, page in (
         ("/", list_page),
@@ -38,6 +52,15 @@ def create_app() -> FastAPI:
         app.add_api_route(path, page, methods=["GET"], response_class=HTMLResponse, response_model=None)
     app.include_router(actions.router)
     return app
+
+
+async def _security_headers(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    response = await call_next(request)
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 async def _error(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
@@ -52,6 +75,19 @@ async def _error(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
         },
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
+    )
+
+
+async def _crash(request: Request, exc: Exception) -> HTMLResponse:
+    # Starlette sends this one from outside every middleware: the headers are set here too. The
+    # traceback goes to the api-server's log only (it may hold a connection's parse error).
+    log.error("The Deliveries page failed on %s", request.url.path, exc_info=exc)
+    return templates.TemplateResponse(
+        request,
+        "error.html",
+        {"status": 500, "detail": "the page failed; the api-server's log says why", "login": None},
+        status_code=500,
+        headers=SECURITY_HEADERS,
     )
 
 

@@ -94,9 +94,23 @@ def login_url() -> str | None:
         return None
 
 
-def base_url(request: Request) -> str:
-    """Airflow's own address: ``[api] base_url`` when set, else the origin this request came to."""
+def api_base_url() -> str:
+    """
+    Airflow's REST API address for the page's own calls: ``[api] base_url`` when set, else the
+    api-server's bind (``[api] host`` and ``port``; a wildcard bind is reached on loopback).
+
+    Never the request's ``Host`` or origin: those are the client's to write, and a forged one would
+    make the api-server POST, with the caller's token, to an address of the client's choosing.
+    """
     from airflow.configuration import conf
 
-    base = conf.get("api", "base_url", fallback="") or ""
-    return base if base.startswith("http") else f"{request.url.scheme}://{request.url.netloc}"
+    base = (conf.get("api", "base_url", fallback="") or "").strip()
+    if base.startswith(("http://", "https://")):
+        return base.rstrip("/")
+    host = (conf.get("api", "host", fallback="") or "").strip() or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 (a bind, not a listen)
+    if ":" in host:
+        host = f"[{host}]"
+    port = conf.getint("api", "port", fallback=8080)
+    scheme = "https" if conf.get("api", "ssl_cert", fallback="") else "http"
+    return f"{scheme}://{host}:{port}"

@@ -1,0 +1,229 @@
+"""The Deliveries page's hardening (issue #18, item 4), each finding tried the way it was found.
+
+The page in-process on real PostgreSQL, with real SimpleAuthManager tokens (the fixtures of
+test_deliveries_page.py), and real HTTP servers on 127.0.0.1 standing in for Airflow's REST API and
+for an internal service a forged ``Host`` header would point at.
+"""
+
+# The page's fixtures come from test_deliveries_page.py: each test's parameter names one (F811).
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from html import unescape
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from cdr_webhook.ledger import endpoints
+from tests.integration.test_deliveries_page import (  # noqa: F401 (fixtures)
+    airflow_db,
+    client,
+    csrf_of,
+    get,
+    populated,
+    post,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+class FakeServer:
+    """An HTTP server on 127.0.0.1 that records every request and answers each with ``reply``."""
+
+    def __init__(self, status: int = 200, body: bytes = b"{}", headers: dict[str, str] | None = None) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply = (status, body, headers or {"content-type": "application/json"})
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                server.requests.append(
+                    {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                     "body": self.rfile.read(length)}
+                )  # fmt: skip
+                status, body, headers = server.reply
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer  # noqa: N815 (http.server's naming)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+        self.netloc = self.url.removeprefix("http://")
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+
+
+@pytest.fixture
+def servers(monkeypatch) -> Iterator[tuple[FakeServer, FakeServer]]:
+    """Airflow's API (``[api] base_url`` unset; ``[api] host``/``port`` name it) and an internal service."""
+    airflow, internal = FakeServer(), FakeServer(body=b'{"secret": "internal-only-answer"}')
+    monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
+    monkeypatch.setenv("AIRFLOW__API__HOST", "0.0.0.0")  # a wildcard bind: reached on loopback
+    monkeypatch.setenv("AIRFLOW__API__PORT", airflow.netloc.split(":")[1])
+    try:
+        yield airflow, internal
+    finally:
+        airflow.close()
+        internal.close()
+
+
+def trigger(http, *, headers: dict[str, str] | None = None):
+    token = csrf_of(get(http, "/", user="admin").text)
+    http.cookies.clear()
+    http.cookies.set("_token", http.tokens["admin"])
+    data = {"csrf": token, "policy": "failed", "since": "2026-11-21", "to": "2026-11-21", "client": "42"}
+    return http.post("/cdr-webhook/runs", data=data, headers=headers or {}, follow_redirects=False)
+
+
+# -- the page's REST calls go to the configured address, never the request's Host ------------------
+
+
+def test_a_forged_host_header_does_not_choose_where_the_api_server_calls(client, servers):
+    airflow, internal = servers
+    airflow.reply = (200, json.dumps({"dag_run_id": "manual__from-the-page"}).encode(),
+                     {"content-type": "application/json"})  # fmt: skip
+
+    response = trigger(client, headers={"host": internal.netloc})
+
+    assert response.status_code == 200, response.text
+    assert "manual__from-the-page" in response.text
+    assert internal.requests == []  # the Host header's server was never contacted
+    [call] = airflow.requests
+    assert (call["method"], call["path"]) == ("POST", "/api/v2/dags/cdr_webhook/dagRuns")
+    assert call["headers"]["authorization"] == f"Bearer {client.tokens['admin']}"
+    assert json.loads(call["body"])["conf"]["client_id"] == 42
+
+
+def test_base_url_wins_when_set(client, servers, monkeypatch):
+    airflow, internal = servers
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", internal.url)  # here the "internal" one is Airflow
+    monkeypatch.setenv("AIRFLOW__API__PORT", "1")
+    internal.reply = (200, b'{"dag_run_id": "manual__x"}', {"content-type": "application/json"})
+    assert trigger(client, headers={"host": airflow.netloc}).status_code == 200
+    assert len(internal.requests) == 1
+    assert airflow.requests == []
+
+
+def test_a_redirect_is_not_followed_and_a_strangers_body_is_not_shown(client, servers):
+    airflow, internal = servers
+    airflow.reply = (307, b"moved", {"location": f"{internal.url}/steal", "content-type": "text/plain"})
+    response = trigger(client)
+    assert response.status_code == 502
+    assert "Airflow answered HTTP 307" in response.text
+    assert internal.requests == []
+
+    airflow.reply = (500, b"<html>internal admin console: db password hunter2</html>",
+                     {"content-type": "text/html"})  # fmt: skip
+    response = trigger(client)
+    assert response.status_code == 502
+    assert "Airflow answered HTTP 500" in response.text
+    assert "hunter2" not in response.text
+
+
+def test_airflows_own_error_detail_is_shown(client, servers):
+    airflow, _ = servers
+    airflow.reply = (409, json.dumps({"detail": "run already exists"}).encode(),
+                     {"content-type": "application/json"})  # fmt: skip
+    response = trigger(client)
+    assert response.status_code == 502
+    assert "Airflow answered HTTP 409: run already exists" in unescape(response.text)
+
+
+def test_proxy_variables_are_not_used(client, servers, monkeypatch):
+    airflow, internal = servers
+    airflow.reply = (200, b'{"dag_run_id": "manual__y"}', {"content-type": "application/json"})
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, internal.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert trigger(client).status_code == 200
+    assert internal.requests == []
+    assert len(airflow.requests) == 1
+
+
+def test_an_unreachable_api_is_a_502_naming_it(client, servers, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__API__PORT", "1")
+    response = trigger(client)
+    assert response.status_code == 502
+    assert "did not answer (ConnectionError)" in response.text
+
+
+# -- pause takes only endpoints, with bounded one-line texts ----------------------------------------
+
+
+def pause(http, endpoint: str, reason: str = ""):
+    token = csrf_of(get(http, "/endpoints", user="admin").text)
+    return post(http, "/endpoints/pause", data={"csrf": token, "endpoint": endpoint, "reason": reason})
+
+
+def test_pausing_a_name_that_is_no_endpoint_is_refused_and_writes_nothing(client, cdr_db):
+    for name in ("cdr_db", "airflow_db", "x" * 300, "cdr_webhook\n2026-11-28 ERROR forged", ""):
+        response = pause(client, name)
+        assert response.status_code in (400, 422), (name, response.status_code)
+    assert cdr_db.execute("SELECT count(*) FROM cdr_webhook.endpoint_state").fetchone()[0] == 0
+    assert "no endpoint &#39;cdr_db&#39;" in pause(client, "cdr_db").text
+    assert "cdr_db" not in get(client, "/endpoints").text
+
+
+def test_pausing_an_endpoint_of_the_ledger_or_of_a_route_name_works(client, cdr_db):
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "VALUES ('z', 'custom_receiver', now(), 'queued')"
+    )
+    assert pause(client, "custom_receiver").status_code == 303  # has ledger rows
+    assert pause(client, "cdr_webhook_client_9").status_code == 303  # a route's name, no rows yet
+    assert endpoints.paused_endpoints(cdr_db) == {"custom_receiver", "cdr_webhook_client_9"}
+
+
+def test_reasons_are_one_line_and_bounded(client, cdr_db):
+    forged = "maintenance\r\n2026-11-28 09:00:00 ERROR admin deleted everything\x1b[2J\u202e"
+    assert pause(client, "cdr_webhook", reason=forged).status_code == 303
+    reason = cdr_db.execute("SELECT reason FROM cdr_webhook.endpoint_event").fetchone()[0]
+    assert reason == "maintenance  2026-11-28 09:00:00 ERROR admin deleted everything [2J"
+    too_long = pause(client, "cdr_webhook_client_42", reason="r" * (endpoints.MAX_REASON_CHARS + 1))
+    assert too_long.status_code == 400
+    assert f"at most {endpoints.MAX_REASON_CHARS}" in too_long.text
+
+
+def test_the_ledger_bounds_what_every_path_writes(cdr_db, populated):
+    event = endpoints.pause(cdr_db, "cdr_webhook", reason="a\nb" + "c" * 1000, actor="eve\x00\n")
+    assert event is not None
+    assert event.reason.startswith("a bc")
+    assert len(event.reason) == endpoints.MAX_REASON_CHARS
+    assert event.actor == "eve"
+    with pytest.raises(endpoints.EndpointNameError):
+        endpoints.pause(cdr_db, "cdr_webhook\nforged", reason="r", actor="a")
+    with pytest.raises(endpoints.EndpointNameError, match="no endpoint 'cdr_db'"):
+        endpoints.check_pausable(cdr_db, "cdr_db")
+
+
+# -- every response carries the framing and sniffing policy ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "user", "status"),
+    [("/", "viewer", 200), ("/static/style.css", "viewer", 200), ("/", None, 401),
+     ("/delivery", "viewer", 422), ("/nowhere", "viewer", 404)],
+)  # fmt: skip
+def test_every_response_has_the_security_headers(client, path, user, status):
+    response = get(client, path, user=user)
+    assert response.status_code == status
+    assert response.headers["content-security-policy"] == "frame-ancestors 'self'"
+    assert response.headers["x-content-type-options"] == "nosniff"
