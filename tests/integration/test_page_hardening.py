@@ -227,3 +227,82 @@ def test_every_response_has_the_security_headers(client, path, user, status):
     assert response.status_code == status
     assert response.headers["content-security-policy"] == "frame-ancestors 'self'"
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+# -- bounded inputs, a statement timeout, a pool ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "says"),
+    [("/", {"client": str(2**63)}, "client: &#39;9223372036854775808&#39; is out of range"),
+     ("/", {"client": "-" + str(2**63 + 1)}, "is out of range"),
+     ("/", {"since": "9999-12-31", "to": "9999-12-31"}, "is not between 1970-01-01 and 2999-12-31"),
+     ("/", {"q": "1" * 201}, "search: 201 characters, at most 200"),
+     ("/completeness", {"since": "9999-12-31", "to": "9999-12-31"}, "is not between"),
+     ("/completeness", {"client": "9" * 30}, "is out of range")],
+)  # fmt: skip
+def test_out_of_range_filters_are_a_400_naming_the_field(client, path, params, says):
+    response = get(client, path, **params)
+    assert response.status_code == 400, response.text
+    assert says in response.text
+
+
+def test_a_task_tab_map_index_beyond_an_integer_is_refused(client):
+    response = get(
+        client, "/task", dag_id="cdr_webhook", run_id="r", task_id="post_cdr", map_index=str(2**40)
+    )
+    assert response.status_code == 422
+
+
+def test_a_query_past_the_statement_timeout_is_cancelled_with_a_page_saying_so(client, cdr_dsn, settings_env):
+    import psycopg
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__PAGE_STATEMENT_TIMEOUT_SECONDS", "0.5")
+    assert get(client, "/").status_code == 200  # the page's pool is open before the table is locked
+    with psycopg.connect(cdr_dsn) as blocker:
+        blocker.execute("LOCK TABLE cdr_webhook.delivery IN ACCESS EXCLUSIVE MODE")
+        response = get(client, "/")
+    assert response.status_code == 503
+    assert "ran longer than 0.5 s (page_statement_timeout_seconds)" in response.text
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_requests_share_a_pool_of_connections_under_the_timeout(client, settings_env):
+    from cdr_webhook.web import deps
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__PAGE_STATEMENT_TIMEOUT_SECONDS", "7")
+    pids = []
+    for _ in range(3):
+        generator = deps._db()
+        conn = next(generator)
+        pids.append(conn.info.backend_pid)
+        assert conn.execute("SHOW statement_timeout").fetchone()[0] == "7s"
+        generator.close()
+    assert len(set(pids)) == 1  # one connection, reused
+
+
+# -- a missing or unreachable CDR database is a page that says what to do ------------------------------
+
+
+def test_a_missing_cdr_db_connection_is_a_503_naming_it(client, monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_CDR_DB")
+    for path in ("/", "/endpoints", "/completeness"):
+        response = get(client, path)
+        assert response.status_code == 503, response.text
+        text = unescape(response.text)
+        assert "the Airflow connection 'cdr_db', and the api-server has no such connection" in text
+        assert "AIRFLOW_CONN_CDR_DB" in text
+
+
+def test_an_unreachable_cdr_database_is_a_503_without_its_password(client, monkeypatch):
+    from demo.connections import postgres_conn
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CDR_DB", postgres_conn("host=127.0.0.1 port=1 user=cdr password=hunter2-pw dbname=cdr")
+    )
+    response = get(client, "/")
+    assert response.status_code == 503
+    text = unescape(response.text)
+    assert "The CDR database of the Airflow connection 'cdr_db' (127.0.0.1:1/cdr) cannot be reached" in text
+    assert "Connection refused" in text
+    assert "hunter2-pw" not in text

@@ -139,3 +139,10 @@ def test_a_chunk_try_may_send_every_cdr_of_a_full_chunk_at_its_deadline():
         {"cdrs_per_task": "20", "request_timeout_seconds": "5", "slot_wait_seconds": "10"}
     )
     assert settings.chunk_timeout == dt.timedelta(seconds=10 + 20 * 5 + 60)
+
+
+def test_the_pages_statement_timeout_defaults_to_ten_seconds_and_must_be_positive():
+    assert parse_settings({}).page_statement_timeout_seconds == 10
+    assert parse_settings({"page_statement_timeout_seconds": "2.5"}).page_statement_timeout_seconds == 2.5
+    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__PAGE_STATEMENT_TIMEOUT_SECONDS"):
+        parse_settings({"page_statement_timeout_seconds": "0"})
