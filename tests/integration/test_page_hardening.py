@@ -306,3 +306,52 @@ def test_an_unreachable_cdr_database_is_a_503_without_its_password(client, monke
     assert "The CDR database of the Airflow connection 'cdr_db' (127.0.0.1:1/cdr) cannot be reached" in text
     assert "Connection refused" in text
     assert "hunter2-pw" not in text
+
+
+# -- an API key echoed in base64 is scrubbed before the ledger stores it -----------------------------
+
+
+def test_an_api_key_echoed_in_base64_is_scrubbed_in_the_ledger_and_on_the_page(
+    client, cdr_db, populated, monkeypatch
+):
+    import base64
+    import time
+
+    from cdr_webhook import ledger
+    from cdr_webhook.deliver.hook import CdrWebhookHook
+    from cdr_webhook.signing import build_headers
+    from demo.connections import http_conn
+    from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+
+    echoed = {
+        "seen_key": base64.b64encode(API_KEY.encode()).decode(),
+        "seen_basic": base64.urlsafe_b64encode(f"cdr:{API_KEY}".encode()).decode().rstrip("="),
+    }
+    receiver = FakeServer(status=400, body=json.dumps(echoed).encode())
+    try:
+        connection = http_conn(receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET)
+        monkeypatch.setenv("AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_42", connection)
+        hook = CdrWebhookHook("cdr_webhook_client_42", timeout=5, allowed_networks=("127.0.0.0/8",))
+        body = b'{"cdr_id": "x"}'
+        headers = build_headers(msg_id="msg_1", timestamp=int(time.time()), body=body, api_key=API_KEY,
+                                signing_secrets=[SIGNING_SECRET])  # fmt: skip
+        result = hook.post(body, headers).scrubbed(hook.endpoint.secrets())  # as every attempt is
+    finally:
+        receiver.close()
+    assert receiver.requests[0]["headers"]["x-api-key"] == API_KEY  # it did get the key to echo
+    cdr_id = populated["failed_42"]
+    created = cdr_db.execute("SELECT cdr_created_at FROM cdr_webhook.delivery WHERE cdr_id = %s", (cdr_id,))
+    claim = ledger.Claim(cdr_id, "cdr_webhook_client_42", 42, created.fetchone()[0], "failed", 2)
+    ledger.record_attempt(cdr_db, claim, status="failed", http_status=result.http_status, error=None,
+                          response_excerpt=result.response_excerpt, latency_ms=result.latency_ms)  # fmt: skip
+
+    stored = cdr_db.execute(
+        "SELECT string_agg(response_excerpt, ' ') FROM cdr_webhook.delivery_attempt WHERE cdr_id = %s",
+        (cdr_id,),
+    ).fetchone()[0]
+    page = unescape(get(client, "/delivery", cdr_id=cdr_id, endpoint="cdr_webhook_client_42").text)
+    assert '"seen_key": "***"' in stored
+    assert '"seen_key": "***"' in page
+    for value in echoed.values():
+        assert value[4:-4] not in stored
+        assert value[4:-4] not in page
