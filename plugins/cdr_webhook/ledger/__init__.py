@@ -47,7 +47,7 @@ from cdr_webhook.ledger.records import (
     record_attempt,
     record_attempts,
 )
-from cdr_webhook.ledger.retention import prune
+from cdr_webhook.ledger.retention import Pruned, prune, pruned
 from cdr_webhook.ledger.watermark import (
     advance_watermark,
     due_reconciliation,
@@ -64,6 +64,7 @@ __all__ = [
     "Claim",
     "ClaimLost",
     "NotStarted",
+    "Pruned",
     "advance_watermark",
     "assign",
     "due_reconciliation",
@@ -77,6 +78,7 @@ __all__ = [
     "note_scan_start",
     "owned_claims",
     "prune",
+    "pruned",
     "queued_backlog",
     "reconcile_slice",
     "record_attempt",
