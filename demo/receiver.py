@@ -3,6 +3,7 @@
 Used by the demo and the tests (on 127.0.0.1), and as the compose file's ``receiver`` service:
 
     python -m demo.receiver --host 0.0.0.0 --port 8000   (RECEIVER_API_KEY, RECEIVER_SIGNING_SECRET)
+    python -m demo.receiver --show-bodies --save-bodies received/   (print and keep every body)
 
 Each CDR can be given a *script*: the statuses to answer its successive requests with (e.g.
 ``[503, 200]`` fails once, then accepts). Unscripted CDRs get 200.
@@ -15,10 +16,12 @@ import dataclasses
 import http.server
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -195,6 +198,16 @@ class Receiver:
         return Handler
 
 
+def show_body(request: Received, number: int, *, show: bool, save_to: Path | None) -> None:
+    """Print the request's body as received, and/or write its exact bytes to ``save_to``."""
+    if show:
+        print(request.body.decode("utf-8", "replace"), flush=True)
+    if save_to is not None:
+        # A cdr_id is the dialer's text: only its safe characters go into a file name.
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(request.cdr_id))[:80]
+        (save_to / f"{number:06d}-{name}.json").write_bytes(request.body)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until stopped, printing one line per request; the secrets come from the environment."""
     parser = argparse.ArgumentParser(prog="python -m demo.receiver", description=__doc__.splitlines()[0])
@@ -203,7 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--delay-ms", type=float, default=0, help="answer each request after this many ms (default 0)"
     )
+    parser.add_argument("--show-bodies", action="store_true", help="print each request's body after its line")
+    parser.add_argument(
+        "--save-bodies",
+        type=Path,
+        metavar="DIR",
+        help="write each body, byte for byte, to DIR/<n>-<cdr_id>.json",
+    )
     args = parser.parse_args(argv)
+    if args.save_bodies:
+        args.save_bodies.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # docker stop: close the socket, exit 0
     api_key = os.environ.get("RECEIVER_API_KEY") or None
     secret = os.environ.get("RECEIVER_SIGNING_SECRET") or None
@@ -220,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         while True:
             time.sleep(0.5)
             received = receiver.received()
-            for request in received[shown:]:
+            for number, request in enumerate(received[shown:], start=shown + 1):
                 signature = {True: "valid", False: "INVALID", None: "not checked"}[request.signature_ok]
                 print(
                     f"{request.method} {request.path} cdr_id={request.cdr_id} "
@@ -228,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"answered {request.answered}",
                     flush=True,
                 )
+                show_body(request, number, show=args.show_bodies, save_to=args.save_bodies)
             shown = len(received)
     except KeyboardInterrupt:
         return 0

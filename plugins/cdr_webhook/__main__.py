@@ -1,7 +1,8 @@
-"""The operator's command line: ``python -m cdr_webhook endpoints list|pause|resume|check``.
+"""The operator's command line: python -m cdr_webhook endpoints list|pause|resume|check, source check|preview.
 
 (plugins/ on sys.path.) The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow
-connection ``cdr_db``; ``check`` reads endpoint connections the way the DAG does, through Airflow.
+connection ``cdr_db``; ``endpoints check`` and ``source preview`` read endpoint connections the way the
+DAG does, through Airflow.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"else the Airflow connection {CDR_DB_CONN_ID!r})",
     )
     parser = argparse.ArgumentParser(prog="python -m cdr_webhook", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints|source")
     group = groups.add_parser("endpoints", help="pause, resume and list webhook endpoints")
     commands = group.add_subparsers(dest="command", required=True, metavar="list|pause|resume|check")
     commands.add_parser("list", parents=[common], help="every endpoint: state, backlog and failures")
@@ -68,7 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("endpoint", nargs="+", type=_non_empty, help="Airflow connection ids")
     pause.add_argument("--reason", type=_reason, required=True, help="why, for the audit trail")
     resume.add_argument("--reason", type=_reason, help="why, for the audit trail")
+    _add_source_commands(groups, common)
     return parser
+
+
+def _add_source_commands(groups: Any, common: argparse.ArgumentParser) -> None:
+    """``source check`` and ``source preview``: the source relation, before a run reads it."""
+    group = groups.add_parser("source", help="check the source relation, preview what a run would send")
+    commands = group.add_subparsers(dest="command", required=True, metavar="check|preview")
+    check = commands.add_parser(
+        "check", parents=[common], help="columns, types, query, index and the newest rows' mapping"
+    )
+    check.add_argument("--sample", type=_positive, default=1000, help="newest rows to map (default 1000)")
+    preview = commands.add_parser(
+        "preview", parents=[common], help="print the requests a run over a window would send; sends nothing"
+    )
+    preview.add_argument("--from", dest="start", required=True, help="first created_at (ISO 8601, UTC)")
+    preview.add_argument("--to", dest="end", help="created_at to stop before (default: now)")
+    preview.add_argument("--client", type=int, help="only this client_id's CDRs")
+    preview.add_argument("--limit", type=_positive, default=100, help="CDRs to show at most (default 100)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _secrets(dsn: str) -> list[str]:
@@ -187,6 +216,14 @@ def check(conn_ids: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.group == "source":
+        from cdr_webhook.selection import cli as source_cli
+
+        with connect(args.dsn) as conn:
+            problem = source_cli.run(conn, args)
+        if problem:
+            raise CliError(problem)
+        return
     if args.command == "check":
         check(args.endpoint)
         return

@@ -12,7 +12,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
 _SECRET_PREFIX = "whsec_"
 # A fixed namespace makes webhook-id a pure function of (endpoint, cdr_id): the same on every
@@ -68,3 +68,23 @@ def build_headers(
     if signing_secrets:
         headers["webhook-signature"] = " ".join(sign(s, msg_id, timestamp, body) for s in signing_secrets)
     return headers
+
+
+#: What a shown request has instead of its ``x-api-key``.
+REDACTED = "(secret, not shown)"
+
+
+def masked_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """
+    Return a copy of a request's headers fit to show: no ``x-api-key``, no signature.
+
+    A signature is no secret, yet with its ``webhook-id`` and timestamp it is a request a receiver
+    would accept again; a shown one says how many there are instead.
+    """
+    shown = dict(headers)
+    if "x-api-key" in shown:
+        shown["x-api-key"] = REDACTED
+    if "webhook-signature" in shown:
+        count = len(shown["webhook-signature"].split())
+        shown["webhook-signature"] = f"v1,… ({count} signature(s), computed when sent)"
+    return shown

@@ -145,3 +145,15 @@ def test_keep_alive_replies_are_not_held_back_by_nagles_algorithm() -> None:
             session.post(receiver.url, data=b"{}", timeout=10)
         elapsed = time.monotonic() - began
     assert elapsed < 20 * 0.040, f"20 keep-alive POSTs took {elapsed:.2f} s"
+
+
+def test_the_receiver_shows_and_saves_each_body_byte_for_byte(tmp_path, capsys):
+    from demo.receiver import Received, show_body
+
+    body = '{"cdr_id":"a/b c","campaign_name":"Campaña – 電話"}'.encode()
+    request = Received("POST", "/cdr-hook", {}, body, None, 200)
+
+    show_body(request, 7, show=True, save_to=tmp_path)
+
+    assert capsys.readouterr().out == body.decode() + "\n"
+    assert (tmp_path / "000007-a_b_c.json").read_bytes() == body

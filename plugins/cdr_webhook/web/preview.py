@@ -16,14 +16,12 @@ from cdr_webhook.config import EndpointConfigError, load_endpoint, scrub
 from cdr_webhook.deliver.attempts import build_body, sign
 from cdr_webhook.payload import InvalidCdr
 from cdr_webhook.selection.source import fetch_rows
-from cdr_webhook.signing import webhook_id
+from cdr_webhook.signing import masked_headers, webhook_id
 
 if TYPE_CHECKING:
     import psycopg
 
     from cdr_webhook.web.deliveries import Delivery
-
-REDACTED = "(secret, not shown)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +47,6 @@ def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str)
     except InvalidCdr as err:
         problem = scrub(str(err), endpoint.secrets())
         return Preview(None, {"webhook-id": msg_id}, endpoint.origin, problem)
-    headers = sign(endpoint, body, msg_id)
-    if "x-api-key" in headers:
-        headers["x-api-key"] = REDACTED
-    if "webhook-signature" in headers:
-        count = len(headers["webhook-signature"].split())
-        headers["webhook-signature"] = f"v1,… ({count} signature(s), computed when sent)"
+    headers = masked_headers(sign(endpoint, body, msg_id))
     pretty = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
     return Preview(pretty, headers, endpoint.origin)

@@ -1,0 +1,122 @@
+"""``source preview``: the requests a run over a window would send, built by the run's own code, sent nowhere.
+
+Every CDR of the window (as policy ``all`` would select it) is routed to its endpoint
+(:mod:`cdr_webhook.selection.routing`), read as the select step reads it, mapped
+(:func:`~cdr_webhook.payload.build_payload`, the endpoint's filters), encoded and signed
+(:func:`~cdr_webhook.signing.build_headers` with the connection's real secrets); the secrets are then
+masked for showing. Nothing is sent and nothing is written: not the ledger, not the watermark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from cdr_webhook.config import EndpointConfigError, scrub
+from cdr_webhook.ledger import MAX_CDR_ID_LENGTH
+from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+from cdr_webhook.selection import source
+from cdr_webhook.selection.routing import Router
+from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID
+from cdr_webhook.signing import build_headers, masked_headers, webhook_id
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Callable, Iterator, Mapping
+
+    import psycopg
+
+    from cdr_webhook.config import EndpointConfig
+    from cdr_webhook.settings import Settings
+
+#: Source rows read at once (as the select step checks its claims).
+_BATCH = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewedCdr:
+    """One CDR of the window: the request it would get, or why it would get none."""
+
+    cdr_id: str | None
+    endpoint: str
+    origin: str | None
+    body: bytes | None
+    headers: dict[str, str]  # masked
+    not_sent: str | None = None  # why no request: skipped or held, in the ledger's words
+
+
+def previews(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    client_id: int | None,
+    connections: Callable[[str], EndpointConfig | None],
+    limit: int,
+) -> Iterator[PreviewedCdr]:
+    """Yield the CDRs of ``[start, end)``, oldest first, at most ``limit``, each with its request."""
+    relation = settings.source_relation
+    source.check_source(conn, relation)
+    router = Router(
+        lambda conn_id: _exists(connections, conn_id),
+        unrouted=settings.unrouted_clients,
+        default_endpoint=DEFAULT_ENDPOINT_CONN_ID,
+    )
+    keys = source.window_keys(conn, relation, start=start, end=end, client_id=client_id, limit=limit)
+    for index in range(0, len(keys), _BATCH):
+        batch = keys[index : index + _BATCH]
+        rows = source.fetch_rows(conn, relation, [(k[0], k[1]) for k in batch if k[0] is not None])
+        for cdr_id, _, client in batch:
+            route = router.route(client)
+            if route.skip_reason is not None:
+                yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, f"skipped: {route.skip_reason}")
+                continue
+            yield _request(cdr_id, rows.get(cdr_id or ""), route.endpoint, connections)
+
+
+def _exists(connections: Callable[[str], EndpointConfig | None], conn_id: str) -> bool:
+    try:
+        return connections(conn_id) is not None
+    except EndpointConfigError:
+        return True  # a malformed connection is held, not re-routed, as in a run
+
+
+def _request(
+    cdr_id: str | None,
+    row: Mapping[str, Any] | None,
+    endpoint: str,
+    connections: Callable[[str], EndpointConfig | None],
+) -> PreviewedCdr:
+    try:
+        config = connections(endpoint)
+        if config is None:
+            raise EndpointConfigError(endpoint, None, "does not exist (was it deleted or renamed?)")
+    except EndpointConfigError as err:
+        return PreviewedCdr(cdr_id, endpoint, None, None, {}, f"held (stays queued): configuration: {err}")
+    secrets = config.secrets()
+    if cdr_id is None or row is None:
+        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, "skipped: column cdr_id is NULL")
+    if len(cdr_id) > MAX_CDR_ID_LENGTH:
+        why = f"skipped: cdr_id is {len(cdr_id)} characters long, at most {MAX_CDR_ID_LENGTH} fit"
+        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, why)
+    try:
+        payload = build_payload(row)
+    except InvalidCdr as err:
+        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {scrub(str(err), secrets)}")
+    excluded = config.filters.exclusion(payload) if config.filters else None
+    if excluded is not None:
+        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {excluded}")
+    from cdr_webhook.deliver.hook import BASE_HEADERS  # imports Airflow: only once there is a body
+
+    body = encode_body(payload)
+    signed = build_headers(
+        msg_id=webhook_id(cdr_id, endpoint),
+        timestamp=int(time.time()),
+        body=body,
+        api_key=config.api_key,
+        signing_secrets=config.signing_secrets,
+    )
+    headers = {**BASE_HEADERS, "content-length": str(len(body)), **signed}
+    return PreviewedCdr(cdr_id, endpoint, config.origin, body, masked_headers(headers))
