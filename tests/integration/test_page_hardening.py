@@ -214,6 +214,20 @@ def test_the_ledger_bounds_what_every_path_writes(cdr_db, populated):
         endpoints.check_pausable(cdr_db, "cdr_db")
 
 
+def test_the_cli_refuses_a_name_that_is_no_endpoint_and_an_overlong_reason(cdr_db, cdr_dsn):
+    from cdr_webhook.ledger import schema
+    from tests.integration.test_endpoints import cli
+
+    schema.migrate(cdr_db)
+    refused = cli("pause", "cdr_db", "--reason", "oops", dsn=cdr_dsn)
+    assert refused.returncode == 1
+    assert "no endpoint 'cdr_db'" in refused.stderr
+    long_reason = cli("pause", "cdr_webhook", "--reason", "r" * 501, dsn=cdr_dsn)
+    assert long_reason.returncode == 2
+    assert "at most 500" in long_reason.stderr
+    assert cdr_db.execute("SELECT count(*) FROM cdr_webhook.endpoint_state").fetchone()[0] == 0
+
+
 # -- every response carries the framing and sniffing policy ------------------------------------------
 
 
