@@ -558,6 +558,8 @@ def deployment_env(args: argparse.Namespace, dsn: str, receiver: Receiver, dags:
         "AIRFLOW__CORE__PARALLELISM": str(args.parallelism),
         "AIRFLOW__CORE__MAX_MAP_LENGTH": str(max(1024, largest + 1)),
         "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 0 1 1 *",
+        # Runs are started by hand over each measurement's CDRs: no commit watcher may take them first.
+        "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
         "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
         "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN": str(largest),
         "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_POSTS_PER_RUN": str(args.per_run or args.parallelism),
@@ -567,17 +569,16 @@ def deployment_env(args: argparse.Namespace, dsn: str, receiver: Receiver, dags:
 
 
 def start_stack(
-    home: Path, pg_server: str | None, env: dict[str, str], *, triggerer: bool = False
+    home: Path, pg_server: str | None, env: dict[str, str], *, triggerer: bool = True
 ) -> AirflowStack:
     home.mkdir(parents=True)
-    stack = AirflowStack(home, pg_server, env)
+    # The triggerer (every stack has one) imports triggers by classpath; the DAGs folder, where the
+    # bench's own triggers are, is not on its sys.path.
+    path = os.pathsep.join([env["AIRFLOW__CORE__DAGS_FOLDER"], str(ROOT)])
+    stack = AirflowStack(home, pg_server, env | {"PYTHONPATH": path}, triggerer=triggerer)
     began = time.monotonic()
     try:
         stack.start()
-        if triggerer:
-            # The triggerer imports triggers by classpath; the DAGs folder is not on its sys.path.
-            dags = env["AIRFLOW__CORE__DAGS_FOLDER"]
-            stack.spawn("triggerer", "triggerer", env={"PYTHONPATH": os.pathsep.join([dags, str(ROOT)])})
         for dag_id in ("cdr_webhook", "bench_noop", "bench_noop_deferred"):
             wait_dag(stack, dag_id)
             stack.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
@@ -678,11 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(args, dsn, receiver, conn)
             env = deployment_env(args, dsn, receiver, build_dags_folder(scratch / "dags"))
             needs_airflow = {"floor", "per-cdr", "deferred"} & set(args.modes)
-            stack = (
-                start_stack(scratch / "airflow", pg_server, env, triggerer="deferred" in args.modes)
-                if needs_airflow
-                else None
-            )
+            stack = start_stack(scratch / "airflow", pg_server, env) if needs_airflow else None
             try:
                 if stack:
                     bench.warm_up(stack)

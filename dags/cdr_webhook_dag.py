@@ -6,6 +6,8 @@ one mapped `post_cdr` task per CDR, named by its `cdr_id` in the grid, with Airf
 
 * **Scheduled runs** queue the CDRs created since the watermark (minus `lag_seconds`) and send at
   most `max_cdrs_per_run` of the queue, oldest first; the rest go with the next runs.
+* **Asset-triggered runs** are started by the commit watcher (in the triggerer) seconds after new
+  CDRs are committed; they select exactly like scheduled runs, up to the time they run.
 * **Backfill and manual runs** select by a window over `created_at`: the Params `window_start` /
   `window_end`, else the run's data interval, with `policy` `missing` (never sent), `failed` or
   `all` (a deliberate redelivery), optionally for one `client_id`. They never move the watermark.
@@ -26,6 +28,7 @@ from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, P
 
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryAfterPolicy
 from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
+from cdr_webhook.watch.schedule import watched_schedule
 from cdr_webhook.window import POLICIES
 
 settings = load_settings()
@@ -37,11 +40,13 @@ notifier = (
 
 @dag(
     dag_id="cdr_webhook",
-    # A plain cron string gives empty data intervals on Airflow 3.3; the scan needs real ones.
-    schedule=(
+    # A plain cron string gives empty data intervals on Airflow 3.3; the scan needs real ones. The
+    # commit watcher's asset (when watch_interval_seconds > 0) starts a run sooner, between them.
+    schedule=watched_schedule(
         DeltaDataIntervalTimetable(interval)
         if interval
-        else CronDataIntervalTimetable(settings.schedule, timezone="UTC")
+        else CronDataIntervalTimetable(settings.schedule, timezone="UTC"),
+        settings,
     ),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,

@@ -35,7 +35,8 @@ def worker_hostname() -> str:
 
 class CeleryStack(AirflowStack):
     """
-    Scheduler, dag-processor and api-server as in :class:`AirflowStack`, on CeleryExecutor, plus workers.
+    Scheduler, dag-processor, triggerer and api-server as in :class:`AirflowStack`, on CeleryExecutor,
+    plus workers.
 
     :param broker_url: The Redis URL of the Celery broker.
     :param workers: How many ``airflow celery worker`` processes to start.

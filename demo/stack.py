@@ -1,4 +1,7 @@
-"""A real Airflow on 127.0.0.1: scheduler, dag-processor and api-server, LocalExecutor (demo and tests).
+"""A real Airflow on 127.0.0.1: scheduler, dag-processor, triggerer and api-server, LocalExecutor.
+
+(The demo, the tests and the benchmarks.) The triggerer runs the commit watcher (cdr_webhook.watch),
+which starts a run seconds after new CDRs are committed; without it the schedule still delivers.
 
 The metadata DB is a database of its own on a PostgreSQL server, or SQLite in the Airflow home.
 Components are driven the way a user drives them: the REST API (``/api/v2``) and the ``airflow``
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
-COMPONENTS = ("api-server", "scheduler", "dag-processor")
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
 def free_port() -> int:
@@ -88,13 +91,17 @@ class AirflowStack:
         env: Mapping[str, str],
         *,
         login: tuple[str, str] | None = None,
+        triggerer: bool = True,
     ) -> None:
         """
         :param pg_server: the PostgreSQL to create the metadata DB on; None: SQLite in ``home``.
         :param login: username and password the REST calls authenticate with (a deployment whose
             auth manager does not make everyone an admin); None: no credentials.
+        :param triggerer: start the triggerer (False: a deployment without one, where only the
+            schedule delivers).
         """
         self.home = home
+        self.components = COMPONENTS if triggerer else tuple(c for c in COMPONENTS if c != "triggerer")
         self.login = login
         self._token: str | None = None
         self.port = free_port()
@@ -137,7 +144,7 @@ class AirflowStack:
             with psycopg.connect(self._pg_server, autocommit=True) as admin:
                 admin.execute(f'CREATE DATABASE "{self.meta_db}"')
         self.airflow("db", "migrate")
-        for component in COMPONENTS:
+        for component in self.components:
             self.spawn(component, component)
         self._wait_healthy(timeout)
         return self
@@ -174,6 +181,10 @@ class AirflowStack:
                 if (
                     health["scheduler"]["status"] == "healthy"
                     and (health.get("dag_processor") or {}).get("status") == "healthy"
+                    and (
+                        "triggerer" not in self.components
+                        or (health.get("triggerer") or {}).get("status") == "healthy"
+                    )
                     and dag.status_code == 200
                 ):
                     return

@@ -285,3 +285,15 @@ def test_an_unknown_or_invalid_or_unreachable_connection_is_reported(compose: di
         "'signing_secret': the secret is invalid"
     )
     assert len(problems) == 4
+
+
+def test_the_triggerer_runs_the_commit_watcher_and_its_health_check_asks_for_a_live_triggerer(compose):
+    triggerer = compose["services"]["airflow-triggerer"]
+    assert triggerer["command"] == "triggerer"
+    assert triggerer["restart"] == "always"
+    check = " ".join(triggerer["healthcheck"]["test"])
+    # A live TriggererJob of this container (its heartbeat), not merely a process that answers.
+    assert "airflow jobs check --job-type TriggererJob" in check
+    assert "--hostname" in check
+    # It reads the CDR database (the watcher) through the same connection as the workers.
+    assert "AIRFLOW_CONN_CDR_DB" in triggerer["environment"]

@@ -23,12 +23,14 @@ def test_no_import_errors(dagbag):
 
 
 def test_dag_shape(dagbag):
-    from airflow.sdk import CronDataIntervalTimetable
+    from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable
 
     from cdr_webhook.deliver.operator import CdrWebhookOperator
 
     dag = dagbag.dags["cdr_webhook"]
-    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    # The minute schedule, or an event of the commit watcher (watch_interval_seconds 1 by default).
+    assert isinstance(dag.timetable, AssetOrTimeSchedule)
+    assert isinstance(dag.timetable.timetable, CronDataIntervalTimetable)
     assert dag.max_active_runs == 4
     assert dag.catchup is False
     assert set(dag.params) == {"window_start", "window_end", "policy", "client_id"}
@@ -140,3 +142,36 @@ def test_chunk_mode_maps_the_chunk_operator_named_by_its_first_cdr_and_size(sett
 
 def test_one_cdr_per_task_is_the_default_dag(dagbag):
     assert dagbag.dags["cdr_webhook"].get_task("select_cdrs").op_kwargs == {}
+
+
+def watcher_of(dag):
+    """The one AssetWatcher of the DAG's schedule (AssetOrTimeSchedule wraps its asset in an AssetAll)."""
+    (asset,) = dag.timetable.asset_condition.objects
+    (watcher,) = asset.watchers
+    return watcher
+
+
+def test_watch_settings_reach_the_watcher(settings_env):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import CronDataIntervalTimetable
+    from airflow.triggers.base import BaseEventTrigger
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS", "2.5")
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SOURCE_RELATION", "billing.cdr_feed")
+    watcher = watcher_of(DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"])
+
+    assert isinstance(watcher.trigger, BaseEventTrigger)
+    classpath, kwargs = watcher.trigger.serialize()
+    assert classpath == "cdr_webhook.watch.trigger.CdrCommitTrigger"
+    # The watcher's identity (classpath + kwargs) comes from parse-time settings only: every parse of
+    # the DAG finds the same watcher, not a new one.
+    assert kwargs == {"source_relation": "billing.cdr_feed", "interval_seconds": 2.5, "conn_id": "cdr_db"}
+    again = watcher_of(DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"])
+    assert again.trigger.serialize() == (classpath, kwargs)
+
+    from cdr_webhook.settings import load_settings
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS", "0")
+    load_settings.cache_clear()
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)  # watching off: the schedule alone

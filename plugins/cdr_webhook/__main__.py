@@ -1,4 +1,5 @@
-"""The operator's command line: python -m cdr_webhook endpoints list|pause|resume|check, source check|preview.
+"""The operator's command line: python -m cdr_webhook endpoints list|pause|resume|check, source
+check|preview|install-notify|remove-notify.
 
 (plugins/ on sys.path.) The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow
 connection ``cdr_db``; ``endpoints check`` and ``source preview`` read endpoint connections the way the
@@ -74,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_source_commands(groups: Any, common: argparse.ArgumentParser) -> None:
-    """``source check`` and ``source preview``: the source relation, before a run reads it."""
-    group = groups.add_parser("source", help="check the source relation, preview what a run would send")
-    commands = group.add_subparsers(dest="command", required=True, metavar="check|preview")
+    """``source check`` and ``source preview`` (the source relation, before a run reads it), and
+    ``source install-notify|remove-notify`` (the commit watcher's NOTIFY trigger)."""
+    group = groups.add_parser(
+        "source", help="check the source relation, preview what a run would send, the NOTIFY trigger"
+    )
+    commands = group.add_subparsers(
+        dest="command", required=True, metavar="check|preview|install-notify|remove-notify"
+    )
     check = commands.add_parser(
         "check", parents=[common], help="columns, types, query, index and the newest rows' mapping"
     )
@@ -88,6 +94,18 @@ def _add_source_commands(groups: Any, common: argparse.ArgumentParser) -> None:
     preview.add_argument("--to", dest="end", help="created_at to stop before (default: now)")
     preview.add_argument("--client", type=int, help="only this client_id's CDRs")
     preview.add_argument("--limit", type=_positive, default=100, help="CDRs to show at most (default 100)")
+    for name, text in NOTIFY_COMMANDS.items():
+        notify = commands.add_parser(name, parents=[common], help=text)
+        notify.add_argument(
+            "table", type=_non_empty, help="the table the dialer inserts CDRs into, e.g. dialer.cdr"
+        )
+
+
+#: ``source install-notify|remove-notify TABLE``: the NOTIFY trigger that wakes the commit watcher.
+NOTIFY_COMMANDS = {
+    "install-notify": "wake the commit watcher on every INSERT statement into TABLE",
+    "remove-notify": "drop that trigger (the watcher polls again)",
+}
 
 
 def _positive(text: str) -> int:
@@ -215,8 +233,30 @@ def check(conn_ids: Sequence[str]) -> None:
         raise CliError(f"{len(broken)} of {len(conn_ids)} endpoint(s) cannot be used: {', '.join(broken)}")
 
 
+def source_command(args: argparse.Namespace) -> None:
+    from cdr_webhook.watch import notify
+
+    with connect(args.dsn) as conn:
+        try:
+            if args.command == "install-notify":
+                notify.install(conn, args.table)
+                print(
+                    f"installed trigger {notify.TRIGGER_NAME} on {args.table}: every INSERT statement "
+                    "wakes the commit watcher (it polls only as a fallback now)"
+                )
+            elif notify.remove(conn, args.table):
+                print(f"removed trigger {notify.TRIGGER_NAME} from {args.table}: the watcher polls again")
+            else:
+                print(f"{args.table} has no trigger {notify.TRIGGER_NAME}: nothing to remove")
+        except notify.NotifyError as err:
+            raise CliError(str(err)) from err
+
+
 def run(args: argparse.Namespace) -> None:
     if args.group == "source":
+        if args.command in NOTIFY_COMMANDS:
+            source_command(args)
+            return
         from cdr_webhook.selection import cli as source_cli
 
         with connect(args.dsn) as conn:

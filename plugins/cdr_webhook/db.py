@@ -11,7 +11,7 @@ from psycopg import pq, sql
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 
 #: Extras the Postgres provider's hook interprets itself (cloud IAM tokens, Redshift, cursor classes,
 #: SQLAlchemy options): a connection with any of them is opened by that hook.
@@ -55,15 +55,20 @@ def connect(conn_id: str = CDR_DB_CONN_ID) -> psycopg.Connection[Any]:
     return conn
 
 
-def connection_args(connection: Any) -> dict[str, Any]:
-    """The ``psycopg.connect`` arguments of a plain Postgres connection: what ``PostgresHook`` passes."""
+def connection_args(connection: Any, *, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """
+    The ``psycopg.connect`` arguments of a plain Postgres connection: what ``PostgresHook`` passes.
+
+    ``extra``: the connection's extras when already read (the triggerer reads them with the async
+    ``aextra_dejson``; the sync property would block its event loop on secret masking).
+    """
     return {
         "host": connection.host,
         "user": connection.login,
         "password": connection.password,
         "dbname": connection.schema,
         "port": connection.port,
-        **connection.extra_dejson,
+        **(connection.extra_dejson if extra is None else extra),
     }
 
 

@@ -45,6 +45,9 @@ class Settings:
     max_active_posts_per_run: int = 16  # post_cdr tasks of one run in flight (max_active_tis_per_dagrun)
     max_active_runs: int = 4  # runs at once: a run held up by one endpoint's retries blocks no other
     cdrs_per_task: int = 1  # 1: a post_cdr task per CDR; more: each post_cdr task sends this many
+    # Event-driven pick-up: the triggerer's watcher polls the source this often for new commits and
+    # starts a run on them (at most one run start per interval); 0 turns it off (the schedule only).
+    watch_interval_seconds: float = 1.0
     # Read by the tasks when they run.
     lag_seconds: int = 60
     # Late commits beyond the lag: a scheduled run queues what its scans missed in the last
@@ -155,6 +158,24 @@ def _positive_float(name: str, raw: str) -> float:
     return value
 
 
+def _non_negative_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{_env(name)}={raw!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{_env(name)}={raw!r} must be 0 (off) or a number of seconds")
+    return value
+
+
+def _watch_interval(name: str, raw: str) -> float:
+    value = _non_negative_float(name, raw)
+    if 0 < value < 0.1:
+        # Each poll is two queries on the CDR database; ten a second is plenty for a ~2 s floor.
+        raise SettingsError(f"{_env(name)}={raw!r} must be 0 (off) or at least 0.1")
+    return value
+
+
 def _relation(name: str, raw: str) -> str:
     parts = raw.split(".")
     if not 1 <= len(parts) <= 2 or not all(parts):
@@ -262,6 +283,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_active_runs": _positive_int,
     "slot_wait_seconds": _non_negative_int,
     "cdrs_per_task": _positive_int,
+    "watch_interval_seconds": _watch_interval,
     "page_statement_timeout_seconds": _positive_float,
 }
 

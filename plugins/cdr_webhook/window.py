@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 POLICIES: tuple[str, ...] = ("missing", "failed", "all")
 SCHEDULED = "scheduled"
+#: A run the commit watcher's asset event started (cdr_webhook.watch): it scans like a scheduled run.
+ASSET_TRIGGERED = "asset_triggered"
+#: The run types that scan from the watermark; every other run selects by a window.
+SCANNING: tuple[str, ...] = (SCHEDULED, ASSET_TRIGGERED)
 
 
 class InvalidRunRequest(ValueError):
@@ -59,6 +63,24 @@ def plan_scan(
     else:
         start = watermark - dt.timedelta(seconds=lag_seconds)
     return Scan(start=min(start, interval_end), end=interval_end)
+
+
+def event_scan_bounds(
+    *, now: dt.datetime, watch_started_from: dt.datetime | None
+) -> tuple[dt.datetime, dt.datetime]:
+    """
+    The ``(interval_start, interval_end)`` an event-started run scans as, for :func:`plan_scan`.
+
+    Airflow gives an asset-triggered run no data interval. Its scan ends at ``now``, the select step's
+    own clock, as a scheduled run's ends at its interval end: the watermark moves to exactly what was
+    scanned, and a commit still in flight then (``created_at`` before the end, visible after) is read
+    again by the next scan, which starts ``lag_seconds`` before the watermark. With no watermark yet
+    (the first scan ever) it starts where the watcher started watching (older rows are history, as
+    for the first scheduled run); without even that, the scan is empty and only moves the watermark.
+    """
+    start = watch_started_from if watch_started_from is not None else now
+    # started_from is the newest row the watcher found as history: the scan starts just after it.
+    return min(start + dt.timedelta(microseconds=1), now), now
 
 
 def plan_window(

@@ -45,6 +45,8 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
         {
             "PYTHONPATH": str(ROOT),
             "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
+            # The triggerer runs, the commit watcher does not: these tests start their runs by hand.
+            "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
             "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
                 receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
             ),

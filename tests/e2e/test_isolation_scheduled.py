@@ -73,6 +73,8 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
         pg_server,
         {
             "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
+            # The triggerer runs, the watcher does not: the schedule's isolation, measured per interval.
+            "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
             "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
                 receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
             ),

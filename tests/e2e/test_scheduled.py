@@ -1,4 +1,8 @@
-"""Scheduled delivery against a real scheduler: new CDRs, late commits, and a burst above the cap."""
+"""Scheduled delivery against a real scheduler: new CDRs, late commits, and a burst above the cap.
+
+The deployment has no triggerer (the commit watcher cannot run, though it is configured): the
+schedule alone delivers everything, as it does when a triggerer is down.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
             "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
         },
+        triggerer=False,
     )
     with deployed(stack, receiver):
         yield stack, receiver

@@ -282,7 +282,9 @@ def test_bad_filters_are_named(client):
 # -- detail ----------------------------------------------------------------------------------------
 
 
-def test_the_detail_shows_every_attempt_and_the_payload_as_sent_now_without_secrets(client, populated):
+def test_the_detail_shows_every_attempt_and_the_payload_as_sent_now_without_secrets(
+    client, populated, cdr_db
+):
     response = get(client, "/delivery", cdr_id=populated["failed_42"], endpoint="cdr_webhook_client_42")
     assert response.status_code == 200
     html = response.text
@@ -292,6 +294,14 @@ def test_the_detail_shows_every_attempt_and_the_payload_as_sent_now_without_secr
     assert "answer 400" in html
     # Client 42 has no connection of its own here: the page says so instead of a request.
     assert "endpoint configuration" in html
+    # The pick-up latency: from the CDR's created_at to its first POST (attempt 1's time).
+    first, created = cdr_db.execute(
+        "SELECT a.at, d.cdr_created_at FROM cdr_webhook.delivery_attempt AS a "
+        "JOIN cdr_webhook.delivery AS d USING (cdr_id, endpoint) "
+        "WHERE a.cdr_id = %s AND a.endpoint = 'cdr_webhook_client_42' AND a.attempt = 1",
+        (populated["failed_42"],),
+    ).fetchone()
+    assert f"{(first - created).total_seconds():.1f} s after created" in html
 
     response = get(client, "/delivery", cdr_id=populated["by_status"]["delivered"][0], endpoint="cdr_webhook")
     html = unescape(response.text)

@@ -141,6 +141,16 @@ def test_a_chunk_try_may_send_every_cdr_of_a_full_chunk_at_its_deadline():
     assert settings.chunk_timeout == dt.timedelta(seconds=10 + 20 * 5 + 60)
 
 
+def test_watch_interval_is_seconds_and_zero_turns_watching_off():
+    assert Settings().watch_interval_seconds == 1.0
+    assert parse_settings({"watch_interval_seconds": "0"}).watch_interval_seconds == 0
+    assert parse_settings({"watch_interval_seconds": "0.5"}).watch_interval_seconds == 0.5
+    for raw, message in (("-1", r"must be 0 \(off\)"), ("0.01", "at least 0.1"), ("soon", "is not a number")):
+        with pytest.raises(SettingsError, match=message) as err:
+            parse_settings({"watch_interval_seconds": raw})
+        assert "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS" in str(err.value)
+
+
 def test_the_pages_statement_timeout_defaults_to_ten_seconds_and_must_be_positive():
     assert parse_settings({}).page_statement_timeout_seconds == 10
     assert parse_settings({"page_statement_timeout_seconds": "2.5"}).page_statement_timeout_seconds == 2.5

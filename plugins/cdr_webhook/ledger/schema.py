@@ -158,6 +158,24 @@ CREATE INDEX IF NOT EXISTS delivery_status_list_idx
     ON cdr_webhook.delivery (status, cdr_created_at, cdr_id) WHERE status <> 'delivered';
 """
 
+# Step 8: what the commit watcher (cdr_webhook.watch) has seen and fired for, per source relation, so
+# a restarted watcher resumes from the database, not from memory: started_from is the newest created_at
+# when it first started without a watermark (older rows are history, a backfill's job), fired_through
+# the newest created_at it fired a run for, fired_at when; more_at is when a run last took a full
+# max_cdrs_per_run and left CDRs queued (the watcher starts another run for them).
+_WATCH_V8 = """
+CREATE TABLE IF NOT EXISTS cdr_webhook.watch_state (
+    source_relation text        PRIMARY KEY,
+    started_from    timestamptz,
+    fired_through   timestamptz,
+    fired_at        timestamptz,
+    fires           bigint      NOT NULL DEFAULT 0,
+    more_at         timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+"""
+
 STEPS: tuple[Step, ...] = (
     Step(1, "ledger, watermark and endpoint tables", _LEDGER_V1 + _ENDPOINTS_V1),
     Step(
@@ -198,8 +216,9 @@ STEPS: tuple[Step, ...] = (
         "ALTER TABLE cdr_webhook.watermark ADD COLUMN IF NOT EXISTS reconcile_cursor timestamptz; "
         "ALTER TABLE cdr_webhook.watermark ADD COLUMN IF NOT EXISTS reconcile_until timestamptz",
     ),
+    Step(8, "the commit watcher's state", _WATCH_V8),
     Step(
-        8,
+        9,
         "how far retention has pruned the ledger",
         # pruned_before: finished rows of CDRs created before it may be gone (NULL: none ever were);
         # known = false on an install that had ledger rows before this step, whose pruning is unknown

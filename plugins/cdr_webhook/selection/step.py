@@ -18,7 +18,16 @@ from cdr_webhook.payload import InvalidCdr, build_payload
 from cdr_webhook.selection.routing import Route, Router
 from cdr_webhook.selection.source import check_source, distinct_clients, fetch_rows
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
-from cdr_webhook.window import SCHEDULED, InvalidRunRequest, Window, plan_scan, plan_window
+from cdr_webhook.watch import state as watch_state
+from cdr_webhook.window import (
+    ASSET_TRIGGERED,
+    SCANNING,
+    InvalidRunRequest,
+    Window,
+    event_scan_bounds,
+    plan_scan,
+    plan_window,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -112,7 +121,7 @@ def select_cdrs(
     check_source(conn, settings.source_relation)
     window = (
         None
-        if run.run_type == SCHEDULED
+        if run.run_type in SCANNING
         else plan_window(
             params=run.params, interval_start=run.interval_start, interval_end=run.interval_end, now=now
         )
@@ -140,6 +149,10 @@ def select_cdrs(
             claims = _claim_scan(conn, run, settings, known, now)
         else:
             claims = _claim_window(conn, run, settings, known, window)
+        if window is None and len(claims) >= settings.max_cdrs_per_run:
+            # A full run: CDRs may wait behind it; the commit watcher starts the next run for them
+            # instead of leaving them to the schedule.
+            watch_state.request_more(conn, settings.source_relation)
         claims = _hold_misconfigured(conn, claims, known)
         sendable = _drop_invalid(conn, settings.source_relation, claims, known)
         ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
@@ -229,15 +242,24 @@ def _assign(
 def _claim_scan(
     conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, known: _Endpoints, now: dt.datetime
 ) -> list[ledger.Claim]:
-    """A scheduled run: queue what the watermark scan finds, move the watermark, take the oldest queued."""
-    if run.interval_start is None or run.interval_end is None:
-        raise ValueError(f"scheduled run {run.run_id} has no data interval; use CronDataIntervalTimetable")
+    """
+    A scheduled or event-started run: queue what the watermark scan finds, move the watermark, take
+    the oldest queued.
+    """
     relation = settings.source_relation
+    if run.run_type == ASSET_TRIGGERED:
+        interval_start, interval_end = event_scan_bounds(
+            now=now, watch_started_from=watch_state.started_from(conn, relation)
+        )
+    elif run.interval_start is None or run.interval_end is None:
+        raise ValueError(f"scheduled run {run.run_id} has no data interval; use CronDataIntervalTimetable")
+    else:
+        interval_start, interval_end = run.interval_start, run.interval_end
     watermark = ledger.lock_watermark(conn, relation)
     scan = plan_scan(
         watermark=watermark,
-        interval_start=run.interval_start,
-        interval_end=run.interval_end,
+        interval_start=interval_start,
+        interval_end=interval_end,
         lag_seconds=settings.lag_seconds,
         start_from=settings.start_from,
     )

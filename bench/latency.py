@@ -1,0 +1,278 @@
+"""Commit → POST latency of event-driven pick-up, through a real Airflow at the default settings.
+
+    .venv/bin/python -m bench.latency [--drip 30] [--burst 2000] [--idle 60] [--modes per-cdr chunk]
+        [--cdrs-per-task 50] [--dsn DSN] [--out FILE]
+
+One Airflow per mode (demo/stack.py: LocalExecutor, api-server, scheduler, dag-processor and
+triggerer on 127.0.0.1, metadata on the PostgreSQL server), the DAG at its default settings (the
+minute schedule, ``watch_interval_seconds`` 1, no NOTIFY trigger), a receiver in this process
+(demo/receiver.py). After the first scheduled run (the watermark exists), for each mode:
+
+* drip: ``--drip`` CDRs committed one at a time, each its own transaction, 1.5–4.5 s apart at random
+  (about one every 3 s): commit → POST p50/p95/max, POSTs per CDR, the runs by type, and where the
+  time went per CDR (REST timestamps and the ledger): commit → asset event (the trigger's wait and
+  the event's write), event → run queued (the run's creation), queued → select start, the select
+  step, select end → post task start, post task start → POST;
+* burst: ``--burst`` CDRs committed as fast as one connection can, each its own transaction: all
+  delivered once?, the runs it caused, the time from the first commit to the last POST;
+* idle: ``--idle`` seconds with no commit: the runs started, by type.
+
+Chunk mode is the same on an Airflow started with ``AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK``. On demand
+only; never part of the test suite, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from bench.harness import percentile, server_dsn
+from demo.connections import http_conn, postgres_conn
+from demo.dialer import ROOT, Dialer, load_reference_schema
+from demo.receiver import Receiver
+from demo.stack import AirflowStack
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+SIGNING_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a bench-only secret, not a real one
+PHASES = ("commit→event", "event→run queued", "queued→select start", "select step", "select→post start",
+          "post start→POST")  # fmt: skip
+
+
+def _ts(value: str | None) -> float | None:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
+
+
+def _s(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+class Measure:
+    def __init__(self, stack: AirflowStack, receiver: Receiver, conn: psycopg.Connection[Any]) -> None:
+        self.stack, self.receiver, self.conn = stack, receiver, conn
+        self.dialer = Dialer(conn)
+
+    def arrivals(self, cdr_ids: Sequence[str]) -> dict[str, list[float]]:
+        wanted = set(cdr_ids)
+        seen: dict[str, list[float]] = collections.defaultdict(list)
+        for post in self.receiver.received():
+            if post.cdr_id in wanted:
+                seen[post.cdr_id].append(post.at)
+        return seen
+
+    def wait_delivered(self, cdr_ids: Sequence[str], timeout: float) -> dict[str, list[float]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.arrivals(cdr_ids)
+            if len(seen) == len(cdr_ids):
+                return seen
+            time.sleep(0.5)
+        return self.arrivals(cdr_ids)
+
+    def runs_since(self, since: float) -> collections.Counter[str]:
+        runs = self.stack.runs(order_by="-run_after")
+        return collections.Counter(r["run_type"] for r in runs if (_ts(r["queued_at"]) or 0) >= since)
+
+    def commit(self) -> tuple[str, float]:
+        cdr = self.dialer.cdr()  # autocommit: the CDR row is its own transaction
+        return cdr, time.time()
+
+    def drip(self, count: int) -> tuple[list[str], str, str]:
+        began = time.time()
+        committed = {}
+        for _ in range(count):
+            time.sleep(random.uniform(1.5, 4.5))
+            cdr, at = self.commit()
+            committed[cdr] = at
+        seen = self.wait_delivered(list(committed), 300)
+        latencies = [min(seen[c]) - committed[c] for c in committed if c in seen]
+        once = sum(1 for c in committed if len(seen.get(c, ())) == 1)
+        runs = self.runs_since(began)
+        row = (
+            f"| {count} | {len(seen)} | {once} | {_s(percentile(latencies, 50))} | "
+            f"{_s(percentile(latencies, 95))} | {_s(max(latencies) if latencies else None)} | "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(runs.items()))} |"
+        )
+        return list(committed), row, self.phases(committed, seen)
+
+    def phases(self, committed: dict[str, float], seen: dict[str, list[float]]) -> str:
+        per: dict[str, list[float]] = collections.defaultdict(list)
+        rows = self.conn.execute(
+            "SELECT cdr_id, run_id, map_index FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s)",
+            (list(committed),),
+        ).fetchall()
+        tis: dict[str, list[dict[str, Any]]] = {}
+        for cdr, run_id, map_index in rows:
+            if cdr not in seen or run_id is None:
+                continue
+            run = self.stack.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}")
+            if run_id not in tis:
+                tis[run_id] = self.stack.task_instances(run_id)
+            select = next((t for t in tis[run_id] if t["task_id"] == "select_cdrs"), None)
+            post = next(
+                (t for t in tis[run_id] if t["task_id"] == "post_cdr" and t["map_index"] == map_index), None
+            )
+            events = (
+                self.stack.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}/upstreamAssetEvents", expect=None)
+                or {}
+            )
+            stamps = [_ts(e["timestamp"]) for e in events.get("asset_events", [])]
+            event = min((s for s in stamps if s and s >= committed[cdr] - 0.5), default=None)
+            queued = _ts(run.get("queued_at"))
+            points = [
+                committed[cdr],
+                event,
+                queued,
+                _ts(select and select["start_date"]),
+                _ts(select and select["end_date"]),
+                _ts(post and post["start_date"]),
+                min(seen[cdr]),
+            ]
+            for name, (a, b) in zip(PHASES, zip(points, points[1:], strict=False), strict=True):
+                if a is not None and b is not None:
+                    per[name].append(b - a)
+        lines = ["| phase | CDRs | median s | p95 s |", "| --- | --- | --- | --- |"]
+        for name in PHASES:
+            values = per.get(name, [])
+            lines.append(
+                f"| {name} | {len(values)} | {_s(percentile(values, 50))} | {_s(percentile(values, 95))} |"
+            )
+        return "\n".join(lines)
+
+    def burst(self, count: int) -> str:
+        began = time.time()
+        cdrs = [self.commit()[0] for _ in range(count)]
+        committed_in = time.time() - began
+        seen = self.wait_delivered(cdrs, 1800)
+        last = max((max(v) for v in seen.values()), default=None)
+        once = sum(1 for c in cdrs if len(seen.get(c, ())) == 1)
+        runs = self.runs_since(began)
+        by_type = ", ".join(f"{k} {v}" for k, v in sorted(runs.items()))
+        to_last = _s(last - began if last else None)
+        return f"| {count} | {committed_in:.1f} | {len(seen)} | {once} | {by_type} | {to_last} |"
+
+    def idle(self, seconds: float) -> str:
+        time.sleep(10)  # the burst's last runs finish
+        began = time.time()
+        time.sleep(seconds)
+        runs = self.runs_since(began)
+        return f"| {seconds:.0f} | {', '.join(f'{k} {v}' for k, v in sorted(runs.items())) or 'none'} |"
+
+
+def wait_first_run(stack: AirflowStack, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["state"] == "success" for r in stack.runs(run_type="scheduled")):
+            if "Watching cdr_webhook_source" in stack.log_tail("triggerer", 1_000_000):
+                return
+        time.sleep(1)
+    raise TimeoutError("no scheduled run, or no watcher, after the start")
+
+
+def mode_report(args: argparse.Namespace, mode: str, admin_dsn: str, scratch: Path) -> str:
+    database = f"cdr_webhook_latency_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    dsn = make_conninfo(admin_dsn, dbname=database)
+    stack = None
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn, Receiver(secret=SIGNING_SECRET) as receiver:
+            load_reference_schema(conn)
+            env = {
+                "AIRFLOW_CONN_CDR_DB": postgres_conn(dsn),
+                "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(receiver.url, signing_secret=SIGNING_SECRET),
+                "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
+                "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",
+            }
+            if mode == "chunk":
+                env["AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK"] = str(args.cdrs_per_task)
+            home = scratch / f"airflow-{mode}"
+            home.mkdir()
+            stack = AirflowStack(home, admin_dsn, env)
+            began = time.monotonic()
+            stack.start()
+            stack.unpause()
+            wait_first_run(stack)
+            print(
+                f"[{mode}] Airflow up, first scheduled run done in {time.monotonic() - began:.0f} s",
+                flush=True,
+            )
+            measure = Measure(stack, receiver, conn)
+            _, drip_row, phases = measure.drip(args.drip)
+            print(f"[{mode}] drip {drip_row}", flush=True)
+            burst_row = measure.burst(args.burst)
+            print(f"[{mode}] burst {burst_row}", flush=True)
+            idle_row = measure.idle(args.idle)
+            print(f"[{mode}] idle {idle_row}", flush=True)
+    finally:
+        if stack is not None:
+            leftovers = stack.stop()
+            stack.drop_metadata()
+            if leftovers:
+                print(f"processes that outlived the stop (killed): {leftovers}", file=sys.stderr)
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    name = "per-CDR" if mode == "per-cdr" else f"chunk ({args.cdrs_per_task} CDRs per task)"
+    return "\n\n".join(
+        [
+            f"**{name}**",
+            "| drip CDRs | delivered | POSTed once | commit→POST p50 s | p95 s | max s | runs (by type) |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |\n" + drip_row,
+            f"Where a drip CDR's time went ({name}):\n\n{phases}",
+            "| burst CDRs | committed in s | delivered | POSTed once | runs (by type) "
+            "| first commit→last POST s |\n"
+            "| --- | --- | --- | --- | --- | --- |\n" + burst_row,
+            "| idle s | runs started (by type) |\n| --- | --- |\n" + idle_row,
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--drip", type=int, default=30, help="CDRs committed one at a time (default 30)")
+    parser.add_argument("--burst", type=int, default=2000, help="CDRs committed at once (default 2000)")
+    parser.add_argument("--idle", type=float, default=60, help="idle seconds counted (default 60)")
+    parser.add_argument("--modes", nargs="+", choices=("per-cdr", "chunk"), default=["per-cdr", "chunk"])
+    parser.add_argument("--cdrs-per-task", type=int, default=50, help="chunk mode's CDRS_PER_TASK")
+    parser.add_argument("--dsn", help="the PostgreSQL server (default CDR_DATABASE_URL, 127.0.0.1:5432)")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.path.insert(0, str(ROOT / "plugins"))
+    scratch = Path(tempfile.mkdtemp(prefix="cdr-webhook-latency-"))
+    try:
+        admin_dsn = server_dsn(args.dsn, scratch)
+        reports = [mode_report(args, mode, admin_dsn, scratch) for mode in args.modes]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    head = (
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; LocalExecutor, default settings; "
+        f"`python -m bench.latency {' '.join(sys.argv[1:])}`"
+    )
+    report = "\n\n".join([head, *reports])
+    print("\n" + report)
+    if args.out:
+        args.out.write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+../plugins/cdr_webhook/watch/notify_trigger.sql

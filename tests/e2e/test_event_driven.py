@@ -1,0 +1,124 @@
+"""Event-driven pick-up through a real Airflow with a real triggerer: a commit starts a run in seconds.
+
+The schedule is hourly, so a CDR delivered within seconds was delivered by a run the commit watcher
+started (run type ``asset_triggered``). Airflow's two traps of event-driven scheduling are covered:
+events while the DAG is paused (apache/airflow#49857) and events while ``max_active_runs`` is reached
+(#56050) must strand no CDR. One deployment (``max_active_runs`` 1) for the module: each start of a
+real Airflow costs ~20 s here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from demo.connections import http_conn, postgres_conn
+from demo.dialer import Dialer
+from demo.receiver import Receiver
+from demo.stack import AirflowStack
+from tests.deployments import deployed, prepare_cdr_database
+from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+
+pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
+
+SLOW_CLIENT = 9
+SLOW_MS = 8000
+
+
+@pytest.fixture(scope="module")
+def deployment(pg_server, cdr_dsn, tmp_path_factory):
+    prepare_cdr_database(cdr_dsn)
+    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+    slow = Receiver(api_key=API_KEY, delay_ms=SLOW_MS).start()
+    stack = AirflowStack(
+        tmp_path_factory.mktemp("airflow-events"),
+        pg_server,
+        {
+            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
+            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
+                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
+            ),
+            f"AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_{SLOW_CLIENT}": http_conn(slow.url, api_key=API_KEY),
+            "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",  # hourly: every delivery here is event-started
+            "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_RUNS": "1",
+        },
+    )
+    with deployed(stack, receiver, slow):
+        yield stack, receiver, slow
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(what)
+
+
+def delivered(conn, cdr_ids) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT cdr_id, run_id FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s) AND status = 'delivered'",
+        (list(cdr_ids),),
+    ).fetchall()
+    return dict(rows)
+
+
+def run_types(stack: AirflowStack, run_ids) -> set[str]:
+    return {run["run_type"] for run in stack.runs() if run["dag_run_id"] in set(run_ids)}
+
+
+def test_a_commit_is_delivered_by_a_run_the_watcher_starts_within_seconds(deployment, cdr_conn):
+    stack, receiver, _ = deployment
+    # The triggerer starts the watcher once the dag-processor has registered the DAG's asset.
+    wait_for(
+        lambda: "Watching cdr_webhook_source" in stack.log_tail("triggerer", 1_000_000), 90, "the watcher"
+    )
+    began = time.time()
+    cdr = Dialer(cdr_conn).cdr()
+
+    owner = wait_for(lambda: delivered(cdr_conn, [cdr]), 40, "the event-started delivery")[cdr]
+
+    posts = receiver.received(cdr)
+    assert len(posts) == 1
+    assert posts[0].at - began < 20  # an hourly schedule: only an event can have sent it this soon
+    assert run_types(stack, [owner]) == {"asset_triggered"}
+    # Idle again: no run is started without a commit.
+    runs_before = len(stack.runs())
+    time.sleep(5)
+    assert len(stack.runs()) == runs_before
+
+
+def test_commits_while_the_dag_is_paused_are_delivered_after_unpausing(deployment, cdr_conn):
+    stack, receiver, _ = deployment
+    stack.api("PATCH", "/dags/cdr_webhook", json={"is_paused": True})
+    try:
+        dialer = Dialer(cdr_conn)
+        cdrs = [dialer.cdr() for _ in range(3)]
+        time.sleep(4)  # the watcher does not run while the DAG is paused (#49857): nothing starts
+        assert not delivered(cdr_conn, cdrs)
+    finally:
+        stack.unpause()
+
+    owners = wait_for(lambda: len(delivered(cdr_conn, cdrs)) == 3 and delivered(cdr_conn, cdrs), 60, "3")
+    assert run_types(stack, owners.values()) == {"asset_triggered"}
+    assert sorted(r.cdr_id for r in receiver.received() if r.cdr_id in cdrs) == sorted(cdrs)
+
+
+def test_commits_while_max_active_runs_is_reached_are_delivered_by_a_later_run(deployment, cdr_conn):
+    stack, receiver, slow = deployment
+    dialer = Dialer(cdr_conn)
+    held = dialer.cdr(client_id=SLOW_CLIENT)  # its POST takes 8 s: its run holds the only run slot
+    wait_for(lambda: slow.received(held), 40, "the slow run to POST")
+    cdrs = []
+    for _ in range(3):  # events while the one active run is busy (#56050)
+        cdrs.append(dialer.cdr())
+        time.sleep(1)
+    assert not delivered(cdr_conn, cdrs)
+
+    owners = wait_for(lambda: len(delivered(cdr_conn, cdrs)) == 3 and delivered(cdr_conn, cdrs), 90, "3")
+    assert run_types(stack, owners.values()) == {"asset_triggered"}
+    assert sorted(r.cdr_id for r in receiver.received() if r.cdr_id in cdrs) == sorted(cdrs)
