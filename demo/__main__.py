@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -28,6 +28,9 @@ from demo.connections import http_conn, postgres_conn
 from demo.dialer import ROOT, Dialer, load_reference_schema
 from demo.receiver import Receiver
 from demo.stack import AirflowStack
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 STATE = ROOT / ".demo"
 AIRFLOW_HOME = STATE / "airflow"
@@ -208,20 +211,27 @@ def report(expected: dict[str, Expected], rows: dict[str, dict[str, Any]], recei
     return all_ok
 
 
-def write_ui_env(env: dict[str, str]) -> None:
-    """Write what scripts/demo-ui needs to serve the UI on the demo's metadata and task logs."""
+def write_ui_env(env: dict[str, str], state: Path = STATE) -> None:
+    """
+    Write what scripts/demo-ui needs to serve the UI on the demo's metadata and task logs, and the
+    Deliveries page on its CDR database (``CDR_DATABASE_URL`` when the demo had one, else demo/ui.py
+    starts the embedded one again) with its endpoint connections (the page's request preview).
+    """
     wanted = (
         "AIRFLOW_HOME",
         "AIRFLOW__CORE__DAGS_FOLDER",
         "AIRFLOW__CORE__PLUGINS_FOLDER",
         "AIRFLOW__CORE__LOAD_EXAMPLES",
         "AIRFLOW__DATABASE__",
+        "AIRFLOW__CDR_WEBHOOK__",
+        "AIRFLOW_CONN_CDR_WEBHOOK",
+        "CDR_DATABASE_URL",
     )
     keep = {key: value for key, value in env.items() if key.startswith(wanted)}
     keep["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
     keep["AIRFLOW__API__SECRET_KEY"] = uuid.uuid4().hex
     lines = [f"export {key}={shlex.quote(value)}" for key, value in sorted(keep.items())]
-    (STATE / "ui.env").write_text("\n".join(lines) + "\n")
+    (state / "ui.env").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

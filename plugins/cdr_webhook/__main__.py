@@ -40,6 +40,13 @@ def _non_empty(text: str) -> str:
     return text.strip()
 
 
+def _reason(text: str) -> str:
+    text = _non_empty(text)
+    if len(text) > endpoints.MAX_REASON_CHARS:
+        raise argparse.ArgumentTypeError(f"{len(text)} characters, at most {endpoints.MAX_REASON_CHARS}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -61,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="parse endpoint connections as the DAG does and say what is wrong (no secret shown)"
     )
     check.add_argument("endpoint", nargs="+", type=_non_empty, help="Airflow connection ids")
-    pause.add_argument("--reason", type=_non_empty, required=True, help="why, for the audit trail")
-    resume.add_argument("--reason", type=_non_empty, help="why, for the audit trail")
+    pause.add_argument("--reason", type=_reason, required=True, help="why, for the audit trail")
+    resume.add_argument("--reason", type=_reason, help="why, for the audit trail")
     _add_source_commands(groups, common)
     return parser
 
@@ -267,6 +274,10 @@ def run(args: argparse.Namespace) -> None:
             return
         actor = args.by or getpass.getuser()
         if args.command == "pause":
+            try:
+                endpoints.check_pausable(conn, args.endpoint)
+            except endpoints.EndpointNameError as err:
+                raise CliError(str(err)) from None
             event = endpoints.pause(conn, args.endpoint, reason=args.reason, actor=actor)
             if event is None:
                 status = _status(conn, args.endpoint)

@@ -7,6 +7,7 @@ endpoint through :func:`parse_endpoint`, so a malformed connection fails in one 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import json
@@ -182,20 +183,50 @@ def from_connection(connection: Any) -> EndpointConfig:
     )
 
 
+#: Secrets shorter than this are not looked for in base64: their encoding is too short to be told
+#: from other base64 text.
+_BASE64_MIN_BYTES = 8
+
+
 @functools.lru_cache(maxsize=64)
 def _secret_forms(secrets: tuple[str, ...]) -> tuple[str, ...]:
-    """Each secret as written, JSON-escaped and URL-encoded; longest first (computed once per endpoint)."""
+    """
+    Each secret as written, JSON-escaped, URL-encoded and base64-encoded; longest first (computed once
+    per endpoint).
+    """
     forms: set[str] = set()
     for secret in secrets:
         escaped = json.dumps(secret)[1:-1]
         # JSON as Python writes it, and as encoders that also escape "/" (PHP's) write it.
         forms.update({secret, escaped, escaped.replace("/", "\\/"), urllib.parse.quote(secret, safe="")})
+        forms.update(_base64_forms(secret.encode()))
     return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
+def _base64_forms(secret: bytes) -> set[str]:
+    """
+    The base64 texts (standard and URL-safe, padded or not) that carry ``secret``: on its own, and
+    inside a longer encoded value such as basic auth's ``user:key``, where it starts at any of three
+    offsets in a 3-byte group. Only the characters made of the secret's bits alone are kept, so each
+    form matches whatever surrounds the secret.
+    """
+    if len(secret) < _BASE64_MIN_BYTES:
+        return set()
+    found: set[str] = set()
+    whole = base64.b64encode(secret).decode()
+    found.update({whole, whole.rstrip("=")})
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + secret).decode().rstrip("=")
+        first = -(-offset * 8 // 6)  # the first character with no bit of the bytes before
+        last = (offset + len(secret)) * 8 // 6  # past the last character with no bit of the bytes after
+        found.add(encoded[first:last])
+    return found | {form.replace("+", "-").replace("/", "_") for form in found}
 
 
 def scrub(text: str | None, secrets: Iterable[str]) -> str | None:
     """
-    Replace every secret in ``text`` with ``***``, also in its JSON-escaped and URL-encoded forms.
+    Replace every secret in ``text`` with ``***``, also in its JSON-escaped, URL-encoded and base64
+    forms (:func:`_base64_forms`).
 
     A text cut short (a response excerpt) may end inside a secret: a trailing piece of four or more
     characters that starts a secret is replaced too.

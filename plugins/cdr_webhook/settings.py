@@ -69,6 +69,8 @@ class Settings:
     pause_after_hours: float = 72.0
     max_in_flight_per_endpoint: int = 8  # POSTs at once to one endpoint; extra max_in_flight overrides
     slot_wait_seconds: int = 60  # how long a POST waits for one of its endpoint's in-flight slots
+    # The Deliveries page: the longest one of its queries may run before the database cancels it.
+    page_statement_timeout_seconds: float = 10.0
 
     @property
     def attempt_timeout(self) -> dt.timedelta:
@@ -282,6 +284,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "slot_wait_seconds": _non_negative_int,
     "cdrs_per_task": _positive_int,
     "watch_interval_seconds": _watch_interval,
+    "page_statement_timeout_seconds": _positive_float,
 }
 
 

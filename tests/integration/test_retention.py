@@ -13,6 +13,7 @@ from cdr_webhook.selection.step import RunInfo
 from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
+from demo.dialer import Dialer
 from tests.endpoint_configs import configs
 
 NOW = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
@@ -75,12 +76,61 @@ def test_retention_zero_keeps_everything(cdr_db):
     assert kept(cdr_db) == {"ancient"}
 
 
-def test_a_missing_policy_window_before_the_retention_is_refused(cdr_db):
-    params = {"window_start": (NOW - 31 * DAY).isoformat(), "window_end": (NOW - 29 * DAY).isoformat()}
-    manual = RunInfo("cdr_webhook", "manual__1", "manual", None, None, params)
+def manual_run(start: dt.datetime, end: dt.datetime, policy: str | None = None) -> RunInfo:
+    params = {"window_start": start.isoformat(), "window_end": end.isoformat()}
+    return RunInfo(
+        "cdr_webhook", "manual__1", "manual", None, None, params | ({"policy": policy} if policy else {})
+    )
+
+
+def test_a_never_pruned_ledger_accepts_a_missing_backfill_of_last_year(cdr_db):
+    """A new install backfilling last year's CDRs: nothing was ever pruned, nothing would be resent."""
+    last_year = Dialer(cdr_db).cdr(created_at=NOW - 365 * DAY, client_id=1)
+    claimed = run(cdr_db, manual_run(NOW - 366 * DAY, NOW - 364 * DAY))
+    assert [claim["cdr_id"] for claim in claimed] == [last_year]
+    assert ledger.pruned(cdr_db) == ledger.Pruned(before=None, known=True)
+
+
+def test_after_pruning_a_missing_window_before_the_pruned_bound_is_refused(cdr_db):
+    schema.migrate(cdr_db)
+    add(cdr_db, "old", "delivered", NOW - 31 * DAY)
+    run(cdr_db, scheduled())  # prunes "old": the ledger no longer records before NOW - 30 days
+    assert ledger.pruned(cdr_db) == ledger.Pruned(before=NOW - 30 * DAY, known=True)
+
     with pytest.raises(
-        InvalidRunRequest, match=r"before what the ledger still records .* retention_days = 30"
+        InvalidRunRequest, match=r"before what the ledger still records .*pruned by retention.*policy: all"
     ):
-        run(cdr_db, manual)
-    deliberate = dataclasses.replace(manual, params={**params, "policy": "all"})
-    assert run(cdr_db, deliberate) == []  # allowed: a redelivery on purpose
+        run(cdr_db, manual_run(NOW - 31 * DAY, NOW - 29 * DAY))
+    assert run(cdr_db, manual_run(NOW - 31 * DAY, NOW - 29 * DAY, "all")) == []  # a redelivery on purpose
+    assert run(cdr_db, manual_run(NOW - 30 * DAY, NOW - 29 * DAY)) == []  # after the bound: allowed
+    # Even with retention turned off since, what was pruned stays pruned.
+    with pytest.raises(InvalidRunRequest, match="pruned by retention"):
+        run(
+            cdr_db,
+            manual_run(NOW - 31 * DAY, NOW - 29 * DAY),
+            dataclasses.replace(SETTINGS, retention_days=0),
+        )
+
+
+def test_a_prune_that_deletes_nothing_records_nothing(cdr_db):
+    schema.migrate(cdr_db)
+    add(cdr_db, "young", "delivered", NOW - 29 * DAY)
+    assert ledger.prune(cdr_db, before=NOW - 30 * DAY) == 0
+    assert ledger.pruned(cdr_db).before is None
+    assert ledger.prune(cdr_db, before=NOW - 20 * DAY) == 1
+    assert ledger.prune(cdr_db, before=NOW - 25 * DAY) == 0  # an earlier bound never lowers it
+    assert ledger.pruned(cdr_db).before == NOW - 20 * DAY
+
+
+def test_an_install_of_unknown_pruning_is_checked_by_retention_days_until_its_next_prune(cdr_db):
+    from tests.integration.test_schema import install_up_to
+
+    install_up_to(cdr_db, 8)
+    add(cdr_db, "from-an-older-release", "delivered", NOW - 10 * DAY)
+    schema.migrate(cdr_db)
+    assert ledger.pruned(cdr_db) == ledger.Pruned(before=None, known=False)
+    window = manual_run(NOW - 31 * DAY, NOW - 29 * DAY)
+    with pytest.raises(InvalidRunRequest, match="retention_days = 30"):
+        claim_cdrs(cdr_db, window, SETTINGS, now=NOW, connections=configs({"cdr_webhook": {}}))
+    ledger.prune(cdr_db, before=NOW - 30 * DAY)  # deletes nothing, but now the bound is known
+    assert ledger.pruned(cdr_db) == ledger.Pruned(before=NOW - 30 * DAY, known=True)

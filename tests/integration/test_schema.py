@@ -118,3 +118,25 @@ def test_the_endpoint_status_index_applies_on_a_database_at_version_4(cdr_db):
     assert versions(cdr_db) == [step.version for step in schema.STEPS]
     assert "delivery_endpoint_status_idx" in indexes(cdr_db)
     assert cdr_db.execute("SELECT cdr_id, status FROM cdr_webhook.delivery").fetchall() == [("a", "failed")]
+
+
+def test_step_9_records_retention_as_unknown_on_a_ledger_with_rows_and_as_never_pruned_on_an_empty_one(
+    cdr_db,
+):
+    install_up_to(cdr_db, 8)
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "VALUES ('a', 'cdr_webhook', '2026-11-28T09:00:00Z', 'delivered')"
+    )
+    assert schema.migrate(cdr_db) == schema.LATEST
+    assert cdr_db.execute("SELECT pruned_before, known FROM cdr_webhook.retention").fetchall() == [
+        (None, False)
+    ]
+    assert cdr_db.execute("SELECT count(*) FROM cdr_webhook.delivery").fetchone()[0] == 1
+
+    cdr_db.execute("DROP SCHEMA cdr_webhook CASCADE")
+    install_up_to(cdr_db, 8)
+    schema.migrate(cdr_db)
+    assert cdr_db.execute("SELECT pruned_before, known FROM cdr_webhook.retention").fetchall() == [
+        (None, True)
+    ]

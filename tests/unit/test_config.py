@@ -143,6 +143,33 @@ def test_scrub_hides_a_secret_cut_short_at_the_end_of_an_excerpt():
     assert scrub("ends with k3y", ["k3y-7d41c0ffee9b2e"]) == "ends with k3y"  # three letters prove nothing
 
 
+@pytest.mark.parametrize("key", ["k3y-7d41c0ffee9b2e", "k3y/with+chars?>>~", "0123456789abcdef0"])
+def test_scrub_hides_a_secret_in_base64_alone_or_inside_a_longer_value(key):
+    raw = key.encode()
+    encodings = [base64.b64encode, base64.urlsafe_b64encode]
+    echoed = [
+        *(encode(raw).decode() for encode in encodings),
+        *(encode(raw).decode().rstrip("=") for encode in encodings),
+        # basic auth and other wrappers: the key at each offset of a 3-byte group
+        *(
+            encode(prefix + raw + b":tail").decode()
+            for encode in encodings
+            for prefix in (b"u:", b"us:", b"use:")
+        ),
+    ]
+    for text in echoed:
+        scrubbed = scrub(f'{{"echo": "{text}"}}', [key])
+        assert REDACTED in scrubbed, text
+        # Of the key's base64 characters, at most the two at each end that share bits with the
+        # bytes around it are left.
+        left = len(scrubbed) - len(REDACTED) - len('{"echo": ""}')
+        assert left <= len(text) - (len(raw) * 8 // 6 - 2), (text, scrubbed)
+
+
+def test_short_secrets_are_not_looked_for_in_base64():
+    assert scrub("aGVsbG8=", ["hello"]) == "aGVsbG8="  # 5 bytes: too short to tell from other text
+
+
 def test_filters_say_which_filter_excluded_a_cdr():
     filters = parse({"leg_types": [1], "min_billed_duration": 1, "campaign_ids": [12, 13]}).filters
     ok = {"leg_type": 1, "billed_duration": 5, "campaign_id": 12}

@@ -149,3 +149,10 @@ def test_watch_interval_is_seconds_and_zero_turns_watching_off():
         with pytest.raises(SettingsError, match=message) as err:
             parse_settings({"watch_interval_seconds": raw})
         assert "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS" in str(err.value)
+
+
+def test_the_pages_statement_timeout_defaults_to_ten_seconds_and_must_be_positive():
+    assert parse_settings({}).page_statement_timeout_seconds == 10
+    assert parse_settings({"page_statement_timeout_seconds": "2.5"}).page_statement_timeout_seconds == 2.5
+    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__PAGE_STATEMENT_TIMEOUT_SECONDS"):
+        parse_settings({"page_statement_timeout_seconds": "0"})

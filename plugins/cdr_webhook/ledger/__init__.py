@@ -46,7 +46,7 @@ from cdr_webhook.ledger.records import (
     record_attempt,
     record_attempts,
 )
-from cdr_webhook.ledger.retention import prune
+from cdr_webhook.ledger.retention import Pruned, prune, pruned
 from cdr_webhook.ledger.watermark import (
     advance_watermark,
     due_reconciliation,
@@ -62,6 +62,7 @@ __all__ = [
     "Claim",
     "ClaimLost",
     "NotStarted",
+    "Pruned",
     "advance_watermark",
     "assign",
     "due_reconciliation",
@@ -75,6 +76,7 @@ __all__ = [
     "note_scan_start",
     "owned_claims",
     "prune",
+    "pruned",
     "queued_backlog",
     "reconcile_slice",
     "record_attempt",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from psycopg.rows import class_row
@@ -30,6 +32,66 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("paused", "resumed")
 GONE_REASON = "HTTP 410 Gone: the receiver says this endpoint is gone"
+
+#: An endpoint is an Airflow connection id: at most 250 characters, Airflow's own column length.
+MAX_ENDPOINT_CHARS = 250
+#: A pause's reason and its actor as stored and shown (the Endpoints page, the CLI's table, the log).
+MAX_REASON_CHARS = 500
+MAX_ACTOR_CHARS = 200
+#: The connection ids the routing sends to (selection/routing.py): an endpoint may be paused before
+#: it has ledger rows only when its name has one of these shapes.
+ROUTE_NAME = re.compile(r"cdr_webhook(_client_-?[0-9]{1,19})?")
+
+
+class EndpointNameError(ValueError):
+    """A name that is not an endpoint one may pause (the message says what is accepted)."""
+
+
+def clean_text(text: str, *, limit: int) -> str:
+    """
+    ``text`` on one line: control characters (a newline forges a log line, an escape sequence
+    repaints a terminal) and line separators become spaces; cut at ``limit`` characters.
+    """
+    cleaned = "".join(
+        " " if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") else char for char in text
+    ).strip()
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+def check_name(endpoint: str) -> str:
+    """The endpoint's name if it could be a connection id: not empty, no control character, bounded."""
+    if (
+        not endpoint
+        or len(endpoint) > MAX_ENDPOINT_CHARS
+        or clean_text(endpoint, limit=MAX_ENDPOINT_CHARS) != endpoint
+    ):
+        raise EndpointNameError(
+            f"not an endpoint name: {endpoint[:60]!r} (a connection id: 1 to {MAX_ENDPOINT_CHARS} "
+            "characters, no control characters or surrounding spaces)"
+        )
+    return endpoint
+
+
+def check_pausable(conn: psycopg.Connection[Any], endpoint: str) -> str:
+    """
+    ``endpoint`` if a person may pause it: it has ledger rows or a state row, or it is named as the
+    routing names endpoints (``cdr_webhook``, ``cdr_webhook_client_<id>``). Any other name (the CDR
+    database's ``cdr_db``, a typo) would add a row the Endpoints page then shows to every viewer.
+    """
+    check_name(endpoint)
+    if ROUTE_NAME.fullmatch(endpoint):
+        return endpoint
+    known = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM cdr_webhook.endpoint_state WHERE endpoint = %(e)s) "
+        "OR EXISTS (SELECT 1 FROM cdr_webhook.delivery WHERE endpoint = %(e)s)",
+        {"e": endpoint},
+    ).fetchone()
+    if not (known and known[0]):
+        raise EndpointNameError(
+            f"no endpoint {endpoint!r}: pause an endpoint with deliveries in the ledger, or one named "
+            "cdr_webhook or cdr_webhook_client_<client id>"
+        )
+    return endpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +152,29 @@ def _set_paused(
 
 
 def pause(conn: psycopg.Connection[Any], endpoint: str, *, reason: str, actor: str) -> EndpointEvent | None:
-    """Pause an endpoint; return the event, or None when it was paused already (nothing changes)."""
+    """
+    Pause an endpoint; return the event, or None when it was paused already (nothing changes).
+
+    The reason and actor are stored on one line and bounded (:func:`clean_text`); a name that could
+    not be a connection id is refused (:func:`check_name`). A person's pause checks the name
+    against the ledger first (:func:`check_pausable`).
+    """
+    check_name(endpoint)
     with conn.transaction():
-        return _set_paused(conn, endpoint, reason, actor)
+        return _set_paused(
+            conn,
+            endpoint,
+            clean_text(reason, limit=MAX_REASON_CHARS),
+            clean_text(actor, limit=MAX_ACTOR_CHARS),
+        )
 
 
 def resume(
     conn: psycopg.Connection[Any], endpoint: str, *, actor: str, reason: str | None = None
 ) -> EndpointEvent | None:
     """Resume a paused endpoint with a clean failure count; return the event, or None if it was not paused."""
+    actor = clean_text(actor, limit=MAX_ACTOR_CHARS)
+    reason = clean_text(reason, limit=MAX_REASON_CHARS) or None if reason is not None else None
     with conn.transaction():
         # The count starts again: the old failures must not pause the endpoint on its next one.
         row = conn.execute(

@@ -1,7 +1,12 @@
-"""Retention: finished ledger rows older than ``retention_days`` are deleted, a bounded batch per run."""
+"""Retention: finished ledger rows older than ``retention_days`` are deleted, a bounded batch per run.
+
+How far it has gone is recorded (``cdr_webhook.retention``): a ``policy: missing`` window is refused
+only where the ledger may have lost rows, not merely because it is older than ``retention_days``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +24,8 @@ def prune(conn: psycopg.Connection[Any], *, before: dt.datetime, limit: int = 10
     stays short; the next runs go on where it stopped.
     """
     with conn.transaction():
+        # Locks the bound's row first: concurrent prunes record in turn, the bound only ever grows.
+        state = pruned(conn, lock=True)
         deleted = conn.execute(
             "DELETE FROM cdr_webhook.delivery WHERE ctid IN ("
             "  SELECT ctid FROM cdr_webhook.delivery WHERE cdr_created_at < %s AND status <> 'queued' "
@@ -30,4 +37,28 @@ def prune(conn: psycopg.Connection[Any], *, before: dt.datetime, limit: int = 10
             "  SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.dag_id = r.dag_id AND d.run_id = r.run_id)",
             (before,),
         )
+        if deleted or not state.known:
+            # Nothing deleted leaves a known ledger whole. An install of unknown history is bounded
+            # from now on by this cut: an earlier release pruned before it too (same retention).
+            conn.execute(
+                "UPDATE cdr_webhook.retention SET pruned_before = GREATEST(pruned_before, %s), "
+                "known = true, updated_at = now()",
+                (before,),
+            )
     return deleted
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    """How far retention has gone: finished rows created before ``before`` may be gone."""
+
+    before: dt.datetime | None  # None: nothing was ever pruned (as far as ``known``)
+    known: bool  # False: an install from before this was recorded; it may have pruned anything
+
+
+def pruned(conn: psycopg.Connection[Any], *, lock: bool = False) -> Pruned:
+    """Read how far retention has pruned the ledger (with ``lock``, hold its row to the transaction's end)."""
+    row = conn.execute(
+        "SELECT pruned_before, known FROM cdr_webhook.retention" + (" FOR UPDATE" if lock else "")
+    ).fetchone()
+    return Pruned(before=row[0], known=row[1]) if row else Pruned(before=None, known=False)

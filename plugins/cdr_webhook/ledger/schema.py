@@ -217,6 +217,20 @@ STEPS: tuple[Step, ...] = (
         "ALTER TABLE cdr_webhook.watermark ADD COLUMN IF NOT EXISTS reconcile_until timestamptz",
     ),
     Step(8, "the commit watcher's state", _WATCH_V8),
+    Step(
+        9,
+        "how far retention has pruned the ledger",
+        # pruned_before: finished rows of CDRs created before it may be gone (NULL: none ever were);
+        # known = false on an install that had ledger rows before this step, whose pruning is unknown
+        # until its next prune records a bound (a policy missing window is checked as before then).
+        "CREATE TABLE IF NOT EXISTS cdr_webhook.retention ("
+        "  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),"
+        "  pruned_before timestamptz,"
+        "  known boolean NOT NULL,"
+        "  updated_at timestamptz NOT NULL DEFAULT now()); "
+        "INSERT INTO cdr_webhook.retention (known) "
+        "SELECT NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery) ON CONFLICT DO NOTHING",
+    ),
 )
 
 LATEST = STEPS[-1].version

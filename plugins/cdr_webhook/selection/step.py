@@ -126,7 +126,7 @@ def select_cdrs(
         )
     )
     if window is not None:
-        _check_retention(window, settings, now)
+        _check_retention(conn, window, settings, now)
     request = _request(window)
     if ledger.recorded_request(conn, dag_id=run.dag_id, run_id=run.run_id) == request:
         owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
@@ -169,17 +169,27 @@ def select_cdrs(
     return _mapped_all(conn, sendable, cdrs_per_task, max_tasks)
 
 
-def _check_retention(window: Window, settings: Settings, now: dt.datetime) -> None:
-    """Refuse a ``missing`` window reaching before the ledger's retention: it would resend everything."""
-    if not settings.retention_days or window.policy != "missing":
+def _check_retention(
+    conn: psycopg.Connection[Any], window: Window, settings: Settings, now: dt.datetime
+) -> None:
+    """Refuse a ``missing`` window reaching before what retention pruned: it would resend all of it."""
+    if window.policy != "missing":
         return
-    kept_from = now - dt.timedelta(days=settings.retention_days)
-    if window.start < kept_from:
+    state = ledger.pruned(conn)
+    if state.known:
+        bound, why = state.before, "pruned by retention"
+    elif settings.retention_days:  # pruning of unknown extent (an install from before it was recorded)
+        bound, why = (
+            now - dt.timedelta(days=settings.retention_days),
+            f"retention_days = {settings.retention_days}",
+        )
+    else:
+        bound = None
+    if bound is not None and window.start < bound:
         raise InvalidRunRequest(
             f"window_start ({window.start.isoformat()}) is before what the ledger still records "
-            f"({kept_from.isoformat()}, retention_days = {settings.retention_days}): policy missing "
-            "would send every CDR of it again. Start the window later, or redeliver it deliberately "
-            "with policy all"
+            f"({bound.isoformat()}, {why}): policy: missing would send every CDR of it again. Start "
+            "the window later, or redeliver it deliberately with policy: all"
         )
 
 

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from cdr_webhook.ledger import endpoints
 from cdr_webhook.settings import load_settings
 from cdr_webhook.web import airflow_api, deliveries, forms
-from cdr_webhook.web.deps import Conn, base_url, prefix, render
+from cdr_webhook.web.deps import Conn, api_base_url, prefix, render
 from cdr_webhook.web.security import CanClear, CanPause, CanTrigger, caller_token, check_csrf
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def redeliver(
             by_run.setdefault(row.run_id, []).append(row.map_index)
         else:
             not_cleared.append((row, "no task owns it (it waits queued for a run): nothing to clear"))
-    api = airflow_api.AirflowApi(base_url(request), caller_token(request))
+    api = airflow_api.AirflowApi(api_base_url(), caller_token(request))
     cleared, failures = [], []
     for run_id, indexes in sorted(by_run.items()):
         try:
@@ -103,7 +103,7 @@ def trigger_run(
         conf = forms.run_conf(policy=policy, since=since, to=to, client=client)
     except ValueError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
-    api = airflow_api.AirflowApi(base_url(request), caller_token(request))
+    api = airflow_api.AirflowApi(api_base_url(), caller_token(request))
     try:
         run_id = api.trigger(conf)
     except airflow_api.AirflowApiError as err:
@@ -128,6 +128,19 @@ def pause_or_resume(
     """Pause or resume an endpoint, recording the Airflow user as the actor; back to the list."""
     check_csrf(request, user, csrf)
     actor = f"{user.get_name()} (Deliveries page)"
+    if len(reason) > endpoints.MAX_REASON_CHARS:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            f"reason: {len(reason)} characters, at most {endpoints.MAX_REASON_CHARS}",
+        )
+    try:
+        # Only a pause writes a row for a new name; a resume of an unknown one changes nothing.
+        if action == "pause":
+            endpoints.check_pausable(conn, endpoint)
+        else:
+            endpoints.check_name(endpoint)
+    except endpoints.EndpointNameError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     if action == "pause":
         event = endpoints.pause(
             conn, endpoint, reason=reason.strip() or "paused from the Deliveries page", actor=actor

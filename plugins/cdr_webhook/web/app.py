@@ -6,11 +6,13 @@ Reads go to the ledger and the source (``cdr_db``); the state changes are in :mo
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+import logging
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlencode
 
+import psycopg
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdr_webhook.ledger import endpoints
@@ -18,15 +20,29 @@ from cdr_webhook.web import actions, deliveries, forms
 from cdr_webhook.web.deps import HERE, Conn, login_url, prefix, render, settings, templates
 from cdr_webhook.web.security import CanView  # noqa: TC001 (FastAPI reads the annotations at runtime)
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
 PAGE_SIZE = 50
 #: The stylesheet and the nav icon: served to signed-in users like every other route.
 STATIC_FILES = {"style.css": "text/css", "icon.svg": "image/svg+xml"}
+#: On every response (pages, files, errors): only Airflow's own pages may frame the page (its nav
+#: shows it in an iframe), and no browser guesses a type other than the one sent.
+SECURITY_HEADERS = {
+    "content-security-policy": "frame-ancestors 'self'",
+    "x-content-type-options": "nosniff",
+}
 
 
 def create_app() -> FastAPI:
     """The page's app, mounted by the plugin at ``/cdr-webhook``."""
     app = FastAPI(title="CDR webhook deliveries", docs_url=None, redoc_url=None, openapi_url=None)
     app.exception_handler(StarletteHTTPException)(_error)
+    app.exception_handler(Exception)(_crash)
+    app.exception_handler(psycopg.OperationalError)(_database_error)
+    app.middleware("http")(_security_headers)
     app.add_api_route("/static/{name}", static_file, methods=["GET"], response_class=FileResponse)
     for path, page in (
         ("/", list_page),
@@ -38,6 +54,15 @@ def create_app() -> FastAPI:
         app.add_api_route(path, page, methods=["GET"], response_class=HTMLResponse, response_model=None)
     app.include_router(actions.router)
     return app
+
+
+async def _security_headers(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    response = await call_next(request)
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 async def _error(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
@@ -52,6 +77,32 @@ async def _error(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
         },
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> HTMLResponse:
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        limit = settings().page_statement_timeout_seconds
+        detail = (
+            f"the query ran longer than {limit:g} s (page_statement_timeout_seconds) and was cancelled: "
+            "narrow the filters (a client, fewer days)"
+        )
+    else:
+        log.warning("The Deliveries page lost the CDR database: %s", type(exc).__name__)
+        detail = "the CDR database (connection 'cdr_db') stopped answering: try again, or check the database"
+    return await _error(request, StarletteHTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail))
+
+
+async def _crash(request: Request, exc: Exception) -> HTMLResponse:
+    # Starlette sends this one from outside every middleware: the headers are set here too. The
+    # traceback goes to the api-server's log only (it may hold a connection's parse error).
+    log.error("The Deliveries page failed on %s", request.url.path, exc_info=exc)
+    return templates.TemplateResponse(
+        request,
+        "error.html",
+        {"status": 500, "detail": "the page failed; the api-server's log says why", "login": None},
+        status_code=500,
+        headers=SECURITY_HEADERS,
     )
 
 
@@ -74,7 +125,7 @@ def list_page(
     try:
         filters = query.filters(conn, settings().source_relation)
         page = deliveries.list_deliveries(conn, filters, cursor=cursor, limit=PAGE_SIZE)
-    except ValueError as err:  # BadCursor is one
+    except (ValueError, OverflowError) as err:  # BadCursor is one; a day past 9999-12-31 overflows
         error = str(err)
     return render(
         request, "deliveries.html", user, status_code=400 if error else 200, page=page, query=query,
@@ -103,7 +154,7 @@ def task_page(
     dag_id: str,
     run_id: str,
     task_id: str,
-    map_index: int = -1,
+    map_index: Annotated[int, Query(ge=-1, le=2**31 - 1)] = -1,  # an integer column: no numeric compare
 ) -> HTMLResponse | RedirectResponse:
     """The task instance tab: the deliveries that task instance owns (one: straight to it)."""
     rows = deliveries.task_deliveries(conn, dag_id=dag_id, run_id=run_id, map_index=map_index)
@@ -129,7 +180,7 @@ def completeness_page(
             end=end + dt.timedelta(days=1),
             client_id=forms.parse_int(client, "client"),
         )
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         error, start, end = str(err), today, today
     return render(
         request, "completeness.html", user, status_code=400 if error else 200, days=days,

@@ -18,22 +18,46 @@ POLICIES = ("missing", "failed", "all")
 PHONE_MATCHES = 1000
 
 
+#: The days the page accepts: a CDR before 1970 or after 2999 is no CDR, and a day past Python's last
+#: (9999-12-31) would overflow the day after it.
+FIRST_DAY = dt.date(1970, 1, 1)
+LAST_DAY = dt.date(2999, 12, 31)
+#: A ``client_id`` is a PostgreSQL bigint: a bigger number would be compared as numeric, which no
+#: index serves (the list would read the whole ledger).
+BIGINT = (-(2**63), 2**63 - 1)
+#: The longest search term and endpoint name the list takes (an endpoint is a connection id).
+MAX_TERM_CHARS = 200
+MAX_ENDPOINT_CHARS = 250
+
+
 def parse_day(value: str | None, name: str) -> dt.date | None:
     if not value:
         return None
     try:
-        return dt.date.fromisoformat(value)
+        day = dt.date.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"{name}: {value!r} is not a date (YYYY-MM-DD)") from None
+        raise ValueError(f"{name}: {value[:40]!r} is not a date (YYYY-MM-DD)") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise ValueError(f"{name}: {value!r} is not between {FIRST_DAY} and {LAST_DAY}")
+    return day
 
 
 def parse_int(value: str | None, name: str) -> int | None:
     if value is None or value.strip() == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"{name}: {value!r} is not a whole number") from None
+        raise ValueError(f"{name}: {value[:40]!r} is not a whole number") from None
+    if not BIGINT[0] <= number <= BIGINT[1]:
+        raise ValueError(f"{name}: {value[:40]!r} is out of range (a client id is a 64-bit integer)")
+    return number
+
+
+def _bounded(value: str, name: str, limit: int) -> str:
+    if len(value) > limit:
+        raise ValueError(f"{name}: {len(value)} characters, at most {limit}")
+    return value
 
 
 def midnight(day: dt.date) -> dt.datetime:
@@ -62,6 +86,8 @@ class ListQuery:
         from cdr_webhook.selection.source import cdr_ids_by_phone
 
         start, end = self.window()
+        _bounded(self.q, "search", MAX_TERM_CHARS)
+        _bounded(self.endpoint, "endpoint", MAX_ENDPOINT_CHARS)
         cdr_ids = None
         if self.q.strip():
             # One box for both: the cdr_id itself (the ledger's key) and the source's CDRs to that
