@@ -87,7 +87,7 @@ def test_a_never_pruned_ledger_accepts_a_missing_backfill_of_last_year(cdr_db):
     """A new install backfilling last year's CDRs: nothing was ever pruned, nothing would be resent."""
     last_year = Dialer(cdr_db).cdr(created_at=NOW - 365 * DAY, client_id=1)
     claimed = run(cdr_db, manual_run(NOW - 366 * DAY, NOW - 364 * DAY))
-    assert [claim["cdr_id"] for claim in claimed] == [last_year]
+    assert [cdr_id for claim in claimed for cdr_id in claim["cdr_ids"]] == [last_year]
     assert ledger.pruned(cdr_db) == ledger.Pruned(before=None, known=True)
 
 
