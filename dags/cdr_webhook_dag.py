@@ -25,7 +25,14 @@ from typing import Any
 from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
 
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryAfterPolicy
-from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
+from cdr_webhook.settings import (
+    DAG_ID,
+    POST_TASK_ID,
+    SELECT_TASK_ID,
+    load_settings,
+    resolve_import_path,
+    schedule_interval,
+)
 from cdr_webhook.window import POLICIES
 
 settings = load_settings()
@@ -36,7 +43,7 @@ notifier = (
 
 
 @dag(
-    dag_id="cdr_webhook",
+    dag_id=DAG_ID,
     # A plain cron string gives empty data intervals on Airflow 3.3; the scan needs real ones.
     schedule=(
         DeltaDataIntervalTimetable(interval)
@@ -81,7 +88,7 @@ notifier = (
     },
 )
 def cdr_webhook_dag() -> None:
-    @task
+    @task(task_id=SELECT_TASK_ID)
     def select_cdrs(cdrs_per_task: int = 1, **context) -> list[dict[str, Any]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
         from airflow.sdk import conf
@@ -111,7 +118,7 @@ def cdr_webhook_dag() -> None:
     }
     if settings.cdrs_per_task == 1:
         CdrWebhookOperator.partial(
-            task_id="post_cdr",
+            task_id=POST_TASK_ID,
             execution_timeout=settings.attempt_timeout,
             map_index_template="{{ task.cdr_id }}",
             **retrying,
@@ -120,7 +127,7 @@ def cdr_webhook_dag() -> None:
         from cdr_webhook.deliver.chunk import CHUNK_NAME_TEMPLATE, CdrWebhookChunkOperator
 
         CdrWebhookChunkOperator.partial(
-            task_id="post_cdr",
+            task_id=POST_TASK_ID,
             execution_timeout=settings.chunk_timeout,
             map_index_template=CHUNK_NAME_TEMPLATE,
             **retrying,

@@ -169,7 +169,7 @@ class CdrWebhookHook(BaseHook):
         from one POST to the next. Raises :class:`ValueError` when a TLS extra is malformed (a POST
         without a session reports that as the refusal it is).
         """
-        with pem_files(self.endpoint.tls_extra()) as tls:
+        with pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()) as tls:
             local = threading.local()
             made: list[Session] = []
             lock = threading.Lock()
@@ -201,7 +201,7 @@ class CdrWebhookHook(BaseHook):
             with contextlib.ExitStack() as stack:
                 own_session = session is None
                 if session is None:
-                    tls = stack.enter_context(pem_files(self.endpoint.tls_extra()))
+                    tls = stack.enter_context(pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()))
                 deadline = stack.enter_context(Deadline(self.timeout))
                 if session is None:
                     session = self.get_conn(tls=tls)

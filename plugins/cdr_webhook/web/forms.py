@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from cdr_webhook.web import deliveries
+from cdr_webhook.window import POLICIES
 
 if TYPE_CHECKING:
     import psycopg
 
-POLICIES = ("missing", "failed", "all")
 #: CDRs a phone number search takes from the source (newest first).
 PHONE_MATCHES = 1000
 

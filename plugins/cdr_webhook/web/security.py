@@ -19,7 +19,7 @@ from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
 from fastapi import Depends, HTTPException, Request, status
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from cdr_webhook.web.airflow_api import DAG_ID
+from cdr_webhook.settings import DAG_ID
 
 if TYPE_CHECKING:
     from collections.abc import Callable
