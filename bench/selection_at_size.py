@@ -404,9 +404,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             map_index=0,
             claim_timeout_seconds=CLAIM_TIMEOUT,
         )
-        ledger.record_attempt(
-            conn, claim, status="delivered", http_status=200, error=None, response_excerpt="ok", latency_ms=12
-        )
+        ledger.record_attempts(conn, [ledger.AttemptRecord(claim, "delivered", 200, None, "ok", 12)])
 
     bench.time(
         "post: ledger.start_attempt",
@@ -420,7 +418,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             claim_timeout_seconds=CLAIM_TIMEOUT,
         ),
     )
-    bench.time("post: start_attempt + record_attempt", start_and_record)
+    bench.time("post: start_attempt + record_attempts", start_and_record)
     bench.time("cli: endpoints.list_endpoints", lambda: endpoints.list_endpoints(conn))
     bench.time(
         "retention: ledger.prune (10 min of CDRs)",

@@ -52,10 +52,9 @@ def populated(cdr_db, cdr_dsn) -> dict[str, Any]:
         )
         claim = ledger.Claim(cdr_id, endpoint, client, created, "queued", 0)
         for outcome, http, error in tries:  # the operator's write path, one attempt at a time
-            ledger.record_attempt(
-                cdr_db, claim, status=outcome, http_status=http, error=error,
-                response_excerpt=f"answer {http}", latency_ms=12,
-            )  # fmt: skip
+            ledger.record_attempts(
+                cdr_db, [ledger.AttemptRecord(claim, outcome, http, error, f"answer {http}", 12)]
+            )
         if status == "skipped":
             ledger.mark_skipped(cdr_db, claim, "column cost = NaN")
         made["by_status"].setdefault(status, []).append(cdr_id)

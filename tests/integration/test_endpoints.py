@@ -30,12 +30,26 @@ def db(cdr_db: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
     return cdr_db
 
 
+def record(
+    conn: psycopg.Connection[Any],
+    endpoint: str = "ep",
+    *,
+    delivered: bool,
+    final: bool = True,
+    gone: bool = False,
+    **rules: Any,
+) -> EndpointEvent | None:
+    """One attempt's outcome, through the recorder the delivery tasks use."""
+    outcome = endpoints.AttemptOutcome(delivered=delivered, final=final, gone=gone)
+    return endpoints.record_outcomes(conn, endpoint, [outcome], **{**RULES, **rules})
+
+
 def fail(conn: psycopg.Connection[Any], endpoint: str = "ep", **kwargs: Any) -> EndpointEvent | None:
-    return endpoints.record_outcome(conn, endpoint, delivered=False, **{**RULES, **kwargs})
+    return record(conn, endpoint, delivered=False, **kwargs)
 
 
 def succeed(conn: psycopg.Connection[Any], endpoint: str = "ep") -> EndpointEvent | None:
-    return endpoints.record_outcome(conn, endpoint, delivered=True, **RULES)
+    return record(conn, endpoint, delivered=True)
 
 
 def state(conn: psycopg.Connection[Any], endpoint: str = "ep") -> dict[str, Any]:
@@ -146,12 +160,12 @@ def test_rules_must_be_usable(db):
     with pytest.raises(ValueError, match="pause_after_failures"):
         fail(db, pause_after_failures=0)
     with pytest.raises(ValueError, match="cannot be HTTP 410 Gone"):
-        endpoints.record_outcome(db, "ep", delivered=True, gone=True, **RULES)
+        record(db, delivered=True, gone=True)
 
 
 def test_tries_that_will_be_retried_are_failed_attempts_not_failed_deliveries(db):
     for _ in range(RULES["pause_after_failures"] + 2):
-        assert endpoints.record_outcome(db, "ep", delivered=False, final=False, **RULES) is None
+        assert fail(db, final=False) is None
     assert (state(db)["consecutive_failures"], state(db)["failed_attempts"]) == (
         0,
         RULES["pause_after_failures"] + 2,

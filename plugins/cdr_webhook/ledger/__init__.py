@@ -44,7 +44,6 @@ from cdr_webhook.ledger.records import (
     AttemptRecord,
     mark_skipped,
     mark_skipped_many,
-    record_attempt,
     record_attempts,
 )
 from cdr_webhook.ledger.retention import prune
@@ -79,7 +78,6 @@ __all__ = [
     "prune",
     "queued_backlog",
     "reconcile_slice",
-    "record_attempt",
     "record_attempts",
     "record_request",
     "recorded_request",

@@ -54,20 +54,6 @@ class AttemptRecord:
     latency_ms: int | None
 
 
-def record_attempt(
-    conn: psycopg.Connection[Any],
-    claim: Claim,
-    *,
-    status: str,
-    http_status: int | None,
-    error: str | None,
-    response_excerpt: str | None,
-    latency_ms: int | None,
-) -> None:
-    """Record one attempt's result on the CDR's row: its count, status, HTTP status, error and latency."""
-    record_attempts(conn, [AttemptRecord(claim, status, http_status, error, response_excerpt, latency_ms)])
-
-
 def record_attempts(conn: psycopg.Connection[Any], records: Sequence[AttemptRecord]) -> None:
     """
     Record attempts on their CDRs' rows in one statement (an UPDATE of each row, as one attempt's is).
