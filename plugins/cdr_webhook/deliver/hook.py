@@ -18,7 +18,7 @@ from requests import Session
 from requests.structures import CaseInsensitiveDict
 
 from cdr_webhook import __version__
-from cdr_webhook.config import scrub
+from cdr_webhook.config import load_endpoint, scrub
 from cdr_webhook.deliver.deadline import Deadline
 from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 
@@ -87,7 +87,7 @@ class CdrWebhookHook(BaseHook):
     :param resolver: ``(host, port) -> addresses``, for tests; the default is the system resolver.
 
     It derives from ``BaseHook``, not from the provider's ``HttpHook``: every method of that hook is
-    replaced here, and importing its module costs every task process ~70 ms of CPU for ``aiohttp``
+    replaced here, and importing its module would load ``aiohttp`` in every task process for nothing
     (``docs/benchmarks.md``). Connections keep the provider's ``http`` type.
     """
 
@@ -118,8 +118,6 @@ class CdrWebhookHook(BaseHook):
     @functools.cached_property
     def endpoint(self) -> EndpointConfig:
         """The endpoint's configuration; raises :class:`~cdr_webhook.config.EndpointConfigError`."""
-        from cdr_webhook.config import load_endpoint
-
         return load_endpoint(self.http_conn_id, lambda _: self.connection)
 
     @functools.cached_property
@@ -199,28 +197,13 @@ class CdrWebhookHook(BaseHook):
         refused = False
         try:
             with contextlib.ExitStack() as stack:
-                own_session = session is None
                 if session is None:
                     tls = stack.enter_context(pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()))
                 deadline = stack.enter_context(Deadline(self.timeout))
-                if session is None:
-                    session = self.get_conn(tls=tls)
+                if session is None:  # its own session, closed before the deadline and the TLS files end
+                    session = stack.enter_context(self.get_conn(tls=tls))
                 try:
-                    # Straight to the session's egress guard: Session.post would merge settings,
-                    # parse the URL, run hooks and keep the receiver's cookies for the next POST
-                    # (none of which a webhook wants): over a third of a kept-alive POST's CPU.
-                    request = self._request(body, headers)
-                    with session.get_adapter(request.url).send(
-                        request, stream=True, timeout=(self.timeout, self.timeout), proxies={}
-                    ) as response:
-                        excerpt = _read_excerpt(response, deadline.ends)
-                        return AttemptResult(
-                            http_status=response.status_code,
-                            reason=response.reason,
-                            response_excerpt=excerpt,
-                            latency_ms=_elapsed_ms(started),
-                            retry_after=retry_after_seconds(response.headers.get("retry-after")),
-                        )
+                    return self._send(session, body, headers, deadline=deadline, started=started)
                 except requests.RequestException:
                     if not deadline.passed:
                         raise
@@ -228,9 +211,6 @@ class CdrWebhookHook(BaseHook):
                     error = (
                         f"no complete reply within the {self.timeout:g} s deadline ({_waited_for(deadline)})"
                     )
-                finally:
-                    if own_session:
-                        session.close()
         except EndpointRefused as err:
             error, refused = f"refused by the egress guard: {err}", True
         except ValueError as err:  # the endpoint URL or a TLS extra is malformed: no retry can help
@@ -249,6 +229,26 @@ class CdrWebhookHook(BaseHook):
             error=error,
             refused=refused,
         )
+
+    def _send(
+        self, session: Session, body: bytes, headers: dict[str, str], *, deadline: Deadline, started: float
+    ) -> AttemptResult:
+        """POST through the session's egress guard and read the reply's excerpt within ``deadline``."""
+        # Straight to the session's egress guard: Session.post would merge settings, parse the URL,
+        # run hooks and keep the receiver's cookies for the next POST (none of which a webhook wants):
+        # over a third of a kept-alive POST's CPU.
+        request = self._request(body, headers)
+        with session.get_adapter(request.url).send(
+            request, stream=True, timeout=(self.timeout, self.timeout), proxies={}
+        ) as response:
+            excerpt = _read_excerpt(response, deadline.ends)
+            return AttemptResult(
+                http_status=response.status_code,
+                reason=response.reason,
+                response_excerpt=excerpt,
+                latency_ms=_elapsed_ms(started),
+                retry_after=retry_after_seconds(response.headers.get("retry-after")),
+            )
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
