@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, conf, dag, task
 
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryAfterPolicy
 from cdr_webhook.settings import (
@@ -91,8 +91,6 @@ def cdr_webhook_dag() -> None:
     @task(task_id=SELECT_TASK_ID)
     def select_cdrs(cdrs_per_task: int = 1, **context) -> list[dict[str, Any]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
-        from airflow.sdk import conf
-
         from cdr_webhook.db import connect
         from cdr_webhook.selection.step import airflow_connections, run_info
         from cdr_webhook.selection.step import select_cdrs as claim_cdrs

@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 
+from cdr_webhook.db import connect
+from cdr_webhook.ledger.schema import migrate
+from cdr_webhook.settings import DAG_ID, load_settings
 from cdr_webhook.web import airflow_api
 from cdr_webhook.web.security import csrf_token, permissions
 
@@ -30,21 +33,13 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["when"] = lambda value: value.strftime("%Y-%m-%d %H:%M:%S") if value else "–"
 templates.env.globals["ui_task"] = airflow_api.ui_task_path
 templates.env.globals["ui_run"] = airflow_api.ui_run_path
-templates.env.globals["nope"] = "your Airflow role may not do this on the cdr_webhook DAG"
-
-
-def _connect() -> psycopg.Connection[Any]:
-    from cdr_webhook.db import connect
-
-    return connect()
+templates.env.globals["nope"] = f"your Airflow role may not do this on the {DAG_ID} DAG"
 
 
 @functools.cache
 def _migrated() -> bool:
     # The page may open before the DAG's first run has made (or upgraded) the ledger.
-    from cdr_webhook.ledger.schema import migrate
-
-    with _connect() as conn:
+    with connect() as conn:
         migrate(conn)
     return True
 
@@ -52,7 +47,7 @@ def _migrated() -> bool:
 def _db() -> Iterator[psycopg.Connection[Any]]:
     """A connection to the CDR database for one request (the ledger migrated once per process)."""
     _migrated()
-    with _connect() as conn:
+    with connect() as conn:
         yield conn
 
 
@@ -61,8 +56,6 @@ Conn = Annotated[Any, Depends(_db)]
 
 
 def settings() -> Settings:
-    from cdr_webhook.settings import load_settings
-
     return load_settings()
 
 

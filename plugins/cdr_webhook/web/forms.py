@@ -8,6 +8,7 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+from cdr_webhook.selection.source import cdr_ids_by_phone
 from cdr_webhook.web import deliveries
 from cdr_webhook.window import POLICIES
 
@@ -59,8 +60,6 @@ class ListQuery:
         )
 
     def filters(self, conn: psycopg.Connection[Any], relation: str) -> deliveries.Filters:
-        from cdr_webhook.selection.source import cdr_ids_by_phone
-
         start, end = self.window()
         cdr_ids = None
         if self.q.strip():
