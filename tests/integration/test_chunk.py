@@ -25,7 +25,7 @@ from cdr_webhook.ledger import schema
 from cdr_webhook.signing import webhook_id
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.integration.test_operators import (
+from tests.task_instances import (
     API_KEY,
     ENDPOINT,
     SECRET,

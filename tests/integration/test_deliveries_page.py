@@ -21,7 +21,7 @@ from cdr_webhook.ledger.schema import migrate
 from cdr_webhook.web import deliveries
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET, airflow_db  # noqa: F401 (a fixture)
+from tests.deployments import API_KEY, SIGNING_SECRET
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import ledger
 from cdr_webhook.ledger import schema
-from tests.integration.test_schema import indexes, install_up_to, versions
+from tests.ledger_schema import indexes, install_up_to, versions
 
 if TYPE_CHECKING:
     import psycopg

@@ -24,12 +24,6 @@ if TYPE_CHECKING:
 RULES = {"pause_after_failures": 5, "pause_after_hours": 72.0}
 
 
-@pytest.fixture
-def db(cdr_db: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    schema.migrate(cdr_db)
-    return cdr_db
-
-
 def record(
     conn: psycopg.Connection[Any],
     endpoint: str = "ep",
