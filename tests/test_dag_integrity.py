@@ -1,4 +1,4 @@
-"""The DAG folder and the plugins folder load cleanly, and the DAG has the shape DESIGN.md promises."""
+"""The DAG and plugins folders load cleanly, and the DAG has the shape README.md's "How it works" draws."""
 
 from __future__ import annotations
 
