@@ -7,7 +7,7 @@ Fills a scratch database with bench/selection_at_size.py's loader (N source CDRs
 and ``--clients`` clients, a ledger row for nearly every one: mostly delivered, 1.5 % failed, 1 %
 skipped), gives every failed delivery two recorded attempts, then times each query the page sends,
 through the page's own functions, and prints p50/p95/max (``EXPLAIN (ANALYZE, BUFFERS)`` of each
-goes to ``--plans``); then what step 6 adds to recording an attempt (``ledger.record_attempt`` with
+goes to ``--plans``); then what step 6 adds to recording an attempt (``ledger.record_attempts`` with
 and without its trigger and indexes). On demand only: never part of the test suite.
 """
 
@@ -28,6 +28,7 @@ from cdr_webhook.ledger import endpoints
 from cdr_webhook.selection import source
 from cdr_webhook.web import deliveries
 from cdr_webhook.web.deliveries import Filters
+from tests.ledger_records import attempt
 
 PAGE = 50
 
@@ -136,8 +137,9 @@ _STEP_6_WRITE_PATH = (
 
 
 def measure_writes(bench: Bench, count: int = 500) -> None:
-    """What step 6 adds to recording an attempt: ``count`` calls of ``ledger.record_attempt``, with its
-    trigger and indexes, then without them (dropped in the rolled-back transaction)."""
+    """What step 6 adds to recording an attempt: ``count`` calls of ``ledger.record_attempts`` (one
+    attempt each), with its trigger and indexes, then without them (dropped in the rolled-back
+    transaction)."""
     conn = bench.conn
     claims = [
         ledger.Claim(row[0], row[1], row[2], row[3], "queued", 1)
@@ -150,10 +152,7 @@ def measure_writes(bench: Bench, count: int = 500) -> None:
 
     def record() -> int:
         for claim in claims:
-            ledger.record_attempt(
-                conn, claim, status="failed", http_status=503, error="HTTP 503", response_excerpt="busy",
-                latency_ms=7,
-            )  # fmt: skip
+            ledger.record_attempts(conn, [attempt(claim, "failed", 503, "HTTP 503", "busy", 7)])
         return len(claims)
 
     for label, before in (
@@ -168,8 +167,8 @@ def measure_writes(bench: Bench, count: int = 500) -> None:
                 began = time.perf_counter()
                 record()
                 timings.append((time.perf_counter() - began) * 1000 / len(claims))
-        bench.rows.append((f"write: one record_attempt, {label}", timings, ""))
-        print(f"  write: record_attempt {label:<40} p50 {sorted(timings)[2]:8.3f} ms per attempt", flush=True)
+        bench.rows.append((f"write: one attempt recorded, {label}", timings, ""))
+        print(f"  write: one attempt {label:<40} p50 {sorted(timings)[2]:8.3f} ms per attempt", flush=True)
 
 
 def main() -> int:

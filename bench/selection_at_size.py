@@ -37,6 +37,7 @@ from cdr_webhook.selection.routing import Route, client_conn_id
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import Scan, Window
 from demo.dialer import load_reference_schema
+from tests.ledger_records import attempt
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -404,9 +405,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             map_index=0,
             claim_timeout_seconds=CLAIM_TIMEOUT,
         )
-        ledger.record_attempt(
-            conn, claim, status="delivered", http_status=200, error=None, response_excerpt="ok", latency_ms=12
-        )
+        ledger.record_attempts(conn, [attempt(claim, "delivered", 200, None, "ok", 12)])
 
     bench.time(
         "post: ledger.start_attempt",
@@ -420,7 +419,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
             claim_timeout_seconds=CLAIM_TIMEOUT,
         ),
     )
-    bench.time("post: start_attempt + record_attempt", start_and_record)
+    bench.time("post: start_attempt + record_attempts", start_and_record)
     bench.time("cli: endpoints.list_endpoints", lambda: endpoints.list_endpoints(conn))
     bench.time(
         "retention: ledger.prune (10 min of CDRs)",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, Param, conf, dag, task
 
 from cdr_webhook.deliver.operator import (
     CDR_NAME_TEMPLATE,
@@ -32,7 +32,14 @@ from cdr_webhook.deliver.operator import (
     CdrWebhookOperator,
     RetryAfterPolicy,
 )
-from cdr_webhook.settings import load_settings, resolve_import_path, schedule_interval
+from cdr_webhook.settings import (
+    DAG_ID,
+    POST_TASK_ID,
+    SELECT_TASK_ID,
+    load_settings,
+    resolve_import_path,
+    schedule_interval,
+)
 from cdr_webhook.watch.schedule import watched_schedule
 from cdr_webhook.window import POLICIES
 
@@ -44,7 +51,7 @@ notifier = (
 
 
 @dag(
-    dag_id="cdr_webhook",
+    dag_id=DAG_ID,
     # A plain cron string gives empty data intervals on Airflow 3.3; the scan needs real ones. The
     # commit watcher's asset (when watch_interval_seconds > 0) starts a run sooner, between them.
     schedule=watched_schedule(
@@ -91,11 +98,9 @@ notifier = (
     },
 )
 def cdr_webhook_dag() -> None:
-    @task
+    @task(task_id=SELECT_TASK_ID)
     def select_cdrs(cdrs_per_task: int = 1, **context) -> list[dict[str, Any]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
-        from airflow.sdk import conf
-
         from cdr_webhook.db import connect
         from cdr_webhook.selection.step import airflow_connections, run_info
         from cdr_webhook.selection.step import select_cdrs as claim_cdrs
@@ -121,7 +126,7 @@ def cdr_webhook_dag() -> None:
     }
     chunks = settings.cdrs_per_task > 1
     CdrWebhookOperator.partial(
-        task_id="post_cdr",
+        task_id=POST_TASK_ID,
         # The chunk size is the DAG's (read at parse time): the select step groups by it.
         cdrs_per_task=settings.cdrs_per_task,
         execution_timeout=settings.chunk_timeout if chunks else settings.attempt_timeout,

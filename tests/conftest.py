@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -104,3 +106,14 @@ def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch
     yield monkeypatch
     monkeypatch.undo()
     load_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """Migrate this session's SQLite metadata DB (in the throwaway AIRFLOW_HOME) once."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+        cwd=AIRFLOW_HOME,
+    )

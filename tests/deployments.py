@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from demo.connections import http_conn, postgres_conn
+from demo.receiver import Receiver
+from demo.stack import AirflowStack
 
-    from demo.stack import AirflowStack
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from pathlib import Path
+
+#: The credentials of the tests' receiver (demo/receiver.py), set on its ``cdr_webhook`` connection.
+API_KEY = "k3y-7d41c0ffee9b2e"
+SIGNING_SECRET = "whsec_" + base64.b64encode(b"cdr-webhook-test-signing-key-32b").decode()
 
 
 def prepare_cdr_database(dsn: str) -> None:
@@ -44,3 +52,31 @@ def deployed(stack: AirflowStack, *servers: Any) -> Iterator[AirflowStack]:
         for server in servers:
             server.stop()
         assert not leftovers, leftovers
+
+
+@contextlib.contextmanager
+def receiver_deployment(
+    home: Path,
+    pg_server: str,
+    cdr_dsn: str,
+    env: Mapping[str, str],
+    *servers: Any,
+    stack_class: type[AirflowStack] = AirflowStack,
+    **stack_options: Any,
+) -> Iterator[tuple[AirflowStack, Receiver]]:
+    """
+    A real Airflow on a clean CDR database, delivering to a verifying receiver; yield both.
+
+    The CDR database is connection ``cdr_db`` and the receiver the default endpoint, ``cdr_webhook``;
+    ``env`` adds the module's settings and connections. At the end the stack, the receiver and the
+    ``servers`` are stopped (see :func:`deployed`).
+    """
+    prepare_cdr_database(cdr_dsn)
+    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+    connections = {
+        "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
+        "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET),
+    }
+    stack = stack_class(home, pg_server, {**connections, **env}, **stack_options)
+    with deployed(stack, receiver, *servers):
+        yield stack, receiver

@@ -23,15 +23,13 @@ def test_no_import_errors(dagbag):
 
 
 def test_dag_shape(dagbag):
-    from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable
+    from airflow.sdk import AssetOrTimeSchedule
 
     from cdr_webhook.deliver.operator import CdrWebhookOperator
 
     dag = dagbag.dags["cdr_webhook"]
-    # The minute schedule, or an event of the commit watcher (watch_interval_seconds 1 by default).
+    # The schedule, or an event of the commit watcher (watching is on unless turned off).
     assert isinstance(dag.timetable, AssetOrTimeSchedule)
-    assert isinstance(dag.timetable.timetable, CronDataIntervalTimetable)
-    assert dag.max_active_runs == 4
     assert dag.catchup is False
     assert set(dag.params) == {"window_start", "window_end", "policy", "client_id"}
     assert dag.params.get_param("policy").value == "missing"
@@ -142,10 +140,6 @@ def test_chunk_mode_maps_the_operator_over_chunks_named_by_its_first_cdr_and_siz
     assert CdrWebhookOperator.template_fields == ()
 
 
-def test_one_cdr_per_task_is_the_default_dag(dagbag):
-    assert dagbag.dags["cdr_webhook"].get_task("select_cdrs").op_kwargs == {}
-
-
 def watcher_of(dag):
     """The one AssetWatcher of the DAG's schedule (AssetOrTimeSchedule wraps its asset in an AssetAll)."""
     (asset,) = dag.timetable.asset_condition.objects
@@ -177,3 +171,38 @@ def test_watch_settings_reach_the_watcher(settings_env):
     load_settings.cache_clear()
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
     assert isinstance(dag.timetable, CronDataIntervalTimetable)  # watching off: the schedule alone
+
+
+def test_one_cdr_per_task_maps_a_post_cdr_task_per_cdr(settings_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from cdr_webhook.deliver.operator import CDR_NAME_TEMPLATE
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK", "1")
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
+
+    post = dag.get_task("post_cdr")
+    assert post.partial_kwargs["cdrs_per_task"] == 1
+    assert post.partial_kwargs["map_index_template"] == CDR_NAME_TEMPLATE
+    assert dag.get_task("select_cdrs").op_kwargs == {}
+
+
+def test_the_schedule_setting_becomes_a_timetable_with_data_intervals(settings_env):
+    """A plain cron string would give empty data intervals; the watermark scan needs real ones (inside the
+    watcher's AssetOrTimeSchedule)."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable
+
+    from cdr_webhook.settings import load_settings
+
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SCHEDULE", "0 * * * *")
+    hourly = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"].timetable.timetable
+    load_settings.cache_clear()  # settings are read once per process
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SCHEDULE", "30s")
+    every_30s = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"].timetable.timetable
+
+    assert isinstance(hourly, CronDataIntervalTimetable)
+    assert hourly.expression == "0 * * * *"
+    assert isinstance(every_30s, DeltaDataIntervalTimetable)
+    assert every_30s.delta == dt.timedelta(seconds=30)

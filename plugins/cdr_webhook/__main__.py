@@ -21,6 +21,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from cdr_webhook.config import EndpointConfig, EndpointConfigError, EndpointFilters, load_endpoint
+from cdr_webhook.db import connect as airflow_connect
 from cdr_webhook.ledger import endpoints, schema
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
@@ -148,8 +149,6 @@ def connect(dsn: str | None) -> psycopg.Connection[Any]:
     try:
         if dsn is not None:
             return psycopg.connect(dsn, autocommit=True)
-        from cdr_webhook.db import connect as airflow_connect
-
         source = f"Airflow connection {CDR_DB_CONN_ID!r}"
         return airflow_connect()
     except Exception as err:

@@ -90,14 +90,14 @@ class EndpointConfig:
 
     def tls_extra(self) -> dict[str, str]:
         """The TLS material as connection extras (for :func:`cdr_webhook.deliver.egress.pem_files`)."""
-        values = {"ca_bundle": self.ca_bundle, "client_cert": self.client_cert, "client_key": self.client_key}
+        values = {name: getattr(self, name) for name in TLS_EXTRAS}
         return {name: value for name, value in values.items() if value}
 
     def secrets(self) -> tuple[str, ...]:
         """Every value never to be stored, logged or raised: keys, secrets, URL credentials and path."""
         parts = urllib.parse.urlsplit(self.url)
         found = [self.api_key, *self.signing_secrets, self.client_key, parts.username, parts.password]
-        if self.client_cert and "PRIVATE KEY-----" in self.client_cert:
+        if self.client_cert and holds_private_key(self.client_cert):
             found.append(self.client_cert)
         if parts.path not in ("", "/"):
             found.append(parts.path)
@@ -125,21 +125,15 @@ def parse_endpoint(
         extra = {}
     if not isinstance(extra, dict):
         raise EndpointConfigError(conn_id, "extra", f"must be a JSON object, not {type(extra).__name__}")
-    client_cert, client_key = _pem(conn_id, extra, "client_cert"), _pem(conn_id, extra, "client_key")
-    if client_key and not client_cert:
-        raise EndpointConfigError(conn_id, "extra 'client_key'", "needs extra 'client_cert'")
-    if client_cert and not client_key and "PRIVATE KEY-----" not in client_cert:
-        raise EndpointConfigError(
-            conn_id, "extra 'client_cert'", "holds no private key and extra 'client_key' is not set"
-        )
+    tls = tls_texts(conn_id, extra)
     return EndpointConfig(
         conn_id=conn_id,
         url=_url(conn_id, host, schema, port),
         api_key=password or None,
         signing_secrets=_signing_secrets(conn_id, extra.get(SIGNING_SECRET_EXTRA)),
-        ca_bundle=_pem(conn_id, extra, "ca_bundle"),
-        client_cert=client_cert,
-        client_key=client_key,
+        ca_bundle=tls.get("ca_bundle"),
+        client_cert=tls.get("client_cert"),
+        client_key=tls.get("client_key"),
         filters=EndpointFilters(
             endpoint=conn_id,
             leg_types=_int_set(conn_id, "leg_types", extra.get("leg_types")),
@@ -294,13 +288,33 @@ def _signing_secrets(conn_id: str, raw: Any) -> tuple[str, ...]:
     return tuple(secrets)
 
 
-def _pem(conn_id: str, extra: Mapping[str, Any], name: str) -> str | None:
-    value = extra.get(name)
-    if value in (None, ""):
-        return None
-    if not isinstance(value, str) or "-----BEGIN " not in value:
-        raise EndpointConfigError(conn_id, f"extra {name!r}", "must be PEM text (-----BEGIN …)")
-    return value
+def tls_texts(conn_id: str, extra: Mapping[str, Any]) -> dict[str, str]:
+    """
+    The PEM texts of the :data:`TLS_EXTRAS` that ``extra`` sets, checked as one rule for all readers.
+
+    Each must be PEM text (never a path on the worker); a key needs its certificate, and a certificate
+    without ``client_key`` must hold the key itself. Raises :class:`EndpointConfigError`.
+    """
+    texts: dict[str, str] = {}
+    for name in TLS_EXTRAS:
+        value = extra.get(name)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str) or "-----BEGIN " not in value:
+            raise EndpointConfigError(conn_id, f"extra {name!r}", "must be PEM text (-----BEGIN …)")
+        texts[name] = value
+    if "client_key" in texts and "client_cert" not in texts:
+        raise EndpointConfigError(conn_id, "extra 'client_key'", "needs extra 'client_cert'")
+    if "client_cert" in texts and "client_key" not in texts and not holds_private_key(texts["client_cert"]):
+        raise EndpointConfigError(
+            conn_id, "extra 'client_cert'", "holds no private key and extra 'client_key' is not set"
+        )
+    return texts
+
+
+def holds_private_key(pem: str) -> bool:
+    """Whether PEM text holds a private key (a client certificate may carry its key along)."""
+    return "PRIVATE KEY-----" in pem
 
 
 def _int_set(conn_id: str, name: str, value: Any) -> frozenset[int] | None:

@@ -40,7 +40,7 @@ def connect(conn_id: str = CDR_DB_CONN_ID) -> psycopg.Connection[Any]:
 
     A plain connection (host, port, login, password, schema, libpq parameters as extras) is opened
     as the provider's ``PostgresHook`` opens it, without importing that hook: its module (and the
-    psycopg2 it loads) cost every ``post_cdr`` try ~40-60 ms of CPU. A connection with an extra only
+    psycopg2 it loads) would cost every ``post_cdr`` try their import. A connection with an extra only
     the hook understands (:data:`PROVIDER_EXTRAS`) is opened by the hook.
     """
     from airflow.sdk import BaseHook
@@ -90,12 +90,12 @@ def without_jit(conn: psycopg.Connection[Any], *, parallel: bool = True) -> Iter
     Run the block's statements without JIT compilation (in a transaction: the setting is local to it).
 
     PostgreSQL compiles a statement whose estimated cost passes ``jit_above_cost``. Reading a day of
-    CDRs by index is estimated that high, yet runs in tens of milliseconds; compiling it took
-    40 to 200 ms here, more than the query. With ``parallel=False``, also without parallel workers
-    (``max_parallel_workers_per_gather`` 0): a reconciliation slice of 10,000 CDRs took a third
-    longer with them (their start-up), and at 20,000 the planner's parallel plan joined the source
-    view by a scan of its biggest table (0.5 s). The settings are back as they were when the block
-    ends (on an error, when the transaction or savepoint it aborted is rolled back).
+    CDRs by index is estimated that high, yet compiling it takes longer than running it. With
+    ``parallel=False``, also without parallel workers (``max_parallel_workers_per_gather`` 0): a
+    reconciliation slice is slower with them (their start-up), and for bigger slices the planner's
+    parallel plan joins the source view by a scan of its biggest table. The settings are back as
+    they were when the block ends (on an error, when the transaction or savepoint it aborted is
+    rolled back).
     """
     if conn.info.transaction_status != pq.TransactionStatus.INTRANS:
         with conn.transaction(), without_jit(conn, parallel=parallel):

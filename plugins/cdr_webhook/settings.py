@@ -11,17 +11,23 @@ import datetime as dt
 import functools
 import importlib
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from cdr_webhook.selection.routing import UNROUTED_CHOICES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-from typing import Any
 
 SECTION = "cdr_webhook"
 
 #: Connection ids: the CDR database (Postgres) and the default endpoint (HTTP).
 CDR_DB_CONN_ID = "cdr_db"
 DEFAULT_ENDPOINT_CONN_ID = "cdr_webhook"
+
+#: The DAG and its tasks, as the DAG file names them and the Deliveries page addresses them.
+DAG_ID = "cdr_webhook"
+SELECT_TASK_ID = "select_cdrs"
+POST_TASK_ID = "post_cdr"
 
 
 #: Seconds a ``post_cdr`` try may spend on the database (its row, the attempt's record), in its timeout.
@@ -275,7 +281,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "start_from": _timestamp,
     "claim_timeout_seconds": _positive_int,
     "max_active_posts_per_run": _positive_int,
-    "unrouted_clients": _choice("default", "skip"),
+    "unrouted_clients": _choice(*UNROUTED_CHOICES),
     "allowed_networks": _networks,
     "pause_after_failures": _positive_int,
     "pause_after_hours": _positive_float,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import os
 import shutil
 import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,24 +14,35 @@ import pytest
 
 from demo.connections import http_conn
 from demo.receiver import Receiver
-from tests.conftest import AIRFLOW_HOME, ROOT
+from tests.conftest import ROOT
+from tests.deployments import API_KEY, SIGNING_SECRET, receiver_deployment
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    import contextlib
+    from collections.abc import Callable, Iterator, Mapping
+    from pathlib import Path
 
-API_KEY = "k3y-7d41c0ffee9b2e"
-SIGNING_SECRET = "whsec_" + base64.b64encode(b"cdr-webhook-test-signing-key-32b").decode()
+    from demo.stack import AirflowStack
 
 
-@pytest.fixture(scope="session")
-def airflow_db() -> None:
-    """Migrate this session's SQLite metadata DB (in the throwaway AIRFLOW_HOME) once."""
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        check=True,
-        capture_output=True,
-        cwd=AIRFLOW_HOME,
-    )
+@pytest.fixture(scope="module")
+def deploy(
+    pg_server: str, cdr_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., contextlib.AbstractContextManager[tuple[AirflowStack, Receiver]]]:
+    """
+    ``deploy(home, env, *servers, **stack_options)``: a module's real Airflow and its receiver.
+
+    :func:`tests.deployments.receiver_deployment` on this session's PostgreSQL; ``home`` is a path, or
+    the name of a new temporary directory.
+    """
+
+    def deployment(
+        home: Path | str, env: Mapping[str, str], *servers: Any, **stack_options: Any
+    ) -> contextlib.AbstractContextManager[tuple[AirflowStack, Receiver]]:
+        where = tmp_path_factory.mktemp(home) if isinstance(home, str) else home
+        return receiver_deployment(where, pg_server, cdr_dsn, env, *servers, **stack_options)
+
+    return deployment
 
 
 @pytest.fixture

@@ -15,15 +15,15 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
+from typing import TYPE_CHECKING
 
 import pytest
 
 from demo.celery_stack import CeleryStack
-from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
-from demo.receiver import Receiver
-from tests.deployments import deployed, prepare_cdr_database
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+
+if TYPE_CHECKING:
+    from demo.receiver import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler, pytest.mark.celery]
 
@@ -37,19 +37,12 @@ QUEUED_TIMEOUT = 30
 
 
 @pytest.fixture(scope="module")
-def deployment(pg_server, cdr_dsn, redis_url, tmp_path_factory):
-    prepare_cdr_database(cdr_dsn)
-    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
-    stack = CeleryStack(
-        tmp_path_factory.mktemp("airflow-celery"),
-        pg_server,
+def deployment(deploy, redis_url):
+    with deploy(
+        "airflow-celery",
         {
-            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
             # The triggerer runs, the commit watcher does not: these tests start their runs by hand.
             "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
-            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
-                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
-            ),
             "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",  # one page holds a run's task instances
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
@@ -62,11 +55,11 @@ def deployment(pg_server, cdr_dsn, redis_url, tmp_path_factory):
             "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
             "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
         },
+        stack_class=CeleryStack,
         broker_url=redis_url,
         workers=len(WORKERS),
         concurrency=2,
-    )
-    with deployed(stack, receiver):
+    ) as (stack, receiver):
         print(f"Celery workers: {', '.join(stack.workers)}")
         yield stack, receiver
 

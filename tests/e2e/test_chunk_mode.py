@@ -13,12 +13,7 @@ from collections import Counter
 import pytest
 
 from cdr_webhook.signing import webhook_id
-from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
-from demo.receiver import Receiver
-from demo.stack import AirflowStack
-from tests.deployments import deployed, prepare_cdr_database
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -27,27 +22,19 @@ BASE = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).replace(minute=0, second
 
 
 @pytest.fixture(scope="module")
-def deployment(pg_server, cdr_dsn, tmp_path_factory):
-    prepare_cdr_database(cdr_dsn)
-    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
-    stack = AirflowStack(
-        tmp_path_factory.mktemp("airflow-chunks"),
-        pg_server,
+def deployment(deploy):
+    with deploy(
+        "airflow-chunks",
         {
-            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
             # The triggerer runs, the commit watcher does not: these tests start their runs by hand.
             "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
-            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
-                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
-            ),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",
             "AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK": "5",
             "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN": "20",
             "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
             "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
         },
-    )
-    with deployed(stack, receiver):
+    ) as (stack, receiver):
         yield stack, receiver
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sqlite3
 
@@ -11,27 +10,11 @@ import pytest
 from cdr_webhook.signing import webhook_id
 from demo.dialer import Dialer
 from tests.conftest import AIRFLOW_HOME
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+from tests.dag_runs import ledger, recent, window
+from tests.deployments import API_KEY, SIGNING_SECRET
 from tests.payloads import assert_valid_payload
 
 pytestmark = pytest.mark.e2e
-
-
-def window(minutes: int = 30) -> dict[str, dt.datetime]:
-    now = dt.datetime.now(dt.UTC)
-    return {"window_start": now - dt.timedelta(minutes=minutes), "window_end": now - dt.timedelta(seconds=1)}
-
-
-def recent(seconds_ago: int) -> dt.datetime:
-    return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds_ago)
-
-
-def ledger(conn) -> dict[str, dict]:
-    rows = conn.execute(
-        "SELECT cdr_id, status, attempts, http_status, error, run_id, map_index FROM cdr_webhook.delivery"
-    ).fetchall()
-    keys = ("status", "attempts", "http_status", "error", "run_id", "map_index")
-    return {row[0]: dict(zip(keys, row[1:], strict=True)) for row in rows}
 
 
 def task_states(dag_run) -> dict[int, tuple[str, int]]:

@@ -12,18 +12,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
 import requests
 
-from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
-from demo.receiver import Receiver
-from demo.stack import AirflowStack
 from tests.conftest import ROOT
-from tests.deployments import deployed, prepare_cdr_database
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+from tests.deployments import API_KEY
+
+if TYPE_CHECKING:
+    from demo.stack import AirflowStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -33,23 +33,16 @@ SCREENSHOTS = ROOT / "test-artifacts" / "deliveries-page"
 
 
 @pytest.fixture(scope="module")
-def deployment(pg_server, cdr_dsn, tmp_path_factory):
-    prepare_cdr_database(cdr_dsn)
-    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+def deployment(deploy, tmp_path_factory):
     home = tmp_path_factory.mktemp("airflow-deliveries-page")
     passwords = home / "passwords.json"
     passwords.write_text(json.dumps(PASSWORDS))
-    stack = AirflowStack(
+    with deploy(
         home,
-        pg_server,
         {
             "PYTHONPATH": str(ROOT),
-            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
             # The triggerer runs, the commit watcher does not: these tests start their runs by hand.
             "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
-            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
-                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
-            ),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",
             "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
@@ -57,8 +50,7 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         },
         login=("admin", PASSWORDS["admin"]),
-    )
-    with deployed(stack, receiver):
+    ) as (stack, receiver):
         yield stack, receiver
 
 

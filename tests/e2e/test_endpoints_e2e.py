@@ -15,8 +15,8 @@ from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
 from tests.conftest import ROOT
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
-from tests.e2e.test_dag_runs import recent, window
+from tests.dag_runs import recent, window
+from tests.deployments import API_KEY, SIGNING_SECRET
 
 pytestmark = pytest.mark.e2e
 

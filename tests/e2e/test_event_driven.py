@@ -10,16 +10,17 @@ real Airflow costs ~20 s here.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from demo.connections import http_conn, postgres_conn
+from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from demo.stack import AirflowStack
-from tests.deployments import deployed, prepare_cdr_database
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+from tests.deployments import API_KEY
+
+if TYPE_CHECKING:
+    from demo.stack import AirflowStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -28,24 +29,17 @@ SLOW_MS = 8000
 
 
 @pytest.fixture(scope="module")
-def deployment(pg_server, cdr_dsn, tmp_path_factory):
-    prepare_cdr_database(cdr_dsn)
-    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+def deployment(deploy):
     slow = Receiver(api_key=API_KEY, delay_ms=SLOW_MS).start()
-    stack = AirflowStack(
-        tmp_path_factory.mktemp("airflow-events"),
-        pg_server,
+    with deploy(
+        "airflow-events",
         {
-            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
-            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
-                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
-            ),
             f"AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_{SLOW_CLIENT}": http_conn(slow.url, api_key=API_KEY),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",  # hourly: every delivery here is event-started
             "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_RUNS": "1",
         },
-    )
-    with deployed(stack, receiver, slow):
+        slow,
+    ) as (stack, receiver):
         yield stack, receiver, slow
 
 

@@ -12,15 +12,15 @@ import socket
 import statistics
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 
-from demo.connections import http_conn, postgres_conn
+from demo.connections import http_conn
 from demo.dialer import Dialer
-from demo.receiver import Receiver
-from demo.stack import AirflowStack
-from tests.deployments import deployed, prepare_cdr_database
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+
+if TYPE_CHECKING:
+    from demo.receiver import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -64,20 +64,13 @@ class SilentEndpoint:
 
 
 @pytest.fixture(scope="module")
-def deployment(pg_server, cdr_dsn, tmp_path_factory):
-    prepare_cdr_database(cdr_dsn)
-    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+def deployment(deploy):
     silent = SilentEndpoint()
-    stack = AirflowStack(
-        tmp_path_factory.mktemp("airflow-isolation"),
-        pg_server,
+    with deploy(
+        "airflow-isolation",
         {
-            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
             # The triggerer runs, the watcher does not: the schedule's isolation, measured per interval.
             "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
-            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
-                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
-            ),
             "AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_7": http_conn(silent.url, api_key="key-7"),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": f"{INTERVAL}s",
             "AIRFLOW__CDR_WEBHOOK__LAG_SECONDS": "30",
@@ -91,8 +84,8 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_POSTS_PER_RUN": "6",
             "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_RUNS": MAX_ACTIVE_RUNS,
         },
-    )
-    with deployed(stack, receiver, silent):
+        silent,
+    ) as (stack, receiver):
         yield stack, receiver, silent
 
 

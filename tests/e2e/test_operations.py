@@ -12,18 +12,17 @@ import socket
 import threading
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
 
 from cdr_webhook.signing import webhook_id
-from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
-from demo.receiver import Receiver
-from demo.stack import AirflowStack
 from tests.conftest import ROOT
-from tests.deployments import deployed, prepare_cdr_database
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+
+if TYPE_CHECKING:
+    from demo.stack import AirflowStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -59,24 +58,17 @@ class StatsdListener:
 
 
 @pytest.fixture(scope="module")
-def deployment(pg_server, cdr_dsn, tmp_path_factory):
-    prepare_cdr_database(cdr_dsn)
-    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
+def deployment(deploy, tmp_path_factory):
     statsd = StatsdListener()
     home = tmp_path_factory.mktemp("airflow-operations")
-    stack = AirflowStack(
+    with deploy(
         home,
-        pg_server,
         {
             "PYTHONPATH": str(ROOT),
             "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.notifier_probe:notifier",
             "CDR_NOTIFIER_PROBE": str(home / "notified.jsonl"),
-            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
             # The triggerer runs, the commit watcher does not: these tests start their runs by hand.
             "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
-            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
-                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
-            ),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",
             "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
             "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
@@ -85,8 +77,8 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
             "AIRFLOW__METRICS__STATSD_INFLUXDB_ENABLED": "True",
         },
-    )
-    with deployed(stack, receiver, statsd):
+        statsd,
+    ) as (stack, receiver):
         # Unpausing starts a scheduled run for the last complete hour at once: let it settle the watermark.
         deadline = time.monotonic() + 120
         while not [r for r in stack.runs(run_type="scheduled") if r["state"] in ("success", "failed")]:

@@ -12,28 +12,16 @@ from collections import Counter
 import psycopg
 import pytest
 
-from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
-from demo.receiver import Receiver
-from demo.stack import AirflowStack
-from tests.deployments import deployed, prepare_cdr_database
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
 
 @pytest.fixture(scope="module")
-def deployment(pg_server, cdr_dsn, tmp_path_factory):
-    prepare_cdr_database(cdr_dsn)
-    receiver = Receiver(secret=SIGNING_SECRET, api_key=API_KEY).start()
-    stack = AirflowStack(
-        tmp_path_factory.mktemp("airflow-scheduled"),
-        pg_server,
+def deployment(deploy):
+    with deploy(
+        "airflow-scheduled",
         {
-            "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_dsn),
-            "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(
-                receiver.url, api_key=API_KEY, signing_secret=SIGNING_SECRET
-            ),
             "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "10s",
             "AIRFLOW__CDR_WEBHOOK__LAG_SECONDS": "30",
             "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN": "4",
@@ -41,8 +29,7 @@ def deployment(pg_server, cdr_dsn, tmp_path_factory):
             "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
         },
         triggerer=False,
-    )
-    with deployed(stack, receiver):
+    ) as (stack, receiver):
         yield stack, receiver
 
 

@@ -92,7 +92,7 @@ def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(c
     from cdr_webhook.ledger import endpoints, schema
     from demo.connections import http_conn
     from demo.receiver import Receiver
-    from tests.integration.test_operators import FakeTaskInstance
+    from tests.task_instances import FakeTaskInstance
 
     cap = 6 * CHUNK if CHUNK_BACKLOG <= 5000 else 50 * CHUNK  # max_cdrs_per_run
     settings = Settings(

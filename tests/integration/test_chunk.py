@@ -20,11 +20,10 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryLater
 from cdr_webhook.deliver.slots import endpoint_slot, endpoint_slots
-from cdr_webhook.ledger import schema
 from cdr_webhook.signing import webhook_id
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.integration.test_operators import (
+from tests.task_instances import (
     API_KEY,
     ENDPOINT,
     SECRET,
@@ -38,12 +37,6 @@ from tests.integration.test_operators import (
 NOW = dt.datetime.now(dt.UTC)
 #: The DAG's cdrs_per_task in these tests: every chunk below fits.
 CHUNK_SIZE = 100
-
-
-@pytest.fixture
-def db(cdr_db):
-    schema.migrate(cdr_db)
-    return cdr_db
 
 
 @pytest.fixture

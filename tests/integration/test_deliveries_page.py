@@ -12,142 +12,12 @@ import datetime as dt
 import json
 import re
 from html import unescape
-from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from cdr_webhook import ledger
-from cdr_webhook.ledger.schema import migrate
 from cdr_webhook.web import deliveries
-from demo.connections import http_conn, postgres_conn
-from demo.dialer import Dialer
-from tests.e2e.conftest import API_KEY, SIGNING_SECRET, airflow_db  # noqa: F401 (a fixture)
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-
-DAY = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
-USERS = "admin:admin,viewer:viewer,nobody:"
-
-
-@pytest.fixture
-def populated(cdr_db, cdr_dsn) -> dict[str, Any]:
-    """Three days of CDRs for clients 1, 2 and 42, with ledger rows in every status and attempt histories."""
-    migrate(cdr_db)
-    dialer = Dialer(cdr_db)
-    made: dict[str, Any] = {"by_status": {}, "all": []}
-
-    def add(client: int, day: int, minute: int, status: str | None, *, phone: str = "+34650123456", tries=()):
-        created = DAY + dt.timedelta(days=day, minutes=minute)
-        cdr_id = dialer.cdr(client_id=client, created_at=created, phone_number=phone)
-        made["all"].append(cdr_id)
-        if status is None:
-            return cdr_id  # in the source only: never queued
-        endpoint = "cdr_webhook" if client != 42 else "cdr_webhook_client_42"
-        cdr_db.execute(
-            "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, dag_id, "
-            "run_id, map_index) VALUES (%s, %s, %s, %s, 'queued', 'cdr_webhook', %s, %s)",
-            (cdr_id, endpoint, client, created, f"manual__{day}", minute),
-        )
-        claim = ledger.Claim(cdr_id, endpoint, client, created, "queued", 0)
-        for outcome, http, error in tries:  # the operator's write path, one attempt at a time
-            ledger.record_attempt(
-                cdr_db, claim, status=outcome, http_status=http, error=error,
-                response_excerpt=f"answer {http}", latency_ms=12,
-            )  # fmt: skip
-        if status == "skipped":
-            ledger.mark_skipped(cdr_db, claim, "column cost = NaN")
-        made["by_status"].setdefault(status, []).append(cdr_id)
-        return cdr_id
-
-    for minute in range(0, 60, 5):
-        add(1, 0, minute, "delivered", tries=[("delivered", 200, None)])
-    made["failed_42"] = add(
-        42, 1, 10, "failed",
-        phone="+15550100042",
-        tries=[("queued", 503, "HTTP 503 Service Unavailable"), ("failed", 400, "HTTP 400 Bad Request")],
-    )  # fmt: skip
-    add(42, 1, 20, "delivered", tries=[("delivered", 200, None)])
-    add(2, 1, 30, "skipped")
-    add(2, 2, 40, "queued")
-    made["never"] = add(2, 2, 50, None)
-    return made
-
-
-def _simple_auth_manager() -> type:
-    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
-
-    return SimpleAuthManager
-
-
-class EveryDagButCdrWebhook(_simple_auth_manager()):  # type: ignore[misc]
-    """The SimpleAuthManager, except that nobody has any access to the ``cdr_webhook`` DAG."""
-
-    def is_authorized_dag(self, *, method, user, access_entity=None, details=None) -> bool:
-        if details is not None and details.id == "cdr_webhook":
-            return False
-        return super().is_authorized_dag(
-            method=method, user=user, access_entity=access_entity, details=details
-        )
-
-
-SIMPLE = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
-
-
-@pytest.fixture(params=[SIMPLE])
-def client(request, populated, cdr_dsn, airflow_db, monkeypatch, tmp_path) -> Iterator[Any]:  # noqa: F811
-    """A parent app with the page mounted at /cdr-webhook, and tokens of each test user."""
-    from airflow.api_fastapi import app as api_app
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from cdr_webhook.web.app import create_app
-
-    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER", request.param)
-    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", USERS)
-    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(tmp_path / "passwords.json"))
-    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-" + "0123456789abcdef" * 4)
-    monkeypatch.setenv("AIRFLOW__API__SECRET_KEY", "test-secret-key")
-    monkeypatch.setenv("AIRFLOW_CONN_CDR_WEBHOOK", http_conn("https://hooks.example/p/s3cret-path",
-                       api_key=API_KEY, signing_secret=SIGNING_SECRET))  # fmt: skip
-    monkeypatch.setenv("AIRFLOW_CONN_CDR_DB", postgres_conn(cdr_dsn))
-    api_app.purge_cached_app()
-    manager = api_app.init_auth_manager()
-    tokens = {
-        name: manager.generate_jwt(SimpleAuthManagerUser(username=name, role=role))
-        for name, role in (entry.split(":") for entry in USERS.split(","))
-    }
-    parent = FastAPI()
-    parent.mount("/cdr-webhook", create_app())
-    with TestClient(parent, base_url="http://127.0.0.1:8080") as http:
-        http.tokens = tokens  # type: ignore[attr-defined]
-        yield http
-    api_app.purge_cached_app()
-
-
-def get(http, path: str, user: str | None = "viewer", **params: Any):
-    http.cookies.clear()
-    if user:
-        http.cookies.set("_token", http.tokens[user])
-    return http.get(f"/cdr-webhook{path}", params=params)
-
-
-def post(http, path: str, user: str = "admin", data: dict | None = None, **headers: str):
-    http.cookies.clear()
-    http.cookies.set("_token", http.tokens[user])
-    return http.post(f"/cdr-webhook{path}", data=data or {}, headers=headers, follow_redirects=False)
-
-
-def listed(html: str) -> list[str]:
-    """The cdr_ids of the list's rows, in order."""
-    return [json.loads(unescape(key))[0] for key in re.findall(r'name="key" value=\'([^\']+)\'', html)]
-
-
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
-
+from tests.deployments import API_KEY, SIGNING_SECRET
+from tests.page import DAY, csrf_of, get, listed, post
 
 # -- auth ------------------------------------------------------------------------------------------
 
@@ -172,7 +42,7 @@ def test_a_user_without_access_to_the_dag_gets_403_and_sees_no_delivery(client, 
     )
 
 
-@pytest.mark.parametrize("client", [f"{__name__}.EveryDagButCdrWebhook"], indirect=True)
+@pytest.mark.parametrize("client", ["tests.page.EveryDagButCdrWebhook"], indirect=True)
 def test_access_to_other_dags_is_not_enough(client):
     """The page asks about the cdr_webhook DAG itself: an admin of every other DAG is refused."""
     for user in ("viewer", "admin"):

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 from cdr_webhook import ledger
 from cdr_webhook.ledger import schema
 from cdr_webhook.outcome import Attempt, PostResult, decide
-from tests.integration.test_schema import indexes, install_up_to, versions
+from tests.ledger_records import attempt
+from tests.ledger_schema import indexes, install_up_to, versions
 
 if TYPE_CHECKING:
     import psycopg
@@ -50,15 +51,8 @@ def test_step_6_upgrades_a_database_at_step_5_and_keeps_its_rows(cdr_db):
     )
     assert cdr_db.execute("SELECT status, attempts FROM cdr_webhook.delivery").fetchall() == [("failed", 3)]
     assert history(cdr_db, "old") == []  # attempts before step 6 are only summed up on the row
-    ledger.record_attempt(
-        cdr_db,
-        ledger.Claim("old", "cdr_webhook", None, CREATED, "failed", 3),
-        status="delivered",
-        http_status=200,
-        error=None,
-        response_excerpt="ok",
-        latency_ms=5,
-    )
+    old = ledger.Claim("old", "cdr_webhook", None, CREATED, "failed", 3)
+    ledger.record_attempts(cdr_db, [attempt(old, "delivered", 200, None, "ok", 5)])
     assert history(cdr_db, "old") == [(4, "delivered", 200, None, None, None)]
 
 
@@ -66,9 +60,7 @@ def test_every_attempt_of_the_operators_write_path_is_kept(cdr_db):
     schema.migrate(cdr_db)
     [claim] = queue(cdr_db, "a")
     for status, http, error in [("queued", 503, "HTTP 503"), ("failed", 400, "HTTP 400")]:
-        ledger.record_attempt(
-            cdr_db, claim, status=status, http_status=http, error=error, response_excerpt=None, latency_ms=1
-        )
+        ledger.record_attempts(cdr_db, [attempt(claim, status, http, error, None, 1)])
     assert history(cdr_db, "a") == [
         (1, "queued", 503, "HTTP 503", "manual__1", 0),
         (2, "failed", 400, "HTTP 400", "manual__1", 0),
@@ -102,8 +94,6 @@ def test_a_statement_that_records_many_cdrs_at_once_keeps_one_row_each(cdr_db):
 def test_retention_deletes_the_history_with_its_ledger_row(cdr_db):
     schema.migrate(cdr_db)
     [claim] = queue(cdr_db, "c")
-    ledger.record_attempt(
-        cdr_db, claim, status="delivered", http_status=200, error=None, response_excerpt=None, latency_ms=1
-    )
+    ledger.record_attempts(cdr_db, [attempt(claim, "delivered", 200, None, None, 1)])
     assert ledger.prune(cdr_db, before=CREATED + dt.timedelta(days=1)) == 1
     assert history(cdr_db, "c") == []

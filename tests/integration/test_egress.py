@@ -27,12 +27,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cdr_webhook.config import EndpointConfigError
 from cdr_webhook.deliver.egress import (
     ALLOWED_NETWORKS_ENV,
     EndpointRefused,
     GuardedAdapter,
     TlsFiles,
-    check_address,
     check_url,
     parse_networks,
     pem_files,
@@ -112,7 +112,7 @@ def no_sockets(monkeypatch):
 )
 def test_internal_address_is_refused_naming_its_rule_and_the_setting(address, rule, no_sockets):
     with pytest.raises(EndpointRefused) as refused:
-        check_address(address, ())
+        resolve(address, 443, ())
     assert rule in str(refused.value)
     assert rule.removeprefix("is ") in refused.value.rule
     assert ALLOWED_NETWORKS_ENV in str(refused.value)
@@ -132,17 +132,17 @@ def test_internal_address_is_refused_naming_its_rule_and_the_setting(address, ru
     ],
 )
 def test_public_address_is_allowed_without_connecting(address, no_sockets):
-    check_address(address, ())
+    resolve(address, 443, ())
     host = f"[{address}]" if ":" in address else address
     assert check_url(f"https://{host}/x", ()) == [str(ipaddress.ip_address(address))]
 
 
 def test_allowed_networks_win_over_every_rule():
-    check_address("127.0.0.1", LOOPBACK_ONLY)
-    check_address("::ffff:10.9.8.7", parse_networks("10.0.0.0/8"))  # the IPv4 it reaches is allowed
-    check_address("fe80::1", parse_networks("fe80::/64"))
+    resolve("127.0.0.1", 443, LOOPBACK_ONLY)
+    resolve("::ffff:10.9.8.7", 443, parse_networks("10.0.0.0/8"))  # the IPv4 it reaches is allowed
+    resolve("fe80::1", 443, parse_networks("fe80::/64"))
     with pytest.raises(EndpointRefused, match="127.0.0.2 is a loopback address"):
-        check_address("127.0.0.2", LOOPBACK_ONLY)
+        resolve("127.0.0.2", 443, LOOPBACK_ONLY)
 
 
 def test_parse_networks():
@@ -505,7 +505,7 @@ def test_mutual_tls(pki):
             "client_cert": pki.client_cert_pem,
             "client_key": pki.client_key_pem,
         }
-        with pem_files(extra) as files:
+        with pem_files("tls", extra) as files:
             adapter = GuardedAdapter(
                 LOOPBACK_ONLY,
                 ca_bundle=files.ca_bundle,
@@ -531,7 +531,7 @@ def test_mutual_tls(pki):
 def test_pem_files_are_private_and_removed(pki):
     ca_pem = pki.ca.read_text()
     extra = {"ca_bundle": ca_pem, "client_cert": pki.client_cert_pem + pki.client_key_pem}
-    with pem_files(extra) as files:
+    with pem_files("tls", extra) as files:
         assert files.client_cert is not None
         assert files.ca_bundle is not None
         paths = [Path(files.ca_bundle), *map(Path, files.client_cert)]
@@ -545,7 +545,7 @@ def test_pem_files_are_private_and_removed(pki):
     written: list[Path] = []
 
     def fail_inside() -> None:
-        with pem_files(extra) as files:
+        with pem_files("tls", extra) as files:
             written.append(Path(str(files.ca_bundle)))
             raise RuntimeError("the POST failed")
 
@@ -554,21 +554,16 @@ def test_pem_files_are_private_and_removed(pki):
     assert len(written) == 1
     assert not written[0].exists()
 
-    with pem_files({"ca_bundle": "", "client_cert": None}) as files:
+    with pem_files("tls", {"ca_bundle": "", "client_cert": None}) as files:
         assert files == TlsFiles()
 
 
-@pytest.mark.parametrize(
-    ("extra", "error"),
-    [
-        ({"ca_bundle": "/etc/ssl/certs/ca-certificates.crt"}, "'ca_bundle' must be PEM text"),
-        ({"client_cert": 42}, "'client_cert' must be PEM text"),
-        ({"client_key": "-----BEGIN PRIVATE KEY-----\n"}, "'client_key' needs 'client_cert'"),
-        ({"client_cert": "-----BEGIN CERTIFICATE-----\n"}, "holds no private key"),
-    ],
-)
-def test_pem_files_refuse_what_is_not_pem_or_half_a_pair(extra, error):
-    with pytest.raises(ValueError, match=error), pem_files(extra):
+def test_pem_files_refuse_what_the_endpoint_rules_refuse():
+    """The one PEM rule (``config.tls_texts``, tested in tests/unit/test_config.py) guards the files too."""
+    with (
+        pytest.raises(EndpointConfigError, match="connection 'tls' extra 'ca_bundle': must be PEM text"),
+        pem_files("tls", {"ca_bundle": "/etc/ssl/certs/ca-certificates.crt"}),
+    ):
         pass
 
 

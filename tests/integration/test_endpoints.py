@@ -5,9 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +13,8 @@ import pytest
 
 from cdr_webhook.ledger import endpoints, schema
 from cdr_webhook.ledger.endpoints import GONE_REASON, EndpointEvent
-from tests.conftest import ROOT
+from tests.endpoints_cli import cli
+from tests.ledger_records import outcome
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -24,18 +22,26 @@ if TYPE_CHECKING:
 RULES = {"pause_after_failures": 5, "pause_after_hours": 72.0}
 
 
-@pytest.fixture
-def db(cdr_db: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    schema.migrate(cdr_db)
-    return cdr_db
+def record(
+    conn: psycopg.Connection[Any],
+    endpoint: str = "ep",
+    *,
+    delivered: bool,
+    final: bool = True,
+    gone: bool = False,
+    **rules: Any,
+) -> EndpointEvent | None:
+    """One attempt's outcome, through the recorder the delivery tasks use."""
+    decided = outcome(delivered=delivered, final=final, gone=gone)
+    return endpoints.record_outcomes(conn, endpoint, [decided], **{**RULES, **rules})
 
 
 def fail(conn: psycopg.Connection[Any], endpoint: str = "ep", **kwargs: Any) -> EndpointEvent | None:
-    return endpoints.record_outcome(conn, endpoint, delivered=False, **{**RULES, **kwargs})
+    return record(conn, endpoint, delivered=False, **kwargs)
 
 
 def succeed(conn: psycopg.Connection[Any], endpoint: str = "ep") -> EndpointEvent | None:
-    return endpoints.record_outcome(conn, endpoint, delivered=True, **RULES)
+    return record(conn, endpoint, delivered=True)
 
 
 def state(conn: psycopg.Connection[Any], endpoint: str = "ep") -> dict[str, Any]:
@@ -145,13 +151,11 @@ def test_failing_for_less_than_pause_after_hours_does_not_pause(db):
 def test_rules_must_be_usable(db):
     with pytest.raises(ValueError, match="pause_after_failures"):
         fail(db, pause_after_failures=0)
-    with pytest.raises(ValueError, match="cannot be HTTP 410 Gone"):
-        endpoints.record_outcome(db, "ep", delivered=True, gone=True, **RULES)
 
 
 def test_tries_that_will_be_retried_are_failed_attempts_not_failed_deliveries(db):
     for _ in range(RULES["pause_after_failures"] + 2):
-        assert endpoints.record_outcome(db, "ep", delivered=False, final=False, **RULES) is None
+        assert fail(db, final=False) is None
     assert (state(db)["consecutive_failures"], state(db)["failed_attempts"]) == (
         0,
         RULES["pause_after_failures"] + 2,
@@ -252,21 +256,6 @@ def test_list_endpoints_counts_queued_and_failed(db):
     assert (gamma.paused, gamma.reason, gamma.changed_by, gamma.queued) == (True, "not live yet", "alice", 0)
     assert gamma.changed_at is not None
     assert [s.endpoint for s in endpoints.list_endpoints(db, endpoint="alpha")] == ["alpha"]
-
-
-def cli(*args: str, dsn: str | None, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugins'}{os.pathsep}{ROOT}", **env}
-    environment.pop("CDR_DATABASE_URL", None)
-    if dsn is not None:
-        environment["CDR_DATABASE_URL"] = dsn
-    return subprocess.run(
-        [sys.executable, "-m", "cdr_webhook", "endpoints", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_cli_pause_list_resume(cdr_db, cdr_dsn, tmp_path: Path):

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pytest
-
 from cdr_webhook import ledger
-from cdr_webhook.ledger import schema
 from cdr_webhook.window import Window
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def db(cdr_db):
-    schema.migrate(cdr_db)
-    return cdr_db
 
 
 def queue(conn, endpoint: str, count: int, *, offset_ms: int = 0) -> list[str]:

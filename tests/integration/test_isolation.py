@@ -17,6 +17,7 @@ from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
+from tests.ledger_records import outcome
 from tests.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
@@ -277,14 +278,9 @@ def test_a_failing_endpoint_is_throttled_to_its_in_flight_limit_across_runs(cdr_
     failing = [dialer.cdr(created_at=T0 + n * SECOND, client_id=7) for n in range(1, 21)]
     healthy = [dialer.cdr(created_at=T0 + n * SECOND + SECOND / 2, client_id=1) for n in range(1, 6)]
     connections = {"cdr_webhook": {}, "cdr_webhook_client_7": {"max_in_flight": 3}}
-    endpoints.record_outcome(
-        cdr_db,
-        "cdr_webhook_client_7",
-        delivered=False,
-        final=False,
-        pause_after_failures=5,
-        pause_after_hours=1,
-    )
+    rules = {"pause_after_failures": 5, "pause_after_hours": 1}
+    retried = outcome(delivered=False, final=False)
+    endpoints.record_outcomes(cdr_db, "cdr_webhook_client_7", [retried], **rules)
 
     first = select_cdrs(cdr_db, scheduled(1), connections=connections)
     assert sorted(first) == sorted(healthy + failing[:3])  # oldest first within the endpoint
@@ -292,7 +288,6 @@ def test_a_failing_endpoint_is_throttled_to_its_in_flight_limit_across_runs(cdr_
     # Run 1 still owns the failing endpoint's three: the next run takes none of it.
     assert select_cdrs(cdr_db, scheduled(2), connections=connections) == [more]
     # Once it delivers again, it gets its share.
-    endpoints.record_outcome(
-        cdr_db, "cdr_webhook_client_7", delivered=True, pause_after_failures=5, pause_after_hours=1
-    )
+    delivered = outcome(delivered=True)
+    endpoints.record_outcomes(cdr_db, "cdr_webhook_client_7", [delivered], **rules)
     assert len(select_cdrs(cdr_db, scheduled(3), connections=connections)) == 17

@@ -7,8 +7,6 @@ the receiver and the raised exception show.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import datetime as dt
 import http.server
 import json
@@ -20,69 +18,20 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryLater
-from cdr_webhook.ledger import schema
-from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
+from tests.task_instances import (
+    API_KEY,
+    ENDPOINT,
+    SECRET,
+    FakeTaskInstance,
+    connect_endpoint,
+    endpoint_state,
+    queue,
+    row,
+)
 
-API_KEY = "k3y-echoed-7d41c0ffee9b2e"
-SECRET = "whsec_" + base64.b64encode(b"operator-test-signing-key-32byte").decode()
-ENDPOINT = "cdr_webhook_client_7"
 NOW = dt.datetime.now(dt.UTC)
-
-
-@dataclasses.dataclass
-class FakeTaskInstance:
-    """The attributes of Airflow's RuntimeTaskInstance that the operator reads."""
-
-    run_id: str = "scheduled__1"
-    map_index: int = 0
-    try_number: int = 1
-    max_tries: int = 2
-    dag_id: str = "cdr_webhook"
-
-
-@pytest.fixture
-def db(cdr_db):
-    schema.migrate(cdr_db)
-    return cdr_db
-
-
-def queue(conn, cdr_id: str, *, run_id: str | None = "scheduled__1", status: str = "queued", **extra) -> None:
-    created = conn.execute(
-        "SELECT created_at FROM cdr_webhook_source WHERE cdr_id::text = %s", (cdr_id,)
-    ).fetchone()[0]
-    conn.execute(
-        "INSERT INTO cdr_webhook.delivery "
-        "(cdr_id, endpoint, client_id, cdr_created_at, status, dag_id, run_id, claimed_at) "
-        "VALUES (%s, %s, 7, %s, %s, 'cdr_webhook', %s, now())",
-        (cdr_id, ENDPOINT, created, status, run_id),
-    )
-    if extra:
-        for column, value in extra.items():
-            conn.execute(
-                f"UPDATE cdr_webhook.delivery SET {column} = %s WHERE cdr_id = %s",  # test-only column names
-                (value, cdr_id),
-            )
-
-
-def row(conn, cdr_id: str) -> dict[str, Any]:
-    cur = conn.execute(
-        "SELECT status, attempts, http_status, error, response_excerpt, run_id FROM cdr_webhook.delivery "
-        "WHERE cdr_id = %s",
-        (cdr_id,),
-    )
-    return dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
-
-
-def endpoint_state(conn) -> dict[str, Any]:
-    cur = conn.execute(
-        "SELECT paused, reason, consecutive_failures, failed_attempts FROM cdr_webhook.endpoint_state "
-        "WHERE endpoint = %s",
-        (ENDPOINT,),
-    )
-    found = cur.fetchone()
-    return dict(zip([c.name for c in cur.description], found, strict=True)) if found else {}
 
 
 def run_try(cdr_id: str, ti: FakeTaskInstance, *, retries: int = 1) -> None:
@@ -90,10 +39,6 @@ def run_try(cdr_id: str, ti: FakeTaskInstance, *, retries: int = 1) -> None:
         task_id="post_cdr", cdr_ids=[cdr_id], http_conn_id=ENDPOINT, retries=retries
     )
     operator.execute({"ti": ti})
-
-
-def connect_endpoint(monkeypatch, url: str, **extra: Any) -> None:
-    monkeypatch.setenv(f"AIRFLOW_CONN_{ENDPOINT.upper()}", http_conn(url, api_key=API_KEY, **extra))
 
 
 @pytest.fixture

@@ -19,14 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from cdr_webhook.ledger import endpoints
-from tests.integration.test_deliveries_page import (  # noqa: F401 (fixtures)
-    airflow_db,
-    client,
-    csrf_of,
-    get,
-    populated,
-    post,
-)
+from tests.page import csrf_of, get, post
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -216,7 +209,7 @@ def test_the_ledger_bounds_what_every_path_writes(cdr_db, populated):
 
 def test_the_cli_refuses_a_name_that_is_no_endpoint_and_an_overlong_reason(cdr_db, cdr_dsn):
     from cdr_webhook.ledger import schema
-    from tests.integration.test_endpoints import cli
+    from tests.endpoints_cli import cli
 
     schema.migrate(cdr_db)
     refused = cli("pause", "cdr_db", "--reason", "oops", dsn=cdr_dsn)
@@ -333,9 +326,10 @@ def test_an_api_key_echoed_in_base64_is_scrubbed_in_the_ledger_and_on_the_page(
 
     from cdr_webhook import ledger
     from cdr_webhook.deliver.hook import CdrWebhookHook
+    from cdr_webhook.outcome import Attempt, Decision, Verdict
     from cdr_webhook.signing import build_headers
     from demo.connections import http_conn
-    from tests.e2e.conftest import API_KEY, SIGNING_SECRET
+    from tests.deployments import API_KEY, SIGNING_SECRET
 
     echoed = {
         "seen_key": base64.b64encode(API_KEY.encode()).decode(),
@@ -356,8 +350,8 @@ def test_an_api_key_echoed_in_base64_is_scrubbed_in_the_ledger_and_on_the_page(
     cdr_id = populated["failed_42"]
     created = cdr_db.execute("SELECT cdr_created_at FROM cdr_webhook.delivery WHERE cdr_id = %s", (cdr_id,))
     claim = ledger.Claim(cdr_id, "cdr_webhook_client_42", 42, created.fetchone()[0], "failed", 2)
-    ledger.record_attempt(cdr_db, claim, status="failed", http_status=result.http_status, error=None,
-                          response_excerpt=result.response_excerpt, latency_ms=result.latency_ms)  # fmt: skip
+    decision = Decision(Verdict.FAIL_NOW, error=f"HTTP {result.http_status}")
+    ledger.record_attempts(cdr_db, [Attempt(claim, result, decision, "msg_1")])  # as every task records
 
     stored = cdr_db.execute(
         "SELECT string_agg(response_excerpt, ' ') FROM cdr_webhook.delivery_attempt WHERE cdr_id = %s",

@@ -16,7 +16,7 @@ from cdr_webhook.selection.step import RunInfo, select_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
 from tests.endpoint_configs import configs
-from tests.integration.test_schema import columns, install_up_to, versions
+from tests.ledger_schema import columns, install_up_to, versions
 from tests.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)

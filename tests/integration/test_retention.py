@@ -123,7 +123,7 @@ def test_a_prune_that_deletes_nothing_records_nothing(cdr_db):
 
 
 def test_an_install_of_unknown_pruning_is_checked_by_retention_days_until_its_next_prune(cdr_db):
-    from tests.integration.test_schema import install_up_to
+    from tests.ledger_schema import install_up_to
 
     install_up_to(cdr_db, 8)
     add(cdr_db, "from-an-older-release", "delivered", NOW - 10 * DAY)

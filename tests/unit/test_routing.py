@@ -27,11 +27,17 @@ def test_skip_mode_names_the_missing_connection():
 
 
 def test_each_client_is_looked_up_once():
-    r = router()
+    looked_up: list[str] = []
+
+    def exists(conn_id: str) -> bool:
+        looked_up.append(conn_id)
+        return conn_id in EXISTING
+
+    r = Router(exists, unrouted="default", default_endpoint="cdr_webhook")
     for _ in range(100):
         r.route(7)
         r.route(9)
-    assert r.lookups == 2
+    assert looked_up == ["cdr_webhook_client_7", "cdr_webhook_client_9"]
 
 
 def test_unknown_unrouted_mode_is_refused():

@@ -23,6 +23,7 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 from urllib3.util import parse_url
 
+from cdr_webhook.config import tls_texts
 from cdr_webhook.deliver.deadline import WATCHED_POOLS, current_deadline
 
 if TYPE_CHECKING:
@@ -90,14 +91,6 @@ def parse_networks(raw: str) -> tuple[Network, ...]:
         except ValueError as err:
             raise ValueError(f"{ALLOWED_NETWORKS_ENV}: {entry!r} is not a CIDR network ({err})") from None
     return tuple(networks)
-
-
-def check_address(address: str | Address, allowed_networks: Sequence[Network]) -> None:
-    """Raise :class:`EndpointRefused` unless ``address`` is public or inside ``allowed_networks``."""
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    rule = _refused_rule(ip, allowed_networks)
-    if rule is not None:
-        raise EndpointRefused(f"{ip} is {rule}", rule)
 
 
 def _refused_rule(ip: Address, allowed_networks: Sequence[Network]) -> str | None:
@@ -339,30 +332,16 @@ class TlsFiles:
 
 
 @contextlib.contextmanager
-def pem_files(extra: Mapping[str, Any]) -> Iterator[TlsFiles]:
+def pem_files(conn_id: str, extra: Mapping[str, Any]) -> Iterator[TlsFiles]:
     """
     Write the PEM text of connection extras ``ca_bundle``, ``client_cert``, ``client_key`` to files.
 
     requests and ssl want paths; the files live in a private directory, each 0600, and are removed
     when the block ends, so use the adapter only inside it (new connections reload them). The key may
-    also sit in ``client_cert`` itself. Only PEM text is accepted, never a path on the worker.
+    also sit in ``client_cert`` itself. The texts pass :func:`cdr_webhook.config.tls_texts` (an
+    :class:`~cdr_webhook.config.EndpointConfigError` naming ``conn_id`` otherwise).
     """
-    texts: dict[str, str] = {}
-    for name in ("ca_bundle", "client_cert", "client_key"):
-        value = extra.get(name)
-        if value in (None, ""):
-            continue
-        if not isinstance(value, str) or "-----BEGIN " not in value:
-            raise ValueError(f"connection extra {name!r} must be PEM text (-----BEGIN …)")
-        texts[name] = value
-    if "client_key" in texts and "client_cert" not in texts:
-        raise ValueError("connection extra 'client_key' needs 'client_cert'")
-    if (
-        "client_cert" in texts
-        and "client_key" not in texts
-        and "PRIVATE KEY-----" not in texts["client_cert"]
-    ):
-        raise ValueError("connection extra 'client_cert' holds no private key and 'client_key' is not set")
+    texts = tls_texts(conn_id, extra)
     with tempfile.TemporaryDirectory(prefix="cdr-webhook-tls-") as directory:
         paths: dict[str, str] = {}
         for name, text in texts.items():

@@ -17,6 +17,7 @@ from requests import Session
 from requests.structures import CaseInsensitiveDict
 
 from cdr_webhook import __version__
+from cdr_webhook.config import load_endpoint
 from cdr_webhook.deliver.deadline import Deadline
 from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 from cdr_webhook.outcome import PostResult
@@ -65,7 +66,7 @@ class CdrWebhookHook(BaseHook):
     :param resolver: ``(host, port) -> addresses``, for tests; the default is the system resolver.
 
     It derives from ``BaseHook``, not from the provider's ``HttpHook``: every method of that hook is
-    replaced here, and importing its module costs every task process ~70 ms of CPU for ``aiohttp``
+    replaced here, and importing its module would load ``aiohttp`` in every task process for nothing
     (``docs/benchmarks.md``). Connections keep the provider's ``http`` type.
     """
 
@@ -104,8 +105,6 @@ class CdrWebhookHook(BaseHook):
     @functools.cached_property
     def endpoint(self) -> EndpointConfig:
         """The endpoint's configuration; raises :class:`~cdr_webhook.config.EndpointConfigError`."""
-        from cdr_webhook.config import load_endpoint
-
         return load_endpoint(self.http_conn_id, lambda _: self.connection)
 
     @functools.cached_property
@@ -155,7 +154,7 @@ class CdrWebhookHook(BaseHook):
         from one POST to the next. Raises :class:`ValueError` when a TLS extra is malformed (a POST
         without a session reports that as the refusal it is).
         """
-        with pem_files(self.endpoint.tls_extra()) as tls:
+        with pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()) as tls:
             local = threading.local()
             made: list[Session] = []
             lock = threading.Lock()
@@ -185,12 +184,11 @@ class CdrWebhookHook(BaseHook):
         refused = False
         try:
             with contextlib.ExitStack() as stack:
-                own_session = session is None
                 if session is None:
-                    tls = stack.enter_context(pem_files(self.endpoint.tls_extra()))
+                    tls = stack.enter_context(pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()))
                 deadline = stack.enter_context(Deadline(self.timeout))
-                if session is None:
-                    session = self.get_conn(tls=tls)
+                if session is None:  # its own session, closed before the deadline and the TLS files end
+                    session = stack.enter_context(self.get_conn(tls=tls))
                 try:
                     return self._exchange(session, self._request(body, headers), deadline, started, sent_at)
                 except requests.RequestException:
@@ -200,9 +198,6 @@ class CdrWebhookHook(BaseHook):
                     error = (
                         f"no complete reply within the {self.timeout:g} s deadline ({_waited_for(deadline)})"
                     )
-                finally:
-                    if own_session:
-                        session.close()
         except EndpointRefused as err:
             error, refused = f"refused by the egress guard: {err}", True
         except ValueError as err:  # the endpoint URL or a TLS extra is malformed: no retry can help

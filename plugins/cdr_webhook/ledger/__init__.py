@@ -43,7 +43,6 @@ from cdr_webhook.ledger.queue import (
 from cdr_webhook.ledger.records import (
     mark_skipped,
     mark_skipped_many,
-    record_attempt,
     record_attempts,
 )
 from cdr_webhook.ledger.retention import Pruned, prune, pruned
@@ -79,7 +78,6 @@ __all__ = [
     "pruned",
     "queued_backlog",
     "reconcile_slice",
-    "record_attempt",
     "record_attempts",
     "record_request",
     "recorded_request",

@@ -122,6 +122,18 @@ def start_attempt(
     raise ClaimLost(lost[cdr_id].reason)
 
 
+#: :func:`start_attempts`'s statement: the rows this task may send now, taken by it.
+_START_ATTEMPTS = sql.SQL(
+    "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, "
+    "map_index = %(map_index)s, status = 'queued', updated_at = now() "
+    "WHERE d.cdr_id = ANY(%(cdr_ids)s) AND d.endpoint = %(endpoint)s AND ("
+    "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s AND d.status = ANY(%(own)s)) "
+    "  OR (d.status = 'queued' AND ("
+    "    d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s)))) "
+    "RETURNING {columns}"
+)
+
+
 def start_attempts(
     conn: psycopg.Connection[Any],
     *,
@@ -141,15 +153,7 @@ def start_attempts(
     ``own_statuses``: the statuses of its own run's rows that are sent again. A chunk's retry sends
     only ``queued`` rows: its delivered and failed CDRs stay as they are.
     """
-    query = sql.SQL(
-        "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, "
-        "map_index = %(map_index)s, status = 'queued', updated_at = now() "
-        "WHERE d.cdr_id = ANY(%(cdr_ids)s) AND d.endpoint = %(endpoint)s AND ("
-        "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s AND d.status = ANY(%(own)s)) "
-        "  OR (d.status = 'queued' AND ("
-        "    d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s)))) "
-        "RETURNING {columns}"
-    ).format(columns=CLAIM_COLUMNS)
+    query = _START_ATTEMPTS.format(columns=CLAIM_COLUMNS)
     params = {
         "cdr_ids": list(cdr_ids),
         "endpoint": endpoint,
@@ -168,16 +172,23 @@ def start_attempts(
     missing = [cdr_id for cdr_id in dict.fromkeys(cdr_ids) if cdr_id not in taken]
     if not missing:
         return claims, {}
+    return claims, _not_started(conn, missing, endpoint=endpoint, dag_id=dag_id, run_id=run_id)
+
+
+def _not_started(
+    conn: psycopg.Connection[Any], cdr_ids: Sequence[str], *, endpoint: str, dag_id: str, run_id: str
+) -> dict[str, NotStarted]:
+    """Why each of ``cdr_ids`` was not started by this run's task: no row, or whose row it is now."""
     owners = {
         row[0]: row[1:]
         for row in conn.execute(
             "SELECT cdr_id, dag_id, run_id, map_index, status FROM cdr_webhook.delivery "
             "WHERE cdr_id = ANY(%s) AND endpoint = %s",
-            (missing, endpoint),
+            (list(cdr_ids), endpoint),
         ).fetchall()
     }
     lost = {}
-    for cdr_id in missing:
+    for cdr_id in cdr_ids:
         owner = owners.get(cdr_id)
         if owner is None:
             lost[cdr_id] = NotStarted(f"CDR {cdr_id!r} has no ledger row for endpoint {endpoint!r}", None)
@@ -197,7 +208,7 @@ def start_attempts(
                 "task to send it again"
             )
         lost[cdr_id] = NotStarted(reason, status)
-    return claims, lost
+    return lost
 
 
 def keep_claims_alive(

@@ -1,7 +1,7 @@
 """Pause and resume of webhook endpoints: their state, the automatic pause rules and the audit trail.
 
 An endpoint is an HTTP connection id; its row in ``cdr_webhook.endpoint_state`` may be paused by hand or
-by :func:`record_outcome`, and every pause and resume is written to ``cdr_webhook.endpoint_event``.
+by :func:`record_outcomes`, and every pause and resume is written to ``cdr_webhook.endpoint_event``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("paused", "resumed")
 GONE_REASON = "HTTP 410 Gone: the receiver says this endpoint is gone"
 
 #: An endpoint is an Airflow connection id: at most 250 characters, Airflow's own column length.
@@ -202,38 +201,24 @@ def hold(
     return pause(conn, endpoint, reason=reason, actor="cdr_webhook")
 
 
-def record_outcome(
-    conn: psycopg.Connection[Any],
-    endpoint: str,
-    *,
-    delivered: bool,
-    final: bool = True,
-    gone: bool = False,
-    pause_after_failures: int,
-    pause_after_hours: float,
-    actor: str = "cdr_webhook",
-) -> EndpointEvent | None:
-    """
-    Count one attempt for its endpoint and pause the endpoint when a rule says so.
-
-    Every attempt moves ``failed_attempts`` (the failing attempts in a row, which the select step
-    reads to throttle the endpoint); only a delivery's end (``final``: delivered, failed at once, or
-    retries exhausted) counts in ``consecutive_failures``, whatever its tries. Pause rules: an HTTP
-    410 (``gone``); ``pause_after_failures`` failed deliveries in a row; or no success since the
-    first failed delivery ``pause_after_hours`` ago. Returns the event only when this call paused
-    the endpoint.
-    """
-    if delivered and (gone or not final):
-        raise ValueError("a delivered attempt ends its delivery and cannot be HTTP 410 Gone")
-    verdict = Verdict.DELIVERED if delivered else Verdict.FAIL_NOW if final else Verdict.RETRY
-    return record_outcomes(
-        conn,
-        endpoint,
-        [Decision(verdict, gone=gone)],
-        pause_after_failures=pause_after_failures,
-        pause_after_hours=pause_after_hours,
-        actor=actor,
-    )
+#: One upsert both counts and locks the row until commit: concurrent outcomes of one endpoint queue
+#: on it, so every count is exact and only one of them can see the threshold crossed.
+_COUNT_OUTCOMES = (
+    "INSERT INTO cdr_webhook.endpoint_state AS s "
+    "(endpoint, consecutive_failures, failing_since, last_success_at, failed_attempts) "
+    "VALUES (%(endpoint)s, %(counted)s, CASE WHEN %(counted)s > 0 THEN now() END, "
+    "CASE WHEN %(ok)s THEN now() END, %(failed)s) "
+    "ON CONFLICT (endpoint) DO UPDATE SET "
+    "consecutive_failures = CASE WHEN %(ok)s THEN 0 ELSE s.consecutive_failures END + %(counted)s, "
+    "failing_since = CASE WHEN %(ok)s THEN CASE WHEN %(counted)s > 0 THEN now() END "
+    "  WHEN %(counted)s > 0 THEN COALESCE(s.failing_since, now()) ELSE s.failing_since END, "
+    "last_success_at = CASE WHEN %(ok)s THEN now() ELSE s.last_success_at END, "
+    "failed_attempts = CASE WHEN %(ok)s THEN 0 ELSE s.failed_attempts END + %(failed)s, "
+    "updated_at = now() "
+    "RETURNING paused, consecutive_failures, "
+    "COALESCE(failing_since <= now() - make_interval(secs => %(secs)s), false), "
+    "extract(epoch FROM now() - failing_since)::float8"
+)
 
 
 def record_outcomes(
@@ -248,9 +233,13 @@ def record_outcomes(
     """
     Count the decided attempts of one endpoint, in the order given, in one statement (a chunk's).
 
-    The counts end as :func:`record_outcome` called once per attempt would leave them: a delivery
-    resets them, so only the attempts after the last delivery count. A 410 among them pauses the
-    endpoint; the other rules are checked on the counts at the end.
+    Every attempt moves ``failed_attempts`` (the failing attempts in a row, which the select step
+    reads to throttle the endpoint); only a delivery's end (``final``: delivered, failed at once, or
+    retries exhausted) counts in ``consecutive_failures``, whatever its tries. The counts end as one
+    call per attempt would leave them: a delivery resets them, so only the attempts after the last
+    delivery count. Pause rules: an HTTP 410 (``gone``) among them; ``pause_after_failures`` failed
+    deliveries in a row; or no success since the first failed delivery ``pause_after_hours`` ago,
+    checked on the counts at the end. Returns the event only when this call paused the endpoint.
     """
     if pause_after_failures < 1 or not pause_after_hours > 0:
         raise ValueError(
@@ -263,50 +252,48 @@ def record_outcomes(
     tail = decisions[delivered_at[-1] + 1 :] if delivered_at else decisions
     counted = sum(1 for decision in tail if decision.final)  # failed deliveries since the last success
     gone = any(decision.gone for decision in decisions)
+    params = {
+        "endpoint": endpoint,
+        "ok": bool(delivered_at),
+        "counted": counted,
+        "failed": len(tail),
+        "secs": pause_after_hours * 3600.0,
+    }
     with conn.transaction():
-        # One upsert both counts and locks the row until commit: concurrent outcomes of one endpoint
-        # queue on it, so every count is exact and only one of them can see the threshold crossed.
-        row = conn.execute(
-            "INSERT INTO cdr_webhook.endpoint_state AS s "
-            "(endpoint, consecutive_failures, failing_since, last_success_at, failed_attempts) "
-            "VALUES (%(endpoint)s, %(counted)s, CASE WHEN %(counted)s > 0 THEN now() END, "
-            "CASE WHEN %(ok)s THEN now() END, %(failed)s) "
-            "ON CONFLICT (endpoint) DO UPDATE SET "
-            "consecutive_failures = CASE WHEN %(ok)s THEN 0 ELSE s.consecutive_failures END + %(counted)s, "
-            "failing_since = CASE WHEN %(ok)s THEN CASE WHEN %(counted)s > 0 THEN now() END "
-            "  WHEN %(counted)s > 0 THEN COALESCE(s.failing_since, now()) ELSE s.failing_since END, "
-            "last_success_at = CASE WHEN %(ok)s THEN now() ELSE s.last_success_at END, "
-            "failed_attempts = CASE WHEN %(ok)s THEN 0 ELSE s.failed_attempts END + %(failed)s, "
-            "updated_at = now() "
-            "RETURNING paused, consecutive_failures, "
-            "COALESCE(failing_since <= now() - make_interval(secs => %(secs)s), false), "
-            "extract(epoch FROM now() - failing_since)::float8",
-            {
-                "endpoint": endpoint,
-                "ok": bool(delivered_at),
-                "counted": counted,
-                "failed": len(tail),
-                "secs": pause_after_hours * 3600.0,
-            },
-        ).fetchone()
+        row = conn.execute(_COUNT_OUTCOMES, params).fetchone()
         assert row is not None
         paused, failures, failing_too_long, failing_seconds = row
         if paused or not (counted or gone):
             return None
-        if gone:
-            reason = GONE_REASON
-        elif failures >= pause_after_failures:
-            reason = (
-                f"{failures} consecutive failed deliveries (pause_after_failures = {pause_after_failures})"
-            )
-        elif failing_too_long:
-            reason = (
-                f"no successful delivery for {failing_seconds / 3600:.3g} h "
-                f"(pause_after_hours = {pause_after_hours:g})"
-            )
-        else:
-            return None
-        return _set_paused(conn, endpoint, reason, actor)
+        reason = _pause_reason(
+            gone=gone,
+            failures=failures,
+            failing_seconds=failing_seconds if failing_too_long else None,
+            pause_after_failures=pause_after_failures,
+            pause_after_hours=pause_after_hours,
+        )
+        return None if reason is None else _set_paused(conn, endpoint, reason, actor)
+
+
+def _pause_reason(
+    *,
+    gone: bool,
+    failures: int,
+    failing_seconds: float | None,
+    pause_after_failures: int,
+    pause_after_hours: float,
+) -> str | None:
+    """Why the endpoint is paused now, or None; ``failing_seconds`` only once ``pause_after_hours`` passed."""
+    if gone:
+        return GONE_REASON
+    if failures >= pause_after_failures:
+        return f"{failures} consecutive failed deliveries (pause_after_failures = {pause_after_failures})"
+    if failing_seconds is not None:
+        return (
+            f"no successful delivery for {failing_seconds / 3600:.3g} h "
+            f"(pause_after_hours = {pause_after_hours:g})"
+        )
+    return None
 
 
 def failing_endpoints(conn: psycopg.Connection[Any]) -> set[str]:

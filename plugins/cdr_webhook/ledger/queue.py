@@ -50,9 +50,9 @@ _THROTTLE_LOCK_KEY = 0x0CD2_3EB2  # advisory lock (with the endpoint's hash) aro
 #: The source rows of ``[start, end)`` (and ``condition``) without a ledger row of their own
 #: ``created_at``, under their ledger ``key``: the first stage of an anti-join on the ledger. Each
 #: row is one probe of the ledger's created_at index, in the order of the source's own index (so
-#: on neighbouring pages), not one of its primary key (random pages: 0.5 s for a day of 83,000
-#: CDRs measured at 5,000,000). A row can have its ledger row under another created_at (a cdr_id the
-#: source has twice), so the caller still probes the primary key, for the few rows left. MATERIALIZED
+#: on neighbouring pages), not one of its primary key (random pages, a read each on a big ledger).
+#: A row can have its ledger row under another created_at (a cdr_id the source has twice), so the
+#: caller still probes the primary key, for the few rows left. MATERIALIZED
 #: keeps the planner from probing the primary key first.
 _UNRECORDED = sql.SQL(
     "unrecorded AS MATERIALIZED ("
@@ -104,6 +104,51 @@ def late_clients(
         return [row[0] for row in conn.execute(query, params).fetchall()]
 
 
+#: :func:`enqueue_new`'s source rows of the window (and its client), each joined to its route.
+_ROUTED = sql.SQL(
+    "FROM {relation} AS s "
+    "JOIN unnest(%(clients)s::bigint[], %(endpoints)s::text[], %(statuses)s::text[], %(errors)s::text[]) "
+    "  AS r(client_id, endpoint, status, error) ON r.client_id IS NOT DISTINCT FROM s.client_id "
+    "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s{client} "
+)
+
+#: :func:`enqueue_new`'s queueing of the window's unrecorded CDRs, the earliest row of each cdr_id.
+#: The routes are materialized: joined by IS NOT DISTINCT FROM (no hash join), the unnest would run
+#: again for every new row.
+_QUEUE_NEW = sql.SQL(
+    "WITH {unrecorded}, "
+    "routes AS MATERIALIZED (SELECT * FROM unnest(%(clients)s::bigint[], %(endpoints)s::text[], "
+    "  %(statuses)s::text[], %(errors)s::text[]) AS r(client_id, endpoint, status, error)) "
+    "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
+    "SELECT DISTINCT ON (u.cdr_id) u.cdr_id, r.endpoint, u.client_id, u.created_at, r.status, r.error "
+    "FROM unrecorded AS u JOIN routes AS r ON r.client_id IS NOT DISTINCT FROM u.client_id "
+    "WHERE NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = u.cdr_id) "
+    "ORDER BY u.cdr_id, u.created_at "
+    "ON CONFLICT (cdr_id, endpoint) DO NOTHING RETURNING status"
+)
+
+#: :func:`enqueue_new`'s record of rows whose cdr_id is NULL: skipped, keyed by the whole row.
+_RECORD_NULL_IDS = sql.SQL(
+    "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
+    "SELECT {prefix} || md5(s::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
+    "'column cdr_id is NULL in ' || %(relation)s || ' (row created_at ' || s.created_at || ')' "
+    "{routed}AND s.cdr_id IS NULL "
+    "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
+)
+
+#: :func:`enqueue_new`'s record of rows whose cdr_id is too long to send: skipped, keyed by its md5.
+_RECORD_LONG_IDS = sql.SQL(
+    "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
+    "SELECT {prefix} || md5(s.cdr_id::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
+    "format('column cdr_id = %%s is %%s characters long in %%s (row created_at %%s): at most %%s fit "
+    "Airflow''s mapped task names and the ledger; make the view return a shorter id', "
+    "quote_literal(left(s.cdr_id::text, {shown}) || '...'), length(s.cdr_id::text), %(relation)s::text, "
+    "s.created_at, %(max_length)s::int) "
+    "{routed}AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) > %(max_length)s "
+    "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
+)
+
+
 def enqueue_new(
     conn: psycopg.Connection[Any],
     *,
@@ -121,78 +166,55 @@ def enqueue_new(
     routed to be skipped gets its CDRs recorded as ``skipped`` with the route's reason. Routing
     applies to new CDRs only: a CDR with a ledger row for any endpoint (say the default one, before
     its client got a connection of its own) is not queued again; a redelivery is a deliberate
-    ``policy: all`` run, which re-queues the existing rows. A cdr_id is
-    one CDR: when the source has it in several rows, the row with the earliest ``created_at`` is
-    queued (a later one is not sent again). A row whose ``cdr_id`` is NULL, or longer than
-    :data:`MAX_CDR_ID_LENGTH`, cannot be sent; it is recorded as ``skipped`` under a short key
-    derived from the row, so it is accounted for once however often the window is read. Returns how
-    many CDRs were queued. ``parallel=False``: without parallel workers (a reconciliation slice, see
-    :func:`without_jit`).
+    ``policy: all`` run, which re-queues the existing rows. A cdr_id is one CDR: when the source has
+    it in several rows, the row with the earliest ``created_at`` is queued (a later one is not sent
+    again). A row whose ``cdr_id`` is NULL, or longer than :data:`MAX_CDR_ID_LENGTH`, cannot be sent;
+    it is recorded as ``skipped`` under a short key derived from the row, so it is accounted for once
+    however often the window is read. Returns how many CDRs were queued. ``parallel=False``: without
+    parallel workers (a reconciliation slice, see :func:`without_jit`).
     """
     client_filter = sql.SQL(" AND s.client_id = %(client_id)s" if client_id is not None else "")
-    clients = list(routes)
     params = {
         "start": start,
         "end": end,
         "client_id": client_id,
         "relation": relation,
-        "clients": clients,
-        "endpoints": [routes[c].endpoint for c in clients],
-        "statuses": ["skipped" if routes[c].skip_reason else "queued" for c in clients],
-        "errors": [routes[c].skip_reason for c in clients],
         "max_length": MAX_CDR_ID_LENGTH,
+        **_route_columns(routes),
     }
-    routed = sql.SQL(
-        "FROM {relation} AS s "
-        "JOIN unnest(%(clients)s::bigint[], %(endpoints)s::text[], %(statuses)s::text[], %(errors)s::text[]) "
-        "  AS r(client_id, endpoint, status, error) ON r.client_id IS NOT DISTINCT FROM s.client_id "
-        "WHERE s.created_at >= %(start)s AND s.created_at < %(end)s{client} "
-    ).format(relation=relation_identifier(relation), client=client_filter)
+    relation_id = relation_identifier(relation)
+    routed = _ROUTED.format(relation=relation_id, client=client_filter)
     # Lengths are checked before any cdr_id reaches an index: a btree entry holds ~2.7 kB at most.
-    queue = sql.SQL(
-        "WITH {unrecorded}, "
-        # Materialized: joined by IS NOT DISTINCT FROM (no hash join), the unnest would run again for
-        # every new row (11 ms for 57 rows and 300 clients).
-        "routes AS MATERIALIZED (SELECT * FROM unnest(%(clients)s::bigint[], %(endpoints)s::text[], "
-        "  %(statuses)s::text[], %(errors)s::text[]) AS r(client_id, endpoint, status, error)) "
-        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
-        "SELECT DISTINCT ON (u.cdr_id) u.cdr_id, r.endpoint, u.client_id, u.created_at, r.status, r.error "
-        "FROM unrecorded AS u JOIN routes AS r ON r.client_id IS NOT DISTINCT FROM u.client_id "
-        "WHERE NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.cdr_id = u.cdr_id) "
-        "ORDER BY u.cdr_id, u.created_at "
-        "ON CONFLICT (cdr_id, endpoint) DO NOTHING RETURNING status"
-    ).format(
+    queue = _QUEUE_NEW.format(
         unrecorded=_UNRECORDED.format(
             key=sql.SQL("s.cdr_id::text"),
-            relation=relation_identifier(relation),
+            relation=relation_id,
             condition=sql.SQL(
                 "s.cdr_id IS NOT NULL AND length(s.cdr_id::text) <= %(max_length)s{client}"
             ).format(client=client_filter),
         )
     )
-    record_null_ids = sql.SQL(
-        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
-        "SELECT {prefix} || md5(s::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
-        "'column cdr_id is NULL in ' || %(relation)s || ' (row created_at ' || s.created_at || ')' "
-        "{routed}AND s.cdr_id IS NULL "
-        "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
-    ).format(prefix=sql.Literal(NULL_CDR_ID_PREFIX), routed=routed)
-    record_long_ids = sql.SQL(
-        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, error) "
-        "SELECT {prefix} || md5(s.cdr_id::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
-        "format('column cdr_id = %%s is %%s characters long in %%s (row created_at %%s): at most %%s fit "
-        "Airflow''s mapped task names and the ledger; make the view return a shorter id', "
-        "quote_literal(left(s.cdr_id::text, {shown}) || '...'), length(s.cdr_id::text), %(relation)s::text, "
-        "s.created_at, %(max_length)s::int) "
-        "{routed}AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) > %(max_length)s "
-        "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
-    ).format(prefix=sql.Literal(LONG_CDR_ID_PREFIX), shown=sql.Literal(_SHOWN_ID_CHARS), routed=routed)
+    record_null_ids = _RECORD_NULL_IDS.format(prefix=sql.Literal(NULL_CDR_ID_PREFIX), routed=routed)
+    record_long_ids = _RECORD_LONG_IDS.format(
+        prefix=sql.Literal(LONG_CDR_ID_PREFIX), shown=sql.Literal(_SHOWN_ID_CHARS), routed=routed
+    )
     with without_jit(conn, parallel=parallel):
         statuses = [row[0] for row in conn.execute(queue, params).fetchall()]
         conn.execute(record_null_ids, params)
         conn.execute(record_long_ids, params)
     _keep_statistics(conn, changed=len(statuses))
     return statuses.count("queued")
+
+
+def _route_columns(routes: Mapping[int | None, Route]) -> dict[str, list[Any]]:
+    """The routes as the parallel arrays :data:`_ROUTED` and :data:`_QUEUE_NEW` unnest."""
+    clients = list(routes)
+    return {
+        "clients": clients,
+        "endpoints": [routes[c].endpoint for c in clients],
+        "statuses": ["skipped" if routes[c].skip_reason else "queued" for c in clients],
+        "errors": [routes[c].skip_reason for c in clients],
+    }
 
 
 def _finished_in(window: Window, statuses: Sequence[str]) -> tuple[sql.Composed, dict[str, Any]]:
@@ -220,9 +242,9 @@ def _keep_statistics(conn: psycopg.Connection[Any], *, changed: int) -> None:
 
     The claim that follows picks each endpoint's next row through the partial index of queued rows;
     with statistics from before the burst (a new ledger, or a backlog that autovacuum has not
-    analysed yet) the planner may sort every queued row of an endpoint for each pick instead: 6 s
-    for a claim of 500 out of 50,000 measured here, 30 ms once analysed. ANALYZE samples a bounded
-    number of rows and sees this transaction's own inserts.
+    analysed yet) the planner may sort every queued row of an endpoint for each pick instead, a
+    cost that grows with the backlog. ANALYZE samples a bounded number of rows and sees this
+    transaction's own inserts.
     """
     if changed >= _ANALYZE_AFTER_ROWS:
         conn.execute("ANALYZE cdr_webhook.delivery")
@@ -262,6 +284,85 @@ def requeue(
     return requeued
 
 
+#: :func:`assign`'s statement; ``{eligible}`` and ``{following}`` are its conditions on a row.
+#: FOR UPDATE is not allowed in a recursive query: pick first, then lock what was picked in
+#: a second step whose WHERE repeats the eligibility, which READ COMMITTED re-checks on the latest
+#: version of each row. Picking twice the limit leaves room for rows a concurrent run locked.
+_ASSIGN = sql.SQL(
+    """
+    WITH RECURSIVE queued_endpoints AS (
+        -- The distinct endpoints of queued rows, one index probe each (a loose index scan).
+        (SELECT endpoint FROM cdr_webhook.delivery WHERE status = 'queued' ORDER BY endpoint LIMIT 1)
+        UNION ALL
+        SELECT (SELECT n.endpoint FROM cdr_webhook.delivery AS n
+                WHERE n.status = 'queued' AND n.endpoint > q.endpoint ORDER BY n.endpoint LIMIT 1)
+        FROM queued_endpoints AS q WHERE q.endpoint IS NOT NULL
+    ),
+    in_flight AS (
+        -- Counted for the throttled endpoints only (their live claims held by other runs).
+        SELECT t.endpoint, GREATEST(0, t.cap - (SELECT count(*) FROM cdr_webhook.delivery AS o
+            WHERE o.endpoint = t.endpoint AND o.status = 'queued' AND o.run_id IS NOT NULL
+              AND (o.dag_id, o.run_id) IS DISTINCT FROM (%(dag_id)s, %(run_id)s)
+              AND o.updated_at >= now() - make_interval(secs => %(timeout)s))) AS room
+        FROM unnest(%(throttled)s::text[], %(caps)s::bigint[]) AS t(endpoint, cap)
+    ),
+    quota AS (
+        SELECT q.endpoint, COALESCE(LEAST(%(limit)s, f.room), %(limit)s) AS quota
+        FROM queued_endpoints AS q LEFT JOIN in_flight AS f ON f.endpoint = q.endpoint
+        WHERE q.endpoint IS NOT NULL AND q.endpoint <> ALL(%(paused)s)
+    ),
+    turns AS (
+        -- Round robin one turn at a time: each endpoint's next eligible row after the one it gave
+        -- in the last turn, one index probe each, however long its backlog.
+        SELECT q.endpoint, q.quota, c.cdr_id, c.cdr_created_at, 1 AS turn
+        FROM quota AS q CROSS JOIN LATERAL (
+            SELECT d.cdr_id, d.cdr_created_at FROM cdr_webhook.delivery AS d
+            WHERE d.endpoint = q.endpoint AND {eligible}
+            ORDER BY d.cdr_created_at, d.cdr_id LIMIT 1
+        ) AS c
+        WHERE q.quota > 0
+        UNION ALL
+        SELECT t.endpoint, t.quota, c.cdr_id, c.cdr_created_at, t.turn + 1
+        FROM turns AS t CROSS JOIN LATERAL (
+            SELECT d.cdr_id, d.cdr_created_at FROM cdr_webhook.delivery AS d
+            WHERE d.endpoint = t.endpoint AND (d.cdr_created_at, d.cdr_id) > (t.cdr_created_at, t.cdr_id)
+              AND {following}
+            ORDER BY d.cdr_created_at, d.cdr_id LIMIT 1
+        ) AS c
+        WHERE t.turn < t.quota
+    ),
+    candidates AS (
+        -- Turns come out whole and in order, and one holds a row per endpoint at most: these rows
+        -- hold every turn the pick below reaches, and the recursion stops once they are read.
+        SELECT cdr_id, endpoint, cdr_created_at, turn FROM turns
+        LIMIT 2 * %(limit)s + (SELECT count(*) FROM quota)
+    ),
+    picked AS (
+        SELECT cdr_id, endpoint, cdr_created_at, turn FROM candidates
+        ORDER BY turn, cdr_created_at, cdr_id LIMIT 2 * %(limit)s
+    ),
+    locked AS (
+        -- The whole key of the queued rows' index (a row's cdr_created_at never changes): a probe
+        -- by endpoint and cdr_id alone would read every queued row of the endpoint.
+        SELECT d.cdr_id, d.endpoint, p.turn FROM cdr_webhook.delivery AS d
+        JOIN picked AS p ON p.cdr_id = d.cdr_id AND p.endpoint = d.endpoint
+          AND p.cdr_created_at = d.cdr_created_at
+        WHERE {eligible}
+        ORDER BY p.turn, d.cdr_created_at, d.cdr_id LIMIT %(limit)s
+        FOR UPDATE OF d SKIP LOCKED
+    ),
+    claimed AS (
+        UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, map_index = NULL,
+            claimed_at = now(), updated_at = now()
+        FROM locked AS l WHERE d.cdr_id = l.cdr_id AND d.endpoint = l.endpoint
+        RETURNING {columns}, l.turn
+    )
+    SELECT cdr_id, endpoint, client_id, cdr_created_at, status, attempts FROM claimed
+    ORDER BY turn, cdr_created_at, cdr_id
+    """
+)
+
+
 def assign(
     conn: psycopg.Connection[Any],
     *,
@@ -288,99 +389,8 @@ def assign(
     endpoint's CDRs in flight: its queued rows that other live runs own, plus this run's new claims.
     """
     throttled = dict(throttled or {})
-    eligible = [
-        sql.SQL(
-            "d.status = 'queued' AND d.endpoint <> ALL(%(paused)s) "
-            "AND (d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s))"
-        )
-    ]
-    # The rows after an endpoint's last pick: its window's lower bound holds already, and its upper
-    # bound is a row comparison that only the queued rows' index by endpoint serves. A plain range
-    # would let the planner probe the queued rows' created_at index instead (their costs tie, by the
-    # statistics sample), reading the other endpoints' rows of the window each time: 40-100 ms at 5M.
-    following = [eligible[0]]
-    if window is not None:
-        eligible.append(sql.SQL(" AND d.cdr_created_at >= %(start)s AND d.cdr_created_at < %(end)s"))
-        following.append(sql.SQL(" AND (d.endpoint, d.cdr_created_at) < (t.endpoint, %(end)s)"))
-    if client_id is not None:
-        eligible.append(sql.SQL(" AND d.client_id = %(client_id)s"))
-        following.append(sql.SQL(" AND d.client_id = %(client_id)s"))
-    # FOR UPDATE is not allowed in a recursive query: pick first, then lock what was picked in
-    # a second step whose WHERE repeats the eligibility, which READ COMMITTED re-checks on the latest
-    # version of each row. Picking twice the limit leaves room for rows a concurrent run locked.
-    query = sql.SQL(
-        """
-        WITH RECURSIVE queued_endpoints AS (
-            -- The distinct endpoints of queued rows, one index probe each (a loose index scan).
-            (SELECT endpoint FROM cdr_webhook.delivery WHERE status = 'queued' ORDER BY endpoint LIMIT 1)
-            UNION ALL
-            SELECT (SELECT n.endpoint FROM cdr_webhook.delivery AS n
-                    WHERE n.status = 'queued' AND n.endpoint > q.endpoint ORDER BY n.endpoint LIMIT 1)
-            FROM queued_endpoints AS q WHERE q.endpoint IS NOT NULL
-        ),
-        in_flight AS (
-            -- Counted for the throttled endpoints only (their live claims held by other runs).
-            SELECT t.endpoint, GREATEST(0, t.cap - (SELECT count(*) FROM cdr_webhook.delivery AS o
-                WHERE o.endpoint = t.endpoint AND o.status = 'queued' AND o.run_id IS NOT NULL
-                  AND (o.dag_id, o.run_id) IS DISTINCT FROM (%(dag_id)s, %(run_id)s)
-                  AND o.updated_at >= now() - make_interval(secs => %(timeout)s))) AS room
-            FROM unnest(%(throttled)s::text[], %(caps)s::bigint[]) AS t(endpoint, cap)
-        ),
-        quota AS (
-            SELECT q.endpoint, COALESCE(LEAST(%(limit)s, f.room), %(limit)s) AS quota
-            FROM queued_endpoints AS q LEFT JOIN in_flight AS f ON f.endpoint = q.endpoint
-            WHERE q.endpoint IS NOT NULL AND q.endpoint <> ALL(%(paused)s)
-        ),
-        turns AS (
-            -- Round robin one turn at a time: each endpoint's next eligible row after the one it gave
-            -- in the last turn, one index probe each, however long its backlog.
-            SELECT q.endpoint, q.quota, c.cdr_id, c.cdr_created_at, 1 AS turn
-            FROM quota AS q CROSS JOIN LATERAL (
-                SELECT d.cdr_id, d.cdr_created_at FROM cdr_webhook.delivery AS d
-                WHERE d.endpoint = q.endpoint AND {eligible}
-                ORDER BY d.cdr_created_at, d.cdr_id LIMIT 1
-            ) AS c
-            WHERE q.quota > 0
-            UNION ALL
-            SELECT t.endpoint, t.quota, c.cdr_id, c.cdr_created_at, t.turn + 1
-            FROM turns AS t CROSS JOIN LATERAL (
-                SELECT d.cdr_id, d.cdr_created_at FROM cdr_webhook.delivery AS d
-                WHERE d.endpoint = t.endpoint AND (d.cdr_created_at, d.cdr_id) > (t.cdr_created_at, t.cdr_id)
-                  AND {following}
-                ORDER BY d.cdr_created_at, d.cdr_id LIMIT 1
-            ) AS c
-            WHERE t.turn < t.quota
-        ),
-        candidates AS (
-            -- Turns come out whole and in order, and one holds a row per endpoint at most: these rows
-            -- hold every turn the pick below reaches, and the recursion stops once they are read.
-            SELECT cdr_id, endpoint, cdr_created_at, turn FROM turns
-            LIMIT 2 * %(limit)s + (SELECT count(*) FROM quota)
-        ),
-        picked AS (
-            SELECT cdr_id, endpoint, cdr_created_at, turn FROM candidates
-            ORDER BY turn, cdr_created_at, cdr_id LIMIT 2 * %(limit)s
-        ),
-        locked AS (
-            -- The whole key of the queued rows' index (a row's cdr_created_at never changes): a probe
-            -- by endpoint and cdr_id alone would read every queued row of the endpoint.
-            SELECT d.cdr_id, d.endpoint, p.turn FROM cdr_webhook.delivery AS d
-            JOIN picked AS p ON p.cdr_id = d.cdr_id AND p.endpoint = d.endpoint
-              AND p.cdr_created_at = d.cdr_created_at
-            WHERE {eligible}
-            ORDER BY p.turn, d.cdr_created_at, d.cdr_id LIMIT %(limit)s
-            FOR UPDATE OF d SKIP LOCKED
-        ),
-        claimed AS (
-            UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, map_index = NULL,
-                claimed_at = now(), updated_at = now()
-            FROM locked AS l WHERE d.cdr_id = l.cdr_id AND d.endpoint = l.endpoint
-            RETURNING {columns}, l.turn
-        )
-        SELECT cdr_id, endpoint, client_id, cdr_created_at, status, attempts FROM claimed
-        ORDER BY turn, cdr_created_at, cdr_id
-        """
-    ).format(eligible=sql.Composed(eligible), following=sql.Composed(following), columns=CLAIM_COLUMNS)
+    eligible, following = _assign_conditions(window=window, client_id=client_id)
+    query = _ASSIGN.format(eligible=eligible, following=following, columns=CLAIM_COLUMNS)
     params = {
         "dag_id": dag_id,
         "run_id": run_id,
@@ -401,6 +411,30 @@ def assign(
         return cur.execute(query, params).fetchall()
 
 
+def _assign_conditions(
+    *, window: Window | Scan | None, client_id: int | None
+) -> tuple[sql.Composed, sql.Composed]:
+    """:func:`assign`'s conditions on a row: ``eligible`` for an endpoint's first pick, then ``following``."""
+    eligible = [
+        sql.SQL(
+            "d.status = 'queued' AND d.endpoint <> ALL(%(paused)s) "
+            "AND (d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s))"
+        )
+    ]
+    # The rows after an endpoint's last pick: its window's lower bound holds already, and its upper
+    # bound is a row comparison that only the queued rows' index by endpoint serves. A plain range
+    # would let the planner probe the queued rows' created_at index instead (their costs tie, by the
+    # statistics sample), reading the other endpoints' rows of the window for every pick.
+    following = [eligible[0]]
+    if window is not None:
+        eligible.append(sql.SQL(" AND d.cdr_created_at >= %(start)s AND d.cdr_created_at < %(end)s"))
+        following.append(sql.SQL(" AND (d.endpoint, d.cdr_created_at) < (t.endpoint, %(end)s)"))
+    if client_id is not None:
+        eligible.append(sql.SQL(" AND d.client_id = %(client_id)s"))
+        following.append(sql.SQL(" AND d.client_id = %(client_id)s"))
+    return sql.Composed(eligible), sql.Composed(following)
+
+
 #: :func:`queued_backlog` counts up to this many queued CDRs.
 BACKLOG_COUNT_LIMIT = 10_000
 
@@ -409,9 +443,8 @@ def queued_backlog(conn: psycopg.Connection[Any], *, at_most: int | None = None)
     """
     Return how many queued CDRs no run owns (the work waiting for later runs), up to ``at_most``.
 
-    Every run logs it; an exact count of a big backlog would visit every row of it, every run
-    (227 ms for 97,000 queued rows measured at 1,000,000 CDRs), so it stops at ``at_most``
-    (:data:`BACKLOG_COUNT_LIMIT` by default).
+    Every run logs it; an exact count of a big backlog would visit every row of it, every run, so
+    it stops at ``at_most`` (:data:`BACKLOG_COUNT_LIMIT` by default).
     """
     # "IS TRUE" keeps the planner from intersecting the queued rows with every unowned row of the
     # ledger (delivery_run_idx, built whole before the LIMIT can stop anything): it reads the queued

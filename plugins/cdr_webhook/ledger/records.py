@@ -43,22 +43,6 @@ def mark_skipped_many(conn: psycopg.Connection[Any], skipped: Sequence[tuple[Cla
     )
 
 
-def record_attempt(
-    conn: psycopg.Connection[Any],
-    claim: Claim,
-    *,
-    status: str,
-    http_status: int | None,
-    error: str | None,
-    response_excerpt: str | None,
-    latency_ms: int | None,
-) -> None:
-    """Record one attempt's result on the CDR's row: its count, status, HTTP status, error and latency."""
-    if status not in DeliveryStatus.__members__.values():
-        raise ValueError(f"unknown ledger status {status!r}")
-    _write(conn, [claim], [status], [http_status], [error], [response_excerpt], [latency_ms])
-
-
 def record_attempts(conn: psycopg.Connection[Any], attempts: Sequence[Attempt]) -> None:
     """
     Record attempts on their CDRs' rows in one statement (an UPDATE of each row, as one attempt's is).

@@ -50,7 +50,6 @@ class Router:
         self._unrouted = unrouted
         self._default = default_endpoint
         self._routes: dict[int | None, Route] = {}
-        self.lookups = 0
 
     def route(self, client_id: int | None) -> Route:
         if client_id not in self._routes:
@@ -61,7 +60,6 @@ class Router:
         if client_id is None:
             return Route(self._default)  # the row is invalid anyway; validation records why
         own = client_conn_id(client_id)
-        self.lookups += 1
         if self._exists(own):
             return Route(own)
         if self._unrouted == "skip":

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import ledger
-from cdr_webhook.config import EndpointConfig, EndpointConfigError
+from cdr_webhook.config import EndpointConfig, EndpointConfigError, from_connection
 from cdr_webhook.ledger import endpoints, schema
 from cdr_webhook.payload import InvalidCdr, build_payload
 from cdr_webhook.selection.routing import Route, Router
@@ -118,20 +118,41 @@ def select_cdrs(
     """
     schema.migrate(conn)
     check_source(conn, settings.source_relation)
-    window = (
-        None
-        if run.run_type in SCANNING
-        else plan_window(
-            params=run.params, interval_start=run.interval_start, interval_end=run.interval_end, now=now
-        )
-    )
-    if window is not None:
-        _check_retention(conn, window, settings, now)
+    window = None if run.run_type in SCANNING else _plan_window(conn, run, settings, now)
     request = _request(window)
     if ledger.recorded_request(conn, dag_id=run.dag_id, run_id=run.run_id) == request:
         owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
         log.info("Run %s was cleared: mapping again the %d CDR(s) it had claimed", run.run_id, len(owned))
         return _mapped_all(conn, owned, cdrs_per_task, max_tasks)
+    known = _known_endpoints(conn, settings, connections)
+    with conn.transaction():
+        if window is None:
+            claims = _claim_scan(conn, run, settings, known, now)
+        else:
+            claims = _claim_window(conn, run, settings, known, window)
+        checked = _hold_misconfigured(conn, claims, known)
+        sendable = _drop_invalid(conn, settings.source_relation, checked, known)
+        ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
+    for event in known.held:
+        endpoints.notify(event)  # once the pause is committed
+    _prune(conn, settings, now)
+    _log_claimed(conn, claimed=len(checked), sendable=len(sendable))
+    return _mapped_all(conn, sendable, cdrs_per_task, max_tasks)
+
+
+def _plan_window(conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, now: dt.datetime) -> Window:
+    """A backfill or manual run's window (its Params, else its data interval), within the retention."""
+    window = plan_window(
+        params=run.params, interval_start=run.interval_start, interval_end=run.interval_end, now=now
+    )
+    _check_retention(conn, window, settings, now)
+    return window
+
+
+def _known_endpoints(
+    conn: psycopg.Connection[Any], settings: Settings, connections: Connections
+) -> _Endpoints:
+    """This run's view of the endpoints: the router over the connections, and the paused ones."""
     known = _Endpoints(
         connections=connections,
         router=Router(
@@ -143,30 +164,18 @@ def select_cdrs(
     )
     if known.paused:
         log.warning("Paused endpoints (their CDRs wait, queued): %s", ", ".join(sorted(known.paused)))
-    with conn.transaction():
-        if window is None:
-            claims = _claim_scan(conn, run, settings, known, now)
-        else:
-            claims = _claim_window(conn, run, settings, known, window)
-        if window is None and len(claims) >= settings.max_cdrs_per_run:
-            # A full run: CDRs may wait behind it; the commit watcher starts the next run for them
-            # instead of leaving them to the schedule.
-            watch_state.request_more(conn, settings.source_relation)
-        claims = _hold_misconfigured(conn, claims, known)
-        sendable = _drop_invalid(conn, settings.source_relation, claims, known)
-        ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
-    for event in known.held:
-        endpoints.notify(event)  # once the pause is committed
-    _prune(conn, settings, now)
+    return known
+
+
+def _log_claimed(conn: psycopg.Connection[Any], *, claimed: int, sendable: int) -> None:
     waiting = ledger.queued_backlog(conn)
     log.info(
         "Claimed %d CDR(s), %d to send, %d skipped as invalid; %s queued CDR(s) wait for later runs",
-        len(claims),
-        len(sendable),
-        len(claims) - len(sendable),
+        claimed,
+        sendable,
+        claimed - sendable,
         f"at least {waiting}" if waiting >= ledger.queue.BACKLOG_COUNT_LIMIT else waiting,
     )
-    return _mapped_all(conn, sendable, cdrs_per_task, max_tasks)
 
 
 def _check_retention(
@@ -277,7 +286,12 @@ def _claim_scan(
         watermark.isoformat() if watermark else "not set: first run",
         queued,
     )
-    return _assign(conn, run, settings, known)
+    claims = _assign(conn, run, settings, known)
+    if len(claims) >= settings.max_cdrs_per_run:
+        # A full run: CDRs may wait behind it; the commit watcher starts the next run for them
+        # instead of leaving them to the schedule.
+        watch_state.request_more(conn, relation)
+    return claims
 
 
 def _reconcile(
@@ -469,8 +483,6 @@ def airflow_connections() -> Connections:
     """Return a per-run, cached lookup of endpoint configurations from Airflow connections."""
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
-
-    from cdr_webhook.config import from_connection
 
     cache: dict[str, EndpointConfig | EndpointConfigError | None] = {}
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from cdr_webhook.ledger import endpoints
-from cdr_webhook.settings import load_settings
+from cdr_webhook.settings import DAG_ID, load_settings
 from cdr_webhook.web import airflow_api, deliveries, forms
 from cdr_webhook.web.deps import Conn, api_base_url, prefix, render
 from cdr_webhook.web.security import CanClear, CanPause, CanTrigger, caller_token, check_csrf
@@ -61,12 +61,7 @@ def redeliver(
         if chunks and row.status == "delivered":
             # A cleared chunk sends again only its CDRs not delivered: clearing would not resend this one.
             not_cleared.append((row, CHUNK_DELIVERED))
-        elif (
-            row.dag_id == airflow_api.DAG_ID
-            and row.run_id
-            and row.map_index is not None
-            and row.map_index >= 0
-        ):
+        elif row.dag_id == DAG_ID and row.run_id and row.map_index is not None and row.map_index >= 0:
             by_run.setdefault(row.run_id, []).append(row.map_index)
         else:
             not_cleared.append((row, "no task owns it (it waits queued for a run): nothing to clear"))

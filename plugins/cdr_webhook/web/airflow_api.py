@@ -14,11 +14,11 @@ from urllib.parse import quote
 
 import requests
 
+from cdr_webhook.settings import DAG_ID, POST_TASK_ID
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-DAG_ID = "cdr_webhook"
-POST_TASK_ID = "post_cdr"
 _TIMEOUT_SECONDS = 30
 
 

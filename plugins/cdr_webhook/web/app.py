@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cdr_webhook.config import EndpointConfigError, load_endpoint
 from cdr_webhook.ledger import endpoints
 from cdr_webhook.web import actions, deliveries, forms
 from cdr_webhook.web.deps import HERE, Conn, login_url, prefix, render, settings, templates
@@ -190,8 +191,6 @@ def completeness_page(
 
 def endpoints_page(request: Request, user: CanView, conn: Conn) -> HTMLResponse:
     """Every endpoint's state, backlog and in-flight limit, with pause and resume."""
-    from cdr_webhook.config import EndpointConfigError, load_endpoint
-
     default_limit = settings().max_in_flight_per_endpoint
     rows = []
     for state in endpoints.list_endpoints(conn):

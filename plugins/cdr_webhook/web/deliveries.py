@@ -263,8 +263,8 @@ def completeness(
         "WHERE s.cdr_created_at >= %(low)s AND s.cdr_created_at < %(high)s{client} GROUP BY 1, 2, 3"
     ).format(client=client)
     days: dict[tuple[int | None, dt.date], dict[str, int]] = {}
-    # The anti-join's estimate over a week of CDRs makes PostgreSQL compile it (JIT): 1.9 s of the
-    # 2.4 s measured at 1M CDRs (docs/benchmarks.md); the query itself needs no compiling.
+    # The anti-join's estimate over a week of CDRs makes PostgreSQL compile it (JIT), which then takes
+    # most of its time (docs/benchmarks.md); the query itself needs no compiling.
     with without_jit(conn):
         for client_key, day, in_source, never in conn.execute(source_query, params).fetchall():
             days[(client_key, day)] = {"in_source": in_source, "never_queued": never}

@@ -12,7 +12,10 @@ import psycopg
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.templating import Jinja2Templates
 
-from cdr_webhook.settings import CDR_DB_CONN_ID
+from cdr_webhook.config import scrub
+from cdr_webhook.db import PROVIDER_EXTRAS, connect, connection_args
+from cdr_webhook.ledger.schema import migrate
+from cdr_webhook.settings import CDR_DB_CONN_ID, DAG_ID, load_settings
 from cdr_webhook.web import airflow_api
 from cdr_webhook.web.security import csrf_token, permissions
 
@@ -32,7 +35,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["when"] = lambda value: value.strftime("%Y-%m-%d %H:%M:%S") if value else "–"
 templates.env.globals["ui_task"] = airflow_api.ui_task_path
 templates.env.globals["ui_run"] = airflow_api.ui_run_path
-templates.env.globals["nope"] = "your Airflow role may not do this on the cdr_webhook DAG"
+templates.env.globals["nope"] = f"your Airflow role may not do this on the {DAG_ID} DAG"
 
 
 #: Connections the page keeps open to the CDR database per api-server worker, and how long a request
@@ -113,8 +116,6 @@ def _checked_out(connection: Any, timeout_ms: int) -> Iterator[psycopg.Connectio
     """A connection of the pool (or, for a connection only the provider's hook opens, a new one)."""
     from psycopg_pool import PoolTimeout
 
-    from cdr_webhook.db import PROVIDER_EXTRAS, connect, connection_args
-
     if PROVIDER_EXTRAS & connection.extra_dejson.keys():
         # Cloud IAM tokens and the like expire: the provider's hook makes each connection afresh.
         with connect() as conn:
@@ -135,8 +136,6 @@ def _checked_out(connection: Any, timeout_ms: int) -> Iterator[psycopg.Connectio
 
 def _probe(args: dict[str, Any]) -> str | None:
     """Why one direct connection to the database fails (None: it works), without its password."""
-    from cdr_webhook.config import scrub
-
     try:
         psycopg.connect(**{"connect_timeout": 5, **args}).close()
     except psycopg.Error as err:
@@ -165,8 +164,6 @@ def _db() -> Iterator[psycopg.Connection[Any]]:
     A missing ``cdr_db`` connection or an unreachable database is a 503 page saying what to do; a
     query cancelled by the timeout is one too (see :func:`cdr_webhook.web.app.create_app`).
     """
-    from cdr_webhook.ledger.schema import migrate
-
     timeout_ms = round(settings().page_statement_timeout_seconds * 1000)
     with _checked_out(_connection(), timeout_ms) as conn:
         if not _pools.migrated:
@@ -180,8 +177,6 @@ Conn = Annotated[Any, Depends(_db)]
 
 
 def settings() -> Settings:
-    from cdr_webhook.settings import load_settings
-
     return load_settings()
 
 

@@ -8,12 +8,13 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+from cdr_webhook.selection.source import cdr_ids_by_phone
 from cdr_webhook.web import deliveries
+from cdr_webhook.window import POLICIES
 
 if TYPE_CHECKING:
     import psycopg
 
-POLICIES = ("missing", "failed", "all")
 #: CDRs a phone number search takes from the source (newest first).
 PHONE_MATCHES = 1000
 
@@ -83,8 +84,6 @@ class ListQuery:
         )
 
     def filters(self, conn: psycopg.Connection[Any], relation: str) -> deliveries.Filters:
-        from cdr_webhook.selection.source import cdr_ids_by_phone
-
         start, end = self.window()
         _bounded(self.q, "search", MAX_TERM_CHARS)
         _bounded(self.endpoint, "endpoint", MAX_ENDPOINT_CHARS)

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Annotated
 
 from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
-from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
 from fastapi import Depends, HTTPException, Request, status
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from cdr_webhook.web.airflow_api import DAG_ID
+from cdr_webhook.settings import DAG_ID
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,7 +52,6 @@ CanPause = Annotated[BaseUser, Depends(requires("PUT"))]
 def permissions(user: BaseUser) -> dict[str, bool]:
     """Which actions the page offers ``user`` enabled (each POST checks again: this only shapes the page)."""
     from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
 
     def may(method: ResourceMethod, entity: DagAccessEntity | None = None) -> bool:
         return get_auth_manager().is_authorized_dag(
