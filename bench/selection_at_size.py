@@ -35,6 +35,7 @@ from cdr_webhook.ledger import endpoints, schema
 from cdr_webhook.selection import source
 from cdr_webhook.selection.routing import Route, client_conn_id
 from cdr_webhook.settings import Settings
+from cdr_webhook.watch.state import newest_query
 from cdr_webhook.window import Scan, Window
 from demo.dialer import load_reference_schema
 from tests.ledger_records import attempt
@@ -391,6 +392,14 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
     )
     bench.time(
         "clear: ledger.owned_claims", lambda: ledger.owned_claims(conn, dag_id="cdr_webhook", run_id=LIVE_RUN)
+    )
+    bench.time(
+        "watch: newest created_at, nothing newer",
+        lambda: conn.execute(newest_query(RELATION, True), {"covered": end}).fetchone(),
+    )
+    bench.time(
+        "watch: newest created_at, new CDRs waiting",
+        lambda: conn.execute(newest_query(RELATION, True), {"covered": end - TAIL}).fetchone(),
     )
     bench.time("log: ledger.queued_backlog", lambda: ledger.queued_backlog(conn))
     bench.time("post: source.fetch_rows (1 CDR)", lambda: source.fetch_rows(conn, RELATION, one_cdr))

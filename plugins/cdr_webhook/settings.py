@@ -177,7 +177,7 @@ def _non_negative_float(name: str, raw: str) -> float:
 def _watch_interval(name: str, raw: str) -> float:
     value = _non_negative_float(name, raw)
     if 0 < value < 0.1:
-        # Each poll is two queries on the CDR database; ten a second is plenty for a ~2 s floor.
+        # Each poll is two queries on the CDR database; Airflow's own start of a run takes far longer.
         raise SettingsError(f"{_env(name)}={raw!r} must be 0 (off) or at least 0.1")
     return value
 

@@ -82,8 +82,8 @@ class CdrWebhookOperator(BaseOperator):
     :param cdrs_per_task: The DAG's chunk size: above 1, the task is a chunk, whatever its length.
 
     A ``BaseOperator``, not the HTTP provider's ``HttpOperator``: its ``execute`` and hook would both be
-    replaced, and importing that module (``aiohttp``, for its deferrable mode) cost every task ~70 ms of
-    CPU, a third of what a try added to Airflow's own floor (``docs/benchmarks.md``).
+    replaced, and importing that module (``aiohttp``, for its deferrable mode) would add to every task's
+    start-up (docs/tuning.md).
     """
 
     # Nothing is templated: every value here comes from CDR data, which must never be rendered.

@@ -30,9 +30,10 @@ _READ_STATE = (
 )
 
 
-def _newest_query(relation: str, bounded: bool) -> sql.Composed:
+def newest_query(relation: str, bounded: bool) -> sql.Composed:
+    """The watcher's poll: the newest ``created_at`` (newer than ``%(covered)s`` when ``bounded``)."""
     # One probe of the created_at index, backwards; bounded by what is covered, it stops at once when
-    # nothing is newer (measured at 5,000,000 rows: docs/benchmarks.md).
+    # nothing is newer (bench/selection_at_size.py measures it at 5,000,000 CDRs).
     where = sql.SQL("WHERE created_at > %(covered)s ") if bounded else sql.SQL("")
     return sql.SQL("SELECT created_at FROM {relation} {where}ORDER BY created_at DESC LIMIT 1").format(
         relation=relation_identifier(relation), where=where
@@ -59,7 +60,7 @@ async def newest_created_at(
     conn: psycopg.AsyncConnection[Any], relation: str, covered: dt.datetime | None
 ) -> dt.datetime | None:
     """The newest committed created_at of the source newer than ``covered`` (any, when None)."""
-    cur = await conn.execute(_newest_query(relation, covered is not None), {"covered": covered})
+    cur = await conn.execute(newest_query(relation, covered is not None), {"covered": covered})
     row = await cur.fetchone()
     return row[0] if row else None
 
