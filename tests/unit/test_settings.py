@@ -133,7 +133,6 @@ def test_a_chunk_try_may_send_every_cdr_of_a_full_chunk_at_its_deadline():
 
 
 def test_watch_interval_is_seconds_and_zero_turns_watching_off():
-    assert Settings().watch_interval_seconds == 1.0
     assert parse_settings({"watch_interval_seconds": "0"}).watch_interval_seconds == 0
     assert parse_settings({"watch_interval_seconds": "0.5"}).watch_interval_seconds == 0.5
     for raw, message in (("-1", r"must be 0 \(off\)"), ("0.01", "at least 0.1"), ("soon", "is not a number")):
@@ -142,8 +141,7 @@ def test_watch_interval_is_seconds_and_zero_turns_watching_off():
         assert "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS" in str(err.value)
 
 
-def test_the_pages_statement_timeout_defaults_to_ten_seconds_and_must_be_positive():
-    assert parse_settings({}).page_statement_timeout_seconds == 10
+def test_the_pages_statement_timeout_is_seconds_and_must_be_positive():
     assert parse_settings({"page_statement_timeout_seconds": "2.5"}).page_statement_timeout_seconds == 2.5
     with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__PAGE_STATEMENT_TIMEOUT_SECONDS"):
         parse_settings({"page_statement_timeout_seconds": "0"})
