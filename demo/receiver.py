@@ -7,17 +7,22 @@ Used by the demo and the tests (on 127.0.0.1), and as the compose file's ``recei
 
 Each CDR can be given a *script*: the statuses to answer its successive requests with (e.g.
 ``[503, 200]`` fails once, then accepts). Unscripted CDRs get 200.
+
+For the tests it also serves HTTPS (``tls``, mutual TLS when the context asks for a client
+certificate), and can play a careless receiver that echoes the request's secrets back (``echo``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import http.server
 import json
 import os
 import re
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -65,6 +70,10 @@ class Receiver:
         request's own thread: a test can hold a reply there (it is also settable as an attribute).
     :param delay_ms: Answer every request this many milliseconds after it arrived (a slow receiver,
         for benchmarks); its arrival time is recorded before the wait.
+    :param tls: Serve HTTPS with this context (its ``url`` is then https); a context that requires a
+        client certificate makes it a mutual-TLS endpoint.
+    :param echo: Answer as a careless receiver would: every reply's body, headers and reason phrase
+        carry back what it was given (:meth:`echoed`), as received and base64-encoded.
     """
 
     def __init__(
@@ -77,8 +86,13 @@ class Receiver:
         port: int = 0,
         before_answer: Callable[[dict[str, str], bytes], None] | None = None,
         delay_ms: float = 0,
+        tls: ssl.SSLContext | None = None,
+        echo: bool = False,
     ) -> None:
         self._verifier = Webhook(secret) if secret else None
+        self.secret = secret
+        self.tls = tls
+        self.echo = echo
         self.api_key = api_key
         self.redirect_to = redirect_to
         self.before_answer = before_answer
@@ -86,14 +100,13 @@ class Receiver:
         self.requests: list[Received] = []
         self._scripts: dict[str, list[int | tuple[int, dict[str, str]]]] = {}
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer((host, port), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), self._handler(), tls)
         self._thread = threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/cdr-hook"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}/cdr-hook"
 
     def script(self, cdr_id: str, statuses: Iterable[int | tuple[int, dict[str, str]]]) -> None:
         """Answer the CDR's next requests with these statuses (or (status, headers)), in order; then 200."""
@@ -117,6 +130,18 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def echoed(self, path: str, headers: dict[str, str]) -> dict[str, str]:
+        """What an echoing reply carries back: the path, the ``x-api-key`` (as sent, in base64 and in
+        basic auth's base64url) and the receiver's signing secret, as an error page might."""
+        key = headers.get("x-api-key") or ""
+        return {
+            "path": path,
+            "api-key": key,
+            "api-key-base64": base64.b64encode(key.encode()).decode(),
+            "basic-auth": base64.urlsafe_b64encode(f"cdr:{key}".encode()).decode().rstrip("="),
+            "signing-secret": self.secret or "",
+        }
 
     def _answer(
         self, method: str, path: str, headers: dict[str, str], body: bytes
@@ -178,8 +203,15 @@ class Receiver:
                 status, extra_headers = receiver._answer(self.command, self.path, headers, body)
                 if receiver.delay_ms:
                     time.sleep(receiver.delay_ms / 1000)
-                reply = json.dumps({"status": status}).encode()
-                self.send_response(status)
+                fields: dict[str, Any] = {"status": status}
+                reason = None
+                if receiver.echo:
+                    echoed = receiver.echoed(self.path, headers)
+                    fields |= echoed
+                    extra_headers = extra_headers | {f"x-echo-{key}": value for key, value in echoed.items()}
+                    reason = f"{self.responses.get(status, ('Error',))[0]} (key {echoed['api-key']})"
+                reply = json.dumps(fields).encode()
+                self.send_response(status, reason)
                 for name, value in extra_headers.items():
                     self.send_header(name, value)
                 if 300 <= status < 400:
@@ -196,6 +228,28 @@ class Receiver:
                 pass  # the recorded requests are the log
 
         return Handler
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """The receiver's server: each connection's TLS handshake (when ``tls``) in its own thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, tls: ssl.SSLContext | None) -> None:
+        self.tls = tls
+        super().__init__(address, handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(10)
+        try:
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return  # a client the context refuses (no certificate, an untrusted one): no request
+        with wrapped:
+            super().finish_request(wrapped, client_address)
 
 
 def show_body(request: Received, number: int, *, show: bool, save_to: Path | None) -> None:

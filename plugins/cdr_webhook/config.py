@@ -183,10 +183,10 @@ _BASE64_MIN_BYTES = 8
 
 
 @functools.lru_cache(maxsize=64)
-def _secret_forms(secrets: tuple[str, ...]) -> tuple[str, ...]:
+def secret_forms(secrets: tuple[str, ...]) -> tuple[str, ...]:
     """
     Each secret as written, JSON-escaped, URL-encoded and base64-encoded; longest first (computed once
-    per endpoint).
+    per endpoint): what :func:`scrub` replaces, and what the tests' secrets sweep looks for.
     """
     forms: set[str] = set()
     for secret in secrets:
@@ -227,7 +227,7 @@ def scrub(text: str | None, secrets: Iterable[str]) -> str | None:
     """
     if not text:
         return text
-    forms = _secret_forms(tuple(secrets))
+    forms = secret_forms(tuple(secrets))
     for form in forms:
         text = text.replace(form, REDACTED)
     for form in forms:

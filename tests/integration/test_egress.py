@@ -1,13 +1,13 @@
 """The egress guard: internal addresses refused, DNS rebinding defeated, TLS and mutual TLS verified.
 
 Every server runs on 127.0.0.1 (one decoy on 127.0.0.2); public addresses are only checked, never
-contacted. The TLS test PKI (a CA, server certificates, a client certificate) is made here.
+contacted. The TLS test PKI (a CA, server certificates, a client certificate) is made here, by
+:mod:`tests.pki`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import http.server
 import ipaddress
 import json
@@ -22,10 +22,7 @@ from typing import Any
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cdr_webhook.config import EndpointConfigError
 from cdr_webhook.deliver.egress import (
@@ -38,6 +35,7 @@ from cdr_webhook.deliver.egress import (
     pem_files,
     resolve,
 )
+from tests.pki import Issued, issue, pem, tls_context
 
 PUBLIC = "93.184.215.14"
 LOOPBACK_ONLY = parse_networks("127.0.0.1/32")
@@ -365,85 +363,30 @@ class Pki:
     client_key_pem: str
 
 
-def _issue(
-    name: str, *, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None, usage: Any = None
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A certificate for ``name``: a CA when neither issuer nor usage is given, self-signed without issuer."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_cert, issuer_key = issuer or (None, key)
-    now = dt.datetime.now(dt.UTC)
-    is_ca = usage is None
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_cert.subject if issuer_cert else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
-        )
-    )
-    if is_ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
-    else:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if usage == ExtendedKeyUsageOID.SERVER_AUTH:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256()), key
-
-
-def _pem(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> tuple[str, str]:
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    key_pem = (
-        ""
-        if key is None
-        else key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-    )
-    return cert_pem, key_pem
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
-    ca = _issue("cdr-webhook test CA")
+    ca = issue("cdr-webhook test CA")
     server = ExtendedKeyUsageOID.SERVER_AUTH
 
-    def write(name: str, pair: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> tuple[Path, Path]:
-        cert_pem, key_pem = _pem(*pair)
+    def write(name: str, pair: Issued) -> tuple[Path, Path]:
+        cert_pem, key_pem = pem(*pair)
         (directory / f"{name}.crt").write_text(cert_pem)
         (directory / f"{name}.key").write_text(key_pem)
         return directory / f"{name}.crt", directory / f"{name}.key"
 
-    (directory / "ca.crt").write_text(_pem(ca[0])[0])
-    client_cert_pem, client_key_pem = _pem(
-        *_issue("cdr-webhook-client", issuer=ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    (directory / "ca.crt").write_text(pem(ca[0])[0])
+    client_cert_pem, client_key_pem = pem(
+        *issue("cdr-webhook-client", issuer=ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     )
     return Pki(
         ca=directory / "ca.crt",
-        hooks=write("hooks", _issue("hooks.test", issuer=ca, usage=server)),
-        wrong=write("wrong", _issue("wrong.test", issuer=ca, usage=server)),
-        self_signed=write("self-signed", _issue("hooks.test", usage=server)),
+        hooks=write("hooks", issue("hooks.test", issuer=ca, usage=server)),
+        wrong=write("wrong", issue("wrong.test", issuer=ca, usage=server)),
+        self_signed=write("self-signed", issue("hooks.test", usage=server)),
         client_cert_pem=client_cert_pem,
         client_key_pem=client_key_pem,
     )
-
-
-def tls_context(cert_and_key: tuple[Path, Path], client_ca: Path | None = None) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*cert_and_key)
-    if client_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(client_ca)
-    return context
 
 
 def test_https_to_the_pinned_address_keeps_host_sni_and_verification(pki):
