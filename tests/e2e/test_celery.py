@@ -18,9 +18,12 @@ from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from demo.celery_stack import CeleryStack
 from demo.dialer import Dialer
+from tests.deployments import API_KEY, SIGNING_SECRET
+from tests.secrets_sweep import Sweep, fernet_key_of
 
 if TYPE_CHECKING:
     from demo.receiver import Receiver
@@ -209,3 +212,17 @@ def test_a_worker_killed_mid_run_loses_no_cdr(deployment, cdr_conn):
         "SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s) AND status = 'delivered'", (cdrs,)
     ).fetchone()[0]
     assert delivered == KILL_CDRS
+
+
+def test_no_secret_in_the_celery_deployments_files_or_metadata(deployment, pg_server):
+    """The Celery run's part of the secrets sweep (tests/e2e/test_secrets_sweep.py has the rest), after
+    the runs above: the workers' task logs and every component's output, and every table of the
+    metadata database, Celery's result backend included."""
+    stack, _ = deployment
+    sweep = Sweep({"API_KEY": API_KEY, "SIGNING_SECRET": SIGNING_SECRET})
+    sweep.files(stack.home, "AIRFLOW_HOME")
+    dsn = make_conninfo(pg_server, dbname=stack.meta_db)
+    sweep.database(dsn, "metadata", fernet_key_of(stack.home))
+    print(f"Celery deployment: searched {dict(sweep.searched)}")
+    assert all((stack.home / f"{worker}.log").stat().st_size for worker in WORKERS)
+    assert not sweep.findings, sweep.report()
