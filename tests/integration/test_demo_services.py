@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cdr_webhook.signing import build_headers
 from demo.seed import main as seed_main
 from demo.seed import seed
 from demo.stack import free_port
 from tests.conftest import ROOT
+from tests.pki import issue, pem, tls_context
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -157,3 +159,43 @@ def test_the_receiver_shows_and_saves_each_body_byte_for_byte(tmp_path, capsys):
 
     assert capsys.readouterr().out == body.decode() + "\n"
     assert (tmp_path / "000007-a_b_c.json").read_bytes() == body
+
+
+def test_the_receiver_serves_mutual_tls_and_echoes_what_it_was_given(tmp_path) -> None:
+    """The secrets sweep's receivers: HTTPS refusing a client without a certificate, and the echo."""
+    from demo.receiver import Receiver
+
+    ca = issue("receiver test CA")
+    (tmp_path / "ca.crt").write_text(pem(ca[0])[0])
+    for name, pair in (
+        ("server", issue("127.0.0.1", issuer=ca, usage=ExtendedKeyUsageOID.SERVER_AUTH)),
+        ("client", issue("receiver-client", issuer=ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)),
+    ):
+        cert, key = pem(*pair)
+        (tmp_path / f"{name}.crt").write_text(cert)
+        (tmp_path / f"{name}.key").write_text(key)
+    context = tls_context((tmp_path / "server.crt", tmp_path / "server.key"), client_ca=tmp_path / "ca.crt")
+    secret = "whsec_" + base64.b64encode(b"receiver-echo-test-signing-key!!").decode()
+    with Receiver(tls=context, echo=True, secret=secret) as receiver:
+        assert receiver.url.startswith("https://127.0.0.1:")
+        with pytest.raises((requests.exceptions.SSLError, requests.ConnectionError)):
+            requests.post(receiver.url, data=b"{}", verify=str(tmp_path / "ca.crt"), timeout=10)
+        response = requests.post(
+            f"{receiver.url}/t0ken",
+            data=b'{"cdr_id": "e1"}',
+            headers={"x-api-key": "echo-me"},
+            verify=str(tmp_path / "ca.crt"),
+            cert=(str(tmp_path / "client.crt"), str(tmp_path / "client.key")),
+            timeout=10,
+        )
+    assert (response.status_code, response.reason) == (401, "Unauthorized (key echo-me)")  # unsigned
+    assert response.json() == {
+        "status": 401,
+        "path": "/cdr-hook/t0ken",
+        "api-key": "echo-me",
+        "api-key-base64": base64.b64encode(b"echo-me").decode(),
+        "basic-auth": base64.urlsafe_b64encode(b"cdr:echo-me").decode().rstrip("="),
+        "signing-secret": secret,
+    }
+    assert response.headers["x-echo-api-key"] == "echo-me"
+    assert [r.cdr_id for r in receiver.received()] == ["e1"]  # the refused handshake made no request
