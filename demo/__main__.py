@@ -231,7 +231,11 @@ def write_ui_env(env: dict[str, str], state: Path = STATE) -> None:
     keep["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
     keep["AIRFLOW__API__SECRET_KEY"] = uuid.uuid4().hex
     lines = [f"export {key}={shlex.quote(value)}" for key, value in sorted(keep.items())]
-    (state / "ui.env").write_text("\n".join(lines) + "\n")
+    # It holds the endpoints' keys and signing secrets: readable by the demo's user only.
+    fd = os.open(state / "ui.env", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

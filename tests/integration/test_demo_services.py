@@ -199,3 +199,19 @@ def test_the_receiver_serves_mutual_tls_and_echoes_what_it_was_given(tmp_path) -
     }
     assert response.headers["x-echo-api-key"] == "echo-me"
     assert [r.cdr_id for r in receiver.received()] == ["e1"]  # the refused handshake made no request
+
+
+def test_the_demos_ui_env_is_readable_by_its_owner_only(tmp_path) -> None:
+    """``.demo/ui.env`` holds the demo's endpoint connections, keys and signing secrets included."""
+    import stat
+
+    from demo.__main__ import write_ui_env
+
+    (tmp_path / "ui.env").write_text("old")
+    (tmp_path / "ui.env").chmod(0o644)
+    write_ui_env({"AIRFLOW_CONN_CDR_WEBHOOK": '{"password": "k"}', "HOME": "/root"}, tmp_path)
+
+    assert stat.S_IMODE((tmp_path / "ui.env").stat().st_mode) == 0o600
+    text = (tmp_path / "ui.env").read_text()
+    assert "export AIRFLOW_CONN_CDR_WEBHOOK=" in text
+    assert "HOME" not in text
