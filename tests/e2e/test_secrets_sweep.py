@@ -474,7 +474,7 @@ def test_no_secret_in_any_file_of_the_airflow_home(worked):
     sweep = Sweep(SECRETS)
     sweep.files(worked.stack.home, "AIRFLOW_HOME")
     logs = list((worked.stack.home / "logs").rglob("*.log"))
-    assert len(logs) >= 20, logs  # the tasks' logs (every try), the dag-processor's
+    assert len(logs) >= 15, logs  # the first run alone writes 15 tries; the dag-processor one
     assert all((worked.stack.home / f"{name}.log").stat().st_size for name in worked.stack.processes)
     assert_nothing_found(sweep, "the Airflow home")
 
