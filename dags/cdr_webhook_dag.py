@@ -105,7 +105,7 @@ def cdr_webhook_dag() -> None:
     def select_cdrs(cdrs_per_task: int, **context) -> list[dict[str, Any]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
         from cdr_webhook.db import connect
-        from cdr_webhook.selection.step import airflow_connections, run_info
+        from cdr_webhook.selection.step import airflow_connections, run_info, worker_cores
         from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 
         with connect() as conn:
@@ -117,7 +117,7 @@ def cdr_webhook_dag() -> None:
                 connections=airflow_connections(),
                 cdrs_per_task=cdrs_per_task,
                 max_tasks=conf.getint("core", "max_map_length") - 1,
-                task_slots=conf.getint("core", "parallelism"),
+                task_slots=min(conf.getint("core", "parallelism"), worker_cores()),
             )
 
     retrying = {

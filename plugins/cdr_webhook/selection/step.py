@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import ledger
@@ -123,7 +124,8 @@ def select_cdrs(
     CDR each; above 1, each endpoint's CDRs, oldest first, in lists of at most ``cdrs_per_task``
     (see :func:`chunked`); auto (the default), sized by
     :func:`cdr_webhook.selection.sizing.plan` from the run's share of each endpoint's queue, the
-    endpoint's in-flight limit and ``task_slots`` (the executor's parallelism). At most ``max_tasks``
+    endpoint's in-flight limit and ``task_slots`` (the run's chunks that can send at once: the DAG
+    passes the smaller of ``[core] parallelism`` and :func:`worker_cores`). At most ``max_tasks``
     of them, the claims of any further task going back to the queue.
 
     A run cleared and run again with the same request (the same kind of run, window, policy and
@@ -564,6 +566,18 @@ def airflow_connections() -> Connections:
         return found
 
     return config_of
+
+
+def worker_cores() -> int:
+    """
+    The CPU cores this worker may run on: a bound on the chunks of a run sending at once.
+
+    A chunk sending to a fast receiver keeps one core busy (its POSTs are our Python, one process);
+    more chunks than cores only add task starts, each far dearer than a POST.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
 
 
 def run_info(context: Mapping[str, Any]) -> RunInfo:
