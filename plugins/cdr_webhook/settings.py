@@ -37,7 +37,7 @@ DATABASE_ALLOWANCE_SECONDS = 60
 #: ``cdrs_per_task`` ``auto`` (0): the run sizes its tasks (:mod:`cdr_webhook.selection.sizing`).
 AUTO_SIZED = 0
 #: ``max_cdrs_per_run``'s default: with ``cdrs_per_task`` auto, and with a fixed ``cdrs_per_task``.
-AUTO_CDRS_PER_RUN = 10_000
+AUTO_CDRS_PER_RUN = 50_000
 FIXED_CDRS_PER_RUN = 500
 
 
@@ -74,7 +74,7 @@ class Settings:
     # Finished ledger rows, endpoint events and run records older than this are deleted (0: never).
     retention_days: int = 180
     # The CDRs a run takes from the queue; None: 500 with cdrs_per_task set (a task per CDR, or
-    # chunks of that size), 10,000 with auto (chunked beyond chunk_above per endpoint).
+    # chunks of that size), 50,000 with auto (chunked beyond chunk_above per endpoint).
     max_cdrs_per_run: int | None = None
     chunk_above: int = 16  # auto: up to this many CDRs of an endpoint in a run go a task each
     request_timeout_seconds: float = 15.0
