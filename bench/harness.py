@@ -17,6 +17,9 @@ For each N:
 * ``chunk``: ``cdr_webhook`` with ``AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK=<--cdrs-per-task>``, on a
   second Airflow started with that parse-time setting (same metadata server, same receiver). A
   checkout without the setting says so instead of printing a number;
+* ``defaults``: ``cdr_webhook`` on an Airflow where nothing of :data:`TUNING` is set (the tasks sized
+  by the run, ``max_cdrs_per_run``, ``max_active_posts_per_run`` and the in-flight limit at their
+  defaults), only ``[core] parallelism`` from ``--parallelism``;
 * ``deferred`` (not by default): a ``bench_noop_deferred`` run of N items, each mapped task started
   and ended in the triggerer (``start_from_trigger``).
 
@@ -69,8 +72,16 @@ LOCAL = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=
 SIGNING_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a bench-only secret, not a real one
 NOOP_DAG = ROOT / "bench" / "dags" / "bench_noop_dag.py"
 CDR_DAG = ROOT / "dags" / "cdr_webhook_dag.py"
-MODES = ("floor", "per-cdr", "chunk", "raw", "deferred")
-DEFAULT_MODES = ("floor", "per-cdr", "chunk", "raw")
+MODES = ("floor", "per-cdr", "chunk", "raw", "defaults", "deferred")
+DEFAULT_MODES = ("floor", "per-cdr", "chunk", "raw", "defaults")
+#: What the ``defaults`` stack leaves at the settings' defaults (the harness sets them for the others).
+TUNING = (
+    "AIRFLOW__CORE__MAX_MAP_LENGTH",
+    "AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK",
+    "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN",
+    "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_POSTS_PER_RUN",
+    "AIRFLOW__CDR_WEBHOOK__MAX_IN_FLIGHT_PER_ENDPOINT",
+)
 DEFERRED_DAG = ROOT / "bench" / "dags" / "bench_noop_deferred_dag.py"
 TRIGGERS = ROOT / "bench" / "dags" / "bench_triggers.py"
 SHAPE = ROOT / "bench" / "dags" / "bench_shape.py"
@@ -561,6 +572,7 @@ def deployment_env(args: argparse.Namespace, dsn: str, receiver: Receiver, dags:
         # Runs are started by hand over each measurement's CDRs: no commit watcher may take them first.
         "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
         "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
+        "AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK": "1",  # per-cdr: a task per CDR, whatever the default
         "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN": str(largest),
         "AIRFLOW__CDR_WEBHOOK__MAX_ACTIVE_POSTS_PER_RUN": str(args.per_run or args.parallelism),
         "AIRFLOW__CDR_WEBHOOK__MAX_IN_FLIGHT_PER_ENDPOINT": str(args.in_flight),
@@ -715,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stop_stack(stack)
             if "chunk" in args.modes:
                 notes += chunk_mode(args, bench, scratch, pg_server, env, rows, bound)
+            if "defaults" in args.modes:
+                defaults_mode(args, bench, scratch, pg_server, env, rows, bound)
             if bench._pool is not None:
                 bench._pool.shutdown()
     finally:
@@ -774,6 +788,32 @@ def chunk_mode(
     finally:
         stop_stack(stack)
     return []
+
+
+def defaults_mode(
+    args: argparse.Namespace,
+    bench: Bench,
+    scratch: Path,
+    pg_server: str | None,
+    env: dict[str, str],
+    rows: list[Row],
+    bound: float | None,
+) -> None:
+    """``cdr_webhook`` as a new user runs it: none of the harness's tuning, the run sizing its tasks."""
+    defaults = {name: value for name, value in env.items() if name not in TUNING}
+    stack = start_stack(scratch / "airflow-defaults", pg_server, defaults)
+    try:
+        bench.warm_up(stack)
+        for n in args.cdrs:
+            row, _ = bench.cdr_run(stack, n, "defaults (the run sizes its tasks)")
+            if bound:
+                row.reference, row.reference_rate = "bound", bound
+            elif bench.raw_rates.get(n):
+                row.reference, row.reference_rate = "raw", bench.raw_rates[n]
+            rows.append(row)
+            print(format_table([row]), flush=True)
+    finally:
+        stop_stack(stack)
 
 
 if __name__ == "__main__":

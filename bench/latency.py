@@ -1,7 +1,7 @@
 """Commit → POST latency of event-driven pick-up, through a real Airflow at the default settings.
 
-    .venv/bin/python -m bench.latency [--drip 30] [--burst 2000] [--idle 60] [--modes per-cdr chunk]
-        [--cdrs-per-task 50] [--dsn DSN] [--out FILE]
+    .venv/bin/python -m bench.latency [--drip 30] [--burst 2000] [--backlog 0] [--idle 60]
+        [--modes defaults per-cdr chunk] [--cdrs-per-task 50] [--dsn DSN] [--out FILE]
 
 One Airflow per mode (demo/stack.py: LocalExecutor, api-server, scheduler, dag-processor and
 triggerer on 127.0.0.1, metadata on the PostgreSQL server), the DAG at its default settings (the
@@ -15,9 +15,13 @@ minute schedule, ``watch_interval_seconds`` 1, no NOTIFY trigger), a receiver in
   step, select end → post task start, post task start → POST;
 * burst: ``--burst`` CDRs committed as fast as one connection can, each its own transaction: all
   delivered once?, the runs it caused, the time from the first commit to the last POST;
+* backlog (``--backlog`` N, off by default): an outage's backlog: N CDRs committed while the endpoint
+  is paused (the runs queue them), then the endpoint resumed: resume → last POST, each once, and
+  whether the runs took the queue oldest first;
 * idle: ``--idle`` seconds with no commit: the runs started, by type.
 
-Chunk mode is the same on an Airflow started with ``AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK``. On demand
+Modes: ``defaults`` (nothing set: the run sizes its tasks), ``per-cdr`` (``cdrs_per_task`` 1) and
+``chunk`` (``--cdrs-per-task``), each on an Airflow of its own. On demand
 only; never part of the test suite, never asserted.
 """
 
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 SIGNING_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a bench-only secret, not a real one
+#: ``cdrs_per_task`` per mode: none set (the run sizes its tasks), a task per CDR, ``--cdrs-per-task``.
+MODE_TASKS = {"per-cdr": "1", "chunk": ""}
 PHASES = ("commit→event", "event→run queued", "queued→select start", "select step", "select→post start",
           "post start→POST")  # fmt: skip
 
@@ -168,6 +174,54 @@ class Measure:
         to_last = _s(last - began if last else None)
         return f"| {count} | {committed_in:.1f} | {len(seen)} | {once} | {by_type} | {to_last} |"
 
+    def backlog(self, count: int) -> str:
+        """
+        The backlog after an outage: ``count`` CDRs queued while the endpoint is paused, then resumed.
+
+        Timed from the resume to the last POST; checks each CDR POSTed once and that the runs took the
+        queue oldest first (each run's CDRs all older than the next run's, per the ledger).
+        """
+        from cdr_webhook.ledger import endpoints
+
+        endpoints.pause(self.conn, "cdr_webhook", reason="bench: an outage", actor="bench")
+        with self.conn.transaction():
+            cdrs = [self.dialer.cdr() for _ in range(count)]
+        queued_in = self.wait_queued(cdrs, 600)
+        resumed = time.time()
+        endpoints.resume(self.conn, "cdr_webhook", actor="bench")
+        seen = self.wait_delivered(cdrs, 1800)
+        last = max((max(v) for v in seen.values()), default=None)
+        once = sum(1 for c in cdrs if len(seen.get(c, ())) == 1)
+        runs = self.runs_since(resumed)
+        by_type = ", ".join(f"{k} {v}" for k, v in sorted(runs.items()))
+        return (
+            f"| {count} | {_s(queued_in)} | {len(seen)} | {once} | {by_type} | {self.oldest_first(cdrs)} "
+            f"| {_s(last - resumed if last else None)} |"
+        )
+
+    def wait_queued(self, cdr_ids: Sequence[str], timeout: float) -> float:
+        """Seconds until every one of ``cdr_ids`` has its ledger row (a run queued it)."""
+        began = time.monotonic()
+        while time.monotonic() - began < timeout:
+            (rows,) = self.conn.execute(
+                "SELECT count(*) FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s)", (list(cdr_ids),)
+            ).fetchone()
+            if rows == len(cdr_ids):
+                return time.monotonic() - began
+            time.sleep(1)
+        raise TimeoutError(f"{len(cdr_ids)} CDRs not all queued after {timeout:.0f} s")
+
+    def oldest_first(self, cdr_ids: Sequence[str]) -> str:
+        """Did each run take only CDRs older than the next run's? ``yes``, or the runs that overlap."""
+        spans = self.conn.execute(
+            "SELECT run_id, min(cdr_created_at), max(cdr_created_at), count(*) FROM cdr_webhook.delivery "
+            "WHERE cdr_id = ANY(%s) GROUP BY run_id ORDER BY min(cdr_created_at)",
+            (list(cdr_ids),),
+        ).fetchall()
+        overlaps = [a[0] for a, b in zip(spans, spans[1:], strict=False) if a[2] > b[1]]
+        sizes = "/".join(str(span[3]) for span in spans)
+        return f"yes ({len(spans)} runs: {sizes})" if not overlaps else f"no: {', '.join(overlaps)}"
+
     def idle(self, seconds: float) -> str:
         time.sleep(10)  # the burst's last runs finish
         began = time.time()
@@ -201,8 +255,8 @@ def mode_report(args: argparse.Namespace, mode: str, admin_dsn: str, scratch: Pa
                 "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
                 "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",
             }
-            if mode == "chunk":
-                env["AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK"] = str(args.cdrs_per_task)
+            if mode in MODE_TASKS:
+                env["AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK"] = MODE_TASKS[mode] or str(args.cdrs_per_task)
             home = scratch / f"airflow-{mode}"
             home.mkdir()
             stack = AirflowStack(home, admin_dsn, env)
@@ -214,13 +268,7 @@ def mode_report(args: argparse.Namespace, mode: str, admin_dsn: str, scratch: Pa
                 f"[{mode}] Airflow up, first scheduled run done in {time.monotonic() - began:.0f} s",
                 flush=True,
             )
-            measure = Measure(stack, receiver, conn)
-            _, drip_row, phases = measure.drip(args.drip)
-            print(f"[{mode}] drip {drip_row}", flush=True)
-            burst_row = measure.burst(args.burst)
-            print(f"[{mode}] burst {burst_row}", flush=True)
-            idle_row = measure.idle(args.idle)
-            print(f"[{mode}] idle {idle_row}", flush=True)
+            rows = measure_all(args, mode, Measure(stack, receiver, conn))
     finally:
         if stack is not None:
             leftovers = stack.stop()
@@ -229,17 +277,45 @@ def mode_report(args: argparse.Namespace, mode: str, admin_dsn: str, scratch: Pa
                 print(f"processes that outlived the stop (killed): {leftovers}", file=sys.stderr)
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    name = "per-CDR" if mode == "per-cdr" else f"chunk ({args.cdrs_per_task} CDRs per task)"
+    return format_mode(args, mode, rows)
+
+
+def measure_all(args: argparse.Namespace, mode: str, measure: Measure) -> dict[str, str]:
+    """Each measurement in turn on one Airflow: its table row (and the drip's phases), as printed."""
+    rows: dict[str, str] = {}
+    _, rows["drip"], rows["phases"] = measure.drip(args.drip)
+    print(f"[{mode}] drip {rows['drip']}", flush=True)
+    rows["burst"] = measure.burst(args.burst)
+    print(f"[{mode}] burst {rows['burst']}", flush=True)
+    if args.backlog:
+        rows["backlog"] = measure.backlog(args.backlog)
+        print(f"[{mode}] backlog {rows['backlog']}", flush=True)
+    rows["idle"] = measure.idle(args.idle)
+    print(f"[{mode}] idle {rows['idle']}", flush=True)
+    return rows
+
+
+def format_mode(args: argparse.Namespace, mode: str, rows: dict[str, str]) -> str:
+    name = {"defaults": "defaults (the run sizes its tasks)", "per-cdr": "per-CDR (cdrs_per_task 1)"}.get(
+        mode, f"chunk ({args.cdrs_per_task} CDRs per task)"
+    )
+    backlog = [
+        "| backlog CDRs | queued in s | delivered | POSTed once | runs (by type) | runs oldest first "
+        "| resume→last POST s |\n| --- | --- | --- | --- | --- | --- | --- |\n" + row
+        for row in [rows["backlog"]]
+        if "backlog" in rows
+    ]
     return "\n\n".join(
         [
             f"**{name}**",
             "| drip CDRs | delivered | POSTed once | commit→POST p50 s | p95 s | max s | runs (by type) |\n"
-            "| --- | --- | --- | --- | --- | --- | --- |\n" + drip_row,
-            f"Where a drip CDR's time went ({name}):\n\n{phases}",
+            "| --- | --- | --- | --- | --- | --- | --- |\n" + rows["drip"],
+            f"Where a drip CDR's time went ({name}):\n\n{rows['phases']}",
             "| burst CDRs | committed in s | delivered | POSTed once | runs (by type) "
             "| first commit→last POST s |\n"
-            "| --- | --- | --- | --- | --- | --- |\n" + burst_row,
-            "| idle s | runs started (by type) |\n| --- | --- |\n" + idle_row,
+            "| --- | --- | --- | --- | --- | --- |\n" + rows["burst"],
+            *backlog,
+            "| idle s | runs started (by type) |\n| --- | --- |\n" + rows["idle"],
         ]
     )
 
@@ -249,7 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drip", type=int, default=30, help="CDRs committed one at a time (default 30)")
     parser.add_argument("--burst", type=int, default=2000, help="CDRs committed at once (default 2000)")
     parser.add_argument("--idle", type=float, default=60, help="idle seconds counted (default 60)")
-    parser.add_argument("--modes", nargs="+", choices=("per-cdr", "chunk"), default=["per-cdr", "chunk"])
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="CDRs queued while the endpoint is paused, then resumed (0: none)",
+    )
+    parser.add_argument("--modes", nargs="+", choices=("defaults", "per-cdr", "chunk"), default=["defaults"])
     parser.add_argument("--cdrs-per-task", type=int, default=50, help="chunk mode's CDRS_PER_TASK")
     parser.add_argument("--dsn", help="the PostgreSQL server (default CDR_DATABASE_URL, 127.0.0.1:5432)")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")

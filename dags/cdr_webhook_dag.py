@@ -12,9 +12,11 @@ one mapped `post_cdr` task per CDR, named by its `cdr_id` in the grid, with Airf
   `window_end`, else the run's data interval, with `policy` `missing` (never sent), `failed` or
   `all` (a deliberate redelivery), optionally for one `client_id`. They never move the watermark.
 * **Clearing** a failed `post_cdr` task sends its CDR again, with the same `webhook-id`.
-* **Chunk mode** (setting `cdrs_per_task` above 1): each `post_cdr` task sends up to that many CDRs of
-  one endpoint, each its own POST, named in the grid by its first `cdr_id` and its count; a retry or
-  a clear sends only its CDRs not delivered.
+* **Task sizing** (setting `cdrs_per_task`, `auto` by default): a run sends up to `chunk_above` (16)
+  CDRs of an endpoint as one task each; beyond that, that endpoint's CDRs go in chunks, each its own
+  POST, one chunk per free task slot at most, named in the grid by its first `cdr_id` and its count;
+  a retry or a clear of a chunk sends only its CDRs not delivered. A number sets a fixed chunk size
+  (1: always a task per CDR).
 
 Delivery state lives in the CDR database, table `cdr_webhook.delivery`. See the project README.
 """
@@ -29,6 +31,7 @@ from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable, P
 from cdr_webhook.deliver.operator import (
     CDR_NAME_TEMPLATE,
     CHUNK_NAME_TEMPLATE,
+    SIZED_NAME_TEMPLATE,
     CdrWebhookOperator,
     RetryAfterPolicy,
 )
@@ -99,10 +102,10 @@ notifier = (
 )
 def cdr_webhook_dag() -> None:
     @task(task_id=SELECT_TASK_ID)
-    def select_cdrs(cdrs_per_task: int = 1, **context) -> list[dict[str, Any]]:
+    def select_cdrs(cdrs_per_task: int, **context) -> list[dict[str, Any]]:
         """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
         from cdr_webhook.db import connect
-        from cdr_webhook.selection.step import airflow_connections, run_info
+        from cdr_webhook.selection.step import airflow_connections, run_info, worker_cores
         from cdr_webhook.selection.step import select_cdrs as claim_cdrs
 
         with connect() as conn:
@@ -114,6 +117,7 @@ def cdr_webhook_dag() -> None:
                 connections=airflow_connections(),
                 cdrs_per_task=cdrs_per_task,
                 max_tasks=conf.getint("core", "max_map_length") - 1,
+                task_slots=min(conf.getint("core", "parallelism"), worker_cores()),
             )
 
     retrying = {
@@ -124,15 +128,20 @@ def cdr_webhook_dag() -> None:
         "retry_policy": RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
         "max_active_tis_per_dagrun": settings.max_active_posts_per_run,
     }
-    chunks = settings.cdrs_per_task > 1
+    if settings.auto_sized:
+        # Each task's timeout follows its length (the operator sets it): the select step sizes them.
+        shape = {"execution_timeout": settings.attempt_timeout, "map_index_template": SIZED_NAME_TEMPLATE}
+    elif settings.cdrs_per_task > 1:
+        shape = {"execution_timeout": settings.chunk_timeout, "map_index_template": CHUNK_NAME_TEMPLATE}
+    else:
+        shape = {"execution_timeout": settings.attempt_timeout, "map_index_template": CDR_NAME_TEMPLATE}
     CdrWebhookOperator.partial(
         task_id=POST_TASK_ID,
-        # The chunk size is the DAG's (read at parse time): the select step groups by it.
+        # The grouping is the DAG's (read at parse time): the select step groups by it.
         cdrs_per_task=settings.cdrs_per_task,
-        execution_timeout=settings.chunk_timeout if chunks else settings.attempt_timeout,
-        map_index_template=CHUNK_NAME_TEMPLATE if chunks else CDR_NAME_TEMPLATE,
+        **shape,
         **retrying,
-    ).expand_kwargs(select_cdrs(cdrs_per_task=settings.cdrs_per_task) if chunks else select_cdrs())
+    ).expand_kwargs(select_cdrs(cdrs_per_task=settings.cdrs_per_task))
 
 
 cdr_webhook_dag()

@@ -25,7 +25,8 @@ def test_no_import_errors(dagbag):
 def test_dag_shape(dagbag):
     from airflow.sdk import AssetOrTimeSchedule
 
-    from cdr_webhook.deliver.operator import CdrWebhookOperator
+    from cdr_webhook.deliver.operator import SIZED_NAME_TEMPLATE, CdrWebhookOperator
+    from cdr_webhook.settings import AUTO_SIZED
 
     dag = dagbag.dags["cdr_webhook"]
     # The schedule, or an event of the commit watcher (watching is on unless turned off).
@@ -37,8 +38,10 @@ def test_dag_shape(dagbag):
     assert "CDR webhook delivery" in dag.doc_md
     post = dag.get_task("post_cdr")
     assert issubclass(post.operator_class, CdrWebhookOperator)
-    assert post.partial_kwargs["map_index_template"] == "{{ task.cdr_ids[0] }}"
-    assert post.partial_kwargs["cdrs_per_task"] == 1
+    # The run sizes its tasks (auto): a one-CDR task is named by its cdr_id, a chunk by its first and count.
+    assert post.partial_kwargs["map_index_template"] == SIZED_NAME_TEMPLATE
+    assert post.partial_kwargs["cdrs_per_task"] == AUTO_SIZED
+    assert dag.get_task("select_cdrs").op_kwargs == {"cdrs_per_task": AUTO_SIZED}
     assert [t.task_id for t in post.upstream_list] == ["select_cdrs"]
     # Nothing of the CDR is ever a template field (Jinja in CDR text must arrive verbatim).
     assert CdrWebhookOperator.template_fields == ()
@@ -185,7 +188,7 @@ def test_one_cdr_per_task_maps_a_post_cdr_task_per_cdr(settings_env):
     post = dag.get_task("post_cdr")
     assert post.partial_kwargs["cdrs_per_task"] == 1
     assert post.partial_kwargs["map_index_template"] == CDR_NAME_TEMPLATE
-    assert dag.get_task("select_cdrs").op_kwargs == {}
+    assert dag.get_task("select_cdrs").op_kwargs == {"cdrs_per_task": 1}
 
 
 def test_the_schedule_setting_becomes_a_timetable_with_data_intervals(settings_env):

@@ -34,6 +34,13 @@ POST_TASK_ID = "post_cdr"
 DATABASE_ALLOWANCE_SECONDS = 60
 
 
+#: ``cdrs_per_task`` ``auto`` (0): the run sizes its tasks (:mod:`cdr_webhook.selection.sizing`).
+AUTO_SIZED = 0
+#: ``max_cdrs_per_run``'s default: with ``cdrs_per_task`` auto, and with a fixed ``cdrs_per_task``.
+AUTO_CDRS_PER_RUN = 50_000
+FIXED_CDRS_PER_RUN = 500
+
+
 class SettingsError(ValueError):
     """A ``[cdr_webhook]`` option with a value that cannot be used; the message names the variable."""
 
@@ -50,7 +57,9 @@ class Settings:
     failure_notifier: str | None = None  # "module:attribute" of an Airflow notifier for failed runs
     max_active_posts_per_run: int = 16  # post_cdr tasks of one run in flight (max_active_tis_per_dagrun)
     max_active_runs: int = 4  # runs at once: a run held up by one endpoint's retries blocks no other
-    cdrs_per_task: int = 1  # 1: a post_cdr task per CDR; more: each post_cdr task sends this many
+    # 0 (auto): the run sizes its tasks (selection.sizing); 1: a post_cdr task per CDR; more: each
+    # post_cdr task sends up to this many CDRs of one endpoint.
+    cdrs_per_task: int = 0
     # Event-driven pick-up: the triggerer's watcher polls the source this often for new commits and
     # starts a run on them (at most one run start per interval); 0 turns it off (the schedule only).
     watch_interval_seconds: float = 1.0
@@ -64,7 +73,10 @@ class Settings:
     reconcile_cdrs_per_run: int = 10_000
     # Finished ledger rows, endpoint events and run records older than this are deleted (0: never).
     retention_days: int = 180
-    max_cdrs_per_run: int = 500
+    # The CDRs a run takes from the queue; None: 500 with cdrs_per_task set (a task per CDR, or
+    # chunks of that size), 50,000 with auto (chunked beyond chunk_above per endpoint).
+    max_cdrs_per_run: int | None = None
+    chunk_above: int = 16  # auto: up to this many CDRs of an endpoint in a run go a task each
     request_timeout_seconds: float = 15.0
     source_relation: str = "cdr_webhook_source"
     start_from: dt.datetime | None = None
@@ -79,6 +91,18 @@ class Settings:
     page_statement_timeout_seconds: float = 10.0
 
     @property
+    def auto_sized(self) -> bool:
+        """Whether the run sizes its own tasks (``cdrs_per_task`` auto, the default)."""
+        return self.cdrs_per_task == AUTO_SIZED
+
+    @property
+    def cdrs_per_run(self) -> int:
+        """``max_cdrs_per_run``, or its default for the task sizing in use."""
+        if self.max_cdrs_per_run is not None:
+            return self.max_cdrs_per_run
+        return AUTO_CDRS_PER_RUN if self.auto_sized else FIXED_CDRS_PER_RUN
+
+    @property
     def attempt_timeout(self) -> dt.timedelta:
         """
         The ``execution_timeout`` of one ``post_cdr`` try: the slot wait, the POST's deadline, and
@@ -90,26 +114,28 @@ class Settings:
 
     @property
     def chunk_timeout(self) -> dt.timedelta:
+        """The ``execution_timeout`` of a full chunk of ``cdrs_per_task`` (see :meth:`chunk_timeout_for`)."""
+        return self.chunk_timeout_for(self.cdrs_per_task)
+
+    def chunk_timeout_for(self, cdrs: int) -> dt.timedelta:
         """
-        The ``execution_timeout`` of one ``post_chunk`` try: the slot wait, every POST of a full chunk
-        one after the other at its deadline (an endpoint with one slot), and the database allowance.
+        The ``execution_timeout`` of one try of a chunk of ``cdrs``: the slot wait, every POST one
+        after the other at its deadline (an endpoint with one slot), and the database allowance.
         """
         return dt.timedelta(
-            seconds=self.slot_wait_seconds
-            + self.cdrs_per_task * self.request_timeout_seconds
-            + DATABASE_ALLOWANCE_SECONDS
+            seconds=self.slot_wait_seconds + cdrs * self.request_timeout_seconds + DATABASE_ALLOWANCE_SECONDS
         )
 
     def validate(self, *, max_map_length: int) -> None:
         """Check the rules that tie settings together; raise :class:`SettingsError` naming the fix."""
-        if self.cdrs_per_task == 1 and self.max_cdrs_per_run >= max_map_length:
+        if self.cdrs_per_task == 1 and self.cdrs_per_run >= max_map_length:
             raise SettingsError(
-                f"{_env('max_cdrs_per_run')}={self.max_cdrs_per_run} must stay below Airflow's "
+                f"{_env('max_cdrs_per_run')}={self.cdrs_per_run} must stay below Airflow's "
                 f"[core] max_map_length ({max_map_length}): every CDR of a run is one mapped task"
             )
-        if -(-self.max_cdrs_per_run // self.cdrs_per_task) >= max_map_length:
+        if not self.auto_sized and -(-self.cdrs_per_run // self.cdrs_per_task) >= max_map_length:
             raise SettingsError(
-                f"{_env('max_cdrs_per_run')}={self.max_cdrs_per_run} in chunks of "
+                f"{_env('max_cdrs_per_run')}={self.cdrs_per_run} in chunks of "
                 f"{_env('cdrs_per_task')}={self.cdrs_per_task} makes more chunk tasks than Airflow's "
                 f"[core] max_map_length ({max_map_length}) allows: raise cdrs_per_task or lower "
                 "max_cdrs_per_run"
@@ -171,6 +197,18 @@ def _non_negative_float(name: str, raw: str) -> float:
         raise SettingsError(f"{_env(name)}={raw!r} is not a number") from None
     if not value >= 0 or value == float("inf"):
         raise SettingsError(f"{_env(name)}={raw!r} must be 0 (off) or a number of seconds")
+    return value
+
+
+def _cdrs_per_task(name: str, raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return AUTO_SIZED
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{_env(name)}={raw!r} must be auto or a whole number of CDRs") from None
+    if value < 1:
+        raise SettingsError(f"{_env(name)}={raw!r} must be auto or at least 1")
     return value
 
 
@@ -288,7 +326,8 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_in_flight_per_endpoint": _positive_int,
     "max_active_runs": _positive_int,
     "slot_wait_seconds": _non_negative_int,
-    "cdrs_per_task": _positive_int,
+    "cdrs_per_task": _cdrs_per_task,
+    "chunk_above": _positive_int,
     "watch_interval_seconds": _watch_interval,
     "page_statement_timeout_seconds": _positive_float,
 }

@@ -46,6 +46,8 @@ def deployment(deploy, redis_url):
         {
             # The triggerer runs, the commit watcher does not: these tests start their runs by hand.
             "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",
+            # A task per CDR (not sized by the run): the kill below lands on the POST of one CDR.
+            "AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK": "1",
             "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",  # one page holds a run's task instances
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",

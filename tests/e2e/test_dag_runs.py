@@ -133,6 +133,29 @@ def test_overflow_above_max_cdrs_per_run_goes_with_the_next_runs(cdr_db, receive
     assert {row["status"] for row in ledger(cdr_db).values()} == {"delivered"}
 
 
+def test_the_run_sizes_its_tasks_a_burst_goes_in_chunks_a_few_cdrs_a_task_each(
+    cdr_db, receiver, run_dag, monkeypatch
+):
+    monkeypatch.setattr("cdr_webhook.selection.step.worker_cores", lambda: 8)  # whatever this machine has
+    dialer = Dialer(cdr_db)
+    burst = [dialer.cdr(created_at=recent(600 - n)) for n in range(40)]
+
+    chunked = run_dag(**window())
+
+    # 40 CDRs of one endpoint, over chunk_above (16): ceil(40 / 16) = 3 chunks, dealt in turn.
+    assert str(chunked.state) == "success"
+    names = sorted(name for _, _, name in task_states(chunked).values())
+    assert names == sorted([f"{burst[0]} (14 CDRs)", f"{burst[1]} (13 CDRs)", f"{burst[2]} (13 CDRs)"])
+    assert sorted(r.cdr_id for r in receiver.received()) == sorted(burst)  # each once
+
+    steady = [dialer.cdr(created_at=recent(3 - n)) for n in range(3)]
+    single = run_dag(window_start=recent(5), window_end=recent(0))
+
+    # A few CDRs: a task each, named by its cdr_id, as ever.
+    assert sorted(name for _, _, name in task_states(single).values()) == sorted(steady)
+    assert {row["status"] for row in ledger(cdr_db).values()} == {"delivered"}
+
+
 def test_secrets_reach_no_log_xcom_rendered_field_or_metadata_row(
     cdr_db, receiver, run_dag, capfd, settings_env
 ):

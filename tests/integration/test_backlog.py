@@ -18,7 +18,11 @@ MINUTE = dt.timedelta(minutes=1)
 BACKLOG = 50_000
 CAP = 500  # max_cdrs_per_run; below Airflow's max_map_length (1024), which settings enforce
 SETTINGS = Settings(
-    source_relation=FEED, max_cdrs_per_run=CAP, start_from=T0 - dt.timedelta(hours=6), reconcile_hours=0
+    source_relation=FEED,
+    cdrs_per_task=1,  # a task per CDR: the cap is the runs' only limit
+    max_cdrs_per_run=CAP,
+    start_from=T0 - dt.timedelta(hours=6),
+    reconcile_hours=0,
 )
 CONNECTIONS = configs({"cdr_webhook": {}, "cdr_webhook_client_7": {}})
 

@@ -20,6 +20,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryLater
 from cdr_webhook.deliver.slots import endpoint_slot, endpoint_slots
+from cdr_webhook.settings import AUTO_SIZED, load_settings
 from cdr_webhook.signing import webhook_id
 from demo.dialer import Dialer
 from demo.receiver import Receiver
@@ -58,9 +59,15 @@ def cdrs(conn, n: int) -> list[str]:
     return made
 
 
-def run_chunk(cdr_ids: list[str], ti: FakeTaskInstance, *, retries: int = 2) -> None:
+def run_chunk(
+    cdr_ids: list[str], ti: FakeTaskInstance, *, retries: int = 2, cdrs_per_task: int = CHUNK_SIZE
+) -> None:
     operator = CdrWebhookOperator(
-        task_id="post_cdr", cdr_ids=cdr_ids, http_conn_id=ENDPOINT, cdrs_per_task=CHUNK_SIZE, retries=retries
+        task_id="post_cdr",
+        cdr_ids=cdr_ids,
+        http_conn_id=ENDPOINT,
+        cdrs_per_task=cdrs_per_task,
+        retries=retries,
     )
     operator.execute({"ti": ti})
 
@@ -91,14 +98,19 @@ def test_a_chunk_delivers_every_cdr_each_its_own_signed_post_with_its_own_webhoo
     assert any("Chunk of 6 CDR(s)" in line and "6 delivered" in line for line in lines)
 
 
-def test_a_refused_cdr_fails_alone_a_retryable_one_is_the_only_one_sent_again(db, receiver):
+#: A chunk of the DAG's fixed size, and one the run sized (``cdrs_per_task`` auto): the same rules.
+SHAPES = pytest.mark.parametrize("shape", [CHUNK_SIZE, AUTO_SIZED], ids=["fixed", "auto"])
+
+
+@SHAPES
+def test_a_refused_cdr_fails_alone_a_retryable_one_is_the_only_one_sent_again(db, receiver, shape):
     chunk = cdrs(db, 5)
     refused, flaky = chunk[1], chunk[3]
     receiver.script(refused, [400])
     receiver.script(flaky, [(503, {"Retry-After": "3"})])
 
     with pytest.raises(RetryLater, match=f"1 CDR\\(s\\) of this chunk to retry \\({flaky}\\)") as raised:
-        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2))
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2), cdrs_per_task=shape)
     assert raised.value.retry_after == 3
     assert statuses(db, chunk) == {
         **{cdr: ("delivered", 1) for cdr in chunk},
@@ -108,7 +120,7 @@ def test_a_refused_cdr_fails_alone_a_retryable_one_is_the_only_one_sent_again(db
 
     # The retry sends only the queued CDR; the task then fails, naming the one that failed for good.
     with pytest.raises(AirflowFailException, match=f"1 CDR\\(s\\) of this chunk failed for good: {refused}"):
-        run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=2))
+        run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=2), cdrs_per_task=shape)
     assert statuses(db, chunk) == {
         **{cdr: ("delivered", 1) for cdr in chunk},
         refused: ("failed", 1),
@@ -122,15 +134,16 @@ def test_a_refused_cdr_fails_alone_a_retryable_one_is_the_only_one_sent_again(db
     assert endpoint_state(db)["consecutive_failures"] == 0
 
 
-def test_clearing_a_chunk_sends_again_only_its_cdrs_not_delivered(db, receiver):
+@SHAPES
+def test_clearing_a_chunk_sends_again_only_its_cdrs_not_delivered(db, receiver, shape):
     chunk = cdrs(db, 4)
     refused = chunk[2]
     receiver.script(refused, [400])
     with pytest.raises(AirflowFailException):
-        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2))
+        run_chunk(chunk, FakeTaskInstance(try_number=1, max_tries=2), cdrs_per_task=shape)
 
     # The receiver is fixed; the operator clears the task: Airflow sets max_tries = try_number + retries.
-    run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=1 + 2))
+    run_chunk(chunk, FakeTaskInstance(try_number=2, max_tries=1 + 2), cdrs_per_task=shape)
 
     assert statuses(db, chunk) == {**{cdr: ("delivered", 1) for cdr in chunk}, refused: ("delivered", 2)}
     assert sorted(r.cdr_id for r in receiver.received()) == sorted([*chunk, refused])
@@ -494,3 +507,46 @@ def test_a_chunk_holds_its_fair_share_of_slots_and_no_more_than_it_can_use():
     sender.waiting = collections.deque(["cdr"] * 10)
     sender.grow(sender.last_grow + 2 * GROW_SECONDS)
     assert len(held.slots) == 4  # the slots that came free, up to its share
+
+
+# Tasks the run sized (cdrs_per_task auto): one CDR keeps the one-CDR rules, more are a chunk.
+
+
+def sized_task(cdr_ids: list[str]) -> CdrWebhookOperator:
+    return CdrWebhookOperator(
+        task_id="post_cdr", cdr_ids=cdr_ids, http_conn_id=ENDPOINT, cdrs_per_task=AUTO_SIZED, retries=2
+    )
+
+
+def test_a_sized_tasks_timeout_grows_with_its_length(settings_env):
+    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__REQUEST_TIMEOUT_SECONDS", "5")
+    load_settings.cache_clear()
+    settings = load_settings()
+
+    assert sized_task(["a"]).execution_timeout == settings.attempt_timeout
+    assert sized_task([f"c{i}" for i in range(300)]).execution_timeout == settings.chunk_timeout_for(300)
+    assert settings.chunk_timeout_for(300) > settings.chunk_timeout_for(2) > settings.attempt_timeout
+
+
+def test_a_sized_task_of_one_cdr_keeps_the_one_cdr_rules(db, receiver):
+    (cdr,) = cdrs(db, 1)
+    sized_task([cdr]).execute({"ti": FakeTaskInstance()})
+    # Cleared after its delivery: a task of one CDR sends it again, on purpose, with its webhook-id.
+    sized_task([cdr]).execute({"ti": FakeTaskInstance(try_number=2, max_tries=3)})
+    assert len(receiver.received(cdr)) == 2
+    assert row(db, cdr)["attempts"] == 2
+    # Owned by another run: skipped, naming it (a chunk would send the rest instead).
+    db.execute(
+        "UPDATE cdr_webhook.delivery SET run_id = 'scheduled__9', status = 'queued' WHERE cdr_id = %s", (cdr,)
+    )
+    with pytest.raises(AirflowSkipException):
+        sized_task([cdr]).execute({"ti": FakeTaskInstance(try_number=3, max_tries=3)})
+
+
+def test_a_sized_chunk_cleared_after_its_delivery_sends_nothing_again(db, receiver):
+    chunk = cdrs(db, 5)
+    sized_task(chunk).execute({"ti": FakeTaskInstance()})
+
+    sized_task(chunk).execute({"ti": FakeTaskInstance(try_number=2, max_tries=3)})
+
+    assert sorted(r.cdr_id for r in receiver.received()) == sorted(chunk)  # each once

@@ -300,3 +300,22 @@ def test_in_chunk_mode_a_delivered_cdr_is_not_cleared_and_the_page_says_what_red
     assert response.status_code == 200
     assert CHUNK_DELIVERED in unescape(response.text)
     assert "Cleared" not in response.text
+
+
+def test_with_tasks_sized_by_the_run_a_delivered_cdr_of_a_chunk_is_not_cleared(client, cdr_db, populated):
+    """The default (cdrs_per_task auto): a task of more than one CDR is a chunk, and the page knows it."""
+    from cdr_webhook.web.actions import CHUNK_DELIVERED
+
+    cdr_id, neighbour = populated["by_status"]["delivered"][:2]
+    cdr_db.execute(  # the two were sent by one chunk task
+        "UPDATE cdr_webhook.delivery SET (run_id, map_index) = (SELECT run_id, map_index FROM "
+        "cdr_webhook.delivery WHERE cdr_id = %s) WHERE cdr_id = %s",
+        (cdr_id, neighbour),
+    )
+    token = csrf_of(get(client, "/", user="admin").text)
+
+    response = post(client, "/redeliver", data={"csrf": token, "key": json.dumps([cdr_id, "cdr_webhook"])})
+
+    assert response.status_code == 200
+    assert CHUNK_DELIVERED in unescape(response.text)
+    assert "Cleared" not in response.text

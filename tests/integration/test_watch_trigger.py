@@ -171,7 +171,28 @@ def test_a_full_run_asks_for_another_run_without_new_commits(cdr_db):
 
     event = next_event(watcher())
     assert event is not None
-    assert event.payload["reason"] == "a run left CDRs queued beyond max_cdrs_per_run"
+    assert (
+        event.payload["reason"] == "queued CDRs wait for a run (a run was full, or an endpoint was resumed)"
+    )
+
+
+def test_resuming_an_endpoint_asks_for_a_run_for_its_queued_cdrs(cdr_db):
+    from cdr_webhook.ledger import endpoints
+
+    dialer = Dialer(cdr_db)
+    with_watermark(cdr_db, db_now(cdr_db))
+    dialer.cdr()
+    assert next_event(watcher()) is not None
+    endpoints.pause(cdr_db, "cdr_webhook", reason="receiver down", actor="noc")
+    assert next_event(watcher(), QUIET) is None  # pausing asks for nothing
+
+    endpoints.resume(cdr_db, "cdr_webhook", actor="noc")
+
+    event = next_event(watcher())
+    assert event is not None
+    assert (
+        event.payload["reason"] == "queued CDRs wait for a run (a run was full, or an endpoint was resumed)"
+    )
 
 
 def test_notify_wakes_the_watcher_at_once_and_polling_is_its_fallback(cdr_db):

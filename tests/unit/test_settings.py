@@ -47,7 +47,10 @@ def test_values_are_parsed():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"max_cdrs_per_run": "1024"}, "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN=1024 must stay below"),
+        (
+            {"max_cdrs_per_run": "1024", "cdrs_per_task": "1"},
+            "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN=1024 must stay below",
+        ),
         ({"max_cdrs_per_run": "many"}, "AIRFLOW__CDR_WEBHOOK__MAX_CDRS_PER_RUN='many' is not a whole number"),
         ({"retries": "-1"}, "AIRFLOW__CDR_WEBHOOK__RETRIES='-1' must be at least 0"),
         ({"schedule": "every minute"}, "SCHEDULE='every minute' is neither a 5-field cron expression nor"),
@@ -108,12 +111,31 @@ def test_retention_must_outlast_the_reconciliation_window():
 
 
 def test_cdrs_per_task_is_validated():
-    with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK='0' must be at least 1"):
+    with pytest.raises(
+        SettingsError, match="AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK='0' must be auto or at least 1"
+    ):
         parse_settings({"cdrs_per_task": "0"})
     with pytest.raises(
-        SettingsError, match="AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK='many' is not a whole number"
+        SettingsError, match="AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK='many' must be auto or a whole number"
     ):
         parse_settings({"cdrs_per_task": "many"})
+
+
+def test_cdrs_per_task_auto_sizes_the_tasks_and_takes_more_cdrs_per_run():
+    auto = parse_settings({"cdrs_per_task": " Auto ", "chunk_above": "40"})
+    assert auto.auto_sized
+    assert auto.chunk_above == 40
+    fixed = parse_settings({"cdrs_per_task": "1"})
+    assert not fixed.auto_sized
+    assert auto.cdrs_per_run > fixed.cdrs_per_run  # chunks carry far more than a task per CDR could
+    assert parse_settings({"cdrs_per_task": "auto", "max_cdrs_per_run": "50000"}).cdrs_per_run == 50_000
+    with pytest.raises(SettingsError, match="CHUNK_ABOVE='0' must be at least 1"):
+        parse_settings({"chunk_above": "0"})
+
+
+def test_a_sized_chunk_may_send_every_cdr_at_its_deadline():
+    settings = parse_settings({"request_timeout_seconds": "5", "slot_wait_seconds": "10"})
+    assert settings.chunk_timeout_for(300) == dt.timedelta(seconds=10 + 300 * 5 + 60)
 
 
 def test_in_chunk_mode_max_cdrs_per_run_counts_cdrs_and_the_chunks_must_fit_max_map_length():
@@ -122,7 +144,7 @@ def test_in_chunk_mode_max_cdrs_per_run_counts_cdrs_and_the_chunks_must_fit_max_
     with pytest.raises(SettingsError, match=r"makes more chunk tasks than Airflow's \[core\] max_map_length"):
         parse_settings({"cdrs_per_task": "10", "max_cdrs_per_run": "10240"}, max_map_length=1024)
     with pytest.raises(SettingsError, match="every CDR of a run is one mapped task"):
-        parse_settings({"max_cdrs_per_run": "1024"}, max_map_length=1024)
+        parse_settings({"cdrs_per_task": "1", "max_cdrs_per_run": "1024"}, max_map_length=1024)
 
 
 def test_a_chunk_try_may_send_every_cdr_of_a_full_chunk_at_its_deadline():

@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 from airflow.sdk.exceptions import AirflowException
 
-from cdr_webhook.settings import CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID, load_settings
+from cdr_webhook.settings import AUTO_SIZED, CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID, load_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 #: The mapped task's name in the grid (ids only, never CDR text): its CDR, or a chunk's first and size.
 CDR_NAME_TEMPLATE = "{{ task.cdr_ids[0] }}"
 CHUNK_NAME_TEMPLATE = "{{ task.cdr_ids[0] }} ({{ task.cdr_ids | length }} CDRs)"
+#: With tasks sized by the run (``cdrs_per_task`` auto): a task of one CDR by its id, a chunk as above.
+SIZED_NAME_TEMPLATE = (
+    "{{ task.cdr_ids[0] }}{% if task.cdr_ids | length > 1 %} ({{ task.cdr_ids | length }} CDRs){% endif %}"
+)
 
 
 class RetryLater(AirflowException):
@@ -69,17 +73,19 @@ class CdrWebhookOperator(BaseOperator):
     refuses, failed at once, without using the task's retries. A 410, or sustained failure, pauses
     the endpoint.
 
-    A task of one CDR (``cdrs_per_task`` 1, the default) ends as its CDR does. A chunk (up to
-    ``cdrs_per_task``) sends up to the endpoint's in-flight limit at once and ends by the worst
-    outcome among its CDRs: some to retry, it raises for Airflow to retry, and the retry sends only
-    those; some failed for good (after its other CDRs were delivered), it fails, naming them;
-    clearing it sends again its CDRs not delivered.
+    A task of one CDR (``cdrs_per_task`` 1, or a one-CDR task of ``auto``, the default) ends as its CDR
+    does. A chunk (up to ``cdrs_per_task``, or a task of more than one CDR with ``auto``) sends up to
+    the endpoint's in-flight limit at once and ends by the worst outcome among its CDRs: some to retry,
+    it raises for Airflow to retry, and the retry sends only those; some failed for good (after its
+    other CDRs were delivered), it fails, naming them; clearing it sends again its CDRs not delivered.
 
     :param cdr_ids: The CDRs to send, all of endpoint ``http_conn_id``, oldest first.
     :param http_conn_id: The HTTP connection of the endpoint: ``host`` is the full URL, ``password``
         the ``x-api-key`` value, extra ``signing_secret`` the ``whsec_…`` secret.
     :param db_conn_id: The Postgres connection of the CDR database.
-    :param cdrs_per_task: The DAG's chunk size: above 1, the task is a chunk, whatever its length.
+    :param cdrs_per_task: The DAG's chunk size: above 1, the task is a chunk, whatever its length;
+        ``auto`` (0), the select step sized it: a chunk when it has more than one CDR, with an
+        ``execution_timeout`` that grows with its length.
 
     A ``BaseOperator``, not the HTTP provider's ``HttpOperator``: its ``execute`` and hook would both be
     replaced, and importing that module (``aiohttp``, for its deferrable mode) would add to every task's
@@ -101,13 +107,23 @@ class CdrWebhookOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         kwargs["do_xcom_push"] = False
+        sized = cdrs_per_task == AUTO_SIZED
+        if sized and cdr_ids:
+            settings = load_settings()
+            kwargs["execution_timeout"] = (
+                settings.chunk_timeout_for(len(cdr_ids)) if len(cdr_ids) > 1 else settings.attempt_timeout
+            )
         super().__init__(**kwargs)
-        if not 0 < len(cdr_ids) <= cdrs_per_task:
-            raise ValueError(f"a post_cdr task sends 1 to {cdrs_per_task} CDR(s), not {len(cdr_ids)}")
+        if not cdr_ids or (not sized and len(cdr_ids) > cdrs_per_task):
+            raise ValueError(
+                f"a post_cdr task sends 1 to {cdrs_per_task if not sized else 'any number of'} CDR(s), "
+                f"not {len(cdr_ids)}"
+            )
         self.cdr_ids = list(cdr_ids)
         self.http_conn_id = http_conn_id
         self.db_conn_id = db_conn_id
         self.cdrs_per_task = cdrs_per_task
+        self.chunk = len(self.cdr_ids) > 1 if sized else cdrs_per_task > 1
 
     @functools.cached_property
     def hook(self) -> CdrWebhookHook:
@@ -127,7 +143,7 @@ class CdrWebhookOperator(BaseOperator):
                 ti=context["ti"],
                 settings=load_settings(),
                 log=self.log,
-                chunk=self.cdrs_per_task > 1,
+                chunk=self.chunk,
                 retries=self.retries,
             )
             engine.run(self.cdr_ids)

@@ -18,6 +18,7 @@ from cdr_webhook.db import without_jit
 from cdr_webhook.ledger.claims import release_many
 from cdr_webhook.outcome import Decision, Verdict
 from cdr_webhook.settings import load_settings, resolve_import_path
+from cdr_webhook.watch import state as watch_state
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -184,6 +185,9 @@ def resume(
         ).fetchone()
         if row is None:
             return None
+        # Its CDRs waited queued: the commit watcher (if one runs) starts a run for them now, rather
+        # than leaving them to the next scheduled run.
+        watch_state.request_run(conn)
         return _record_event(conn, endpoint, "resumed", reason, actor)
 
 

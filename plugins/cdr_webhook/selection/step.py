@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import ledger
 from cdr_webhook.config import EndpointConfig, EndpointConfigError, from_connection
 from cdr_webhook.ledger import endpoints, schema
 from cdr_webhook.payload import InvalidCdr, build_payload
+from cdr_webhook.selection import sizing
 from cdr_webhook.selection.routing import Route, Router
 from cdr_webhook.selection.source import check_source, distinct_clients, fetch_rows
-from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID, Settings
+from cdr_webhook.settings import AUTO_SIZED, DEFAULT_ENDPOINT_CONN_ID, Settings
 from cdr_webhook.watch import state as watch_state
 from cdr_webhook.window import (
     ASSET_TRIGGERED,
@@ -96,6 +98,15 @@ class _Endpoints:
         return limits
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tasks:
+    """How this run groups its CDRs into tasks: a fixed ``cdrs_per_task``, or sized (``sizing``)."""
+
+    cdrs_per_task: int
+    max_tasks: int | None
+    sizing: sizing.Sizing
+
+
 def select_cdrs(
     conn: psycopg.Connection[Any],
     run: RunInfo,
@@ -103,14 +114,19 @@ def select_cdrs(
     *,
     now: dt.datetime,
     connections: Connections,
-    cdrs_per_task: int = 1,
+    cdrs_per_task: int | None = None,
     max_tasks: int | None = None,
+    task_slots: int | None = None,
 ) -> list[dict[str, Any]]:
     """
     Claim this run's CDRs and return what ``post_cdr`` is mapped over, ``{"cdr_ids", "http_conn_id"}``
-    per task: one CDR each by default; with ``cdrs_per_task`` above 1, each endpoint's CDRs, oldest
-    first, in lists of at most ``cdrs_per_task`` (see :func:`chunked`). At most ``max_tasks`` of
-    them, the claims of any further chunk going back to the queue.
+    per task. ``cdrs_per_task`` is the DAG's (read at parse time), else the settings': with 1, one
+    CDR each; above 1, each endpoint's CDRs, oldest first, in lists of at most ``cdrs_per_task``
+    (see :func:`chunked`); auto (the default), sized by
+    :func:`cdr_webhook.selection.sizing.plan` from the run's share of each endpoint's queue, the
+    endpoint's in-flight limit and ``task_slots`` (the run's chunks that can send at once: the DAG
+    passes the smaller of ``[core] parallelism`` and :func:`worker_cores`). At most ``max_tasks``
+    of them, the claims of any further task going back to the queue.
 
     A run cleared and run again with the same request (the same kind of run, window, policy and
     client) gets exactly the CDRs it had claimed; a run cleared with new Params, as a reprocessing
@@ -118,12 +134,13 @@ def select_cdrs(
     """
     schema.migrate(conn)
     check_source(conn, settings.source_relation)
+    tasks = _task_plan(settings, connections, cdrs_per_task, max_tasks, task_slots)
     window = None if run.run_type in SCANNING else _plan_window(conn, run, settings, now)
     request = _request(window)
     if ledger.recorded_request(conn, dag_id=run.dag_id, run_id=run.run_id) == request:
         owned = ledger.owned_claims(conn, dag_id=run.dag_id, run_id=run.run_id)
         log.info("Run %s was cleared: mapping again the %d CDR(s) it had claimed", run.run_id, len(owned))
-        return _mapped_all(conn, owned, cdrs_per_task, max_tasks)
+        return _mapped_all(conn, owned, tasks)
     known = _known_endpoints(conn, settings, connections)
     with conn.transaction():
         if window is None:
@@ -137,7 +154,34 @@ def select_cdrs(
         endpoints.notify(event)  # once the pause is committed
     _prune(conn, settings, now)
     _log_claimed(conn, claimed=len(checked), sendable=len(sendable))
-    return _mapped_all(conn, sendable, cdrs_per_task, max_tasks)
+    return _mapped_all(conn, sendable, tasks)
+
+
+def _task_plan(
+    settings: Settings,
+    connections: Connections,
+    cdrs_per_task: int | None,
+    max_tasks: int | None,
+    task_slots: int | None,
+) -> _Tasks:
+    """The run's grouping of CDRs into tasks; the sizing reads each endpoint's in-flight limit once."""
+    default = settings.max_in_flight_per_endpoint
+
+    def in_flight(endpoint: str) -> int:
+        try:
+            config = connections(endpoint)
+        except EndpointConfigError:  # held by the select step, or failed at send: one slot is enough
+            return 1
+        return config.in_flight_limit(default) if config is not None else default
+
+    slots = settings.max_active_posts_per_run
+    if task_slots is not None and task_slots > 0:
+        slots = min(slots, task_slots)
+    return _Tasks(
+        settings.cdrs_per_task if cdrs_per_task is None else cdrs_per_task,
+        max_tasks,
+        sizing.Sizing(settings.chunk_above, slots, in_flight),
+    )
 
 
 def _plan_window(conn: psycopg.Connection[Any], run: RunInfo, settings: Settings, now: dt.datetime) -> Window:
@@ -239,7 +283,7 @@ def _assign(
         conn,
         dag_id=run.dag_id,
         run_id=run.run_id,
-        limit=settings.max_cdrs_per_run,
+        limit=settings.cdrs_per_run,
         claim_timeout_seconds=settings.claim_timeout_seconds,
         paused_endpoints=sorted(known.paused),
         throttled=known.throttles(conn, settings),
@@ -287,7 +331,7 @@ def _claim_scan(
         queued,
     )
     claims = _assign(conn, run, settings, known)
-    if len(claims) >= settings.max_cdrs_per_run:
+    if len(claims) >= settings.cdrs_per_run:
         # A full run: CDRs may wait behind it; the commit watcher starts the next run for them
         # instead of leaving them to the schedule.
         watch_state.request_more(conn, relation)
@@ -457,26 +501,48 @@ def chunked(
             chunk = open_chunk[claim.endpoint] = []
             chunks.append(chunk)
         chunk.append(claim)
-    if max_chunks is None or len(chunks) <= max_chunks:
-        return chunks, []
-    return chunks[:max_chunks], [claim for chunk in chunks[max_chunks:] for claim in chunk]
+    return sizing.split_surplus(chunks, max_chunks)
 
 
 def _mapped_all(
-    conn: psycopg.Connection[Any], claims: list[ledger.Claim], cdrs_per_task: int, max_tasks: int | None
+    conn: psycopg.Connection[Any], claims: list[ledger.Claim], tasks: _Tasks
 ) -> list[dict[str, Any]]:
-    """What the post tasks are mapped over: a chunk of CDRs each (of one CDR when ``cdrs_per_task`` is 1)."""
-    chunks, surplus = chunked(claims, cdrs_per_task, max_tasks)
+    """What the post tasks are mapped over: the CDRs of one endpoint each, as ``tasks`` groups them."""
+    if tasks.cdrs_per_task == AUTO_SIZED:
+        chunks, surplus = sizing.plan(claims, tasks.sizing, tasks.max_tasks)
+        _log_chunked(chunks, tasks.sizing)
+    else:
+        chunks, surplus = chunked(claims, tasks.cdrs_per_task, tasks.max_tasks)
     if surplus:
         ledger.release_many(conn, surplus)
         log.info(
-            "%d chunk(s) reach max_map_length: %d CDR(s) go back to the queue for the next runs",
+            "%d task(s) reach max_map_length: %d CDR(s) go back to the queue for the next runs",
             len(chunks),
             len(surplus),
         )
     return [
         {"cdr_ids": [claim.cdr_id for claim in chunk], "http_conn_id": chunk[0].endpoint} for chunk in chunks
     ]
+
+
+def _log_chunked(tasks: list[list[ledger.Claim]], rule: sizing.Sizing) -> None:
+    """Say which endpoints went in chunks, and why (the sizing is the run's own choice)."""
+    sizes: dict[str, list[int]] = {}
+    for task in tasks:
+        if len(task) > 1:
+            sizes.setdefault(task[0].endpoint, []).append(len(task))
+    for endpoint, chunk_sizes in sizes.items():
+        log.info(
+            "Endpoint %s: %d CDR(s) in this run, more than chunk_above (%d): %d chunk task(s) of up to "
+            "%d CDR(s) (run task slots %d, its in-flight limit %d)",
+            endpoint,
+            sum(chunk_sizes),
+            rule.chunk_above,
+            len(chunk_sizes),
+            max(chunk_sizes),
+            rule.task_slots,
+            rule.in_flight(endpoint),
+        )
 
 
 def airflow_connections() -> Connections:
@@ -500,6 +566,18 @@ def airflow_connections() -> Connections:
         return found
 
     return config_of
+
+
+def worker_cores() -> int:
+    """
+    The CPU cores this worker may run on: a bound on the chunks of a run sending at once.
+
+    A chunk sending to a fast receiver keeps one core busy (its POSTs are our Python, one process);
+    more chunks than cores only add task starts, each far dearer than a POST.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
 
 
 def run_info(context: Mapping[str, Any]) -> RunInfo:

@@ -3,7 +3,8 @@
 The watcher compares the newest ``created_at`` of the source relation with what is already covered:
 the ledger's watermark (every scan reads up to it) or, newer still, what the watcher last fired a run
 for. Rows newer than both are new commits no run has been asked for yet. A run that took a full
-``max_cdrs_per_run`` and left CDRs queued asks for another run the same way (``more_at``). Fires are
+``max_cdrs_per_run`` and left CDRs queued, or the resume of a paused endpoint, asks for another run
+the same way (``more_at``). Fires are
 at least ``min_gap_seconds`` apart, so events that arrive while a run is starting coalesce.
 """
 
@@ -91,7 +92,7 @@ def decide(
             f"{covered.isoformat() if covered else 'nothing'})"
         )
     elif more:
-        reason = "a run left CDRs queued beyond max_cdrs_per_run"
+        reason = "queued CDRs wait for a run (a run was full, or an endpoint was resumed)"
     else:
         reason = "no run has scanned the CDRs of the last event yet (paused, or max_active_runs reached?)"
     if state.fired_at is not None:

@@ -120,6 +120,11 @@ def started_from(conn: psycopg.Connection[Any], relation: str) -> dt.datetime | 
     return row[0] if row else None
 
 
+def request_run(conn: psycopg.Connection[Any]) -> None:
+    """Queued CDRs can go out now (an endpoint was resumed): ask every watcher for a run."""
+    conn.execute("UPDATE cdr_webhook.watch_state SET more_at = clock_timestamp(), updated_at = now()")
+
+
 def request_more(conn: psycopg.Connection[Any], relation: str) -> None:
     """A run took a full max_cdrs_per_run and CDRs wait: ask the watcher (if one runs) for another run."""
     # clock_timestamp, not the transaction's start: a fire after this write must count as after it.

@@ -27,9 +27,20 @@ router = APIRouter()
 
 #: Why a delivered CDR is not cleared in chunk mode, and what redelivers it.
 CHUNK_DELIVERED = (
-    "delivered, and in chunk mode (cdrs_per_task > 1) clearing its chunk re-sends only the chunk's CDRs "
+    "delivered, and its task is a chunk: clearing a chunk re-sends only its CDRs "
     "not delivered: redeliver it with a run (policy all, its client and day) from Completeness"
 )
+
+
+def _chunks(conn: Conn, rows: list[deliveries.Delivery]) -> set[tuple[str | None, int | None]]:
+    """The tasks of these rows that are chunks: all of them in chunk mode; with auto, those of 2+ CDRs."""
+    owned = sorted({(r.run_id, r.map_index) for r in rows if r.run_id and r.map_index is not None})
+    settings = load_settings()
+    if settings.cdrs_per_task > 1:
+        return set(owned)
+    if not settings.auto_sized:
+        return set()
+    return deliveries.chunk_tasks(conn, dag_id=DAG_ID, tasks=owned)
 
 
 @router.post("/redeliver", response_class=HTMLResponse)
@@ -56,9 +67,10 @@ def redeliver(
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     by_run: dict[str, list[int]] = {}
     not_cleared = []
-    chunks = load_settings().cdrs_per_task > 1
-    for row in deliveries.get_deliveries(conn, keys):
-        if chunks and row.status == "delivered":
+    rows = deliveries.get_deliveries(conn, keys)
+    chunks = _chunks(conn, rows)
+    for row in rows:
+        if (row.run_id, row.map_index) in chunks and row.status == "delivered":
             # A cleared chunk sends again only its CDRs not delivered: clearing would not resend this one.
             not_cleared.append((row, CHUNK_DELIVERED))
         elif row.dag_id == DAG_ID and row.run_id and row.map_index is not None and row.map_index >= 0:

@@ -201,6 +201,21 @@ def get_deliveries(conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str]
         return cur.execute(query, ([k[0] for k in keys], [k[1] for k in keys])).fetchall()
 
 
+def chunk_tasks(
+    conn: psycopg.Connection[Any], *, dag_id: str, tasks: Sequence[tuple[str, int]]
+) -> set[tuple[str, int]]:
+    """Which of these ``(run_id, map_index)`` tasks send more than one CDR (a chunk)."""
+    if not tasks:
+        return set()
+    rows = conn.execute(
+        "SELECT d.run_id, d.map_index FROM cdr_webhook.delivery AS d "
+        "JOIN unnest(%s::text[], %s::int[]) AS t(run_id, map_index) USING (run_id, map_index) "
+        "WHERE d.dag_id = %s GROUP BY d.run_id, d.map_index HAVING count(*) > 1",
+        ([t[0] for t in tasks], [t[1] for t in tasks], dag_id),
+    ).fetchall()
+    return {(run_id, map_index) for run_id, map_index in rows}
+
+
 def _column_names() -> list[str]:
     return [field.name for field in dataclasses.fields(Delivery)]
 
