@@ -13,6 +13,7 @@ import importlib
 import re
 from typing import TYPE_CHECKING, Any
 
+from cdr_webhook.payload import MIN_PAYLOAD_BYTES
 from cdr_webhook.selection.routing import UNROUTED_CHOICES
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class Settings:
     slot_wait_seconds: int = 60  # how long a POST waits for one of its endpoint's in-flight slots
     # The Deliveries page: the longest one of its queries may run before the database cancels it.
     page_statement_timeout_seconds: float = 10.0
+    # The largest body a CDR may have (256 KiB): a larger one is recorded skipped, with its reason.
+    max_payload_bytes: int = 262_144
 
     @property
     def attempt_timeout(self) -> dt.timedelta:
@@ -172,6 +175,11 @@ def _non_negative_float(name: str, raw: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise SettingsError(f"{_env(name)}={raw!r} must be 0 (off) or a number of seconds")
     return value
+
+
+def _payload_bytes(name: str, raw: str) -> int:
+    # Every body carries the 19 fields: below this, nearly every CDR would be skipped.
+    return _whole_number(name, raw, MIN_PAYLOAD_BYTES)
 
 
 def _watch_interval(name: str, raw: str) -> float:
@@ -291,6 +299,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "cdrs_per_task": _positive_int,
     "watch_interval_seconds": _watch_interval,
     "page_statement_timeout_seconds": _positive_float,
+    "max_payload_bytes": _payload_bytes,
 }
 
 

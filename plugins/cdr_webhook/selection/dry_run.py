@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdr_webhook.config import EndpointConfigError, scrub
 from cdr_webhook.ledger import MAX_CDR_ID_LENGTH
-from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+from cdr_webhook.payload import InvalidCdr, build_payload, sized_body
 from cdr_webhook.selection import source
 from cdr_webhook.selection.routing import Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID
@@ -72,7 +72,8 @@ def previews(
             if route.skip_reason is not None:
                 yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, f"skipped: {route.skip_reason}")
                 continue
-            yield _request(cdr_id, rows.get(cdr_id or ""), route.endpoint, connections)
+            row = rows.get(cdr_id or "")
+            yield _request(cdr_id, row, route.endpoint, connections, settings.max_payload_bytes)
 
 
 def _exists(connections: Callable[[str], EndpointConfig | None], conn_id: str) -> bool:
@@ -87,6 +88,7 @@ def _request(
     row: Mapping[str, Any] | None,
     endpoint: str,
     connections: Callable[[str], EndpointConfig | None],
+    max_bytes: int,
 ) -> PreviewedCdr:
     try:
         config = connections(endpoint)
@@ -109,7 +111,10 @@ def _request(
         return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {excluded}")
     from cdr_webhook.deliver.hook import BASE_HEADERS  # imports Airflow: only once there is a body
 
-    body = encode_body(payload)
+    try:
+        body = sized_body(payload, max_bytes)
+    except InvalidCdr as err:
+        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {scrub(str(err), secrets)}")
     signed = signed_headers(config, body, webhook_id(cdr_id, endpoint))
     headers = {**BASE_HEADERS, "content-length": str(len(body)), **signed}
     return PreviewedCdr(cdr_id, endpoint, config.origin, body, masked_headers(headers))
