@@ -93,11 +93,13 @@ class Unloadable:
     A source value the database driver could not turn into a Python value, as PostgreSQL wrote it.
 
     PostgreSQL's dates reach from 4713 BC to 294276 AD and include ``infinity``; Python's stop at
-    years 1 and 9999. The reader puts this marker in the row instead of failing the whole query,
-    so only the CDR that holds such a value is skipped.
+    years 1 and 9999 (and its JSON reader at some thousand levels of nesting). The reader puts this
+    marker in the row instead of failing the whole query, so only the CDR that holds such a value is
+    skipped, with ``problem``.
     """
 
     raw: str
+    problem: str = "is outside the range of dates a payload can carry"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +142,7 @@ def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
             raise InvalidCdr(cdr_id, "cdr_id", cdr_id, row[column].problem)
     for column in PAYLOAD_FIELDS:
         if isinstance(row[column], Unloadable):
-            raise InvalidCdr(
-                cdr_id, column, row[column].raw, "is outside the range of dates a payload can carry"
-            )
+            raise InvalidCdr(cdr_id, column, row[column].raw, row[column].problem)
     payload: dict[str, Any] = {}
     for column in PAYLOAD_FIELDS:
         value = row[column]

@@ -72,8 +72,8 @@ class Feed:
     """What was written: the good CDR ids, and the bad ones by the column their reason must name."""
 
     good: list[str]
-    bad: dict[str, str]  # cdr_id (None for the NULL-id rows: their ledger key is derived) -> column
-    null_id_rows: int
+    bad: dict[str, str]  # cdr_id -> column
+    null_id_rows: int  # bad rows without a cdr_id: the ledger keys them by the row
 
 
 def write_feed(conn, good: int, bad: int) -> Feed:
@@ -89,11 +89,11 @@ def write_feed(conn, good: int, bad: int) -> Feed:
     for j in range(bad):
         kind = BAD_KINDS[j % len(BAD_KINDS)]
         cdr_id = f"bad-{j:04d}-{kind.name}"
+        if kind.name == "long-cdr-id":
+            cdr_id = kind.values["cdr_id"] + str(j)
         if kind.name == "null-cdr-id":
             null_ids += 1
-        elif kind.name == "long-cdr-id":
-            cdr_id = kind.values["cdr_id"] + str(j)
-        if kind.name != "null-cdr-id":
+        else:
             kinds[cdr_id] = kind.column
         entries.append((kind.name, cdr_id, {k: v for k, v in kind.values.items() if k != "cdr_id"}))
     random.Random(18).shuffle(entries)
@@ -163,7 +163,10 @@ def check_outcome(conn, feed: Feed, receiver: Receiver) -> None:
     null_rows = [row for key, row in rows.items() if key.startswith(NULL_CDR_ID_PREFIX)]
     assert len(null_rows) == feed.null_id_rows
     assert all(row[0] == "skipped" and "column cdr_id is NULL" in row[1] for row in null_rows)
-    check_odd_values(conn, {r.cdr_id: r for r in received}, feed)
+    by_id = {r.cdr_id: r for r in received}
+    # The duplicated CDRs went out once (above), from their earliest row.
+    assert by_id[feed.good[-2]].payload["cost"] == 0.0525
+    check_odd_values(conn, by_id, feed)
 
 
 def _long_id_row(rows, cdr_id: str):
