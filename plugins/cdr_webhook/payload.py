@@ -54,6 +54,8 @@ _NON_NEGATIVE = frozenset({"billed_duration", "incremental_duration"})
 _INTEGER_RANGE = (-(2**63), 2**63 - 1)
 #: A call lasts less than a year; a longer duration is a unit mix-up (milliseconds) or garbage.
 MAX_DURATION_SECONDS = 365 * 24 * 3600
+#: Why a date PostgreSQL holds and the payload cannot (years outside 1-9999 once in UTC) skips its CDR.
+OUT_OF_RANGE = "is outside the range of dates a payload can carry"
 #: The smallest ``max_payload_bytes``: a body of the 19 fields with short values is about 400 bytes.
 MIN_PAYLOAD_BYTES = 1024
 
@@ -99,7 +101,7 @@ class Unloadable:
     """
 
     raw: str
-    problem: str = "is outside the range of dates a payload can carry"
+    problem: str = OUT_OF_RANGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +236,7 @@ def _string(cdr_id: object, column: str, value: Any) -> str | None:
     raise InvalidCdr(cdr_id, column, value, f"expected text, got {type(value).__name__}")
 
 
-#: A lone UTF-16 surrogate: a json column may hold one as ``\\ud800``; UTF-8 cannot encode it.
+#: A lone UTF-16 surrogate: a json column may hold one as ``\ud800``; UTF-8 cannot encode it.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -322,7 +324,7 @@ def _timestamp(cdr_id: object, column: str, value: Any) -> str:
     try:
         return value.astimezone(dt.UTC).isoformat()
     except OverflowError:  # year 1 or 9999 a few hours beyond Python's range once in UTC
-        raise InvalidCdr(cdr_id, column, value, "is outside the range of dates a payload can carry") from None
+        raise InvalidCdr(cdr_id, column, value, OUT_OF_RANGE) from None
 
 
 def _phonebooks(cdr_id: object, ids: Any, names: Any) -> tuple[list[int], list[str]]:

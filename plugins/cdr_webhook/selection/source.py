@@ -12,7 +12,7 @@ from psycopg.types import datetime as pg_datetime
 from psycopg.types import json as pg_json
 
 from cdr_webhook.db import relation_identifier
-from cdr_webhook.payload import PAYLOAD_FIELDS, SOURCE_COLUMNS, Ambiguous, Unloadable
+from cdr_webhook.payload import OUT_OF_RANGE, PAYLOAD_FIELDS, SOURCE_COLUMNS, Ambiguous, Unloadable
 from cdr_webhook.source_types import check_types, suggest_cast
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ def _tolerant(base: type[Loader], problem: str) -> type[Loader]:
     return Tolerant
 
 
-_OUT_OF_RANGE = "is outside the range of dates a payload can carry"
 _TOO_DEEP = "is JSON nested too deeply to read"
 
 # Text-format loaders: fetch_rows reads with a text cursor. Date and time types are the ones whose
@@ -53,10 +52,10 @@ _TOO_DEEP = "is JSON nested too deeply to read"
 # thousand levels deep is valid to PostgreSQL and beyond Python's recursion limit (without this, one
 # such row failed every run's select step).
 _TOLERANT_LOADERS: dict[str, type[Loader]] = {
-    "date": _tolerant(pg_datetime.DateLoader, _OUT_OF_RANGE),
-    "timestamp": _tolerant(pg_datetime.TimestampLoader, _OUT_OF_RANGE),
-    "timestamptz": _tolerant(pg_datetime.TimestamptzLoader, _OUT_OF_RANGE),
-    "interval": _tolerant(pg_datetime.IntervalLoader, _OUT_OF_RANGE),
+    "date": _tolerant(pg_datetime.DateLoader, OUT_OF_RANGE),
+    "timestamp": _tolerant(pg_datetime.TimestampLoader, OUT_OF_RANGE),
+    "timestamptz": _tolerant(pg_datetime.TimestamptzLoader, OUT_OF_RANGE),
+    "interval": _tolerant(pg_datetime.IntervalLoader, OUT_OF_RANGE),
     "json": _tolerant(pg_json.JsonLoader, _TOO_DEEP),
     "jsonb": _tolerant(pg_json.JsonbLoader, _TOO_DEEP),
 }
