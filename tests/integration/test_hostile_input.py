@@ -17,6 +17,7 @@ import random
 import resource
 import time
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,6 +26,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from cdr_webhook.deliver.operator import CdrWebhookOperator
 from cdr_webhook.ledger import LONG_CDR_ID_PREFIX, NULL_CDR_ID_PREFIX
 from cdr_webhook.payload import SOURCE_COLUMNS
+from cdr_webhook.selection.dry_run import previews
 from cdr_webhook.selection.source import SourceError
 from cdr_webhook.selection.step import RunInfo, select_cdrs
 from cdr_webhook.settings import Settings
@@ -330,3 +332,35 @@ def test_a_numeric_client_id_is_refused_and_the_cast_it_names_skips_fractions_sa
     rows = ledger(db)
     for cdr_id in feed.good[:2]:
         assert rows[cdr_id][:2] == ("skipped", f"CDR {cdr_id!r}: column client_id = None: must not be NULL")
+
+
+def test_a_dry_run_says_which_cdrs_the_limits_would_skip(db):
+    # What `python -m cdr_webhook cdrs dry-run` prints: the same rules as a run, nothing written.
+    feed = write_feed(db, 2, len(BAD_KINDS))
+    db.execute(
+        f"UPDATE {FEED} SET campaign_name = to_json(repeat('z', 5000)) WHERE cdr_id = %s", (feed.good[0],)
+    )
+    settings = Settings(source_relation=FEED, max_payload_bytes=4096)
+
+    window = {"start": T0, "end": T0 + MINUTE, "client_id": None, "connections": CONNECTIONS, "limit": 5000}
+    shown: dict[str, Any] = {}
+    again = []
+    for item in previews(db, settings, **window):
+        if item.cdr_id in shown:
+            again.append((item.cdr_id, item.not_sent))
+        else:
+            shown[item.cdr_id] = item
+
+    assert shown[feed.good[1]].body is not None
+    assert "over max_payload_bytes = 4096" in shown[feed.good[0]].not_sent
+    for cdr_id, column in feed.bad.items():
+        assert shown[cdr_id].body is None, cdr_id
+        assert column in shown[cdr_id].not_sent, (cdr_id, shown[cdr_id].not_sent)
+    # The duplicates, each once more: a later row of a good CDR, the identical row of the other, the
+    # ambiguous pair's second row. A run sends (or skips) each of them once.
+    ambiguous = next(cdr_id for cdr_id in feed.bad if cdr_id.endswith("ambiguous-duplicate"))
+    assert sorted(again) == [
+        (cdr_id, "not sent again: an earlier row of this cdr_id is the CDR")
+        for cdr_id in sorted([*feed.good, ambiguous])
+    ]
+    assert db.execute("SELECT count(*) FROM cdr_webhook.delivery").fetchone()[0] == 0

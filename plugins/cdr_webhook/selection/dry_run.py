@@ -64,16 +64,39 @@ def previews(
         default_endpoint=DEFAULT_ENDPOINT_CONN_ID,
     )
     keys = source.window_keys(conn, relation, start=start, end=end, client_id=client_id, limit=limit)
+    seen: set[str] = set()
     for index in range(0, len(keys), _BATCH):
         batch = keys[index : index + _BATCH]
-        rows = source.fetch_rows(conn, relation, [(k[0], k[1]) for k in batch if k[0] is not None])
-        for cdr_id, _, client in batch:
+        earliest = _earliest_rows(batch, seen)
+        rows = source.fetch_rows(conn, relation, earliest)
+        for cdr_id, created_at, client in batch:
             route = router.route(client)
+            if cdr_id is not None and (cdr_id, created_at) not in earliest:
+                why = "not sent again: an earlier row of this cdr_id is the CDR"
+                yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, why)
+                continue
+            if cdr_id is not None:
+                earliest.remove((cdr_id, created_at))  # a second row of the same key is the same CDR
             if route.skip_reason is not None:
                 yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, f"skipped: {route.skip_reason}")
                 continue
             row = rows.get(cdr_id or "")
             yield _request(cdr_id, row, route.endpoint, connections, settings.max_payload_bytes)
+
+
+def _earliest_rows(
+    batch: list[tuple[str | None, dt.datetime, int | None]], seen: set[str]
+) -> set[tuple[str, dt.datetime]]:
+    """
+    The first keys in ``batch`` of the cdr_ids not ``seen`` yet (adding them to it): a cdr_id is one CDR,
+    its earliest row, as the queue takes it; reading a later row too would make it look ambiguous.
+    """
+    earliest = set()
+    for cdr_id, created_at, _ in batch:
+        if cdr_id is not None and cdr_id not in seen:
+            seen.add(cdr_id)
+            earliest.add((cdr_id, created_at))
+    return earliest
 
 
 def _exists(connections: Callable[[str], EndpointConfig | None], conn_id: str) -> bool:
