@@ -110,7 +110,7 @@ BAD_KINDS = (
 
 
 def create_feed(conn: Any) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {FEED}")
+    conn.execute(f"DROP TABLE IF EXISTS {FEED} CASCADE")  # and a view a test made over it
     columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS.items())
     conn.execute(f"CREATE TABLE {FEED} ({columns})")
     conn.execute(f"CREATE INDEX ON {FEED} (created_at)")
