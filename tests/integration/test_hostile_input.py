@@ -360,7 +360,7 @@ def test_a_dry_run_says_which_cdrs_the_limits_would_skip(db):
     # ambiguous pair's second row. A run sends (or skips) each of them once.
     ambiguous = next(cdr_id for cdr_id in feed.bad if cdr_id.endswith("ambiguous-duplicate"))
     assert sorted(again) == [
-        (cdr_id, "not sent again: an earlier row of this cdr_id is the CDR")
+        (cdr_id, "another row of this cdr_id, shown above, is the CDR")
         for cdr_id in sorted([*feed.good, ambiguous])
     ]
     assert db.execute("SELECT count(*) FROM cdr_webhook.delivery").fetchone()[0] == 0

@@ -72,7 +72,7 @@ def previews(
         for cdr_id, created_at, client in batch:
             route = router.route(client)
             if cdr_id is not None and (cdr_id, created_at) not in earliest:
-                why = "not sent again: an earlier row of this cdr_id is the CDR"
+                why = "another row of this cdr_id, shown above, is the CDR"
                 yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, why)
                 continue
             if cdr_id is not None:
