@@ -165,6 +165,7 @@ def check_outcome(conn, feed: Feed, receiver: Receiver) -> None:
     null_rows = [row for key, row in rows.items() if key.startswith(NULL_CDR_ID_PREFIX)]
     assert len(null_rows) == feed.null_id_rows
     assert all(row[0] == "skipped" and "column cdr_id is NULL" in row[1] for row in null_rows)
+    assert all(len(row[1]) <= 600 and row[1].isprintable() for row in null_rows)
     by_id = {r.cdr_id: r for r in received}
     # The duplicated CDRs went out once (above), from their earliest row.
     assert by_id[feed.good[-2]].payload["cost"] == 0.0525
