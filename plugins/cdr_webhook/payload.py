@@ -10,6 +10,8 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import re
+import reprlib
 import uuid
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
@@ -48,7 +50,43 @@ _STRINGS = ("cdr_id", "callerid", "callrequest_id", "call_id", "campaign_name", 
 _INTEGERS = ("client_id", "campaign_id", "leg_type", "amd_status", "hangup_cause_code")
 _NUMBERS = ("cost", "billed_duration", "incremental_duration")
 _NON_NEGATIVE = frozenset({"billed_duration", "incremental_duration"})
-_MAX_VALUE_IN_MESSAGE = 80
+#: The integers a receiver's integer type can hold: a signed 64-bit one (PostgreSQL's bigint).
+_INTEGER_RANGE = (-(2**63), 2**63 - 1)
+#: A call lasts less than a year; a longer duration is a unit mix-up (milliseconds) or garbage.
+MAX_DURATION_SECONDS = 365 * 24 * 3600
+#: Why a date PostgreSQL holds and the payload cannot (years outside 1-9999 once in UTC) skips its CDR.
+OUT_OF_RANGE = "is outside the range of dates a payload can carry"
+#: The smallest ``max_payload_bytes``: a body of the 19 fields with short values is about 400 bytes.
+MIN_PAYLOAD_BYTES = 1024
+
+
+def _value_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()
+    shown.maxstring = shown.maxother = 80
+    shown.maxlong = 40
+    shown.maxlist = shown.maxtuple = shown.maxset = shown.maxdict = 5
+    shown.maxlevel = 3
+    return shown
+
+
+_VALUE_REPR = _value_repr()
+
+
+def shown(value: object) -> str:
+    """
+    A bounded, single-line rendering of a source value for a reason, a log line or the page.
+
+    ``repr`` of a slice only (a 1 MB string or a 100,000-element array costs no more than a short
+    one), so control, bidi, line-separator and surrogate characters are escaped (``\\n``,
+    ``\\u202e``): a reason cannot forge a log line or reorder the text around it. A long text or array
+    says its length.
+    """
+    text = _VALUE_REPR.repr(value)
+    if isinstance(value, (str, bytes)) and len(value) > _VALUE_REPR.maxstring:
+        return f"{text} ({len(value)} characters)"
+    if isinstance(value, (list, tuple)) and len(value) > _VALUE_REPR.maxlist:
+        return f"{text} ({len(value)} elements)"
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +95,13 @@ class Unloadable:
     A source value the database driver could not turn into a Python value, as PostgreSQL wrote it.
 
     PostgreSQL's dates reach from 4713 BC to 294276 AD and include ``infinity``; Python's stop at
-    years 1 and 9999. The reader puts this marker in the row instead of failing the whole query,
-    so only the CDR that holds such a value is skipped.
+    years 1 and 9999 (and its JSON reader at some thousand levels of nesting). The reader puts this
+    marker in the row instead of failing the whole query, so only the CDR that holds such a value is
+    skipped, with ``problem``.
     """
 
     raw: str
+    problem: str = OUT_OF_RANGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +125,7 @@ class InvalidCdr(ValueError):
         self.column = column
         self.value = value
         self.problem = problem
-        shown = repr(value)
-        if len(shown) > _MAX_VALUE_IN_MESSAGE:
-            shown = shown[: _MAX_VALUE_IN_MESSAGE - 3] + "..."
-        super().__init__(f"CDR {cdr_id!r}: column {column} = {shown}: {problem}")
+        super().__init__(f"CDR {shown(cdr_id)}: column {column} = {shown(value)}: {problem}")
 
 
 def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,9 +144,7 @@ def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
             raise InvalidCdr(cdr_id, "cdr_id", cdr_id, row[column].problem)
     for column in PAYLOAD_FIELDS:
         if isinstance(row[column], Unloadable):
-            raise InvalidCdr(
-                cdr_id, column, row[column].raw, "is outside the range of dates a payload can carry"
-            )
+            raise InvalidCdr(cdr_id, column, row[column].raw, row[column].problem)
     payload: dict[str, Any] = {}
     for column in PAYLOAD_FIELDS:
         value = row[column]
@@ -139,11 +174,35 @@ def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def build_body(cdr_id: str, row: Mapping[str, Any] | None, relation: str) -> bytes:
-    """The body of CDR ``cdr_id`` from its source ``row``; raises ``InvalidCdr`` (a row gone is one too)."""
+def build_body(cdr_id: str, row: Mapping[str, Any] | None, relation: str, max_bytes: int) -> bytes:
+    """
+    The body of CDR ``cdr_id`` from its source ``row``, at most ``max_bytes`` long; raises
+    ``InvalidCdr`` (a row gone is one too).
+    """
     if row is None:
         raise InvalidCdr(cdr_id, "cdr_id", cdr_id, f"no longer in {relation}")
-    return encode_body(build_payload(row))
+    return sized_body(build_payload(row), max_bytes)
+
+
+def sized_body(payload: Mapping[str, Any], max_bytes: int) -> bytes:
+    """
+    The body of ``payload``; :class:`InvalidCdr` when it is over ``max_bytes`` (``max_payload_bytes``).
+
+    The reason names the field that takes most of the body, with its (bounded) value: a 1 MB
+    campaign name or a 100,000-element phonebook list is what to fix in the source.
+    """
+    body = encode_body(payload)
+    if len(body) <= max_bytes:
+        return body
+    sizes = {field: len(_json_value(value).encode("utf-8")) for field, value in payload.items()}
+    largest = max(sizes, key=lambda field: sizes[field])
+    raise InvalidCdr(
+        payload.get("cdr_id"),
+        largest,
+        payload[largest],
+        f"makes the body {len(body)} bytes ({sizes[largest]} of them this field), over max_payload_bytes "
+        f"= {max_bytes}: not sent",
+    )
 
 
 def encode_body(payload: Mapping[str, Any]) -> bytes:
@@ -171,10 +230,42 @@ def _string(cdr_id: object, column: str, value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return value
+        return _text(cdr_id, column, value)
     if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
         return str(value)
     raise InvalidCdr(cdr_id, column, value, f"expected text, got {type(value).__name__}")
+
+
+#: A lone UTF-16 surrogate: a json column may hold one as ``\ud800``; UTF-8 cannot encode it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(cdr_id: object, column: str, value: str) -> str:
+    """
+    Text as it is (bidi overrides, emoji, tabs and all: the spec sends it byte-exact), except what
+    cannot be sent: NUL, which PostgreSQL text cannot hold and many receivers refuse (jsonb among
+    them), and a lone surrogate, which is not UTF-8. Only a json column can carry either.
+    """
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise InvalidCdr(cdr_id, column, value, f"contains a NUL character (U+0000) at index {nul}")
+    surrogate = _SURROGATE.search(value)
+    if surrogate:
+        raise InvalidCdr(
+            cdr_id,
+            column,
+            value,
+            f"contains a lone surrogate (U+{ord(surrogate.group()):04X}) at index {surrogate.start()}, "
+            "which UTF-8 cannot encode",
+        )
+    return value
+
+
+def _in_range(cdr_id: object, column: str, value: int) -> int:
+    low, high = _INTEGER_RANGE
+    if not low <= value <= high:
+        raise InvalidCdr(cdr_id, column, value, "is beyond the 64-bit integer a receiver can hold")
+    return value
 
 
 def _integer(cdr_id: object, column: str, value: Any) -> int | None:
@@ -183,9 +274,9 @@ def _integer(cdr_id: object, column: str, value: Any) -> int | None:
     if isinstance(value, bool):
         raise InvalidCdr(cdr_id, column, value, "expected an integer, got a boolean")
     if isinstance(value, int):
-        return value
+        return _in_range(cdr_id, column, value)
     if isinstance(value, (Decimal, float)) and _finite(value) and value == int(value):
-        return int(value)
+        return _in_range(cdr_id, column, int(value))
     raise InvalidCdr(cdr_id, column, value, "expected an integer")
 
 
@@ -198,6 +289,10 @@ def _number(cdr_id: object, column: str, value: Any) -> int | Decimal | None:
         raise InvalidCdr(cdr_id, column, value, "must be a finite number (NaN and Infinity are not JSON)")
     if column in _NON_NEGATIVE and value < 0:
         raise InvalidCdr(cdr_id, column, value, "must not be negative")
+    if column in _NON_NEGATIVE and value > MAX_DURATION_SECONDS:
+        raise InvalidCdr(
+            cdr_id, column, value, f"is longer than a year ({MAX_DURATION_SECONDS} seconds): not a call's"
+        )
     if isinstance(value, float):
         # repr gives the shortest digits that read back as the same float: no binary noise.
         value = Decimal(repr(value))
@@ -229,7 +324,7 @@ def _timestamp(cdr_id: object, column: str, value: Any) -> str:
     try:
         return value.astimezone(dt.UTC).isoformat()
     except OverflowError:  # year 1 or 9999 a few hours beyond Python's range once in UTC
-        raise InvalidCdr(cdr_id, column, value, "is outside the range of dates a payload can carry") from None
+        raise InvalidCdr(cdr_id, column, value, OUT_OF_RANGE) from None
 
 
 def _phonebooks(cdr_id: object, ids: Any, names: Any) -> tuple[list[int], list[str]]:

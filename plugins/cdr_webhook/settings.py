@@ -13,6 +13,7 @@ import importlib
 import re
 from typing import TYPE_CHECKING, Any
 
+from cdr_webhook.payload import MIN_PAYLOAD_BYTES
 from cdr_webhook.selection.routing import UNROUTED_CHOICES
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class Settings:
     slot_wait_seconds: int = 60  # how long a POST waits for one of its endpoint's in-flight slots
     # The Deliveries page: the longest one of its queries may run before the database cancels it.
     page_statement_timeout_seconds: float = 10.0
+    # The largest body a CDR may have (256 KiB): a larger one is recorded skipped, with its reason.
+    max_payload_bytes: int = 262_144
 
     @property
     def auto_sized(self) -> bool:
@@ -212,6 +215,11 @@ def _cdrs_per_task(name: str, raw: str) -> int:
     return value
 
 
+def _payload_bytes(name: str, raw: str) -> int:
+    # Every body carries the 19 fields: below this, nearly every CDR would be skipped.
+    return _whole_number(name, raw, MIN_PAYLOAD_BYTES)
+
+
 def _watch_interval(name: str, raw: str) -> float:
     value = _non_negative_float(name, raw)
     if 0 < value < 0.1:
@@ -330,6 +338,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "chunk_above": _positive_int,
     "watch_interval_seconds": _watch_interval,
     "page_statement_timeout_seconds": _positive_float,
+    "max_payload_bytes": _payload_bytes,
 }
 
 

@@ -101,8 +101,13 @@ def test_a_type_the_check_refuses_is_one_the_mapping_refuses(cdr_db, column):
             mapped = False
         if type_name in rule.accepted:
             assert mapped, f"{column} {type_name}: the check accepts it, the mapping refuses {value!r}"
-        elif not rule.allows(type_name):
+        elif not rule.allows(type_name) and not (column == "client_id" and type_name in ROUTED_STRICTER):
             assert not mapped, f"{column} {type_name}: the check refuses it, the mapping takes {value!r}"
+
+
+#: client_id routes the CDR inside SQL, before the mapping: the check refuses these, whose whole values
+#: the mapping would take, because a fraction matched no route there and a value beyond bigint failed.
+ROUTED_STRICTER = frozenset({"numeric", "real", "double precision", "jsonb"})
 
 
 def test_the_reference_views_types_are_read_from_the_catalog(cdr_db):

@@ -2,11 +2,23 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
-from cdr_webhook.payload import PAYLOAD_FIELDS, InvalidCdr, Unloadable, build_payload, encode_body
+from cdr_webhook import payload as payload_module
+from cdr_webhook.payload import (
+    MAX_DURATION_SECONDS,
+    PAYLOAD_FIELDS,
+    InvalidCdr,
+    Unloadable,
+    build_payload,
+    encode_body,
+    shown,
+    sized_body,
+)
 from tests.payloads import assert_valid_payload, source_row
 
 
@@ -162,3 +174,114 @@ def test_missing_source_column_is_named():
     del row["gateway"]
     with pytest.raises(InvalidCdr, match="column gateway = None: column missing from the source relation"):
         build_payload(row)
+
+
+# Hostile values (issue #18 item 2): what is refused, what is delivered as it is, and how a reason
+# shows a value.
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("campaign_name", "a\x00b", "contains a NUL character (U+0000) at index 1"),
+        ("callerid", "ok\ud800", "contains a lone surrogate (U+D800) at index 2, which UTF-8 cannot encode"),
+        ("list_phonebook_name", ["fine", "\udfff"], "contains a lone surrogate (U+DFFF) at index 0"),
+    ],
+)
+def test_text_utf8_cannot_carry_is_refused_naming_column_and_position(column, value, problem):
+    # Only a json column can bring these (PostgreSQL text refuses NUL, UTF-8 has no lone surrogate).
+    overrides = {column: value, "list_phonebook_id": [1, 2]} if isinstance(value, list) else {column: value}
+    with pytest.raises(InvalidCdr, match=re.escape(problem)) as raised:
+        build_payload(source_row(**overrides))
+    assert raised.value.column == column
+
+
+@pytest.mark.parametrize("column", ["client_id", "campaign_id", "hangup_cause_code"])
+@pytest.mark.parametrize("value", [10**39, Decimal(-(10**39)), 2**63])
+def test_integers_beyond_64_bits_are_refused(column, value):
+    with pytest.raises(InvalidCdr, match=f"column {column} = .*: is beyond the 64-bit integer"):
+        build_payload(source_row(**{column: value}))
+
+
+def test_integers_at_the_64_bit_bounds_are_sent():
+    assert body_of(client_id=2**63 - 1, campaign_id=-(2**63))["client_id"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("column", ["billed_duration", "incremental_duration"])
+def test_durations_over_a_year_are_refused_a_year_is_sent(column):
+    assert body_of(**{column: MAX_DURATION_SECONDS})[column] == MAX_DURATION_SECONDS
+    with pytest.raises(InvalidCdr, match=f"column {column} = 31536001: is longer than a year"):
+        build_payload(source_row(**{column: MAX_DURATION_SECONDS + 1}))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u202eevil\u202c",  # right-to-left override
+        "\u2066isolate\u2069 \u200f",
+        "tab\tnew\nline\r",
+        "\u2028line separator",
+        "zero\u200bwidth \ufeff bom",
+        "\U0001f4de emoji \u0301 combining",
+    ],
+)
+def test_odd_but_valid_text_is_sent_byte_exact(text):
+    body = encode_body(build_payload(source_row(campaign_name=text)))
+    assert json.loads(body)["campaign_name"] == text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x" * 1_000_000,
+        "\n" * 5000,
+        "\u202e" * 100,
+        list(range(100_000)),
+        Unloadable("infinity\n2026-01-01 forged log line"),
+    ],
+    ids=["1-MB", "newlines", "rtl-overrides", "100k-array", "unloadable"],
+)
+def test_a_reason_shows_a_value_bounded_on_one_line_with_control_and_bidi_escaped(value):
+    reason = str(InvalidCdr("cdr-\n1", "campaign_name", value, "a problem"))
+    assert len(reason) < 300
+    assert reason.isprintable()  # no newline, no bidi control, no surrogate: one line, as it reads
+    assert reason.startswith("CDR 'cdr-\\n1': column campaign_name = ")
+    if isinstance(value, str) and len(value) > 80:
+        assert f"({len(value)} characters)" in reason
+    if isinstance(value, list):
+        assert "(100000 elements)" in reason
+
+
+def test_shown_keeps_short_values_as_their_repr():
+    assert shown("+34650123456") == "'+34650123456'"
+    assert shown(Decimal("NaN")) == "Decimal('NaN')"
+    assert shown(None) == "None"
+
+
+def test_a_body_over_max_payload_bytes_is_refused_naming_the_largest_field():
+    payload = build_payload(source_row(campaign_name="é" * 200_000))
+    body = encode_body(payload)
+    assert sized_body(payload, len(body)) == body  # at the limit: sent
+    with pytest.raises(InvalidCdr) as raised:
+        sized_body(payload, 262_144)
+    assert raised.value.column == "campaign_name"
+    message = str(raised.value)
+    assert (
+        f"makes the body {len(body)} bytes (400002 of them this field), over max_payload_bytes = 262144"
+        in (message)
+    )
+    assert message.endswith("not sent")
+    assert len(message) < 400
+
+
+def test_a_phonebook_list_of_100000_pairs_is_over_the_default_limit():
+    ids = list(range(100_000))
+    payload = build_payload(source_row(list_phonebook_id=ids, list_phonebook_name=[f"b{i}" for i in ids]))
+    with pytest.raises(InvalidCdr, match="column list_phonebook_name = .*100000 elements.*over max_payload"):
+        sized_body(payload, 262_144)
+
+
+def test_the_schema_bounds_durations_as_the_mapping_does():
+    schema = json.loads((Path(payload_module.__file__).parent / "payload.schema.json").read_text())
+    for field in ("billed_duration", "incremental_duration"):
+        assert schema["properties"][field]["maximum"] == MAX_DURATION_SECONDS

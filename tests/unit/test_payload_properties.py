@@ -14,7 +14,7 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdr_webhook.payload import PAYLOAD_FIELDS, build_payload, encode_body
+from cdr_webhook.payload import MAX_DURATION_SECONDS, PAYLOAD_FIELDS, build_payload, encode_body
 from cdr_webhook.q850 import cause_name
 from tests.payloads import assert_valid_payload, source_row
 
@@ -25,10 +25,11 @@ DECIMALS = st.decimals(
     allow_nan=False, allow_infinity=False, places=None, min_value=-(10**20), max_value=10**20
 )
 NUMBERS = st.one_of(BIGINT, st.floats(allow_nan=False, allow_infinity=False), DECIMALS)
+# A duration: from 0 to a year (longer is no call's).
 NON_NEGATIVE = st.one_of(
-    st.integers(min_value=0, max_value=2**63 - 1),
-    st.floats(min_value=0, allow_nan=False, allow_infinity=False),
-    st.decimals(min_value=0, max_value=10**20, allow_nan=False, allow_infinity=False),
+    st.integers(min_value=0, max_value=MAX_DURATION_SECONDS),
+    st.floats(min_value=0, max_value=MAX_DURATION_SECONDS, allow_nan=False, allow_infinity=False),
+    st.decimals(min_value=0, max_value=MAX_DURATION_SECONDS, allow_nan=False, allow_infinity=False),
 )
 OFFSETS = st.integers(min_value=-14 * 60, max_value=14 * 60).map(
     lambda m: dt.timezone(dt.timedelta(minutes=m))

@@ -167,3 +167,17 @@ def test_the_pages_statement_timeout_is_seconds_and_must_be_positive():
     assert parse_settings({"page_statement_timeout_seconds": "2.5"}).page_statement_timeout_seconds == 2.5
     with pytest.raises(SettingsError, match="AIRFLOW__CDR_WEBHOOK__PAGE_STATEMENT_TIMEOUT_SECONDS"):
         parse_settings({"page_statement_timeout_seconds": "0"})
+
+
+def test_max_payload_bytes_is_whole_bytes_of_at_least_1024():
+    assert parse_settings({"max_payload_bytes": "1048576"}).max_payload_bytes == 1048576
+    assert parse_settings({"max_payload_bytes": "1024"}).max_payload_bytes == 1024
+    for raw, message in (
+        ("1023", "must be at least 1024"),
+        ("256k", "is not a whole number"),
+        ("-1", "1024"),
+    ):
+        with pytest.raises(
+            SettingsError, match=f"AIRFLOW__CDR_WEBHOOK__MAX_PAYLOAD_BYTES='{raw}' .*{message}"
+        ):
+            parse_settings({"max_payload_bytes": raw})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cdr_webhook.source_types import RULES, check_types, suggest_cast
 
 REFERENCE = {
@@ -43,9 +45,18 @@ def test_a_timestamp_without_time_zone_fails_for_both_dates():
 
 
 def test_a_numeric_integer_field_warns_and_does_not_fail():
-    (problem,) = check_types({**REFERENCE, "client_id": "numeric"})
+    (problem,) = check_types({**REFERENCE, "campaign_id": "numeric"})
     assert not problem.fatal
     assert "only some values map" in problem.message
+
+
+@pytest.mark.parametrize("found", ["numeric", "double precision", "jsonb"])
+def test_client_id_must_be_an_integer_type_it_routes_in_sql(found):
+    # A fraction there matched no route (the CDR was never queued); beyond a bigint every run failed.
+    (problem,) = check_types({**REFERENCE, "client_id": found})
+    assert problem.fatal
+    if found != "jsonb":
+        assert problem.cast.startswith("CASE WHEN client_id = trunc(client_id) AND client_id BETWEEN")
 
 
 def test_conversions_the_docs_name():

@@ -176,7 +176,9 @@ class DeliveryEngine:
         bodies = {}
         for claim in claims:
             try:
-                bodies[claim.cdr_id] = build_body(claim.cdr_id, rows.get(claim.cdr_id), relation)
+                bodies[claim.cdr_id] = build_body(
+                    claim.cdr_id, rows.get(claim.cdr_id), relation, self.settings.max_payload_bytes
+                )
             except InvalidCdr as err:
                 self.skipped.append((claim, str(err)))
         ledger.mark_skipped_many(self.conn, self.skipped)

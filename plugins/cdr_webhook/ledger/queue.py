@@ -42,6 +42,9 @@ _SYNTHETIC_KEYS = (NULL_CDR_ID_PREFIX + "%", LONG_CDR_ID_PREFIX + "%")
 
 
 _SHOWN_ID_CHARS = 60
+#: Characters a reason shows as ``?``: controls, bidi marks and line separators (a PostgreSQL regex),
+#: so that a reason stays one line that reads as written (Python's reasons escape them: payload.shown).
+_UNSAFE_IN_REASON = r"[\x01-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
 
 
 _THROTTLE_LOCK_KEY = 0x0CD2_3EB2  # advisory lock (with the endpoint's hash) around a throttled count
@@ -142,7 +145,8 @@ _RECORD_LONG_IDS = sql.SQL(
     "SELECT {prefix} || md5(s.cdr_id::text), r.endpoint, s.client_id, s.created_at, 'skipped', "
     "format('column cdr_id = %%s is %%s characters long in %%s (row created_at %%s): at most %%s fit "
     "Airflow''s mapped task names and the ledger; make the view return a shorter id', "
-    "quote_literal(left(s.cdr_id::text, {shown}) || '...'), length(s.cdr_id::text), %(relation)s::text, "
+    "quote_literal(regexp_replace(left(s.cdr_id::text, {shown}), {unsafe}, '?', 'g') || '...'), "
+    "length(s.cdr_id::text), %(relation)s::text, "
     "s.created_at, %(max_length)s::int) "
     "{routed}AND s.cdr_id IS NOT NULL AND length(s.cdr_id::text) > %(max_length)s "
     "ON CONFLICT (cdr_id, endpoint) DO NOTHING"
@@ -196,7 +200,10 @@ def enqueue_new(
     )
     record_null_ids = _RECORD_NULL_IDS.format(prefix=sql.Literal(NULL_CDR_ID_PREFIX), routed=routed)
     record_long_ids = _RECORD_LONG_IDS.format(
-        prefix=sql.Literal(LONG_CDR_ID_PREFIX), shown=sql.Literal(_SHOWN_ID_CHARS), routed=routed
+        prefix=sql.Literal(LONG_CDR_ID_PREFIX),
+        shown=sql.Literal(_SHOWN_ID_CHARS),
+        unsafe=sql.Literal(_UNSAFE_IN_REASON),
+        routed=routed,
     )
     with without_jit(conn, parallel=parallel):
         statuses = [row[0] for row in conn.execute(queue, params).fetchall()]

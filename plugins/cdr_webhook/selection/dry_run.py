@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdr_webhook.config import EndpointConfigError, scrub
 from cdr_webhook.ledger import MAX_CDR_ID_LENGTH
-from cdr_webhook.payload import InvalidCdr, build_payload, encode_body
+from cdr_webhook.payload import InvalidCdr, build_payload, sized_body
 from cdr_webhook.selection import source
 from cdr_webhook.selection.routing import Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID
@@ -64,15 +64,39 @@ def previews(
         default_endpoint=DEFAULT_ENDPOINT_CONN_ID,
     )
     keys = source.window_keys(conn, relation, start=start, end=end, client_id=client_id, limit=limit)
+    seen: set[str] = set()
     for index in range(0, len(keys), _BATCH):
         batch = keys[index : index + _BATCH]
-        rows = source.fetch_rows(conn, relation, [(k[0], k[1]) for k in batch if k[0] is not None])
-        for cdr_id, _, client in batch:
+        earliest = _earliest_rows(batch, seen)
+        rows = source.fetch_rows(conn, relation, earliest)
+        for cdr_id, created_at, client in batch:
             route = router.route(client)
+            if cdr_id is not None and (cdr_id, created_at) not in earliest:
+                why = "another row of this cdr_id, shown above, is the CDR"
+                yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, why)
+                continue
+            if cdr_id is not None:
+                earliest.remove((cdr_id, created_at))  # a second row of the same key is the same CDR
             if route.skip_reason is not None:
                 yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, f"skipped: {route.skip_reason}")
                 continue
-            yield _request(cdr_id, rows.get(cdr_id or ""), route.endpoint, connections)
+            row = rows.get(cdr_id or "")
+            yield _request(cdr_id, row, route.endpoint, connections, settings.max_payload_bytes)
+
+
+def _earliest_rows(
+    batch: list[tuple[str | None, dt.datetime, int | None]], seen: set[str]
+) -> set[tuple[str, dt.datetime]]:
+    """
+    The first keys in ``batch`` of the cdr_ids not ``seen`` yet (adding them to it): a cdr_id is one CDR,
+    its earliest row, as the queue takes it; reading a later row too would make it look ambiguous.
+    """
+    earliest = set()
+    for cdr_id, created_at, _ in batch:
+        if cdr_id is not None and cdr_id not in seen:
+            seen.add(cdr_id)
+            earliest.add((cdr_id, created_at))
+    return earliest
 
 
 def _exists(connections: Callable[[str], EndpointConfig | None], conn_id: str) -> bool:
@@ -87,6 +111,7 @@ def _request(
     row: Mapping[str, Any] | None,
     endpoint: str,
     connections: Callable[[str], EndpointConfig | None],
+    max_bytes: int,
 ) -> PreviewedCdr:
     try:
         config = connections(endpoint)
@@ -109,7 +134,10 @@ def _request(
         return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {excluded}")
     from cdr_webhook.deliver.hook import BASE_HEADERS  # imports Airflow: only once there is a body
 
-    body = encode_body(payload)
+    try:
+        body = sized_body(payload, max_bytes)
+    except InvalidCdr as err:
+        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {scrub(str(err), secrets)}")
     signed = signed_headers(config, body, webhook_id(cdr_id, endpoint))
     headers = {**BASE_HEADERS, "content-length": str(len(body)), **signed}
     return PreviewedCdr(cdr_id, endpoint, config.origin, body, masked_headers(headers))

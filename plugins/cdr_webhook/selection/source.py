@@ -9,9 +9,10 @@ import psycopg
 from psycopg import DataError, sql
 from psycopg.rows import dict_row
 from psycopg.types import datetime as pg_datetime
+from psycopg.types import json as pg_json
 
 from cdr_webhook.db import relation_identifier
-from cdr_webhook.payload import PAYLOAD_FIELDS, SOURCE_COLUMNS, Ambiguous, Unloadable
+from cdr_webhook.payload import OUT_OF_RANGE, PAYLOAD_FIELDS, SOURCE_COLUMNS, Ambiguous, Unloadable
 from cdr_webhook.source_types import check_types, suggest_cast
 
 if TYPE_CHECKING:
@@ -27,27 +28,36 @@ class SourceError(RuntimeError):
     failing); the message says how to fix it."""
 
 
-def _tolerant(base: type[Loader]) -> type[Loader]:
-    """Return a loader of ``base``'s type that yields :class:`Unloadable` where ``base`` raises DataError."""
+def _tolerant(base: type[Loader], problem: str) -> type[Loader]:
+    """
+    Return a loader of ``base``'s type that yields :class:`Unloadable` with ``problem`` where ``base``
+    raises DataError, or RecursionError (Python's JSON reader on nesting PostgreSQL accepts).
+    """
 
     class Tolerant(base):  # type: ignore[misc, valid-type]
         def load(self, data: Buffer) -> Any:
             try:
                 return super().load(data)
-            except DataError:
-                return Unloadable(bytes(data).decode("utf-8", "replace"))
+            except (DataError, RecursionError):
+                return Unloadable(bytes(data).decode("utf-8", "replace"), problem)
 
     Tolerant.__name__ = Tolerant.__qualname__ = f"Tolerant{base.__name__}"
     return Tolerant
 
 
+_TOO_DEEP = "is JSON nested too deeply to read"
+
 # Text-format loaders: fetch_rows reads with a text cursor. Date and time types are the ones whose
-# PostgreSQL range (infinity, BC, beyond year 9999) Python cannot hold.
+# PostgreSQL range (infinity, BC, beyond year 9999) Python cannot hold; a json value nested some
+# thousand levels deep is valid to PostgreSQL and beyond Python's recursion limit (without this, one
+# such row failed every run's select step).
 _TOLERANT_LOADERS: dict[str, type[Loader]] = {
-    "date": _tolerant(pg_datetime.DateLoader),
-    "timestamp": _tolerant(pg_datetime.TimestampLoader),
-    "timestamptz": _tolerant(pg_datetime.TimestamptzLoader),
-    "interval": _tolerant(pg_datetime.IntervalLoader),
+    "date": _tolerant(pg_datetime.DateLoader, OUT_OF_RANGE),
+    "timestamp": _tolerant(pg_datetime.TimestampLoader, OUT_OF_RANGE),
+    "timestamptz": _tolerant(pg_datetime.TimestamptzLoader, OUT_OF_RANGE),
+    "interval": _tolerant(pg_datetime.IntervalLoader, OUT_OF_RANGE),
+    "json": _tolerant(pg_json.JsonLoader, _TOO_DEEP),
+    "jsonb": _tolerant(pg_json.JsonbLoader, _TOO_DEEP),
 }
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cdr_webhook import ledger
 from cdr_webhook.config import EndpointConfig, EndpointConfigError, from_connection
 from cdr_webhook.ledger import endpoints, schema
-from cdr_webhook.payload import InvalidCdr, build_payload
+from cdr_webhook.payload import InvalidCdr, build_payload, sized_body
 from cdr_webhook.selection import sizing
 from cdr_webhook.selection.routing import Route, Router
 from cdr_webhook.selection.source import check_source, distinct_clients, fetch_rows
@@ -148,7 +148,7 @@ def select_cdrs(
         else:
             claims = _claim_window(conn, run, settings, known, window)
         checked = _hold_misconfigured(conn, claims, known)
-        sendable = _drop_invalid(conn, settings.source_relation, checked, known)
+        sendable = _drop_invalid(conn, settings, checked, known)
         ledger.record_request(conn, dag_id=run.dag_id, run_id=run.run_id, request=request)
     for event in known.held:
         endpoints.notify(event)  # once the pause is committed
@@ -428,13 +428,15 @@ _CHECK_BATCH = 1000
 
 
 def _drop_invalid(
-    conn: psycopg.Connection[Any], relation: str, claims: list[ledger.Claim], known: _Endpoints
+    conn: psycopg.Connection[Any], settings: Settings, claims: list[ledger.Claim], known: _Endpoints
 ) -> list[ledger.Claim]:
     """
-    Mark claims that cannot become a payload, or that their endpoint filters out, as skipped.
+    Mark claims that cannot become a payload, that their endpoint filters out, or whose body is over
+    ``max_payload_bytes``, as skipped: each once, with its reason, before any task is mapped to it.
 
     Rows are read :data:`_CHECK_BATCH` at a time: a run of chunk mode may claim tens of thousands.
     """
+    relation = settings.source_relation
     sendable = []
     rows: dict[str, Any] = {}
     for index, claim in enumerate(claims):
@@ -449,6 +451,8 @@ def _drop_invalid(
                 filters = known.config(claim.endpoint).filters
                 payload = build_payload(row)
                 reason = filters.exclusion(payload) if filters else None
+                if reason is None:
+                    sized_body(payload, settings.max_payload_bytes)
             except InvalidCdr as err:
                 reason = str(err)
             if reason is None:

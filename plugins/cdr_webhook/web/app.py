@@ -144,7 +144,9 @@ def delivery_page(request: Request, user: CanView, conn: Conn, cdr_id: str, endp
     return render(
         request, "delivery.html", user, row=row,
         history=deliveries.attempts(conn, cdr_id=cdr_id, endpoint=endpoint),
-        preview=preview(conn, row, relation=settings().source_relation),
+        preview=preview(
+            conn, row, relation=settings().source_relation, max_bytes=settings().max_payload_bytes
+        ),
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ class Preview:
     problem: str | None = None
 
 
-def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str) -> Preview:
+def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str, max_bytes: int) -> Preview:
     """Build the delivery's next request now, secrets redacted."""
     msg_id = webhook_id(delivery.cdr_id, delivery.endpoint)
     try:
@@ -42,7 +42,7 @@ def preview(conn: psycopg.Connection[Any], delivery: Delivery, *, relation: str)
         return Preview(None, {"webhook-id": msg_id}, None, f"endpoint configuration: {err}")
     row = fetch_rows(conn, relation, [(delivery.cdr_id, delivery.cdr_created_at)]).get(delivery.cdr_id)
     try:
-        body = build_body(delivery.cdr_id, row, relation)
+        body = build_body(delivery.cdr_id, row, relation, max_bytes)
     except InvalidCdr as err:
         problem = scrub(str(err), endpoint.secrets())
         return Preview(None, {"webhook-id": msg_id}, endpoint.origin, problem)
