@@ -214,6 +214,20 @@ def test_a_fast_receiver_is_unaffected_and_no_watchdog_thread_stays(monkeypatch,
     assert len(receiver.received()) == 3
 
 
+def test_a_sessions_block_keeps_one_watchdog_thread_between_its_posts_and_ends_it(monkeypatch, receiver):
+    http_conn(monkeypatch, "hook_test", receiver.url)
+    hook = CdrWebhookHook("hook_test", timeout=1.5, allowed_networks=LOOPBACK)
+
+    with hook.sessions() as session:
+        first = hook.post(BODY, headers_for(), session=session())
+        kept = _deadline_threads()
+        second = hook.post(BODY, headers_for(), session=session())
+        assert _deadline_threads() == kept  # the same thread, not a new one per POST
+    assert len(kept) == 1
+    assert (first.http_status, second.http_status) == (200, 200)
+    assert _deadline_threads() == []
+
+
 def test_connection_refused_is_described_without_the_url(monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from requests.structures import CaseInsensitiveDict
 
 from cdr_webhook import __version__
 from cdr_webhook.config import load_endpoint
-from cdr_webhook.deliver.deadline import Deadline
+from cdr_webhook.deliver.deadline import Deadline, watchdog_kept
 from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 from cdr_webhook.outcome import PostResult
 from cdr_webhook.settings import load_settings
@@ -151,10 +151,11 @@ class CdrWebhookHook(BaseHook):
         Yield ``session()``: the calling thread's own session, made on first use, kept for the block.
 
         For many POSTs to the endpoint (a chunk): each thread's session keeps its connection alive
-        from one POST to the next. Raises :class:`ValueError` when a TLS extra is malformed (a POST
-        without a session reports that as the refusal it is).
+        from one POST to the next, and the deadlines' watchdog thread stays for the block. Raises
+        :class:`ValueError` when a TLS extra is malformed (a POST without a session reports that as
+        the refusal it is).
         """
-        with pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()) as tls:
+        with pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()) as tls, watchdog_kept():
             local = threading.local()
             made: list[Session] = []
             lock = threading.Lock()
