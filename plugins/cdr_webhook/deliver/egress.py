@@ -260,7 +260,7 @@ class GuardedAdapter(HTTPAdapter):
         if verify is False:
             raise ValueError("GuardedAdapter always verifies TLS certificates; verify=False is refused")
         url = str(request.url)
-        if select_proxy(url, dict(proxies or {})):
+        if proxies and select_proxy(url, dict(proxies)):
             raise ValueError("GuardedAdapter connects only to the checked address; proxies are refused")
         parsed = parse_url(url)
         deadline = current_deadline()

@@ -114,7 +114,10 @@ class CdrWebhookHook(BaseHook):
 
     def _request(self, body: bytes, headers: dict[str, str]) -> requests.PreparedRequest:
         """The request for ``body``: exactly :data:`BASE_HEADERS`, ``headers`` and its length."""
-        request = self._request_template.copy()
+        # A new request with the template's URL, not a copy of it: a copy copies its (empty) cookie jar.
+        request = requests.PreparedRequest()
+        request.method = "POST"
+        request.url = self._request_template.url
         request.headers = CaseInsensitiveDict(BASE_HEADERS)
         request.headers.update(headers)
         request.headers["Content-Length"] = str(len(body))
