@@ -1,7 +1,7 @@
 """The CPU a chunk task spends per CDR, next to a raw keep-alive POST loop's per POST, without Airflow.
 
     .venv/bin/python -m bench.profile_chunk [--cdrs 2000] [--in-flight 8] [--repeat 3] [--profile 25]
-        [--dsn DSN]
+        [--host localhost] [--dsn DSN]
 
 One process plays the chunk task: ``CdrWebhookOperator.execute`` of a chunk of ``--cdrs`` CDRs (its
 claim, bodies, slots, POSTs from its pool of senders, records and log lines) over a real PostgreSQL
@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import pstats
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -260,12 +261,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--in-flight", type=int, default=8, help="max_in_flight_per_endpoint (default 8)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print cProfile's top N")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the endpoint URL's host: a name (localhost) makes every POST resolve it (default 127.0.0.1)",
+    )
     parser.add_argument("--dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
     return parser.parse_args(argv)
 
 
 def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -> None:
-    """The chunk's and the raw loops' CPU and wall time per CDR, as a markdown table."""
+    """The chunk's and the raw loops' CPU and wall time per CDR (to the receiver's ``url``), as a table."""
     ids = make_cdrs(conn, args.cdrs)
     run_chunk(ids[:50])  # first-call imports and connections, not counted
     chunk = []
@@ -282,7 +288,7 @@ def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -
         raw["http.client"].append(timed(lambda: http_client_loop(url, bodies)))
     load = "/".join(f"{value:.2f}" for value in os.getloadavg())
     print(
-        f"\n{args.cdrs} CDRs, in-flight limit {args.in_flight}, median of {args.repeat}, load average "
+        f"\n{args.cdrs} CDRs to {args.host}, in-flight limit {args.in_flight}, median of {args.repeat}, load "
         f"{load} (after); the chunk delivered {delivered[0] if delivered else 0} in its last try.\n"
     )
     print("| what | CPU ms per CDR | wall ms per CDR |\n| --- | ---: | ---: |")
@@ -297,6 +303,7 @@ def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: the scratch database is dropped too
     home = tempfile.mkdtemp(prefix="cdr-webhook-profile-chunk-")
     os.environ.update(
         {
@@ -317,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load_reference_schema(conn)
                 migrate(conn)
                 os.environ["AIRFLOW_CONN_CDR_DB"] = postgres_conn(dsn)
-                endpoint = http_conn(url(), api_key=API_KEY, signing_secret=SECRET)
+                address = url().replace("127.0.0.1", args.host, 1)
+                endpoint = http_conn(address, api_key=API_KEY, signing_secret=SECRET)
                 os.environ[f"AIRFLOW_CONN_{ENDPOINT.upper()}"] = endpoint
                 measure(args, conn, url())
     finally:
