@@ -228,6 +228,27 @@ def test_a_sessions_block_keeps_one_watchdog_thread_between_its_posts_and_ends_i
     assert _deadline_threads() == []
 
 
+def test_a_sessions_block_resolves_each_post_in_one_kept_thread_that_ends_with_it(monkeypatch, receiver):
+    resolved_in: list[threading.Thread] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        resolved_in.append(threading.current_thread())
+        return ["127.0.0.1"]
+
+    port = receiver.url.split(":")[2].split("/")[0]
+    http_conn(monkeypatch, "hook_test", f"http://hooks.test:{port}/cdr-hook")
+    hook = CdrWebhookHook("hook_test", timeout=1.5, allowed_networks=LOOPBACK, resolver=resolver)
+
+    with hook.sessions() as session:
+        results = [hook.post(BODY, headers_for(), session=session()) for _ in range(3)]
+
+    assert [r.http_status for r in results] == [200] * 3
+    assert len(resolved_in) == 3  # every POST resolved its host again
+    assert len(set(resolved_in)) == 1  # in the one thread the block kept
+    resolved_in[0].join(2)
+    assert not resolved_in[0].is_alive()
+
+
 def test_connection_refused_is_described_without_the_url(monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

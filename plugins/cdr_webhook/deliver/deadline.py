@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
 import socket
 import threading
 import time
@@ -86,7 +87,8 @@ class Deadline:
         Return ``function(*args)``, or raise :class:`TimeoutError` when it outlasts the deadline.
 
         It runs in a daemon thread that is abandoned at the deadline: for calls that cannot be
-        interrupted, such as :func:`socket.getaddrinfo`.
+        interrupted, such as :func:`socket.getaddrinfo`. Inside a :func:`watchdog_kept` block the
+        thread serves the block's next calls once this one has returned.
         """
         done = threading.Event()
         outcome: list[Any] = []
@@ -99,7 +101,7 @@ class Deadline:
             finally:
                 done.set()
 
-        threading.Thread(target=run, name=f"{WATCHDOG_THREAD}-call", daemon=True).start()
+        _WATCHDOG.run_call(run)
         if not done.wait(self.remaining()):
             raise TimeoutError(f"no answer within the {self.seconds:g} s deadline")
         ok, value = outcome[0]
@@ -141,6 +143,7 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._active: set[Deadline] = set()
         self._keepers = 0  # kept() blocks running
+        self._idle_callers: list[queue.SimpleQueue[Callable[[], None] | None]] = []
         self._thread: threading.Thread | None = None
         #: When the thread wakes up next by itself (None: only when notified).
         self._wakes_at: float | None = None
@@ -172,7 +175,34 @@ class _Watchdog:
         finally:
             with self._cond:
                 self._keepers -= 1
+                idle = [] if self._keepers else self._idle_callers
+                if not self._keepers:
+                    self._idle_callers = []
+            for inbox in idle:
+                inbox.put(None)  # the caller thread ends
             self._end_if_idle()
+
+    def run_call(self, job: Callable[[], None]) -> None:
+        """
+        Run ``job`` in a daemon thread: one a :meth:`kept` block keeps idle, else a new one (a
+        thread started for each POST's name lookup cost a tenth of the POST's CPU).
+        """
+        with self._cond:
+            inbox = self._idle_callers.pop() if self._idle_callers else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            name = f"{WATCHDOG_THREAD}-call"
+            threading.Thread(target=self._serve_calls, args=(inbox,), name=name, daemon=True).start()
+        inbox.put(job)
+
+    def _serve_calls(self, inbox: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        """Run the jobs put in ``inbox``; after each, wait for the next only while a block keeps it."""
+        while (job := inbox.get()) is not None:
+            job()
+            with self._cond:
+                if not self._keepers:
+                    return
+                self._idle_callers.append(inbox)
 
     def _end_if_idle(self) -> None:
         """End the thread when no deadline is watched and no :meth:`kept` block runs."""
