@@ -24,8 +24,10 @@ For each N:
   and ended in the triggerer (``start_from_trigger``).
 
 Measured: wall time (the run's ``queued_at`` → ``end_date`` from the REST API; the loop's own clock
-for ``raw``), items/s, the ratio to its reference (per-cdr ÷ floor; chunk ÷ raw, or ÷ the
-concurrency bound ``in-flight ÷ delay`` when the receiver has a delay), p50/p95 latency from the
+around its POSTs for ``raw``, the bodies built and signed before it starts), items/s, the ratio to
+its reference (per-cdr ÷ floor; chunk ÷ raw, or ÷ the concurrency bound ``in-flight ÷ delay`` when
+the receiver has a delay); the same by the run's ``start_date`` → ``end_date`` (the REST API's run
+start to run end, which leaves out the scheduler starting the run); p50/p95 latency from the
 CDRs' commit to each POST's arrival at the receiver, and the peak RSS of task processes (the
 scheduler's descendants below its executor workers, sampled every 100 ms): the largest one, and the
 largest sum at one sample; from the task logs, where each try's time went (the phases of
@@ -118,9 +120,11 @@ class Row:
     mode: str
     n: int
     done: int  # items that arrived (POSTs at the receiver; tasks that succeeded for the floor)
-    wall_s: float | None
+    wall_s: float | None  # a run's queued_at → end_date; the raw loop's own clock around its POSTs
     reference: str = ""
     reference_rate: float | None = None
+    run_s: float | None = None  # a run's start_date → end_date (REST): the interval issue #17 timed
+    reference_run_rate: float | None = None  # the reference's rate by that interval (default: reference_rate)
     latencies_ms: list[float] = dataclasses.field(default_factory=list)
     peak_task_rss: int | None = None  # bytes
     peak_sum_rss: int | None = None  # bytes
@@ -135,6 +139,15 @@ class Row:
     def ratio(self) -> float | None:
         return self.rate / self.reference_rate if self.rate and self.reference_rate else None
 
+    @property
+    def run_rate(self) -> float | None:
+        return self.done / self.run_s if self.run_s else None
+
+    @property
+    def run_ratio(self) -> float | None:
+        reference = self.reference_run_rate or self.reference_rate
+        return self.run_rate / reference if self.run_rate and reference else None
+
 
 def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
@@ -147,14 +160,16 @@ def _mb(value: int | None) -> str:
 def format_table(rows: Iterable[Row]) -> str:
     """A markdown table of the rows; — where a value does not apply."""
     lines = [
-        "| mode | N | done | wall s | items/s | reference | ratio | commit→POST p50 ms | p95 ms "
-        "| task RSS max MB | task RSS sum MB | load 1/5/15 | note |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| mode | N | done | wall s | items/s | reference | ratio | run start→end s | items/s | ratio "
+        "| commit→POST p50 ms | p95 ms | task RSS max MB | task RSS sum MB | load 1/5/15 | note |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row.mode} | {row.n} | {row.done} | {_num(row.wall_s, '.1f')} | {_num(row.rate, '.2f')} "
             f"| {row.reference or '—'} | {_num(row.ratio, '.2f')} "
+            f"| {_num(row.run_s, '.1f')} | {_num(row.run_rate, '.2f')} | {_num(row.run_ratio, '.2f')} "
             f"| {_num(percentile(row.latencies_ms, 50), '.0f')} "
             f"| {_num(percentile(row.latencies_ms, 95), '.0f')} "
             f"| {_mb(row.peak_task_rss)} | {_mb(row.peak_sum_rss)} | {row.load} | {row.note} |"
@@ -206,7 +221,8 @@ def try_phases(ti: dict[str, Any], lines: Sequence[dict[str, Any]]) -> dict[str,
 def run_timeline(run: dict[str, Any], tis: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Where a run's wall time went (ms): before, in and after its select step, and its mapped tasks.
 
-    ``run queued→select start``: the scheduler starting the run and the select task's process;
+    ``run queued→run start``: the scheduler starting the run (its ``start_date``, where the REST
+    API's run start→end begins); ``run queued→select start``: that and the select task's process;
     ``select start→end``: the select step's try; ``select end→first mapped start``: expanding the
     mapped task and starting the first; ``mapped: first start→last end``: the mapped tries, as many
     at once as allowed (and the spread of their starts); ``last mapped end→run end``: the scheduler
@@ -219,6 +235,8 @@ def run_timeline(run: dict[str, Any], tis: Sequence[dict[str, Any]]) -> dict[str
         return timeline
     first = min(_ts(ti["start_date"]) for ti in mapped)
     last = max(_ts(ti["end_date"]) for ti in mapped)
+    if run.get("start_date"):  # the scheduler starting the run: outside issue #17's start→end interval
+        timeline["run queued→run start"] = (_ts(run["start_date"]) - _ts(run["queued_at"])) * 1000
     timeline["run queued→select start"] = (_ts(select["start_date"]) - _ts(run["queued_at"])) * 1000
     timeline["select start→end"] = (_ts(select["end_date"]) - _ts(select["start_date"])) * 1000
     timeline["select end→first mapped start"] = (first - _ts(select["end_date"])) * 1000
@@ -371,11 +389,11 @@ def run_dag(stack: AirflowStack, dag_id: str, conf: dict[str, Any], timeout: flo
     raise TimeoutError(f"{dag_id} run {run_id} not finished after {timeout:.0f} s")
 
 
-def run_seconds(run: dict[str, Any]) -> float:
-    def parse(value: str) -> dt.datetime:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-    return (parse(run["end_date"]) - parse(run["queued_at"])).total_seconds()
+def run_seconds(run: dict[str, Any], start: str = "queued_at") -> float | None:
+    """A run's seconds from ``start`` (``queued_at``, or ``start_date``) to its ``end_date`` (REST)."""
+    if not run.get(start) or not run.get("end_date"):
+        return None
+    return _ts(run["end_date"]) - _ts(run[start])
 
 
 def mapped_task_instances(stack: AirflowStack, dag_id: str, run_id: str) -> list[dict[str, Any]]:
@@ -478,6 +496,7 @@ class Bench:
             n,
             done,
             run_seconds(run),
+            run_s=run_seconds(run, "start_date"),
             latencies_ms=[],
             peak_task_rss=rss.peak_one,
             peak_sum_rss=rss.peak_sum,
@@ -503,6 +522,7 @@ class Bench:
             n,
             done,
             run_seconds(run),
+            run_s=run_seconds(run, "start_date"),
             latencies_ms=latencies,
             peak_task_rss=rss.peak_one,
             peak_sum_rss=rss.peak_sum,
@@ -705,12 +725,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         deferred = bench.floor(stack, n, deferred=True)
                         if floor:
                             deferred.reference, deferred.reference_rate = "floor", floor.rate
+                            deferred.reference_run_rate = floor.run_rate
                         rows.append(deferred)
                         print(format_table([deferred]), flush=True)
                     if "per-cdr" in args.modes and stack:
                         row, _ = bench.cdr_run(stack, n, "per-CDR (`post_cdr`)")
                         if floor:
                             row.reference, row.reference_rate = "floor", floor.rate
+                            row.reference_run_rate = floor.run_rate
                         rows.append(row)
                         print(format_table([row]), flush=True)
                     if "raw" in args.modes:

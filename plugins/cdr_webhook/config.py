@@ -229,12 +229,30 @@ def scrub(text: str | None, secrets: Iterable[str]) -> str | None:
         return text
     forms = secret_forms(tuple(secrets))
     for form in forms:
-        text = text.replace(form, REDACTED)
+        if form in text:
+            text = text.replace(form, REDACTED)
     for form in forms:
-        for length in range(min(len(form) - 1, len(text)), 3, -1):
-            if text.endswith(form[:length]):
-                return text[:-length] + REDACTED
+        length = _cut_secret(text, form)
+        if length:
+            return text[:-length] + REDACTED
     return text
+
+
+def _cut_secret(text: str, form: str) -> int:
+    """
+    The length of the longest end of ``text`` (4 characters or more, shorter than ``form``) that
+    starts ``form``, or 0. Only the places where ``form``'s first character occurs are tried.
+    """
+    start = max(len(text) - (len(form) - 1), 0)
+    end = len(text) - 3
+    if end <= start:  # (a negative end would count from the text's end)
+        return 0
+    at = text.find(form[0], start, end)
+    while at != -1:
+        if form.startswith(text[at:]):
+            return len(text) - at
+        at = text.find(form[0], at + 1, end)
+    return 0
 
 
 def _origin(url: str) -> str:

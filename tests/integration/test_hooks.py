@@ -214,6 +214,41 @@ def test_a_fast_receiver_is_unaffected_and_no_watchdog_thread_stays(monkeypatch,
     assert len(receiver.received()) == 3
 
 
+def test_a_sessions_block_keeps_one_watchdog_thread_between_its_posts_and_ends_it(monkeypatch, receiver):
+    http_conn(monkeypatch, "hook_test", receiver.url)
+    hook = CdrWebhookHook("hook_test", timeout=1.5, allowed_networks=LOOPBACK)
+
+    with hook.sessions() as session:
+        first = hook.post(BODY, headers_for(), session=session())
+        kept = _deadline_threads()
+        second = hook.post(BODY, headers_for(), session=session())
+        assert _deadline_threads() == kept  # the same thread, not a new one per POST
+    assert len(kept) == 1
+    assert (first.http_status, second.http_status) == (200, 200)
+    assert _deadline_threads() == []
+
+
+def test_a_sessions_block_resolves_each_post_in_one_kept_thread_that_ends_with_it(monkeypatch, receiver):
+    resolved_in: list[threading.Thread] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        resolved_in.append(threading.current_thread())
+        return ["127.0.0.1"]
+
+    port = receiver.url.split(":")[2].split("/")[0]
+    http_conn(monkeypatch, "hook_test", f"http://hooks.test:{port}/cdr-hook")
+    hook = CdrWebhookHook("hook_test", timeout=1.5, allowed_networks=LOOPBACK, resolver=resolver)
+
+    with hook.sessions() as session:
+        results = [hook.post(BODY, headers_for(), session=session()) for _ in range(3)]
+
+    assert [r.http_status for r in results] == [200] * 3
+    assert len(resolved_in) == 3  # every POST resolved its host again
+    assert len(set(resolved_in)) == 1  # in the one thread the block kept
+    resolved_in[0].join(2)
+    assert not resolved_in[0].is_alive()
+
+
 def test_connection_refused_is_described_without_the_url(monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

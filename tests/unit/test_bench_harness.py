@@ -15,6 +15,7 @@ from bench.harness import (
     format_table,
     parse_args,
     percentile,
+    run_seconds,
     run_timeline,
     try_phases,
 )
@@ -61,6 +62,7 @@ def test_the_table_shows_every_measure_and_a_dash_where_none_applies() -> None:
             50.0,
             reference="floor",
             reference_rate=5.0,
+            run_s=40.0,
             latencies_ms=[100.0, 200.0, 300.0],
             note="run failed",
         ),
@@ -68,11 +70,12 @@ def test_the_table_shows_every_measure_and_a_dash_where_none_applies() -> None:
     lines = format_table(rows).splitlines()
     assert len(lines) == 4
     assert lines[0].startswith("| mode | N |")
-    assert (
-        lines[2] == "| floor (no-op DAG) | 200 | 200 | 40.0 | 5.00 | — | — | — | — | 150 | 1200 | 1.00 |  |"
+    assert lines[2] == (
+        "| floor (no-op DAG) | 200 | 200 | 40.0 | 5.00 | — | — | — | — | — | — | — | 150 | 1200 | 1.00 |  |"
     )
-    assert (
-        lines[3] == "| per-CDR | 200 | 199 | 50.0 | 3.98 | floor | 0.80 | 200 | 290 | — | — |  | run failed |"
+    assert lines[3] == (
+        "| per-CDR | 200 | 199 | 50.0 | 3.98 | floor | 0.80 | 40.0 | 4.97 | 0.99 | 200 | 290 | — | — |  "
+        "| run failed |"
     )
 
 
@@ -168,3 +171,20 @@ def test_where_a_runs_wall_time_goes_from_its_task_instances() -> None:
         "| phase (median ms per run) | chunk (1 runs) |"
     )
     assert run_timeline(run, tis[:1]) == {}  # no mapped task ran: nothing to split
+    started = run_timeline(run | {"start_date": "2026-11-30T12:00:00.400000Z"}, tis)
+    assert started["run queued→run start"] == pytest.approx(400)  # where the REST run start→end begins
+
+
+def test_a_run_times_from_its_queued_at_and_from_its_start_date_to_its_end() -> None:
+    run = {
+        "queued_at": "2026-11-30T12:00:00.000000Z",
+        "start_date": "2026-11-30T12:00:01.000000Z",
+        "end_date": "2026-11-30T12:00:10.000000Z",
+    }
+    assert run_seconds(run) == pytest.approx(10)
+    assert run_seconds(run, "start_date") == pytest.approx(9)
+    assert run_seconds(run | {"end_date": None}) is None
+    row = Row("chunk", 900, 900, 10.0, reference="raw", reference_rate=200.0, run_s=9.0)
+    assert (row.ratio, row.run_ratio) == pytest.approx((0.45, 0.5))
+    by_floor = Row("per-CDR", 90, 90, 10.0, "floor", 10.0, run_s=9.0, reference_run_rate=12.5)
+    assert by_floor.run_ratio == pytest.approx(0.8)  # against the floor's own start→end rate

@@ -6,6 +6,8 @@ import base64
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdr_webhook.config import REDACTED, EndpointConfigError, EndpointFilters, parse_endpoint, scrub
 
@@ -141,6 +143,18 @@ def test_scrub_replaces_every_form_of_every_secret():
 def test_scrub_hides_a_secret_cut_short_at_the_end_of_an_excerpt():
     assert scrub("x-api-key: k3y-7d41c0", ["k3y-7d41c0ffee9b2e"]) == f"x-api-key: {REDACTED}"
     assert scrub("ends with k3y", ["k3y-7d41c0ffee9b2e"]) == "ends with k3y"  # three letters prove nothing
+
+
+@given(
+    text=st.text(max_size=40),
+    secret=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=5, max_size=40),
+    data=st.data(),
+)
+def test_scrub_hides_any_cut_off_start_of_a_secret_of_four_characters_or_more(text, secret, data):
+    cut = data.draw(st.integers(min_value=4, max_value=len(secret) - 1))
+    assert scrub(text + secret[:cut], [secret]).endswith(REDACTED)
+    short = secret[: data.draw(st.integers(min_value=1, max_value=3))]
+    assert scrub(short, [secret]) == short  # a text of three characters or fewer proves nothing
 
 
 @pytest.mark.parametrize("key", ["k3y-7d41c0ffee9b2e", "k3y/with+chars?>>~", "0123456789abcdef0"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -21,7 +22,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
-from urllib3.util import parse_url
+from urllib3.util import parse_url as _parse_url
 
 from cdr_webhook.config import tls_texts
 from cdr_webhook.deliver.deadline import WATCHED_POOLS, current_deadline
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     Resolver = Callable[[str, int], Iterable[str]]
 
 log = logging.getLogger(__name__)
+
+#: urllib3's URL parser, once per URL text: a chunk POSTs to one URL thousands of times, and each
+#: request parsed it three times (its ``Url`` is an immutable tuple, safe to share).
+parse_url = functools.lru_cache(maxsize=256)(_parse_url)
 
 ALLOWED_NETWORKS_ENV = "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS"
 ALLOW_HINT = (
@@ -129,21 +134,49 @@ def resolve(
     would otherwise reach the internal one whenever a client picks it. A literal IP skips DNS.
     Resolution failures raise :class:`OSError` (as :func:`socket.getaddrinfo` does).
     """
-    try:
-        answers: Iterable[str] = [str(ipaddress.ip_address(host.strip("[]")))]
-        literal = True
-    except ValueError:
-        answers = (resolver or _system_resolver)(host, port)
-        literal = False
-    addresses = list(dict.fromkeys(str(ipaddress.ip_address(answer)) for answer in answers))
+    literal = _literal_address(host)
+    answers = [literal] if literal else (resolver or _system_resolver)(host, port)
+    addresses = list(dict.fromkeys(_normalised(answer) for answer in answers))
     if not addresses:
         raise OSError(f"{host!r} resolved to no address")
+    networks = tuple(allowed_networks)
     for address in addresses:
-        rule = _refused_rule(ipaddress.ip_address(address), allowed_networks)
+        rule = _address_rule(address, networks)
         if rule is not None:
             subject = address if literal else f"{host!r} resolves to {address}, which"
             raise EndpointRefused(f"{subject} is {rule}", rule)
     return addresses
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_address(host: str) -> str | None:
+    """The address a host names literally (``[::1]`` too), normalised; None for a name to resolve."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalised(answer: str) -> str:
+    """A resolver's answer as one text per address (raises ValueError for what is no address)."""
+    return str(ipaddress.ip_address(answer))
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_rule(address: str, allowed_networks: tuple[Network, ...]) -> str | None:
+    """
+    :func:`_refused_rule` of a normalised address: a pure function of its arguments, so it is judged
+    once per process. What is cached is the verdict on an address, never a DNS answer: every
+    request still resolves its host and checks each address it got.
+    """
+    return _refused_rule(ipaddress.ip_address(address), allowed_networks)
+
+
+@functools.lru_cache(maxsize=1024)
+def _inside(address: str, allowed_networks: tuple[Network, ...]) -> bool:
+    """Whether a normalised address is inside one of ``allowed_networks``."""
+    return any(ipaddress.ip_address(address) in network for network in allowed_networks)
 
 
 def check_url(url: str, allowed_networks: Sequence[Network], resolver: Resolver | None = None) -> list[str]:
@@ -160,7 +193,7 @@ def check_url(url: str, allowed_networks: Sequence[Network], resolver: Resolver 
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     addresses = resolve(parsed.host, port, allowed_networks, resolver)
     if parsed.scheme == "http":
-        outside = [a for a in addresses if not any(ipaddress.ip_address(a) in n for n in allowed_networks)]
+        outside = [a for a in addresses if not _inside(a, tuple(allowed_networks))]
         if outside:
             raise EndpointRefused(
                 f"plain http is refused for http://{parsed.host}:{port}, which reaches {', '.join(outside)}",
@@ -227,7 +260,7 @@ class GuardedAdapter(HTTPAdapter):
         if verify is False:
             raise ValueError("GuardedAdapter always verifies TLS certificates; verify=False is refused")
         url = str(request.url)
-        if select_proxy(url, dict(proxies or {})):
+        if proxies and select_proxy(url, dict(proxies)):
             raise ValueError("GuardedAdapter connects only to the checked address; proxies are refused")
         parsed = parse_url(url)
         deadline = current_deadline()

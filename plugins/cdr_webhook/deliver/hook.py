@@ -18,7 +18,7 @@ from requests.structures import CaseInsensitiveDict
 
 from cdr_webhook import __version__
 from cdr_webhook.config import load_endpoint
-from cdr_webhook.deliver.deadline import Deadline
+from cdr_webhook.deliver.deadline import Deadline, watchdog_kept
 from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
 from cdr_webhook.outcome import PostResult
 from cdr_webhook.settings import load_settings
@@ -114,7 +114,10 @@ class CdrWebhookHook(BaseHook):
 
     def _request(self, body: bytes, headers: dict[str, str]) -> requests.PreparedRequest:
         """The request for ``body``: exactly :data:`BASE_HEADERS`, ``headers`` and its length."""
-        request = self._request_template.copy()
+        # A new request with the template's URL, not a copy of it: a copy copies its (empty) cookie jar.
+        request = requests.PreparedRequest()
+        request.method = "POST"
+        request.url = self._request_template.url
         request.headers = CaseInsensitiveDict(BASE_HEADERS)
         request.headers.update(headers)
         request.headers["Content-Length"] = str(len(body))
@@ -151,10 +154,11 @@ class CdrWebhookHook(BaseHook):
         Yield ``session()``: the calling thread's own session, made on first use, kept for the block.
 
         For many POSTs to the endpoint (a chunk): each thread's session keeps its connection alive
-        from one POST to the next. Raises :class:`ValueError` when a TLS extra is malformed (a POST
-        without a session reports that as the refusal it is).
+        from one POST to the next, and the deadlines' watchdog thread stays for the block. Raises
+        :class:`ValueError` when a TLS extra is malformed (a POST without a session reports that as
+        the refusal it is).
         """
-        with pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()) as tls:
+        with pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()) as tls, watchdog_kept():
             local = threading.local()
             made: list[Session] = []
             lock = threading.Lock()
