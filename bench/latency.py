@@ -114,9 +114,19 @@ class Measure:
         row = (
             f"| {count} | {len(seen)} | {once} | {_s(percentile(latencies, 50))} | "
             f"{_s(percentile(latencies, 95))} | {_s(max(latencies) if latencies else None)} | "
-            f"{', '.join(f'{k} {v}' for k, v in sorted(runs.items()))} |"
+            f"{', '.join(f'{k} {v}' for k, v in sorted(runs.items()))} "
+            f"| {self.task_shapes(list(committed))} |"
         )
         return list(committed), row, self.phases(committed, seen)
+
+    def task_shapes(self, cdr_ids: Sequence[str]) -> str:
+        """How the CDRs' tasks were shaped, from the ledger: ``tasks of one CDR / tasks``."""
+        single, tasks = self.conn.execute(
+            "SELECT count(*) FILTER (WHERE n = 1), count(*) FROM (SELECT count(*) AS n FROM "
+            "cdr_webhook.delivery WHERE cdr_id = ANY(%s) GROUP BY run_id, map_index) AS t",
+            (list(cdr_ids),),
+        ).fetchone()
+        return f"{single}/{tasks}"
 
     def phases(self, committed: dict[str, float], seen: dict[str, list[float]]) -> str:
         per: dict[str, list[float]] = collections.defaultdict(list)
@@ -308,8 +318,8 @@ def format_mode(args: argparse.Namespace, mode: str, rows: dict[str, str]) -> st
     return "\n\n".join(
         [
             f"**{name}**",
-            "| drip CDRs | delivered | POSTed once | commit→POST p50 s | p95 s | max s | runs (by type) |\n"
-            "| --- | --- | --- | --- | --- | --- | --- |\n" + rows["drip"],
+            "| drip CDRs | delivered | POSTed once | commit→POST p50 s | p95 s | max s | runs (by type) "
+            "| tasks of one CDR |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n" + rows["drip"],
             f"Where a drip CDR's time went ({name}):\n\n{rows['phases']}",
             "| burst CDRs | committed in s | delivered | POSTed once | runs (by type) "
             "| first commit→last POST s |\n"
