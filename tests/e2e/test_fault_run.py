@@ -13,12 +13,17 @@ Then, within ``SETTLE_SECONDS`` of the last commit: every CDR is delivered, the 
 receiver acknowledged with a 2xx are exactly the ledger's delivered ones, every POST of a CDR carries
 its one ``webhook-id``, and no ledger row is left ``queued``. The figures are printed.
 
+On the same deployment, the fault that run found: a ``select_cdrs`` whose worker dies after its
+claims are committed is tried again and its own run delivers them (it failed the run before, the
+claims left queued for ``claim_timeout_seconds``).
+
 ``CDR_FAULT_RUN_CDRS`` sets N (CI: the default; docs/reliability.md has the command for 10,000),
 ``CDR_FAULT_RUN_SEED`` the receiver's seed.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import threading
 import time
@@ -31,6 +36,7 @@ import pytest
 from cdr_webhook.signing import webhook_id
 from demo.celery_stack import CeleryStack
 from demo.connections import http_conn
+from demo.dialer import Dialer
 from tests.chaos_receiver import Chaos, ChaosReceiver, tally
 from tests.deployments import API_KEY, SIGNING_SECRET, receiver_deployment
 from tests.dialer_writer import DialerWriter
@@ -285,3 +291,57 @@ def report(
     print("faults (seconds from the first commit):")
     for line in faults.done:
         print(f"  {line}")
+
+
+def test_a_select_that_dies_after_claiming_is_tried_again_and_its_run_sends_the_claims(deployment):
+    """Its worker killed after the claims committed: the same run delivers them, not a takeover later."""
+    stack, _, dsn = deployment
+    start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=3)).replace(microsecond=0)
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        dialer = Dialer(conn)
+        cdrs = [dialer.cdr(created_at=start + dt.timedelta(seconds=n)) for n in range(5)]
+    window = {"window_start": start.isoformat(), "window_end": (start + dt.timedelta(hours=1)).isoformat()}
+    with psycopg.connect(dsn) as holder:
+        # The select step prunes after its claims are committed; holding the retention row holds it there.
+        holder.execute("SELECT known FROM cdr_webhook.retention FOR UPDATE")
+        run_id = stack.trigger(conf=window)
+        claimed = wait_for(lambda: owners(dsn, cdrs) == {run_id: len(cdrs)}, 120)
+        assert claimed, f"the run did not claim its CDRs: {owners(dsn, cdrs)}"
+        select = stack.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}/taskInstances/select_cdrs")
+        assert select["state"] == "running", select
+        killed_at = time.monotonic()
+        stack.kill_worker(select["hostname"])
+        holder.rollback()
+    stack.start_worker_again(select["hostname"])
+
+    state = stack.wait_run(run_id, timeout=240)
+    took = time.monotonic() - killed_at
+    select = stack.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}/taskInstances/select_cdrs")
+    print(f"select killed after claiming: run {state} {took:.1f} s later, select try {select['try_number']}")
+    assert state == "success", stack.dump()
+    assert select["try_number"] == 2
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT status, run_id FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s)", (cdrs,)
+        ).fetchall()
+    assert rows == [("delivered", run_id)] * len(cdrs)  # by its own run, within the claim timeout
+
+
+def owners(dsn: str, cdr_ids: list[str]) -> dict[str | None, int]:
+    """How many of these CDRs each run holds queued."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT run_id, count(*) FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s) AND status = 'queued' "
+            "GROUP BY run_id",
+            (cdr_ids,),
+        ).fetchall()
+    return dict(rows)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    return None
