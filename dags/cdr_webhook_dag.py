@@ -101,30 +101,45 @@ notifier = (
     },
 )
 def cdr_webhook_dag() -> None:
-    @task(task_id=SELECT_TASK_ID)
-    def select_cdrs(cdrs_per_task: int, **context) -> list[dict[str, Any]]:
-        """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
-        from cdr_webhook.db import connect
-        from cdr_webhook.selection.step import airflow_connections, run_info, worker_cores
-        from cdr_webhook.selection.step import select_cdrs as claim_cdrs
-
-        with connect() as conn:
-            return claim_cdrs(
-                conn,
-                run_info(context),
-                load_settings(),  # run-time settings, read when the task runs
-                now=dt.datetime.now(dt.UTC),
-                connections=airflow_connections(),
-                cdrs_per_task=cdrs_per_task,
-                max_tasks=conf.getint("core", "max_map_length") - 1,
-                task_slots=min(conf.getint("core", "parallelism"), worker_cores()),
-            )
-
-    retrying = {
+    backoff = {
         "retries": settings.retries,
         "retry_delay": dt.timedelta(seconds=settings.retry_delay_seconds),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": dt.timedelta(seconds=settings.max_retry_delay_seconds),
+    }
+
+    # Retried like post_cdr: a try that dies after committing its claims (its worker lost, the
+    # api-server or the CDR database away) is tried again and maps exactly those claims, instead of
+    # failing the run and leaving them queued for claim_timeout_seconds.
+    @task(task_id=SELECT_TASK_ID, **backoff)
+    def select_cdrs(cdrs_per_task: int, **context) -> list[dict[str, Any]]:
+        """Claim this run's CDRs in the ledger and return what post_cdr is mapped over."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from cdr_webhook.db import connect
+        from cdr_webhook.selection.source import SourceError
+        from cdr_webhook.selection.step import airflow_connections, run_info, worker_cores
+        from cdr_webhook.selection.step import select_cdrs as claim_cdrs
+        from cdr_webhook.window import InvalidRunRequest
+
+        with connect() as conn:
+            try:
+                return claim_cdrs(
+                    conn,
+                    run_info(context),
+                    load_settings(),  # run-time settings, read when the task runs
+                    now=dt.datetime.now(dt.UTC),
+                    connections=airflow_connections(),
+                    cdrs_per_task=cdrs_per_task,
+                    max_tasks=conf.getint("core", "max_map_length") - 1,
+                    task_slots=min(conf.getint("core", "parallelism"), worker_cores()),
+                )
+            except (InvalidRunRequest, SourceError) as err:
+                # The run's Params or the source view are wrong: no retry can help, the run fails now.
+                raise AirflowFailException(str(err)) from err
+
+    retrying = {
+        **backoff,
         "retry_policy": RetryAfterPolicy(max_delay_seconds=settings.max_retry_delay_seconds),
         "max_active_tis_per_dagrun": settings.max_active_posts_per_run,
     }

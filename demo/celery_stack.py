@@ -73,19 +73,30 @@ class CeleryStack(AirflowStack):
     def start(self, timeout: float = 180) -> CeleryStack:
         super().start(timeout)
         for name in self.workers:
-            self.spawn(
-                name,
-                *("celery", "worker", "--celery-hostname", f"{name}@%h", "--queues", self.queue),
-                *("--concurrency", str(self.concurrency), "--pid", str(self.home / f"{name}.pid")),
-                *("--without-mingle", "--without-gossip"),
-                env={WORKER_NAME: name, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())},
-            )
-        self._wait_workers_ready(timeout)
+            self._spawn_worker(name)
+        self._wait_workers_ready(self.workers, timeout)
         return self
 
-    def _wait_workers_ready(self, timeout: float) -> None:
+    def _spawn_worker(self, name: str) -> None:
+        self.spawn(
+            name,
+            *("celery", "worker", "--celery-hostname", f"{name}@%h", "--queues", self.queue),
+            *("--concurrency", str(self.concurrency), "--pid", str(self.home / f"{name}.pid")),
+            *("--without-mingle", "--without-gossip"),
+            env={WORKER_NAME: name, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())},
+        )
+
+    def start_worker_again(self, name: str, timeout: float = 180) -> None:
+        """Start a worker :meth:`kill_worker` killed, under the same name (its old log kept aside)."""
+        assert self.processes[name].poll() is not None, f"{name} is still running"
+        self.keep_log(name)
+        (self.home / f"{name}.pid").unlink(missing_ok=True)  # Celery refuses to start on a stale pidfile
+        self._spawn_worker(name)
+        self._wait_workers_ready([name], timeout)
+
+    def _wait_workers_ready(self, names: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        waiting = set(self.workers)
+        waiting = set(names)
         while waiting and time.monotonic() < deadline:
             for name in list(waiting):
                 if self.processes[name].poll() is not None:

@@ -193,6 +193,37 @@ class AirflowStack:
             time.sleep(1)
         raise TimeoutError(f"Airflow did not become healthy in {timeout:.0f} s: {last}")
 
+    def restart(self, component: str, timeout: float = 180) -> list[str]:
+        """Restart one component as an operator does: SIGTERM to its session, then start it again.
+
+        What of its session outlives 30 s is killed and returned. The old log is kept as
+        ``<component>.<n>.log``; returns once the deployment is healthy again.
+        """
+        self._end_session(component, signal.SIGTERM)
+        leftovers = end_sessions({self.processes[component].pid})
+        self.spawn(component, component)
+        self._wait_healthy(timeout)
+        return leftovers
+
+    def _end_session(self, name: str, signum: signal.Signals) -> None:
+        """Send ``signum`` to the process group of ``name``, wait for it and keep its log aside."""
+        process = self.processes[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        self.keep_log(name)
+
+    def keep_log(self, name: str) -> None:
+        """Move ``<name>.log`` aside to the next free ``<name>.<n>.log`` (before starting it again)."""
+        number = 1
+        while (self.home / f"{name}.{number}.log").exists():
+            number += 1
+        (self.home / f"{name}.log").rename(self.home / f"{name}.{number}.log")
+
     def stop(self) -> list[str]:
         """Stop every component with SIGINT (then SIGKILL); return the processes that outlived it."""
         sessions = {process.pid for process in self.processes.values()}

@@ -65,19 +65,28 @@ def test_plugin_loading_does_not_import_package_modules_under_bare_names():
         assert module is None or "cdr_webhook" not in str(getattr(module, "__file__", "")), bare
 
 
-def test_retry_settings_reach_post_cdr(settings_env):
+def test_retry_settings_reach_select_cdrs_and_post_cdr(settings_env):
     from airflow.dag_processing.dagbag import DagBag
 
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__RETRIES", "3")
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS", "7")
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS", "45")
 
-    post = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"].get_task("post_cdr")
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["cdr_webhook"]
+    post = dag.get_task("post_cdr")
+    select = dag.get_task("select_cdrs")
 
     assert post.partial_kwargs["retries"] == 3
     assert post.partial_kwargs["retry_delay"] == dt.timedelta(seconds=7)
     assert post.partial_kwargs["max_retry_delay"] == dt.timedelta(seconds=45)
     assert post.partial_kwargs["retry_policy"].max_delay_seconds == 45
+    # A select that dies after committing its claims is tried again and maps them.
+    assert (select.retries, select.retry_delay, select.max_retry_delay) == (
+        3,
+        dt.timedelta(seconds=7),
+        dt.timedelta(seconds=45),
+    )
+    assert select.retry_exponential_backoff
 
 
 def test_isolation_settings_reach_the_dag(settings_env):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 
@@ -17,7 +18,7 @@ from tests.payloads import assert_valid_payload
 pytestmark = pytest.mark.e2e
 
 
-def task_states(dag_run) -> dict[int, tuple[str, int]]:
+def task_states(dag_run, task_id: str = "post_cdr") -> dict[int, tuple[str, int]]:
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
@@ -25,7 +26,7 @@ def task_states(dag_run) -> dict[int, tuple[str, int]]:
         tis = (
             session.query(TaskInstance)
             .filter(TaskInstance.dag_id == dag_run.dag_id, TaskInstance.run_id == dag_run.run_id)
-            .filter(TaskInstance.task_id == "post_cdr")
+            .filter(TaskInstance.task_id == task_id)
             .all()
         )
         return {ti.map_index: (str(ti.state), ti.try_number, ti.rendered_map_index) for ti in tis}
@@ -91,6 +92,17 @@ def test_delivery_retry_fail_fast_redirect_and_verbatim_text(cdr_db, receiver, r
     assert states[1][:2] == ("success", 2)
     assert states[2][:2] == ("failed", 1)
     assert states[3][:2] == ("failed", 1)
+
+
+def test_a_run_asking_the_impossible_fails_at_once_its_select_not_retried(cdr_db, receiver, run_dag):
+    # select_cdrs retries what may pass (a lost worker, database or api-server), not a wrong request.
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    dag_run = run_dag(window_start=tomorrow, window_end=tomorrow + dt.timedelta(hours=1))
+
+    assert str(dag_run.state) == "failed"
+    state, try_number, _ = task_states(dag_run, "select_cdrs")[-1]
+    assert (state, try_number) == ("failed", 1)
+    assert receiver.received() == []
 
 
 def test_policies_missing_then_failed(cdr_db, receiver, run_dag):
