@@ -100,3 +100,24 @@ def test_more_endpoints_than_max_tasks_gives_the_last_ones_back():
 
     assert len(tasks) == 3
     assert [c.endpoint for c in surplus] == ["e3", "e4"]
+
+
+def test_the_worker_cores_are_its_containers_cpu_limit_when_it_has_one(tmp_path):
+    from cdr_webhook.selection.step import cgroup_cpu_quota, worker_cores
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # a Kubernetes limit of 1.5 CPUs
+    assert cgroup_cpu_quota(v2) == 1.5
+    assert worker_cores(v2) <= 2
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(v2) is None
+
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert worker_cores(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(v1) is None
+    assert cgroup_cpu_quota(tmp_path / "nothing") is None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import math
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdr_webhook import ledger
@@ -572,16 +574,34 @@ def airflow_connections() -> Connections:
     return config_of
 
 
-def worker_cores() -> int:
+def worker_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """
     The CPU cores this worker may run on: a bound on the chunks of a run sending at once.
 
     A chunk sending to a fast receiver keeps one core busy (its POSTs are our Python, one process);
-    more chunks than cores only add task starts, each far dearer than a POST.
+    more chunks than cores only add task starts, each far dearer than a POST. A container's CPU
+    limit (its cgroup's quota, as Kubernetes sets it) counts, not the node's cores it can see.
     """
-    if hasattr(os, "sched_getaffinity"):
-        return max(len(os.sched_getaffinity(0)), 1)
-    return os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(cores, 1)
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """The cgroup's CPU limit in cores (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``); None when unlimited."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, _, period = (root / "cpu.max").read_text().strip().partition(" ")
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1") or not period:
+            return None
+        return int(quota) / int(period) if int(quota) > 0 and int(period) > 0 else None
+    except (OSError, ValueError):  # no cgroup files (not Linux, or not mounted): the cores seen
+        return None
 
 
 def run_info(context: Mapping[str, Any]) -> RunInfo:
