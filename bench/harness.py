@@ -801,15 +801,20 @@ def chunk_mode(
                 )
                 print(message, flush=True)
                 return [message]
-            if bound:
-                row.reference, row.reference_rate = "bound", bound
-            elif bench.raw_rates.get(n):
-                row.reference, row.reference_rate = "raw", bench.raw_rates[n]
-            rows.append(row)
+            rows.append(against_raw_or_bound(row, bench, n, bound))
             print(format_table([row]), flush=True)
     finally:
         stop_stack(stack)
     return []
+
+
+def against_raw_or_bound(row: Row, bench: Bench, n: int, bound: float | None) -> Row:
+    """A sending row's reference: the concurrency bound when the receiver has a delay, else the raw loop."""
+    if bound:
+        row.reference, row.reference_rate = "bound", bound
+    elif bench.raw_rates.get(n):
+        row.reference, row.reference_rate = "raw", bench.raw_rates[n]
+    return row
 
 
 def defaults_mode(
@@ -828,11 +833,7 @@ def defaults_mode(
         bench.warm_up(stack)
         for n in args.cdrs:
             row, _ = bench.cdr_run(stack, n, "defaults (the run sizes its tasks)")
-            if bound:
-                row.reference, row.reference_rate = "bound", bound
-            elif bench.raw_rates.get(n):
-                row.reference, row.reference_rate = "raw", bench.raw_rates[n]
-            rows.append(row)
+            rows.append(against_raw_or_bound(row, bench, n, bound))
             print(format_table([row]), flush=True)
     finally:
         stop_stack(stack)
