@@ -17,40 +17,22 @@ import argparse
 import datetime as dt
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
-
-from bench.selection_at_size import RELATION, Bench, dataset, dataset_arguments
+from bench.dataset import RELATION, dataset, dataset_arguments
+from bench.query_timer import EachStatementTimer, QueryTimer
+from bench.records import attempt, delivered_claims
+from bench.stats import percentile
 from cdr_webhook import ledger
 from cdr_webhook.ledger import endpoints
 from cdr_webhook.selection import source
 from cdr_webhook.web import deliveries
 from cdr_webhook.web.deliveries import Filters
-from tests.ledger_records import attempt
+
+if TYPE_CHECKING:
+    import psycopg
 
 PAGE = 50
-
-
-class PageBench(Bench):
-    """Explains each statement under the settings the function set (``set_config``) in its transaction."""
-
-    def explain(self, name: str, statements: list[tuple[Any, Any]]) -> None:
-        settings = [(q, p) for q, p in statements if isinstance(q, str) and "set_config(" in q]
-        self.plans.write(f"\n===== {name} =====\n")
-        for query, params in statements:
-            if (query, params) in settings:
-                continue
-            text = query if isinstance(query, str) else query.as_string(self.conn)
-            self.plans.write(f"\n-- {' '.join(text.split())[:400]}\n")
-            with self.conn.transaction(force_rollback=True):
-                for setting, setting_params in settings:
-                    self.conn.execute(setting, setting_params)
-                explain = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + sql.SQL(text)  # type: ignore[arg-type]
-                for (line,) in self.conn.execute(explain, params).fetchall():
-                    self.plans.write(line + "\n")
-        self.plans.flush()
 
 
 def add_history(conn: psycopg.Connection[Any]) -> None:
@@ -65,7 +47,7 @@ def add_history(conn: psycopg.Connection[Any]) -> None:
     conn.execute("ANALYZE cdr_webhook.delivery_attempt")
 
 
-def measure(bench: Bench) -> None:
+def measure(bench: QueryTimer) -> None:
     conn = bench.conn
     newest = conn.execute("SELECT max(cdr_created_at) FROM cdr_webhook.delivery").fetchone()[0]  # type: ignore[index]
     yesterday = dt.datetime.combine(newest.date() - dt.timedelta(days=1), dt.time(), dt.UTC)
@@ -136,19 +118,12 @@ _STEP_6_WRITE_PATH = (
 )
 
 
-def measure_writes(bench: Bench, count: int = 500) -> None:
+def measure_writes(bench: QueryTimer, count: int = 500) -> None:
     """What step 6 adds to recording an attempt: ``count`` calls of ``ledger.record_attempts`` (one
     attempt each), with its trigger and indexes, then without them (dropped in the rolled-back
     transaction)."""
     conn = bench.conn
-    claims = [
-        ledger.Claim(row[0], row[1], row[2], row[3], "queued", 1)
-        for row in conn.execute(
-            "SELECT cdr_id, endpoint, client_id, cdr_created_at FROM cdr_webhook.delivery "
-            "WHERE status = 'delivered' ORDER BY cdr_created_at DESC LIMIT %s",
-            (count,),
-        )
-    ]
+    claims = delivered_claims(conn, count)
 
     def record() -> int:
         for claim in claims:
@@ -168,7 +143,9 @@ def measure_writes(bench: Bench, count: int = 500) -> None:
                 record()
                 timings.append((time.perf_counter() - began) * 1000 / len(claims))
         bench.rows.append((f"write: one attempt recorded, {label}", timings, ""))
-        print(f"  write: one attempt {label:<40} p50 {sorted(timings)[2]:8.3f} ms per attempt", flush=True)
+        print(
+            f"  write: one attempt {label:<40} p50 {percentile(timings, 50):8.3f} ms per attempt", flush=True
+        )
 
 
 def main() -> int:
@@ -184,11 +161,10 @@ def main() -> int:
         ).fetchone()
         assert sizes is not None
         print(f"{database}: source {sizes[0]} CDRs, ledger {sizes[1]} rows, {sizes[2]} attempt rows")
-        bench = PageBench(conn, args.repeat, args.plans)
+        bench = EachStatementTimer(conn, args.repeat, args.plans)
         measure(bench)
         measure_writes(bench)
         bench.table(f"N = {sizes[0]} source CDRs, {sizes[1]} ledger rows, pages of {PAGE}")
-        print(f"\nPlans: {args.plans}")
     return 0
 
 

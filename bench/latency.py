@@ -1,18 +1,22 @@
 """Commit → POST latency of event-driven pick-up, through a real Airflow at the default settings.
 
-    .venv/bin/python -m bench.latency [--drip 30] [--burst 2000] [--backlog 0] [--idle 60]
-        [--modes defaults per-cdr chunk] [--cdrs-per-task 50] [--dsn DSN] [--out FILE]
+    PYTHONPATH=plugins .venv/bin/python -m bench.latency [--drip 30] [--every S] [--burst 2000] [--backlog 0]
+        [--idle 60] [--modes defaults per-cdr chunk] [--cdrs-per-task 50] [--notify] [--env NAME=VALUE ...]
+        [--dsn DSN] [--out FILE]
 
 One Airflow per mode (demo/stack.py: LocalExecutor, api-server, scheduler, dag-processor and
 triggerer on 127.0.0.1, metadata on the PostgreSQL server), the DAG at its default settings (the
-minute schedule, ``watch_interval_seconds`` 1, no NOTIFY trigger), a receiver in this process
-(demo/receiver.py). After the first scheduled run (the watermark exists), for each mode:
+minute schedule, ``watch_interval_seconds`` 1), a receiver in this process (demo/receiver.py). With
+``--notify`` the commit watcher's NOTIFY trigger is installed on dialer.cdr (``source install-notify``),
+else the watcher polls. Airflow's own settings are its defaults (``scheduler_idle_sleep_time`` 1 s,
+where the tests' stacks use 0.5 s) unless ``--env`` sets one. After the first scheduled run (the
+watermark exists), for each mode:
 
 * drip: ``--drip`` CDRs committed one at a time, each its own transaction, 1.5–4.5 s apart at random
-  (about one every 3 s): commit → POST p50/p95/max, POSTs per CDR, the runs by type, and where the
-  time went per CDR (REST timestamps and the ledger): commit → asset event (the trigger's wait and
-  the event's write), event → run queued (the run's creation), queued → select start, the select
-  step, select end → post task start, post task start → POST;
+  (about one every 3 s), or ``--every`` seconds apart: commit → POST p50/p95/max, POSTs per CDR,
+  the runs by type, and where the time went per CDR (REST timestamps and the ledger): commit →
+  asset event (the trigger's wait and the event's write), event → run queued (the run's creation),
+  queued → select start, the select step, select end → post task start, post task start → POST;
 * burst: ``--burst`` CDRs committed as fast as one connection can, each its own transaction: all
   delivered once?, the runs it caused, the time from the first commit to the last POST;
 * backlog (``--backlog`` N, off by default): an outage's backlog: N CDRs committed while the endpoint
@@ -29,45 +33,39 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as dt
-import os
-import platform
 import random
-import shutil
 import signal
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import psycopg
-from psycopg.conninfo import make_conninfo
 
-from bench.harness import percentile, server_dsn
-from demo.connections import http_conn, postgres_conn
-from demo.dialer import ROOT, Dialer, load_reference_schema
+from bench.cli import add_report_arguments, publish
+from bench.rest import ts_or_none
+from bench.scratch import scratch_database, server_dsn
+from bench.stacks import SIGNING_SECRET, deployment_env, extra_env, start_watching, stop_stack
+from bench.stats import num, percentile
+from bench.table import machine
+from cdr_webhook.ledger import endpoints
+from cdr_webhook.watch import notify
+from demo.dialer import Dialer, load_reference_schema
 from demo.receiver import Receiver
 from demo.stack import AirflowStack
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-SIGNING_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a bench-only secret, not a real one
 #: ``cdrs_per_task`` per mode: none set (the run sizes its tasks), a task per CDR, ``--cdrs-per-task``.
 MODE_TASKS = {"per-cdr": "1", "chunk": ""}
 PHASES = ("commit→event", "event→run queued", "queued→select start", "select step", "select→post start",
           "post start→POST")  # fmt: skip
 
 
-def _ts(value: str | None) -> float | None:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
-
-
 def _s(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
+    return num(value, ".1f")
 
 
 class Measure:
@@ -94,17 +92,17 @@ class Measure:
 
     def runs_since(self, since: float) -> collections.Counter[str]:
         runs = self.stack.runs(order_by="-run_after")
-        return collections.Counter(r["run_type"] for r in runs if (_ts(r["queued_at"]) or 0) >= since)
+        return collections.Counter(r["run_type"] for r in runs if (ts_or_none(r["queued_at"]) or 0) >= since)
 
     def commit(self) -> tuple[str, float]:
         cdr = self.dialer.cdr()  # autocommit: the CDR row is its own transaction
         return cdr, time.time()
 
-    def drip(self, count: int) -> tuple[list[str], str, str]:
+    def drip(self, count: int, every: float | None = None) -> tuple[list[str], str, str]:
         began = time.time()
         committed = {}
         for _ in range(count):
-            time.sleep(random.uniform(1.5, 4.5))
+            time.sleep(every or random.uniform(1.5, 4.5))
             cdr, at = self.commit()
             committed[cdr] = at
         seen = self.wait_delivered(list(committed), 300)
@@ -149,16 +147,16 @@ class Measure:
                 self.stack.api("GET", f"/dags/cdr_webhook/dagRuns/{run_id}/upstreamAssetEvents", expect=None)
                 or {}
             )
-            stamps = [_ts(e["timestamp"]) for e in events.get("asset_events", [])]
+            stamps = [ts_or_none(e["timestamp"]) for e in events.get("asset_events", [])]
             event = min((s for s in stamps if s and s >= committed[cdr] - 0.5), default=None)
-            queued = _ts(run.get("queued_at"))
+            queued = ts_or_none(run.get("queued_at"))
             points = [
                 committed[cdr],
                 event,
                 queued,
-                _ts(select and select["start_date"]),
-                _ts(select and select["end_date"]),
-                _ts(post and post["start_date"]),
+                ts_or_none(select and select["start_date"]),
+                ts_or_none(select and select["end_date"]),
+                ts_or_none(post and post["start_date"]),
                 min(seen[cdr]),
             ]
             for name, (a, b) in zip(PHASES, zip(points, points[1:], strict=False), strict=True):
@@ -191,8 +189,6 @@ class Measure:
         Timed from the resume to the last POST; checks each CDR POSTed once and that the runs took the
         queue oldest first (each run's CDRs all older than the next run's, per the ledger).
         """
-        from cdr_webhook.ledger import endpoints
-
         endpoints.pause(self.conn, "cdr_webhook", reason="bench: an outage", actor="bench")
         with self.conn.transaction():
             cdrs = [self.dialer.cdr() for _ in range(count)]
@@ -240,60 +236,41 @@ class Measure:
         return f"| {seconds:.0f} | {', '.join(f'{k} {v}' for k, v in sorted(runs.items())) or 'none'} |"
 
 
-def wait_first_run(stack: AirflowStack, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r["state"] == "success" for r in stack.runs(run_type="scheduled")):
-            if "Watching cdr_webhook_source" in stack.log_tail("triggerer", 1_000_000):
-                return
-        time.sleep(1)
-    raise TimeoutError("no scheduled run, or no watcher, after the start")
-
-
 def mode_report(args: argparse.Namespace, mode: str, admin_dsn: str, scratch: Path) -> str:
-    database = f"cdr_webhook_latency_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{database}"')
-    dsn = make_conninfo(admin_dsn, dbname=database)
+    """One mode's measurements on an Airflow of its own, over a CDR database of its own."""
     stack = None
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn, Receiver(secret=SIGNING_SECRET) as receiver:
-            load_reference_schema(conn)
-            env = {
-                "AIRFLOW_CONN_CDR_DB": postgres_conn(dsn),
-                "AIRFLOW_CONN_CDR_WEBHOOK": http_conn(receiver.url, signing_secret=SIGNING_SECRET),
-                "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS": "127.0.0.1/32",
-                "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",
-            }
-            if mode in MODE_TASKS:
-                env["AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK"] = MODE_TASKS[mode] or str(args.cdrs_per_task)
-            home = scratch / f"airflow-{mode}"
-            home.mkdir()
-            stack = AirflowStack(home, admin_dsn, env)
-            began = time.monotonic()
-            stack.start()
-            stack.unpause()
-            wait_first_run(stack)
+    with (
+        scratch_database(admin_dsn, "cdr_webhook_latency") as dsn,
+        psycopg.connect(dsn, autocommit=True) as conn,
+        Receiver(secret=SIGNING_SECRET) as receiver,
+    ):
+        load_reference_schema(conn)
+        if args.notify:
+            notify.install(conn, "dialer.cdr")
+        # Airflow's default idle sleep (the stacks' 0.5 s suits the tests), then --env's settings.
+        env = deployment_env(dsn, receiver.url, page_limit=1000)
+        env |= {"AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "1.0", **extra_env(args.env)}
+        if mode in MODE_TASKS:
+            env["AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK"] = MODE_TASKS[mode] or str(args.cdrs_per_task)
+        home = scratch / f"airflow-{mode}"
+        home.mkdir()
+        began = time.monotonic()
+        try:
+            stack = start_watching(AirflowStack(home, admin_dsn, env))
             print(
                 f"[{mode}] Airflow up, first scheduled run done in {time.monotonic() - began:.0f} s",
                 flush=True,
             )
             rows = measure_all(args, mode, Measure(stack, receiver, conn))
-    finally:
-        if stack is not None:
-            leftovers = stack.stop()
-            stack.drop_metadata()
-            if leftovers:
-                print(f"processes that outlived the stop (killed): {leftovers}", file=sys.stderr)
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            stop_stack(stack)
     return format_mode(args, mode, rows)
 
 
 def measure_all(args: argparse.Namespace, mode: str, measure: Measure) -> dict[str, str]:
     """Each measurement in turn on one Airflow: its table row (and the drip's phases), as printed."""
     rows: dict[str, str] = {}
-    _, rows["drip"], rows["phases"] = measure.drip(args.drip)
+    _, rows["drip"], rows["phases"] = measure.drip(args.drip, args.every)
     print(f"[{mode}] drip {rows['drip']}", flush=True)
     rows["burst"] = measure.burst(args.burst)
     print(f"[{mode}] burst {rows['burst']}", flush=True)
@@ -312,8 +289,7 @@ def format_mode(args: argparse.Namespace, mode: str, rows: dict[str, str]) -> st
     backlog = [
         "| backlog CDRs | queued in s | delivered | POSTed once | runs (by type) | runs oldest first "
         "| resume→last POST s |\n| --- | --- | --- | --- | --- | --- | --- |\n" + row
-        for row in [rows["backlog"]]
-        if "backlog" in rows
+        for row in ([rows["backlog"]] if "backlog" in rows else [])
     ]
     return "\n\n".join(
         [
@@ -333,6 +309,7 @@ def format_mode(args: argparse.Namespace, mode: str, rows: dict[str, str]) -> st
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--drip", type=int, default=30, help="CDRs committed one at a time (default 30)")
+    parser.add_argument("--every", type=float, help="seconds between drip commits (default 1.5–4.5, random)")
     parser.add_argument("--burst", type=int, default=2000, help="CDRs committed at once (default 2000)")
     parser.add_argument("--idle", type=float, default=60, help="idle seconds counted (default 60)")
     parser.add_argument(
@@ -343,26 +320,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--modes", nargs="+", choices=("defaults", "per-cdr", "chunk"), default=["defaults"])
     parser.add_argument("--cdrs-per-task", type=int, default=50, help="chunk mode's CDRS_PER_TASK")
-    parser.add_argument("--dsn", help="the PostgreSQL server (default CDR_DATABASE_URL, 127.0.0.1:5432)")
-    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    parser.add_argument(
+        "--notify", action="store_true", help="install the NOTIFY trigger on dialer.cdr (default: polling)"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="an Airflow setting for every mode"
+    )
+    add_report_arguments(parser)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    sys.path.insert(0, str(ROOT / "plugins"))
-    scratch = Path(tempfile.mkdtemp(prefix="cdr-webhook-latency-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="cdr-webhook-latency-", ignore_cleanup_errors=True) as name:
+        scratch = Path(name)
         admin_dsn = server_dsn(args.dsn, scratch)
         reports = [mode_report(args, mode, admin_dsn, scratch) for mode in args.modes]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    watcher = "NOTIFY trigger on dialer.cdr" if args.notify else "the watcher polls (no NOTIFY trigger)"
     head = (
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}: {os.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; LocalExecutor, default settings; "
+        f"{machine()}; LocalExecutor, default settings, {watcher}; "
         f"`python -m bench.latency {' '.join(sys.argv[1:])}`"
     )
     report = "\n\n".join([head, *reports])
-    print("\n" + report)
-    if args.out:
-        args.out.write_text(report + "\n")
+    publish(report, args.out)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The CPU a chunk task spends per CDR, next to a raw keep-alive POST loop's per POST, without Airflow.
 
-    .venv/bin/python -m bench.profile_chunk [--cdrs 2000] [--in-flight 8] [--repeat 3] [--profile 25]
-        [--host localhost] [--dsn DSN]
+    PYTHONPATH=plugins .venv/bin/python -m bench.profile_chunk [--cdrs 2000] [--in-flight 8] [--repeat 3]
+        [--profile 25] [--endpoints 1] [--host localhost] [--dsn DSN]
 
 One process plays the chunk task: ``CdrWebhookOperator.execute`` of a chunk of ``--cdrs`` CDRs (its
 claim, bodies, slots, POSTs from its pool of senders, records and log lines) over a real PostgreSQL
@@ -13,7 +13,9 @@ process) and the wall clock around the call, per CDR, the median over ``--repeat
 bodies and headers, built in advance, POSTed by one keep-alive ``requests.Session`` and by one
 ``http.client.HTTPConnection``. ``--profile N`` prints cProfile's N costliest functions of one more
 chunk (cProfile sees the calling thread only; the senders' cost shows in a second table of one
-sender's ``engine.post`` calls). CPU time does not grow with the load of other processes the way wall
+sender's ``engine.post`` calls). ``--endpoints N`` spreads the CDRs over N endpoints (one task of
+many endpoints, as a run of spread traffic maps: each endpoint its own connection, path and key on
+the same receiver). CPU time does not grow with the load of other processes the way wall
 time does; the load average is printed. On demand only: never part of the test suite.
 """
 
@@ -24,7 +26,6 @@ import contextlib
 import cProfile
 import dataclasses
 import datetime as dt
-import http.client
 import io
 import multiprocessing
 import os
@@ -35,22 +36,25 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.parse
-import uuid
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import psycopg
-from psycopg.conninfo import make_conninfo
 
+from bench.scratch import scratch_database
+from bench.sending import http_client_loop, requests_loop, signed_requests
+from bench.stacks import SIGNING_SECRET
+from bench.table import load_average
+from cdr_webhook.ledger.schema import migrate
 from demo.connections import http_conn, postgres_conn
-from demo.dialer import ROOT, Dialer, load_reference_schema
+from demo.dialer import Dialer, load_reference_schema
+from demo.receiver import Receiver
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
     from multiprocessing.connection import Connection
 
 ENDPOINT = "cdr_webhook_profile"
-SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a bench-only secret, not a real one
 API_KEY = "bench-only-api-key"
 RUN_ID = "manual__profile"
 
@@ -68,8 +72,6 @@ class TaskInstance:
 
 def _serve(pipe: Connection) -> None:
     """The receiver's process: answer at once until told to stop; send back how many it received."""
-    from demo.receiver import Receiver
-
     with Receiver() as receiver:
         pipe.send(receiver.url)
         pipe.recv()
@@ -91,29 +93,22 @@ def receiver_process() -> Iterator[Callable[[], str]]:
         process.join(10)
 
 
-@contextlib.contextmanager
-def scratch_database(server: str) -> Iterator[str]:
-    name = f"cdr_webhook_profile_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_conninfo(server, dbname=name)
-    finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def endpoint_of(index: int, endpoints: int) -> str:
+    return ENDPOINT if endpoints == 1 else f"{ENDPOINT}_{index % endpoints}"
 
 
-def make_cdrs(conn: psycopg.Connection[Any], n: int) -> list[str]:
-    """``n`` CDRs in the source, each with a ledger row of the endpoint."""
+def make_cdrs(conn: psycopg.Connection[Any], n: int, endpoints: int = 1) -> list[str]:
+    """``n`` CDRs in the source, each with a ledger row of its endpoint (dealt over ``endpoints``)."""
     dialer = Dialer(conn)
     start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     with conn.transaction():
         ids = [dialer.cdr(created_at=start + dt.timedelta(milliseconds=i)) for i in range(n)]
     conn.execute(
         "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, client_id, cdr_created_at, status, dag_id, "
-        "run_id, claimed_at) SELECT cdr_id::text, %s, client_id, created_at, 'queued', 'cdr_webhook', %s, "
-        "now() FROM cdr_webhook_source WHERE cdr_id::text = ANY(%s)",
-        (ENDPOINT, RUN_ID, ids),
+        "run_id, claimed_at) SELECT s.cdr_id::text, e.endpoint, s.client_id, s.created_at, 'queued', "
+        "'cdr_webhook', %s, now() FROM cdr_webhook_source AS s "
+        "JOIN unnest(%s::text[], %s::text[]) AS e(cdr_id, endpoint) ON e.cdr_id = s.cdr_id::text",
+        (RUN_ID, ids, [endpoint_of(i, endpoints) for i in range(n)]),
     )
     return ids
 
@@ -130,13 +125,50 @@ def requeue(conn: psycopg.Connection[Any], ids: Sequence[str]) -> None:
     conn.execute("UPDATE cdr_webhook.endpoint_state SET consecutive_failures = 0, paused = false")
 
 
-def run_chunk(ids: Sequence[str]) -> None:
+def run_chunk(ids: Sequence[str], endpoints: int = 1) -> None:
+    # Imported once main() has set AIRFLOW_HOME and its config: Airflow reads them at import.
     from cdr_webhook.deliver.operator import CdrWebhookOperator
+    from cdr_webhook.settings import AUTO_SIZED
 
+    groups: dict[str, list[str]] = {}
+    for index, cdr_id in enumerate(ids):
+        groups.setdefault(endpoint_of(index, endpoints), []).append(cdr_id)
     operator = CdrWebhookOperator(
-        task_id="post_cdr", cdr_ids=list(ids), http_conn_id=ENDPOINT, cdrs_per_task=len(ids), retries=0
+        task_id="post_cdr",
+        cdr_ids=[cdr_id for group in groups.values() for cdr_id in group],
+        http_conn_id=next(iter(groups)),
+        endpoints=[[endpoint, len(group)] for endpoint, group in groups.items()] if endpoints > 1 else None,
+        cdrs_per_task=AUTO_SIZED,
+        retries=0,
     )
     operator.execute({"ti": TaskInstance()})  # type: ignore[typeddict-item]
+
+
+def server_cpu(conn: psycopg.Connection[Any]) -> Callable[[], float] | None:
+    """
+    A reading of the CDR database server's CPU seconds so far (every backend, the ones gone too, and
+    its background writers), when the server runs on this machine and its processes can be read;
+    else None. A backend that exits is counted in its postmaster's children times once reaped.
+    """
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    try:
+        postmaster = psutil.Process(row[0]).parent() if row else None
+        if postmaster is None:
+            return None
+        postmaster.cpu_times()
+    except psutil.Error:
+        return None
+
+    def seconds() -> float:
+        own = postmaster.cpu_times()
+        total = own.user + own.system + own.children_user + own.children_system
+        for child in postmaster.children():
+            with contextlib.suppress(psutil.Error):  # gone meanwhile: counted in children times
+                times = child.cpu_times()
+                total += times.user + times.system
+        return total
+
+    return seconds
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -146,54 +178,16 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def prepared(conn: psycopg.Connection[Any], ids: Sequence[str]) -> list[tuple[bytes, dict[str, str]]]:
-    """The CDRs' bodies and signed headers, built as a chunk builds them."""
-    from cdr_webhook.payload import build_body
-    from cdr_webhook.selection.source import fetch_rows
-    from cdr_webhook.signing import build_headers, webhook_id
-
-    created = dict(conn.execute("SELECT cdr_id::text, created_at FROM cdr_webhook_source"))
-    rows = fetch_rows(conn, "cdr_webhook_source", [(cdr_id, created[cdr_id]) for cdr_id in ids])
-    out = []
-    for cdr_id in ids:
-        body = build_body(cdr_id, rows[cdr_id], "cdr_webhook_source")
-        headers = build_headers(
-            msg_id=webhook_id(cdr_id, ENDPOINT),
-            timestamp=int(time.time()),
-            body=body,
-            api_key=API_KEY,
-            signing_secrets=(SECRET,),
-        )
-        out.append((body, headers))
-    return out
+def all_ok(statuses: Sequence[int]) -> None:
+    """A raw loop counts only if the receiver took every POST."""
+    bad = [status for status in statuses if status != 200]
+    if bad:
+        raise RuntimeError(f"the raw loop got {len(bad)} answers other than 200 (the first: HTTP {bad[0]})")
 
 
-def requests_loop(url: str, requests_: Sequence[tuple[bytes, dict[str, str]]]) -> None:
-    import requests
-
-    with requests.Session() as session:
-        session.trust_env = False
-        for body, headers in requests_:
-            session.post(url, data=body, headers=headers, timeout=30).raise_for_status()
-
-
-def http_client_loop(url: str, requests_: Sequence[tuple[bytes, dict[str, str]]]) -> None:
-    parsed = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
-    try:
-        for body, headers in requests_:
-            conn.request("POST", parsed.path, body=body, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}")
-    finally:
-        conn.close()
-
-
-def profile_chunk(conn: psycopg.Connection[Any], ids: Sequence[str], top: int) -> str:
+def profile_chunk(conn: psycopg.Connection[Any], ids: Sequence[str], top: int, endpoints: int = 1) -> str:
     """cProfile of one chunk: the calling thread's costs, then the senders' (``engine.post``)."""
-    from cdr_webhook.deliver.engine import DeliveryEngine
+    from cdr_webhook.deliver.engine import DeliveryEngine  # after AIRFLOW_HOME is set, as run_chunk's
 
     senders = cProfile.Profile()
     original = DeliveryEngine.post
@@ -207,7 +201,7 @@ def profile_chunk(conn: psycopg.Connection[Any], ids: Sequence[str], top: int) -
     try:
         # One sender at a time: a cProfile.Profile is not to be shared by threads at once.
         with env({"AIRFLOW__CDR_WEBHOOK__MAX_IN_FLIGHT_PER_ENDPOINT": "1"}):
-            caller.runcall(run_chunk, ids)
+            caller.runcall(run_chunk, ids, endpoints)
     finally:
         DeliveryEngine.post = original  # type: ignore[method-assign]
     out = io.StringIO()
@@ -221,7 +215,7 @@ def profile_chunk(conn: psycopg.Connection[Any], ids: Sequence[str], top: int) -
 
 @contextlib.contextmanager
 def env(values: dict[str, str]) -> Iterator[None]:
-    from cdr_webhook.settings import load_settings
+    from cdr_webhook.adapters import load_settings  # after AIRFLOW_HOME is set, as run_chunk's
 
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
@@ -239,7 +233,7 @@ def env(values: dict[str, str]) -> Iterator[None]:
 
 def configure_task_logging(path: str) -> Any:
     """Airflow's logging as a task process sets it up (JSON lines out), to ``path``."""
-    from airflow.sdk.log import configure_logging
+    from airflow.sdk.log import configure_logging  # after AIRFLOW_HOME is set, as run_chunk's
 
     out = open(path, "wb")  # noqa: SIM115 - kept open for the process's life, as the task's socket is
     configure_logging(json_output=True, output=out, sending_to_supervisor=True)
@@ -258,6 +252,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.profile_chunk", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--cdrs", type=int, default=2000)
+    parser.add_argument("--endpoints", type=int, default=1, help="spread the CDRs over this many endpoints")
     parser.add_argument("--in-flight", type=int, default=8, help="max_in_flight_per_endpoint (default 8)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print cProfile's top N")
@@ -272,33 +267,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -> None:
     """The chunk's and the raw loops' CPU and wall time per CDR (to the receiver's ``url``), as a table."""
-    ids = make_cdrs(conn, args.cdrs)
-    run_chunk(ids[:50])  # first-call imports and connections, not counted
-    chunk = []
+    ids = make_cdrs(conn, args.cdrs, args.endpoints)
+    run_chunk(ids[:50], args.endpoints)  # first-call imports and connections, not counted
+    chunk, database = [], []
+    server = server_cpu(conn)
     for _ in range(args.repeat):
         requeue(conn, ids)
-        chunk.append(timed(lambda: run_chunk(ids)))
+        before = server() if server else 0.0
+        chunk.append(timed(lambda: run_chunk(ids, args.endpoints)))
+        database.append(server() - before if server else float("nan"))
     delivered = conn.execute(
         "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'delivered' AND cdr_id = ANY(%s)", (ids,)
     ).fetchone()
-    bodies = prepared(conn, ids)
+    bodies = signed_requests(conn, ids, endpoint=ENDPOINT, secret=SIGNING_SECRET, api_key=API_KEY)
     raw: dict[str, list[tuple[float, float]]] = {"requests.Session": [], "http.client": []}
     for _ in range(args.repeat):
-        raw["requests.Session"].append(timed(lambda: requests_loop(url, bodies)))
-        raw["http.client"].append(timed(lambda: http_client_loop(url, bodies)))
-    load = "/".join(f"{value:.2f}" for value in os.getloadavg())
+        raw["requests.Session"].append(timed(lambda: all_ok(requests_loop(url, bodies))))
+        raw["http.client"].append(timed(lambda: all_ok(http_client_loop(url, bodies))))
+    load = load_average()
     print(
-        f"\n{args.cdrs} CDRs to {args.host}, in-flight limit {args.in_flight}, median of {args.repeat}, load "
+        f"\n{args.cdrs} CDRs to {args.host} ({args.endpoints} endpoint(s)), "
+        f"in-flight limit {args.in_flight}, median of {args.repeat}, load "
         f"{load} (after); the chunk delivered {delivered[0] if delivered else 0} in its last try.\n"
     )
     print("| what | CPU ms per CDR | wall ms per CDR |\n| --- | ---: | ---: |")
     cpu, wall = median_per_item(chunk, args.cdrs)
     print(f"| chunk task (`CdrWebhookOperator.execute`) | {cpu:.3f} | {wall:.3f} |")
+    db_ms = statistics.median(database) / args.cdrs * 1000
+    print(f"| the CDR database server during the chunk (every PostgreSQL process) | {db_ms:.3f} | |")
     for name, samples in raw.items():
         cpu, wall = median_per_item(samples, args.cdrs)
         print(f"| raw keep-alive loop, `{name}` (bodies built in advance) | {cpu:.3f} | {wall:.3f} |")
     if args.profile:
-        print(profile_chunk(conn, ids, args.profile))
+        print(profile_chunk(conn, ids, args.profile, args.endpoints))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,19 +315,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "AIRFLOW__CDR_WEBHOOK__MAX_IN_FLIGHT_PER_ENDPOINT": str(args.in_flight),
         }
     )
-    sys.path.insert(0, str(ROOT / "plugins"))
-    from cdr_webhook.ledger.schema import migrate
-
     log_file = configure_task_logging(os.path.join(home, "task.log"))
     try:
-        with scratch_database(args.dsn) as dsn, receiver_process() as url:
+        with scratch_database(args.dsn, "cdr_webhook_profile") as dsn, receiver_process() as url:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 load_reference_schema(conn)
                 migrate(conn)
                 os.environ["AIRFLOW_CONN_CDR_DB"] = postgres_conn(dsn)
                 address = url().replace("127.0.0.1", args.host, 1)
-                endpoint = http_conn(address, api_key=API_KEY, signing_secret=SECRET)
-                os.environ[f"AIRFLOW_CONN_{ENDPOINT.upper()}"] = endpoint
+                for index in range(args.endpoints):
+                    name = endpoint_of(index, args.endpoints)
+                    endpoint = http_conn(f"{address}/{name}", api_key=API_KEY, signing_secret=SIGNING_SECRET)
+                    os.environ[f"AIRFLOW_CONN_{name.upper()}"] = endpoint
                 measure(args, conn, url())
     finally:
         log_file.close()

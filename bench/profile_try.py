@@ -1,6 +1,6 @@
 """What a ``post_cdr`` task process pays before and around its POST, next to a no-op task's.
 
-    .venv/bin/python -m bench.profile_try [--repeat 7] [--dsn DSN]
+    PYTHONPATH=plugins .venv/bin/python -m bench.profile_try [--repeat 7] [--dsn DSN]
 
 Each measurement runs in a fresh interpreter that first imports what a task process inherits from
 its LocalExecutor worker (forked from the scheduler: Airflow, the scheduler, the Task SDK's task
@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.table import load_average
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import ROOT
 
@@ -58,11 +59,11 @@ if {execute!r}:
         lambda: [importlib.import_module(m) for m in (
             "cdr_webhook.db", "cdr_webhook.ledger", "cdr_webhook.ledger.endpoints", "cdr_webhook.payload",
             "cdr_webhook.selection.source", "cdr_webhook.signing", "cdr_webhook.deliver.slots",
-            "cdr_webhook.config",
+            "cdr_webhook.endpoint_config",
             "airflow.sdk.observability.stats",
         )],
     )
-    from cdr_webhook.settings import load_settings
+    from cdr_webhook.adapters import load_settings
     settings = timed("load_settings(), first", load_settings)
     timed("load_settings(), again", load_settings)
     from cdr_webhook.deliver.hook import CdrWebhookHook
@@ -126,7 +127,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="cdr-webhook-profile-"))
+    with tempfile.TemporaryDirectory(prefix="cdr-webhook-profile-", ignore_cleanup_errors=True) as home:
+        measure(args, Path(home))
+    return 0
+
+
+def measure(args: argparse.Namespace, home: Path) -> None:
+    """Each probe ``--repeat`` times in fresh interpreters (Airflow home ``home``); print the tables."""
     env = os.environ | {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -145,7 +152,7 @@ def main() -> int:
             out, _ = run_probe(dag, name == "cdr_webhook", env)
             for key, value in out.items():
                 samples[name].setdefault(key, []).append(value)
-    load = "/".join(f"{value:.2f}" for value in os.getloadavg())
+    load = load_average()
     print(f"\nmedian / max over {args.repeat} fresh interpreters each (load average {load}):\n")
     print("| item | `post_cdr` (cdr_webhook) ms | no-op (bench_noop) ms |")
     print("| --- | ---: | ---: |")
@@ -166,7 +173,6 @@ def main() -> int:
         print("| package | modules | ms |\n| --- | ---: | ---: |")
         for package, count, ms in by_package(stderr):
             print(f"| `{package}` | {count} | {ms:.0f} |")
-    return 0
 
 
 if __name__ == "__main__":

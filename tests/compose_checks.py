@@ -16,16 +16,11 @@ from typing import Any
 
 import yaml
 
-from cdr_webhook.config import EndpointConfigError, parse_endpoint
-from cdr_webhook.deliver.egress import parse_networks
-from cdr_webhook.selection.routing import CLIENT_CONN_PREFIX
-from cdr_webhook.settings import (
-    _PARSERS,
-    CDR_DB_CONN_ID,
-    DEFAULT_ENDPOINT_CONN_ID,
-    SettingsError,
-    parse_settings,
-)
+from cdr_webhook.endpoint_config import EndpointConfigError, parse_endpoint
+from cdr_webhook.networks import parse_networks
+from cdr_webhook.routing import CLIENT_CONN_PREFIX
+from cdr_webhook.setting_values import PARSERS, parse_settings
+from cdr_webhook.settings import CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,12 +253,15 @@ def path_problems(compose: dict[str, Any], root: Path) -> list[str]:
 
 def dockerfile_problems(dockerfile: str, requirements: str, root: Path) -> list[str]:
     """
-    ``FROM apache/airflow:<the pinned version>``; the pins installed; every COPY source exists; the
-    DAG and the plugin compiled to bytecode in the image (task processes then load it).
+    ``FROM apache/airflow:<the pinned version>``; the package built into a wheel from its source and
+    installed with the pins; every COPY source exists; nothing copied into the plugins folder (the
+    package's entry point loads the plugin: a copy there would load it twice); the DAG file compiled to
+    bytecode in the image (task processes then load it).
     """
     problems = []
+    text = re.sub(r"\\\n\s*", " ", dockerfile)  # continuation lines joined
     pin = re.search(r"^apache-airflow==(\S+)", requirements, re.MULTILINE)
-    froms = re.findall(r"^FROM\s+(\S+)", dockerfile, re.MULTILINE)
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
     base = froms[0] if froms else ""
     image, _, tag = base.partition(":")
     if image != "apache/airflow" or pin is None or tag.split("-")[0] != pin.group(1):
@@ -271,21 +269,38 @@ def dockerfile_problems(dockerfile: str, requirements: str, root: Path) -> list[
             f"the Dockerfile's first FROM is {base!r}: it must be apache/airflow:<the apache-airflow pin of "
             f"requirements.txt, {pin.group(1) if pin else 'missing'}>"
         )
-    if not re.search(r"pip install .*-r \S*requirements\.txt -c \S*constraints\.txt", dockerfile):
-        problems.append("the Dockerfile does not pip install -r requirements.txt -c constraints.txt")
+    if not re.search(r"pip wheel .*--no-deps .*--wheel-dir (\S+) /opt/cdr-webhook/src", text):
+        problems.append("the Dockerfile does not build the package's wheel from /opt/cdr-webhook/src")
+    if not re.search(r"pip install .*\.whl .*-r \S*requirements\.txt -c \S*constraints\.txt", text):
+        problems.append(
+            "the Dockerfile does not pip install the wheel -r requirements.txt -c constraints.txt"
+        )
     copied = set()
-    for line in re.findall(r"^COPY\s+(.+)$", dockerfile, re.MULTILINE):
+    for line in re.findall(r"^COPY\s+(.+)$", text, re.MULTILINE):
         args = [arg for arg in shlex.split(line) if not arg.startswith("--")]
+        if args and args[-1].startswith("/opt/airflow/plugins"):
+            problems.append(f"the Dockerfile copies {' '.join(args[:-1])} into the plugins folder")
         for source in args[:-1]:
             copied.add(source.rstrip("/"))
             if not (root / source).exists():
                 problems.append(f"the Dockerfile copies {source}, which does not exist in the repository")
-    for needed in ("dags", "plugins"):
+    for needed in ("dags", "plugins/cdr_webhook", "pyproject.toml", "README.md"):
         if needed not in copied:
-            problems.append(f"the Dockerfile does not copy {needed}/ into the image")
-    if not re.search(r"python -m compileall .*/opt/airflow/dags /opt/airflow/plugins", dockerfile):
-        problems.append("the Dockerfile does not compile the DAG's and the plugin's bytecode (compileall)")
+            problems.append(f"the Dockerfile does not copy {needed} into the image")
+    if not re.search(r"python -m compileall .*/opt/airflow/dags", text):
+        problems.append("the Dockerfile does not compile the DAG file's bytecode (compileall)")
     return problems
+
+
+def package_source_copies(dockerfile: str) -> list[tuple[str, str]]:
+    """The (source, destination) of each COPY into the wheel's build folder, /opt/cdr-webhook/src."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile)
+    found = []
+    for line in re.findall(r"^COPY\s+(.+)$", text, re.MULTILINE):
+        args = [arg for arg in shlex.split(line) if not arg.startswith("--")]
+        if args[-1].startswith("/opt/cdr-webhook/src/"):
+            found.extend((source, args[-1]) for source in args[:-1])
+    return found
 
 
 def airflow_problems(compose: dict[str, Any]) -> list[str]:
@@ -332,7 +347,7 @@ def setting_problems(compose: dict[str, Any]) -> list[str]:
         for key, value in environment(svc).items():
             if key.startswith(SETTING_PREFIX):
                 setting = key.removeprefix(SETTING_PREFIX).lower()
-                if setting not in _PARSERS:
+                if setting not in PARSERS:
                     problems.append(f"service {name} sets {key}, which is not a [cdr_webhook] setting")
                 else:
                     raw[setting] = value

@@ -6,6 +6,7 @@ module imports it. Unit tests of the pure modules never import Airflow at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -69,10 +70,10 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield wanted
 
 
-@pytest.fixture(scope="session")
-def cdr_dsn(pg_server: str) -> Iterator[str]:
-    """A database of its own for this test session, dropped at the end."""
-    name = f"cdr_webhook_test_{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def scratch_database(pg_server: str, prefix: str) -> Iterator[str]:
+    """A new database on the server, named ``<prefix>_<random>``; its conninfo, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -80,6 +81,13 @@ def cdr_dsn(pg_server: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def cdr_dsn(pg_server: str) -> Iterator[str]:
+    """A database of its own for this test session, dropped at the end."""
+    with scratch_database(pg_server, "cdr_webhook_test") as dsn:
+        yield dsn
 
 
 @pytest.fixture
@@ -100,12 +108,22 @@ def cdr_db(cdr_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[psycopg.Co
 @pytest.fixture
 def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """Set ``AIRFLOW__CDR_WEBHOOK__*`` options for one test; settings are re-read before and after."""
-    from cdr_webhook.settings import load_settings
-
-    load_settings.cache_clear()
+    reread_settings()
     yield monkeypatch
     monkeypatch.undo()
+    reread_settings()
+
+
+def reread_settings() -> None:
+    """
+    Make the next read of the settings, and the next parse of the DAG file, see the environment as it
+    is now: settings are read once per process, and the DAG's module (``cdr_webhook.dag``, which reads
+    them when imported) is imported once per process, as in any Airflow process.
+    """
+    from cdr_webhook.adapters import load_settings
+
     load_settings.cache_clear()
+    sys.modules.pop("cdr_webhook.dag", None)
 
 
 @pytest.fixture(scope="session")

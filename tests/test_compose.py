@@ -8,6 +8,10 @@ from __future__ import annotations
 import base64
 import copy
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from typing import Any
 
 import pytest
@@ -28,6 +32,7 @@ from tests.compose_checks import (
     interpolate,
     load_compose,
     load_env_file,
+    package_source_copies,
     path_problems,
     references,
     setting_problems,
@@ -165,26 +170,70 @@ def test_the_dockerfile_builds_on_the_pinned_airflow_with_the_pins_and_the_proje
     assert dockerfile_problems(dockerfile, (ROOT / "requirements.txt").read_text(), ROOT) == []
 
 
-def test_a_dockerfile_on_another_airflow_or_without_the_pins_is_reported() -> None:
+def test_a_dockerfile_on_another_airflow_without_the_pins_or_with_a_plugins_copy_is_reported() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text().replace("apache/airflow:3.3.2", "apache/airflow:3.2.0")
-    dockerfile = dockerfile.replace(" -c /opt/cdr-webhook/constraints.txt\n", "\n", 1)
-    dockerfile = dockerfile.replace("COPY --chown=airflow:0 plugins/", "COPY --chown=airflow:0 plugin/")
+    dockerfile = dockerfile.replace(" -c /opt/cdr-webhook/constraints.txt", "", 1)
+    dockerfile = dockerfile.replace(
+        "COPY --chown=airflow:0 plugins/cdr_webhook/", "COPY --chown=airflow:0 plugin/"
+    )
     dockerfile = dockerfile.replace("RUN python -m compileall", "RUN true")
+    # The old image: the package copied into the plugins folder, beside the installed one.
+    dockerfile += "COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/\n"
 
     assert dockerfile_problems(dockerfile, "apache-airflow==3.3.2\n", ROOT) == [
         "the Dockerfile's first FROM is 'apache/airflow:3.2.0-python3.11': it must be apache/airflow:<the "
         "apache-airflow pin of requirements.txt, 3.3.2>",
-        "the Dockerfile does not pip install -r requirements.txt -c constraints.txt",
+        "the Dockerfile does not pip install the wheel -r requirements.txt -c constraints.txt",
         "the Dockerfile copies plugin/, which does not exist in the repository",
-        "the Dockerfile does not copy plugins/ into the image",
-        "the Dockerfile does not compile the DAG's and the plugin's bytecode (compileall)",
+        "the Dockerfile copies plugins/ into the plugins folder",
+        "the Dockerfile does not copy plugins/cdr_webhook into the image",
+        "the Dockerfile does not compile the DAG file's bytecode (compileall)",
     ]
+    without_wheel = (ROOT / "Dockerfile").read_text().replace("pip wheel", "pip download")
+    assert dockerfile_problems(without_wheel, (ROOT / "requirements.txt").read_text(), ROOT) == [
+        "the Dockerfile does not build the package's wheel from /opt/cdr-webhook/src"
+    ]
+
+
+def test_the_images_copy_of_the_source_builds_the_wheel(tmp_path) -> None:
+    """What the Dockerfile copies to /opt/cdr-webhook/src is enough for the wheel's build (hatchling)."""
+    copies = package_source_copies((ROOT / "Dockerfile").read_text())
+    assert copies
+    src = tmp_path / "src"
+    for source, destination in copies:
+        target = src / destination.removeprefix("/opt/cdr-webhook/src/")
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / source, target)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", tmp_path / "dist", src],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = (tmp_path / "dist").glob("airflow_provider_cdr_webhook-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {
+        "cdr_webhook/dag.py",
+        "cdr_webhook/web/templates/base.html",
+        "cdr_webhook/payload.schema.json",
+    } <= names
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*") :].count("!.env") == 0  # everything is excluded, then a few re-included
-    assert {"!dags", "!plugins", "!requirements.txt", "!constraints.txt"} <= set(lines)
+    assert {
+        "!dags",
+        "!plugins",
+        "!requirements.txt",
+        "!constraints.txt",
+        "!pyproject.toml",
+        "!README.md",
+    } <= set(lines)
 
 
 # -- Airflow ----------------------------------------------------------------------------------------------

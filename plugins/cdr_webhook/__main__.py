@@ -1,7 +1,8 @@
-"""The operator's command line: python -m cdr_webhook endpoints list|pause|resume|check, source
-check|preview|install-notify|remove-notify.
+"""The operator's command line: python -m cdr_webhook endpoints list|pause|resume|check|test, source
+check|preview|install-notify|remove-notify, watch status.
 
-(plugins/ on sys.path.) The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow
+Installed from the package, it is also ``airflow cdr-webhook ...`` (in a source checkout, plugins/ on
+sys.path). The CDR database is ``--dsn``, else ``CDR_DATABASE_URL``, else the Airflow
 connection ``cdr_db``; ``endpoints check`` and ``source preview`` read endpoint connections the way the
 DAG does, through Airflow.
 """
@@ -20,9 +21,11 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from cdr_webhook.config import EndpointConfig, EndpointConfigError, EndpointFilters, load_endpoint
+from cdr_webhook.adapters import load_endpoint, notify_endpoint_event
 from cdr_webhook.db import connect as airflow_connect
+from cdr_webhook.endpoint_config import EndpointConfig, EndpointConfigError, EndpointFilters
 from cdr_webhook.ledger import endpoints, schema
+from cdr_webhook.redact import scrub
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
 if TYPE_CHECKING:
@@ -48,17 +51,17 @@ def _reason(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m cdr_webhook") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--dsn",
         help=f"libpq conninfo or URL of the CDR database (default: ${DSN_ENV}, "
         f"else the Airflow connection {CDR_DB_CONN_ID!r})",
     )
-    parser = argparse.ArgumentParser(prog="python -m cdr_webhook", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints|source")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    groups = parser.add_subparsers(dest="group", required=True, metavar="endpoints|source|watch")
     group = groups.add_parser("endpoints", help="pause, resume and list webhook endpoints")
-    commands = group.add_subparsers(dest="command", required=True, metavar="list|pause|resume|check")
+    commands = group.add_subparsers(dest="command", required=True, metavar="list|pause|resume|check|test")
     commands.add_parser("list", parents=[common], help="every endpoint: state, backlog and failures")
     pause = commands.add_parser("pause", parents=[common], help="stop sending to an endpoint")
     resume = commands.add_parser("resume", parents=[common], help="send to a paused endpoint again")
@@ -69,9 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="parse endpoint connections as the DAG does and say what is wrong (no secret shown)"
     )
     check.add_argument("endpoint", nargs="+", type=_non_empty, help="Airflow connection ids")
+    test = commands.add_parser(
+        "test", parents=[common], help="POST one test CDR to an endpoint now (paused or not), not retried"
+    )
+    test.add_argument("endpoint", type=_non_empty, help="the endpoint's Airflow connection id")
+    test.add_argument("--by", type=_non_empty, help="who does it (default: the OS user)")
     pause.add_argument("--reason", type=_reason, required=True, help="why, for the audit trail")
     resume.add_argument("--reason", type=_reason, help="why, for the audit trail")
     _add_source_commands(groups, common)
+    watch = groups.add_parser("watch", help="the commit watcher that starts a run on new CDRs")
+    watch_commands = watch.add_subparsers(dest="command", required=True, metavar="status")
+    watch_commands.add_parser(
+        "status", parents=[common], help="its heartbeat, state and last error; exit status 1 unless watching"
+    )
     return parser
 
 
@@ -134,10 +147,7 @@ def _secrets(dsn: str) -> list[str]:
 
 
 def _one_line(err: BaseException, secrets: list[str]) -> str:
-    message = " ".join(str(err).split()) or type(err).__name__
-    for secret in secrets:
-        message = message.replace(secret, "***")
-    return message
+    return scrub(" ".join(str(err).split()), secrets) or type(err).__name__
 
 
 def connect(dsn: str | None) -> psycopg.Connection[Any]:
@@ -214,6 +224,7 @@ def describe(endpoint: EndpointConfig) -> str:
         f"{len(endpoint.signing_secrets)} signing secret(s)",
         "mutual TLS" if endpoint.client_cert else "no client certificate",
         f"max_in_flight {endpoint.max_in_flight or 'default'}",
+        *([endpoint.auth.describe()] if endpoint.auth.describe() else []),
         *(f"{name}={value}" for name, value in wanted.items() if value is not None),
     ]
     return ", ".join(parts)
@@ -230,6 +241,24 @@ def check(conn_ids: Sequence[str]) -> None:
             broken.append(conn_id)
     if broken:
         raise CliError(f"{len(broken)} of {len(conn_ids)} endpoint(s) cannot be used: {', '.join(broken)}")
+
+
+def send_test(conn: psycopg.Connection[Any], endpoint: str, actor: str) -> None:
+    """``endpoints test``: POST a test CDR, print what came of it; :class:`CliError` unless delivered."""
+    from cdr_webhook.deliver.sample import send_test as post_test_cdr
+
+    try:
+        outcome = post_test_cdr(conn, endpoint, actor=actor)
+    except endpoints.EndpointNameError as err:
+        raise CliError(str(err)) from None
+    status = outcome.http_status if outcome.http_status is not None else "-"
+    took = f"{outcome.latency_ms} ms" if outcome.latency_ms is not None else "-"
+    print(f"test CDR {outcome.cdr_id} to {endpoint!r}: {outcome.verdict}")
+    print(f"  HTTP status {status}, took {took}, by {outcome.event.actor} at {_when(outcome.event.at)}")
+    if outcome.excerpt:
+        print(f"  reply: {outcome.excerpt}")
+    if not outcome.delivered:
+        raise CliError(f"the test CDR was not delivered: {outcome.verdict}")
 
 
 def source_command(args: argparse.Namespace) -> None:
@@ -251,15 +280,44 @@ def source_command(args: argparse.Namespace) -> None:
             raise CliError(str(err)) from err
 
 
+def watch_status(dsn: str | None) -> None:
+    """``watch status``: what the commit watcher last recorded; :class:`CliError` unless it watches."""
+    from cdr_webhook.adapters import load_settings
+    from cdr_webhook.ledger import watch_health as health
+
+    settings = load_settings()
+    with connect(dsn) as conn:
+        schema.migrate(conn)
+        recorded = health.read(conn, settings.source_relation)
+    verdict = health.assess(recorded, interval_seconds=settings.watch_interval_seconds)
+    print(f"commit watcher on {settings.source_relation}: {verdict.state}")
+    if recorded.seen_at is not None:
+        age = health.ago((recorded.now - recorded.seen_at).total_seconds())
+        beat = recorded.heartbeat_seconds
+        every = f", it reports at least every {beat:g} s" if beat else ""
+        print(f"  last heartbeat  {_when(recorded.seen_at)} ({age} ago{every})")
+    if recorded.state is not None:
+        print(f"  recorded state  {recorded.state} since {_when(recorded.since)}")
+    if recorded.error:
+        print(f"  last error      {recorded.error}")
+    if not verdict.ok:
+        raise CliError(f"{verdict.headline} {verdict.advice}")
+    print(verdict.headline)
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.group == "watch":
+        watch_status(args.dsn)
+        return
     if args.group == "source":
         if args.command in NOTIFY_COMMANDS:
             source_command(args)
             return
         from cdr_webhook.selection import cli as source_cli
+        from cdr_webhook.watch import notify
 
         with connect(args.dsn) as conn:
-            problem = source_cli.run(conn, args)
+            problem = source_cli.run(conn, args, also=[notify.source_finding])
         if problem:
             raise CliError(problem)
         return
@@ -272,6 +330,9 @@ def run(args: argparse.Namespace) -> None:
             print_table(endpoints.list_endpoints(conn))
             return
         actor = args.by or getpass.getuser()
+        if args.command == "test":
+            send_test(conn, args.endpoint, actor)
+            return
         if args.command == "pause":
             try:
                 endpoints.check_pausable(conn, args.endpoint)
@@ -292,11 +353,11 @@ def run(args: argparse.Namespace) -> None:
     if event is not None:
         why = f": {event.reason}" if event.reason else ""
         print(f"{event.action} endpoint {event.endpoint!r} at {_when(event.at)} by {event.actor}{why}")
-        endpoints.notify(event)
+        notify_endpoint_event(event)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits 2 with the usage on bad usage
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m cdr_webhook") -> int:
+    args = build_parser(prog).parse_args(argv)  # exits 2 with the usage on bad usage
     try:
         run(args)
     except CliError as err:
@@ -306,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the CDR database refused: {_one_line(err, [])}", file=sys.stderr)
         return 1
     return 0
+
+
+def airflow_command(args: argparse.Namespace) -> None:
+    """``airflow cdr-webhook ...`` (:mod:`cdr_webhook.airflow_cli`): the same commands and exit status."""
+    sys.exit(main(args.arguments, prog="airflow cdr-webhook"))
 
 
 if __name__ == "__main__":

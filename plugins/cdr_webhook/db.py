@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import pq, sql
 
+from cdr_webhook.setting_values import relation_parts
 from cdr_webhook.settings import CDR_DB_CONN_ID
 
 if TYPE_CHECKING:
+    import datetime as dt
     from collections.abc import Iterator, Mapping
 
 #: Extras the Postgres provider's hook interprets itself (cloud IAM tokens, Redshift, cursor classes,
@@ -60,7 +63,7 @@ def connection_args(connection: Any, *, extra: Mapping[str, Any] | None = None) 
     The ``psycopg.connect`` arguments of a plain Postgres connection: what ``PostgresHook`` passes.
 
     ``extra``: the connection's extras when already read (the triggerer reads them with the async
-    ``aextra_dejson``; the sync property would block its event loop on secret masking).
+    ``async_extra``; the sync property would block its event loop on secret masking).
     """
     return {
         "host": connection.host,
@@ -70,6 +73,44 @@ def connection_args(connection: Any, *, extra: Mapping[str, Any] | None = None) 
         "port": connection.port,
         **(connection.extra_dejson if extra is None else extra),
     }
+
+
+def database_now(conn: psycopg.Connection[Any]) -> dt.datetime:
+    """The CDR database's clock: the one ``created_at`` (by its default) and the commit watcher use."""
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    return row[0]
+
+
+def connection_secrets(args: Mapping[str, Any]) -> tuple[str, ...]:
+    """
+    The secrets among ``psycopg.connect`` arguments: the values of the parameters libpq itself hides
+    (``password``, ``sslpassword``, and any other it marks as a password field), to scrub from errors.
+    """
+    hidden = {option.keyword.decode() for option in pq.Conninfo.get_defaults() if option.dispchar == b"*"}
+    return tuple(str(value) for key, value in args.items() if key in hidden and value)
+
+
+async def async_extra(connection: Any) -> dict[str, Any]:
+    """
+    The extras of ``connection`` parsed and their values masked in logs, without blocking an event loop.
+
+    What ``Connection.aextra_dejson()`` does; that method exists only from Airflow 3.3.2 (Task SDK
+    1.3.2), and the watcher runs on 3.3.0 too. Unlike it, extras that are not a JSON object raise
+    instead of reading as none: the watcher would otherwise connect with the wrong parameters.
+    """
+    from airflow.sdk.log import amask_secret
+
+    if not connection.extra:
+        return {}
+    try:
+        extra = json.loads(connection.extra)
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
+        raise ValueError(f"connection {connection.conn_id!r}: its extra is not a JSON object")
+    await amask_secret(extra)
+    return extra
 
 
 def _through_provider(conn_id: str) -> psycopg.Connection[Any]:
@@ -117,5 +158,16 @@ def _set_local(conn: psycopg.Connection[Any], name: str, value: str) -> str:
 
 
 def relation_identifier(relation: str) -> sql.Identifier:
-    """Return the SQL identifier of a (possibly schema-qualified) relation name."""
-    return sql.Identifier(*relation.split("."))
+    """
+    Return the SQL identifier of a (possibly schema-qualified) relation name, for a query's FROM.
+
+    The name is read as PostgreSQL reads it (:func:`~cdr_webhook.setting_values.relation_parts`), as
+    :func:`relation_name` hands it to ``to_regclass``: a check and the queries it vouches for read
+    the same relation.
+    """
+    return sql.Identifier(*relation_parts(relation))
+
+
+def relation_name(relation: str) -> str:
+    """The relation name with every part quoted, for ``to_regclass(%s)``: the relation the queries read."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in relation_parts(relation))

@@ -1,8 +1,8 @@
 """What one POST produced and what it means: delivered, retry later, or fail now. Pure: no Airflow.
 
 One value travels from the hook to the ledger: the hook's :class:`PostResult`, decided into a
-:class:`Decision` (:func:`decide`), makes an :class:`Attempt`, which the ledger records as it is
-(:func:`cdr_webhook.ledger.record_attempts`, :func:`cdr_webhook.ledger.endpoints.record_outcomes`).
+:class:`Decision` (:func:`decide_attempt`), makes an :class:`Attempt`, which the ledger records as it is
+(:func:`cdr_webhook.ledger.record_attempts`, :func:`cdr_webhook.ledger.pause_rules.record_outcomes`).
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import dataclasses
 import enum
 from typing import TYPE_CHECKING
 
-from cdr_webhook.config import scrub
+from cdr_webhook.redact import scrub
 
 if TYPE_CHECKING:
+    import datetime as dt
     from collections.abc import Sequence
-
-    from cdr_webhook.ledger.claims import Claim
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -112,7 +111,7 @@ class Decision:
         return self.verdict is not Verdict.RETRY
 
 
-def decide(result: PostResult, *, try_number: int, max_tries: int) -> Decision:
+def decide_attempt(result: PostResult, *, try_number: int, max_tries: int) -> Decision:
     """
     Decide one attempt from what the POST produced and where the task stands in its tries.
 
@@ -135,6 +134,18 @@ def decide(result: PostResult, *, try_number: int, max_tries: int) -> Decision:
     if try_number <= max_tries:
         return Decision(Verdict.RETRY, text)
     return Decision(Verdict.EXHAUSTED, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A ledger row a run owns: one CDR to POST to one endpoint; :mod:`cdr_webhook.ledger.claims` reads it."""
+
+    cdr_id: str
+    endpoint: str
+    client_id: int | None
+    cdr_created_at: dt.datetime
+    status: str
+    attempts: int
 
 
 @dataclasses.dataclass(frozen=True)

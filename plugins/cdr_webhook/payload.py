@@ -174,16 +174,6 @@ def build_payload(row: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def build_body(cdr_id: str, row: Mapping[str, Any] | None, relation: str, max_bytes: int) -> bytes:
-    """
-    The body of CDR ``cdr_id`` from its source ``row``, at most ``max_bytes`` long; raises
-    ``InvalidCdr`` (a row gone is one too).
-    """
-    if row is None:
-        raise InvalidCdr(cdr_id, "cdr_id", cdr_id, f"no longer in {relation}")
-    return sized_body(build_payload(row), max_bytes)
-
-
 def sized_body(payload: Mapping[str, Any], max_bytes: int) -> bytes:
     """
     The body of ``payload``; :class:`InvalidCdr` when it is over ``max_bytes`` (``max_payload_bytes``).

@@ -12,10 +12,19 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+from cdr_webhook import __version__
 
-    from cdr_webhook.config import EndpointConfig
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from cdr_webhook.endpoint_config import EndpointConfig
+
+#: Every request's headers besides the caller's (a session's, and each POST's): the hook sends them,
+#: the dry run and the page's preview show them.
+BASE_HEADERS = {
+    "user-agent": f"cdr-webhook/{__version__}",
+    "accept-encoding": "identity",  # no compressed replies: no decompression bombs
+}
 
 _SECRET_PREFIX = "whsec_"
 # A fixed namespace makes webhook-id a pure function of (endpoint, cdr_id): the same on every
@@ -74,31 +83,15 @@ def build_headers(
 
 
 def signed_headers(endpoint: EndpointConfig, body: bytes, msg_id: str) -> dict[str, str]:
-    """The headers of a POST of ``body`` to ``endpoint``, signed now: ``webhook-*``, ``x-api-key``, type."""
-    return build_headers(
+    """
+    The headers of a POST of ``body`` to ``endpoint``, signed now: the endpoint's own extra headers,
+    then ``webhook-*``, ``x-api-key`` and the type (an extra header never has one of their names).
+    The OAuth2 bearer token is the hook's to add: it is fetched when sent.
+    """
+    return endpoint.auth.fixed_headers() | build_headers(
         msg_id=msg_id,
         timestamp=int(time.time()),
         body=body,
         api_key=endpoint.api_key,
         signing_secrets=endpoint.signing_secrets,
     )
-
-
-#: What a shown request has instead of its ``x-api-key``.
-REDACTED = "(secret, not shown)"
-
-
-def masked_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """
-    Return a copy of a request's headers fit to show: no ``x-api-key``, no signature.
-
-    A signature is no secret, yet with its ``webhook-id`` and timestamp it is a request a receiver
-    would accept again; a shown one says how many there are instead.
-    """
-    shown = dict(headers)
-    if "x-api-key" in shown:
-        shown["x-api-key"] = REDACTED
-    if "webhook-signature" in shown:
-        count = len(shown["webhook-signature"].split())
-        shown["webhook-signature"] = f"v1,… ({count} signature(s), computed when sent)"
-    return shown

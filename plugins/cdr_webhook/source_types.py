@@ -118,14 +118,21 @@ class TypeProblem:
     @property
     def message(self) -> str:
         rule = RULES[self.column]
+        # The cast names the view's column: in the view, the expression is the dialer's own column.
+        own = f" ({self.column} inside it standing for your own column)"
+        if self.column == "client_id" and self.found in _TEXT_TYPES:
+            own += (
+                "; if the tenant key is not a number (a domain, a name), this makes every row NULL: map "
+                "it to an integer through a table of yours instead (docs/your-database.md, A text tenant key)"
+            )
         if self.fatal:
             return (
                 f"column {self.column} is {self.found}, which cannot carry the payload's {self.column} "
-                f"(it needs {rule.display}): write it in the view as {self.cast} AS {self.column}"
+                f"(it needs {rule.display}): write it in the view as {self.cast} AS {self.column}{own}"
             )
         return (
             f"column {self.column} is {self.found}: only some values map ({rule.kind}), the others skip "
-            f"their CDR; to be sure, write it in the view as {self.cast} AS {self.column}"
+            f"their CDR; to be sure, write it in the view as {self.cast} AS {self.column}{own}"
         )
 
 

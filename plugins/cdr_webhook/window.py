@@ -71,12 +71,13 @@ def event_scan_bounds(
     """
     The ``(interval_start, interval_end)`` an event-started run scans as, for :func:`plan_scan`.
 
-    Airflow gives an asset-triggered run no data interval. Its scan ends at ``now``, the select step's
-    own clock, as a scheduled run's ends at its interval end: the watermark moves to exactly what was
-    scanned, and a commit still in flight then (``created_at`` before the end, visible after) is read
-    again by the next scan, which starts ``lag_seconds`` before the watermark. With no watermark yet
-    (the first scan ever) it starts where the watcher started watching (older rows are history, as
-    for the first scheduled run); without even that, the scan is empty and only moves the watermark.
+    Airflow gives an asset-triggered run no data interval. Its scan ends at ``now``, the CDR
+    database's clock when the select step runs, as a scheduled run's ends at its interval end: the
+    watermark moves to exactly what was scanned, and a commit still in flight then (``created_at``
+    before the end, visible after) is read again by the next scan, which starts ``lag_seconds``
+    before the watermark. With no watermark yet (the first scan ever) it starts where the watcher
+    started watching (older rows are history, as for the first scheduled run); without even that,
+    the scan is empty and only moves the watermark.
     """
     start = watch_started_from if watch_started_from is not None else now
     # started_from is the newest row the watcher found as history: the scan starts just after it.

@@ -14,8 +14,8 @@ import pytest
 
 from demo.connections import http_conn
 from demo.receiver import Receiver
-from tests.conftest import ROOT
-from tests.deployments import API_KEY, SIGNING_SECRET, receiver_deployment
+from tests.conftest import ROOT, reread_settings
+from tests.support.deployments import API_KEY, SIGNING_SECRET, receiver_deployment
 
 if TYPE_CHECKING:
     import contextlib
@@ -32,7 +32,7 @@ def deploy(
     """
     ``deploy(home, env, *servers, **stack_options)``: a module's real Airflow and its receiver.
 
-    :func:`tests.deployments.receiver_deployment` on this session's PostgreSQL; ``home`` is a path, or
+    :func:`tests.support.deployments.receiver_deployment` on this session's PostgreSQL; ``home`` is a path, or
     the name of a new temporary directory.
     """
 
@@ -67,10 +67,8 @@ def run_dag(airflow_db: None, cdr_db: Any) -> Callable[..., Any]:
     """Run the ``cdr_webhook`` DAG once with ``dag.test()``, with the given Params; return the run."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from cdr_webhook.settings import load_settings
-
     def run(**params: Any) -> Any:
-        load_settings.cache_clear()
+        reread_settings()  # the DAG is built with the settings of now
         bag = DagBag(dag_folder=str(ROOT / "dags"))
         assert not bag.import_errors, bag.import_errors
         dag = bag.get_dag("cdr_webhook")

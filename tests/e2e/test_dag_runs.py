@@ -11,9 +11,9 @@ import pytest
 from cdr_webhook.signing import webhook_id
 from demo.dialer import Dialer
 from tests.conftest import AIRFLOW_HOME
-from tests.dag_runs import ledger, recent, window
-from tests.deployments import API_KEY, SIGNING_SECRET
-from tests.payloads import assert_valid_payload
+from tests.support.dag_runs import ledger, recent, window
+from tests.support.deployments import API_KEY, SIGNING_SECRET
+from tests.support.payloads import assert_valid_payload
 
 pytestmark = pytest.mark.e2e
 
@@ -148,7 +148,7 @@ def test_overflow_above_max_cdrs_per_run_goes_with_the_next_runs(cdr_db, receive
 def test_the_run_sizes_its_tasks_a_burst_goes_in_chunks_a_few_cdrs_a_task_each(
     cdr_db, receiver, run_dag, monkeypatch
 ):
-    monkeypatch.setattr("cdr_webhook.selection.step.worker_cores", lambda: 8)  # whatever this machine has
+    monkeypatch.setattr("cdr_webhook.selection.tasks.worker_cores", lambda: 8)  # whatever this machine has
     dialer = Dialer(cdr_db)
     burst = [dialer.cdr(created_at=recent(600 - n)) for n in range(40)]
 

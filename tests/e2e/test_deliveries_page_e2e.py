@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import pytest
@@ -20,7 +20,7 @@ import requests
 
 from demo.dialer import Dialer
 from tests.conftest import ROOT
-from tests.deployments import API_KEY
+from tests.support.deployments import API_KEY
 
 if TYPE_CHECKING:
     from demo.stack import AirflowStack
@@ -128,6 +128,20 @@ def test_auth_over_http_401_403_and_read_only_viewers(deployment, failed_run):
     assert "paused" not in page(stack, "/endpoints", "admin").text.split("<tbody>")[1].split("</tbody>")[0]
 
 
+def signed_in(browser: Any, stack: AirflowStack) -> Any:
+    """A browser page of a new context, signed in to Airflow's UI as ``admin``."""
+    from playwright.sync_api import expect
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    ui = browser.new_context(viewport={"width": 1500, "height": 950}).new_page()
+    ui.goto(f"{stack.base}/")
+    ui.get_by_label("Username").fill("admin")
+    ui.get_by_label("Password").fill(PASSWORDS["admin"])
+    ui.get_by_role("button", name="Sign in").click()
+    expect(ui.get_by_role("link", name="Dags").first).to_be_visible(timeout=30_000)
+    return ui
+
+
 @pytest.mark.browser
 def test_a_support_engineer_finds_a_failed_delivery_and_redelivers_it(deployment, failed_run, browser):
     """Log in, open the page in Airflow's nav, filter to the failure, open it, redeliver, see attempt 2."""
@@ -135,15 +149,7 @@ def test_a_support_engineer_finds_a_failed_delivery_and_redelivers_it(deployment
 
     stack, receiver = deployment
     run_id, refused, never = failed_run
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(viewport={"width": 1500, "height": 950})
-    ui = context.new_page()
-
-    ui.goto(f"{stack.base}/")
-    ui.get_by_label("Username").fill("admin")
-    ui.get_by_label("Password").fill(PASSWORDS["admin"])
-    ui.get_by_role("button", name="Sign in").click()
-    expect(ui.get_by_role("link", name="Dags").first).to_be_visible(timeout=30_000)
+    ui = signed_in(browser, stack)
 
     # The nav entry opens the page inside Airflow's UI.
     ui.goto(f"{stack.base}/plugin/cdr-deliveries")
@@ -213,4 +219,57 @@ def test_a_support_engineer_finds_a_failed_delivery_and_redelivers_it(deployment
     assert [r["conf"]["policy"] for r in new_run] == ["missing"]
     assert stack.wait_run(new_run[0]["dag_run_id"]) == "success"
     assert [r.answered for r in receiver.received(never)] == [200]
-    context.close()
+    ui.context.close()
+
+
+@pytest.mark.browser
+def test_an_operator_tests_an_endpoint_and_reads_its_health(deployment, failed_run, browser, cdr_dsn):
+    """Endpoints → Test → confirm: the verdict; then the endpoint's health page, its charts the ledger's."""
+    import psycopg
+    from playwright.sync_api import expect
+
+    stack, receiver = deployment
+    ui = signed_in(browser, stack)
+    ui.goto(f"{stack.base}/plugin/cdr-deliveries")
+    frame = ui.frame_locator("iframe")
+    frame.get_by_role("link", name="Endpoints").click()
+    expect(frame.get_by_role("heading", name="Endpoints")).to_be_visible(timeout=30_000)
+    expect(frame.locator('svg[data-chart="trend"]').first).to_be_visible()
+    frame.get_by_role("button", name="send a test CDR to cdr_webhook").click()
+    expect(frame.get_by_role("heading", name="Send a test CDR to cdr_webhook")).to_be_visible()
+    before = len(receiver.received())
+    frame.get_by_role("button", name="Send the test CDR").click()
+    verdict = frame.locator("#verdict")
+    expect(verdict).to_have_text("delivered", timeout=30_000)
+    tests = receiver.received()[before:]
+    assert len(tests) == 1
+    assert tests[0].headers.get("cdr-webhook-test") == "true"
+    assert tests[0].signature_ok is True
+    expect(frame.get_by_text(tests[0].cdr_id)).to_be_visible()
+    ui.screenshot(
+        path=SCREENSHOTS / "7-test-cdr-delivered.png", clip={"x": 0, "y": 0, "width": 1500, "height": 520}
+    )
+
+    frame.get_by_role("link", name="cdr_webhook's health").click()
+    expect(frame.get_by_role("heading", name="cdr_webhook")).to_be_visible()
+    attempts = frame.locator('svg[data-chart="attempts"]')
+    expect(attempts).to_be_visible()
+    expect(frame.locator('svg[data-chart="latency"]')).to_be_visible()
+    expect(frame.locator('svg[data-chart="pickup"]')).to_be_visible()
+    expect(frame.locator("#events")).to_contain_text("test CDR")
+    bars = attempts.locator("g.point").evaluate_all(
+        "gs => gs.map(g => [Number(g.dataset.delivered), Number(g.dataset.failures)])"
+    )
+    with psycopg.connect(cdr_dsn, autocommit=True) as conn:
+        held = conn.execute(
+            # Every attempt this module's runs made (minutes ago: all inside the last 24 hours).
+            "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*) FILTER (WHERE status <> "
+            "'delivered') FROM cdr_webhook.delivery_attempt WHERE endpoint = 'cdr_webhook'"
+        ).fetchone()
+    assert (sum(d for d, _ in bars), sum(f for _, f in bars)) == held
+    assert held[0] >= 1
+    assert held[1] >= 1  # the receiver's 400
+    # The page on its own (the UI's cookie signs it in), for a screenshot of the whole page.
+    ui.goto(f"{stack.base}/cdr-webhook/endpoint?endpoint=cdr_webhook")
+    expect(ui.locator('svg[data-chart="pickup"]')).to_be_visible()
+    ui.screenshot(path=SCREENSHOTS / "8-endpoint-health.png", full_page=True)

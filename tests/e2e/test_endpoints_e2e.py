@@ -15,8 +15,8 @@ from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
 from tests.conftest import ROOT
-from tests.dag_runs import recent, window
-from tests.deployments import API_KEY, SIGNING_SECRET
+from tests.support.dag_runs import recent, window
+from tests.support.deployments import API_KEY, SIGNING_SECRET
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ CeleryExecutor with two workers, chunk mode, the commit watcher and the minute s
 what a dialer commits over ``WRITE_SECONDS``, while
 
 * the receiver answers 20 % of POSTs with a 5xx, holds 5 % past the deadline and resets 2 %, drawn
-  from a seed printed in the output (tests/chaos_receiver.py: the same seed, the same fates);
+  from a seed printed in the output (tests/e2e/chaos_receiver.py: the same seed, the same fates);
 * worker-2's whole session is SIGKILLed three times and started again each time; the scheduler and
   the api-server are each restarted once; the CDR database (a PostgreSQL of this test's own) is
   stopped and started again once.
@@ -37,10 +37,10 @@ from cdr_webhook.signing import webhook_id
 from demo.celery_stack import CeleryStack
 from demo.connections import http_conn
 from demo.dialer import Dialer
-from tests.chaos_receiver import Chaos, ChaosReceiver, tally
-from tests.deployments import API_KEY, SIGNING_SECRET, receiver_deployment
-from tests.dialer_writer import DialerWriter
-from tests.pg_cluster import OwnCluster
+from tests.e2e.chaos_receiver import Chaos, ChaosReceiver, tally
+from tests.e2e.dialer_writer import DialerWriter
+from tests.e2e.pg_cluster import OwnCluster
+from tests.support.deployments import API_KEY, SIGNING_SECRET, receiver_deployment
 
 if TYPE_CHECKING:
     from collections.abc import Callable

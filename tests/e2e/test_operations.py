@@ -65,7 +65,7 @@ def deployment(deploy, tmp_path_factory):
         home,
         {
             "PYTHONPATH": str(ROOT),
-            "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.notifier_probe:notifier",
+            "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.support.notifier_probe:notifier",
             "CDR_NOTIFIER_PROBE": str(home / "notified.jsonl"),
             # The triggerer runs, the commit watcher does not: these tests start their runs by hand.
             "AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS": "0",

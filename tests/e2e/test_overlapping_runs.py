@@ -17,7 +17,7 @@ import pytest
 
 from demo.dialer import Dialer
 from tests.conftest import AIRFLOW_HOME
-from tests.dag_runs import ledger, recent, window
+from tests.support.dag_runs import ledger, recent, window
 
 pytestmark = pytest.mark.e2e
 

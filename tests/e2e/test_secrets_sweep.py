@@ -14,7 +14,7 @@ page, every page of the plugin, the CLI's endpoint and source commands (one give
 password that cannot connect).
 
 Then, with the stack stopped, each place is searched for every secret in every form
-(:mod:`tests.secrets_sweep`): every file of the Airflow home (logs, the components' stdout and stderr,
+(:mod:`tests.support.secrets_sweep`): every file of the Airflow home (logs, the components' stdout and stderr,
 the temporary directory the tasks wrote their TLS files in), every table of the metadata and CDR
 databases, the REST API's runs, task instances (rendered fields), task logs, XComs and event log,
 every page's HTML and headers, and the CLI's output. A finding names the place and shows an excerpt
@@ -48,11 +48,11 @@ from psycopg.conninfo import make_conninfo
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests import deployments
 from tests.conftest import ROOT
-from tests.page import csrf_of
-from tests.pki import issue, pem, tls_context
-from tests.secrets_sweep import Sweep, fernet_key_of
+from tests.support import deployments
+from tests.support.page import csrf_of
+from tests.support.pki import issue, pem, tls_context
+from tests.support.secrets_sweep import Sweep, fernet_key_of
 
 if TYPE_CHECKING:
     from demo.stack import AirflowStack
@@ -149,7 +149,7 @@ def deployment(deploy, cdr_role, tmp_path_factory):
         "AIRFLOW__CDR_WEBHOOK__SCHEDULE": "0 * * * *",  # hourly: the runs here are started by hand
         "AIRFLOW__CDR_WEBHOOK__RETRY_DELAY_SECONDS": "1",
         "AIRFLOW__CDR_WEBHOOK__MAX_RETRY_DELAY_SECONDS": "2",
-        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.notifier_probe:notifier",
+        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.support.notifier_probe:notifier",
         "CDR_NOTIFIER_PROBE": str(home / "notified.jsonl"),
         "AIRFLOW_CONN_CDR_DB": postgres_conn(cdr_role),
         **endpoint_connections(seven, eight, nine),
@@ -264,6 +264,9 @@ def page_actions(page: Page, run_id: str, cdrs: dict[str, str], day: str) -> str
             f"/endpoints/{action}", 303, endpoint="cdr_webhook_client_9", reason=f"{action} in the sweep",
             csrf=csrf_of(endpoints),
         )  # fmt: skip
+    # A test CDR to the echoing receiver: its reply (the echoed key) is shown and recorded, scrubbed.
+    confirm = page.get("/test-cdr", endpoint="cdr_webhook_client_9")
+    assert "delivered" in page.post("/test-cdr", endpoint="cdr_webhook_client_9", csrf=csrf_of(confirm))
     completeness = page.get("/completeness", since=day, to=day, client="8")
     ran = page.post("/runs", policy="missing", since=day, to=day, client="8", csrf=csrf_of(completeness))
     return unescape(re.search(r"Triggered run <a [^>]*>([^<]+)</a>", ran).group(1))
@@ -292,6 +295,10 @@ def every_page(page: Page, stack: AirflowStack, cdr_conn: Any, run_id: str, cdrs
     page.get("/completeness")
     page.get("/completeness", since=day, to=day)
     page.get("/endpoints")
+    for (endpoint,) in cdr_conn.execute("SELECT DISTINCT endpoint FROM cdr_webhook.delivery").fetchall():
+        for period in ("hour", "day", "week"):
+            page.get("/endpoint", endpoint=endpoint, period=period)
+        page.get("/test-cdr", endpoint=endpoint)
     page.get("/delivery", 404, cdr_id="no-such-cdr", endpoint="cdr_webhook_client_9")
     page.get("/", 400, client="not-a-number")
     page.get("/completeness", 400, since="yesterday")
@@ -316,7 +323,13 @@ def wait_for(what: str, predicate: Any, timeout: float = 180) -> Any:
 
 
 #: The CLI commands of :func:`cli_runs` and their exit statuses (client 3's endpoint cannot be used).
-CLI_EXITS = (("endpoints check", 1), ("endpoints list", 0), ("source preview", 0), ("list, unreachable", 1))
+CLI_EXITS = (
+    ("endpoints check", 1),
+    ("endpoints list", 0),
+    ("source preview", 0),
+    ("list, unreachable", 1),
+    ("endpoints test", 0),
+)
 
 
 def cli_runs(stack: AirflowStack, cdr_role: str) -> list[subprocess.Popen[str]]:
@@ -329,6 +342,7 @@ def cli_runs(stack: AirflowStack, cdr_role: str) -> list[subprocess.Popen[str]]:
         ["endpoints", "list"],
         ["source", "preview", "--from", BASE.isoformat(), "--to", (BASE + HOUR).isoformat()],
         ["endpoints", "list", "--dsn", unreachable],
+        ["endpoints", "test", "cdr_webhook_client_9", "--by", "sweep"],  # to the echoing receiver
     ]
     return [
         subprocess.Popen(
@@ -459,7 +473,11 @@ def test_every_workflow_did_what_it_should(worked, cdr_conn):
         "SELECT endpoint, action FROM cdr_webhook.endpoint_event ORDER BY at"
     ).fetchall()
     assert ("cdr_webhook_client_3", "paused") in events  # held
-    assert [a for e, a in events if e == "cdr_webhook_client_9"] == ["paused", "resumed"]
+    assert [a for e, a in events if e == "cdr_webhook_client_9"] == ["paused", "resumed", "tested", "tested"]
+    tested = cdr_conn.execute(
+        "SELECT string_agg(response_excerpt, ' ') FROM cdr_webhook.endpoint_event WHERE action = 'tested'"
+    ).fetchone()[0]
+    assert '"api-key": "***"' in tested  # the test CDRs' echo reached the events, scrubbed
     assert len(worked.texts) >= 60, len(worked.texts)
     assert not list((worked.stack.home / "tmp").glob("cdr-webhook-tls-*"))  # every TLS file removed
 

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from bench.records import attempt
 from cdr_webhook import ledger
 from cdr_webhook.ledger import schema
 from demo.connections import http_conn, postgres_conn
 from demo.dialer import Dialer
-from tests.deployments import API_KEY, SIGNING_SECRET
-from tests.ledger_records import attempt
-from tests.page import DAY, SIMPLE, USERS
+from tests.support.deployments import API_KEY, SIGNING_SECRET
+from tests.support.page import DAY, SIMPLE, USERS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -7,11 +7,10 @@ import os
 import statistics
 import time
 
-from cdr_webhook.selection.step import RunInfo
-from cdr_webhook.selection.step import select_cdrs as claim_cdrs
+from cdr_webhook.selection.step import RunInfo, claim_cdrs
 from cdr_webhook.settings import Settings
-from tests.endpoint_configs import configs
-from tests.source_feed import FEED, create_feed
+from tests.support.endpoint_configs import configs
+from tests.support.source_feed import FEED, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -96,7 +95,7 @@ def test_a_backlog_drains_in_chunks_after_an_outage_oldest_first_each_cdr_once(c
     from cdr_webhook.ledger import endpoints, schema
     from demo.connections import http_conn
     from demo.receiver import Receiver
-    from tests.task_instances import FakeTaskInstance
+    from tests.support.task_instances import FakeTaskInstance
 
     cap = 6 * CHUNK if CHUNK_BACKLOG <= 5000 else 50 * CHUNK  # max_cdrs_per_run
     settings = Settings(

@@ -18,13 +18,14 @@ import psycopg
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from cdr_webhook.adapters import load_settings
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryLater
-from cdr_webhook.deliver.slots import endpoint_slot, endpoint_slots
-from cdr_webhook.settings import AUTO_SIZED, load_settings
+from cdr_webhook.deliver.slots import endpoint_slots
+from cdr_webhook.settings import AUTO_SIZED
 from cdr_webhook.signing import webhook_id
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.task_instances import (
+from tests.support.task_instances import (
     API_KEY,
     ENDPOINT,
     SECRET,
@@ -189,7 +190,7 @@ def test_a_chunk_never_passes_the_endpoints_in_flight_limit_shared_with_other_ta
         chunk = cdrs(db, 12)
         # Another task (a worker of its own) holds one of the endpoint's 4 slots the whole time.
         with psycopg.connect(cdr_dsn, autocommit=True) as other_worker:
-            with endpoint_slot(other_worker, ENDPOINT, limit=4, wait_seconds=0):
+            with endpoint_slots(other_worker, ENDPOINT, limit=4, wanted=1, wait_seconds=0):
                 started = time.monotonic()
                 run_chunk(chunk, FakeTaskInstance())
                 elapsed = time.monotonic() - started
@@ -201,6 +202,8 @@ def test_a_chunk_never_passes_the_endpoints_in_flight_limit_shared_with_other_ta
 
 def test_the_ledger_is_written_in_batches_not_per_cdr(db, receiver):
     """Statement-level triggers count the UPDATE statements on the ledger and the endpoint's state."""
+    from cdr_webhook.deliver.recorder import RECORD_GAP_SECONDS
+
     db.execute("CREATE TABLE public.statement_count (tbl text, op text)")
     db.execute(
         "CREATE FUNCTION public.count_statement() RETURNS trigger LANGUAGE plpgsql AS "
@@ -214,15 +217,107 @@ def test_the_ledger_is_written_in_batches_not_per_cdr(db, receiver):
     chunk = cdrs(db, 30)
     db.execute("TRUNCATE public.statement_count")
 
+    started = time.monotonic()
     run_chunk(chunk, FakeTaskInstance())
+    elapsed = time.monotonic() - started
 
     counts = dict(
         db.execute("SELECT tbl || ' ' || op, count(*) FROM public.statement_count GROUP BY 1").fetchall()
     )
-    # Start the attempts, refresh the run's other claims, record the outcomes; one endpoint upsert.
-    assert counts["delivery UPDATE"] <= 4
-    assert counts["endpoint_state INSERT"] == 1
+    # Each write of outcomes is one endpoint upsert, at most one per RECORD_GAP_SECONDS: a local
+    # receiver answers faster than that, so the 30 outcomes are written in batches.
+    writes = counts["endpoint_state INSERT"]
+    assert writes <= elapsed / RECORD_GAP_SECONDS + 1
+    assert writes < len(chunk)
+    # Start the attempts, refresh the run's other claims, then one UPDATE per write.
+    assert counts["delivery UPDATE"] <= 2 + writes
     assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+
+
+class LedgerProbe:
+    """A receiver's ``before_answer`` that, as the ``at``-th POST arrives, looks (on a connection of its
+    own) for how many of ``cdr_ids`` the ledger has delivered, up to ``seconds``; then runs ``then``."""
+
+    def __init__(self, dsn: str, cdr_ids: list[str], *, at: int, seconds: float, then=None) -> None:
+        self.dsn = dsn
+        self.cdr_ids = cdr_ids
+        self.at = at
+        self.seconds = seconds
+        self.then = then
+        self.arrived = 0
+        self.delivered: int | None = None
+        self.waited: float | None = None
+
+    def __call__(self, headers, body) -> None:
+        self.arrived += 1
+        if self.arrived != self.at:
+            return
+        started = time.monotonic()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                [self.delivered] = conn.execute(
+                    "SELECT count(*) FROM cdr_webhook.delivery "
+                    "WHERE cdr_id = ANY(%s) AND status = 'delivered'",
+                    (self.cdr_ids,),
+                ).fetchone()
+                self.waited = time.monotonic() - started
+                if self.delivered >= self.at - 1 or self.waited >= self.seconds:
+                    break
+                time.sleep(0.01)
+            if self.then is not None:
+                self.then(conn)
+
+
+def test_a_2xx_is_in_the_ledger_while_the_chunk_still_sends_its_other_cdrs(db, cdr_dsn, monkeypatch):
+    # One POST at a time: as the third arrives, the first two were answered 2xx. Their outcomes are in
+    # the ledger within moments, not at the chunk's end or a batch's: a try killed now sends them
+    # again on its next try only if they were not (the receiver deduplicates by webhook-id).
+    chunk = cdrs(db, 5)
+    probe = LedgerProbe(cdr_dsn, chunk, at=3, seconds=1.5)
+    with Receiver(secret=SECRET, api_key=API_KEY, before_answer=probe) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=1)
+        run_chunk(chunk, FakeTaskInstance())
+    assert probe.delivered == 2
+    assert probe.waited is not None
+    assert probe.waited < 0.5
+    assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+
+
+def cut_off_all_but(test_pid: int):
+    """The CDR database goes away for every session but the probe's and the test's: the task's."""
+
+    def cut_off(conn) -> None:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> %s",
+            (test_pid,),
+        )
+
+    return cut_off
+
+
+def test_a_chunk_cut_off_from_the_database_fails_and_its_retry_sends_only_what_was_not_recorded(
+    db, cdr_dsn, monkeypatch
+):
+    chunk = cdrs(db, 5)
+    probe = LedgerProbe(cdr_dsn, chunk, at=3, seconds=1.5, then=cut_off_all_but(db.info.backend_pid))
+    with Receiver(secret=SECRET, api_key=API_KEY, before_answer=probe) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=1)
+        with pytest.raises(psycopg.OperationalError):
+            run_chunk(chunk, FakeTaskInstance())
+        assert probe.delivered == 2
+        run_chunk(chunk, FakeTaskInstance(try_number=2))
+        received = [r.cdr_id for r in server.received()]
+
+    # Nothing lost; the two recorded before the outage are not sent again, the third (its 2xx came
+    # while the database was away) is.
+    assert statuses(db, chunk)[chunk[0]] == ("delivered", 1)
+    assert {cdr: status for cdr, (status, _) in statuses(db, chunk).items()} == dict.fromkeys(
+        chunk, "delivered"
+    )
+    assert received.count(chunk[0]) == received.count(chunk[1]) == 1
+    assert received.count(chunk[2]) == 2
+    assert set(received) == set(chunk)
 
 
 def test_a_chunk_skips_cdrs_another_run_owns_and_sends_the_rest(db, receiver):
@@ -411,19 +506,41 @@ def test_a_chunk_of_a_paused_endpoint_gives_its_cdrs_back_to_the_queue_and_skips
     assert {row(db, cdr)["run_id"] for cdr in chunk} == {None}
 
 
-def test_a_cdr_gone_from_the_source_is_skipped_and_the_chunk_fails_naming_it_after_the_rest(db, receiver):
+def test_a_cdr_gone_from_the_source_is_skipped_with_its_reason_and_the_chunk_sends_the_rest(
+    db, receiver, capsys
+):
+    # A chunk checks its rows as it builds their bodies (the select step checks only tasks of one
+    # CDR): a row it cannot send is skipped as the select step would skip it, not a chunk failure.
     chunk = cdrs(db, 3)
     db.execute("DELETE FROM dialer.cdr WHERE id::text = %s", (chunk[1],))  # gone from the source
-    with pytest.raises(
-        AirflowFailException, match=f"1 CDR\\(s\\) of this chunk failed for good: {chunk[1]};"
-    ):
-        run_chunk(chunk, FakeTaskInstance())
+    run_chunk(chunk, FakeTaskInstance())
+    log = capsys.readouterr().out  # the task's log
+    assert f"CDR {chunk[1]} not sent, skipped: " in log
+    assert "2 delivered, 0 to retry, 0 failed for good, 1 skipped" in log
+    assert "no longer in" in row(db, chunk[1])["error"]
     assert statuses(db, chunk) == {
         chunk[0]: ("delivered", 1),
         chunk[1]: ("skipped", 0),
         chunk[2]: ("delivered", 1),
     }
     assert sorted(r.cdr_id for r in receiver.received()) == sorted([chunk[0], chunk[2]])
+
+
+def test_a_chunk_applies_its_endpoints_filters_as_it_builds_the_bodies(db, monkeypatch, capsys):
+    # The select step leaves a chunk's rows to the chunk: the endpoint's filters are applied at send.
+    chunk = cdrs(db, 3)
+    db.execute("UPDATE dialer.cdr SET leg_type = 2 WHERE id::text = %s", (chunk[0],))
+    with Receiver(secret=SECRET, api_key=API_KEY) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, leg_types=[1])
+        run_chunk(chunk, FakeTaskInstance())
+        assert sorted(r.cdr_id for r in server.received()) == sorted(chunk[1:])
+    assert statuses(db, chunk) == {
+        chunk[0]: ("skipped", 0),
+        chunk[1]: ("delivered", 1),
+        chunk[2]: ("delivered", 1),
+    }
+    assert row(db, chunk[0])["error"] == f"filtered out by {ENDPOINT} extra leg_types=[1]: leg_type is 2"
+    assert "2 delivered, 0 to retry, 0 failed for good, 1 skipped" in capsys.readouterr().out
 
 
 def test_a_chunk_of_one_cdr_keeps_the_chunk_rules(db, receiver):
@@ -437,7 +554,7 @@ def test_a_chunk_of_one_cdr_keeps_the_chunk_rules(db, receiver):
 
 
 class FakeSlots:
-    """The HeldSlots a ChunkSender asks: its slots, the fair share, taking and giving back."""
+    """The HeldSlots a lane asks: its slots, the fair share, taking and giving back."""
 
     def __init__(self, slots: list[int], fair_share: int) -> None:
         self.slots = slots
@@ -455,12 +572,21 @@ class FakeSlots:
         self.slots.remove(slot)
 
 
-def chunk_sender(held: FakeSlots, wanted: int):
+def lane_of(held: FakeSlots, claims: int, limit: int = 4):
     from types import SimpleNamespace
 
-    from cdr_webhook.deliver.chunk import ChunkSender
+    from cdr_webhook.deliver.lane import Lane
+    from cdr_webhook.ledger import Claim
 
-    return ChunkSender(SimpleNamespace(), SimpleNamespace(conn_id=ENDPOINT), held, wanted)
+    lane = Lane(
+        SimpleNamespace(conn_id=ENDPOINT),
+        None,
+        [Claim(f"c{i}", ENDPOINT, 7, NOW, "queued", 0) for i in range(claims)],
+        limit,
+    )
+    lane.held = held
+    lane.share = len(held.slots)
+    return lane
 
 
 def attempt_of(verdict):
@@ -468,45 +594,40 @@ def attempt_of(verdict):
     from cdr_webhook.outcome import Attempt, Decision, PostResult
 
     claim = Claim("c", ENDPOINT, 7, NOW, "queued", 0)
-    return Attempt(claim, PostResult(200, None, None, 1, sent_at=0.0), Decision(verdict), "msg")
+    return Attempt(claim, PostResult(200, None, None, 1, sent_at=0.0), Decision(verdict, "HTTP 503"), "msg")
 
 
-def test_outcomes_are_recorded_in_batches_by_count_by_age_and_at_once_when_one_failed_for_good():
-    from cdr_webhook.deliver.chunk import RECORD_EVERY, RECORD_SECONDS
-    from cdr_webhook.outcome import Verdict
-
-    sender = chunk_sender(FakeSlots([0], 1), wanted=1)
-    soon = sender.last_write + 0.01
-    sender.attempts = [attempt_of(Verdict.DELIVERED)] * (RECORD_EVERY - 1)
-    assert not sender.record_due(soon)
-    assert sender.record_due(sender.last_write + RECORD_SECONDS)  # by age
-    sender.attempts.append(attempt_of(Verdict.DELIVERED))
-    assert sender.record_due(soon)  # by count
-    sender.recorded = len(sender.attempts)
-    sender.attempts.append(attempt_of(Verdict.RETRY))
-    assert not sender.record_due(soon)  # a retry waits for the batch
-    sender.attempts.append(attempt_of(Verdict.EXHAUSTED))
-    assert sender.record_due(soon)  # a failed delivery may pause the endpoint: at once
-
-
-def test_a_chunk_holds_its_fair_share_of_slots_and_no_more_than_it_can_use():
+def test_a_lane_holds_its_fair_share_of_slots_and_no_more_than_it_can_use():
     import collections
 
-    from cdr_webhook.deliver.chunk import GROW_SECONDS
-
-    held = FakeSlots([0, 1, 2, 3], fair_share=2)  # another chunk of the endpoint sends too
-    sender = chunk_sender(held, wanted=4)
-    sender.waiting = collections.deque(["cdr"] * 10)
-    sender.grow(sender.last_grow + 2 * GROW_SECONDS)
-    sender.shrink()
+    held = FakeSlots([0, 1, 2, 3], fair_share=2)  # another task of the endpoint sends too
+    lane = lane_of(held, 10)
+    lane.grow(held.fair_share())
+    lane.shrink()
     assert len(held.slots) == 2  # its share
-    sender.waiting = collections.deque(["cdr"])
-    sender.shrink()
+    lane.waiting = collections.deque(["cdr"])
+    lane.shrink()
     assert len(held.slots) == 1  # one CDR left: one slot
-    held.share = 4  # the other chunk is done
-    sender.waiting = collections.deque(["cdr"] * 10)
-    sender.grow(sender.last_grow + 2 * GROW_SECONDS)
+    held.share = 4  # the other task is done
+    lane.waiting = collections.deque(["cdr"] * 10)
+    assert lane.sharing()
+    lane.grow(held.fair_share())
     assert len(held.slots) == 4  # the slots that came free, up to its share
+
+
+def test_a_lane_stops_after_twice_its_limit_of_posts_to_retry_in_a_row_and_a_delivery_resets_it():
+    from cdr_webhook.deliver.lane import STOP_AFTER_LIMITS
+    from cdr_webhook.outcome import Verdict
+
+    lane = lane_of(FakeSlots([0], 1), 100, limit=4)
+    for _ in range(STOP_AFTER_LIMITS * 4 - 1):
+        lane.counted(attempt_of(Verdict.RETRY))
+    lane.counted(attempt_of(Verdict.DELIVERED))
+    for _ in range(STOP_AFTER_LIMITS * 4 - 1):
+        lane.counted(attempt_of(Verdict.RETRY))
+    assert lane.stopped is None
+    lane.counted(attempt_of(Verdict.RETRY))
+    assert lane.stopped == "its last 8 POSTs are to retry (HTTP 503)"
 
 
 # Tasks the run sized (cdrs_per_task auto): one CDR keeps the one-CDR rules, more are a chunk.

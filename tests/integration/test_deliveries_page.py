@@ -16,8 +16,8 @@ from html import unescape
 import pytest
 
 from cdr_webhook.web import deliveries
-from tests.deployments import API_KEY, SIGNING_SECRET
-from tests.page import DAY, csrf_of, get, listed, post
+from tests.support.deployments import API_KEY, SIGNING_SECRET
+from tests.support.page import DAY, csrf_of, get, listed, post
 
 # -- auth ------------------------------------------------------------------------------------------
 
@@ -42,7 +42,7 @@ def test_a_user_without_access_to_the_dag_gets_403_and_sees_no_delivery(client, 
     )
 
 
-@pytest.mark.parametrize("client", ["tests.page.EveryDagButCdrWebhook"], indirect=True)
+@pytest.mark.parametrize("client", ["tests.support.page.EveryDagButCdrWebhook"], indirect=True)
 def test_access_to_other_dags_is_not_enough(client):
     """The page asks about the cdr_webhook DAG itself: an admin of every other DAG is refused."""
     for user in ("viewer", "admin"):
@@ -283,7 +283,7 @@ def test_a_delivery_no_task_owns_is_reported_not_cleared(client, cdr_db, populat
 def test_in_chunk_mode_a_delivered_cdr_is_not_cleared_and_the_page_says_what_redelivers_it(
     client, populated, monkeypatch
 ):
-    from cdr_webhook.settings import load_settings
+    from cdr_webhook.adapters import load_settings
     from cdr_webhook.web.actions import CHUNK_DELIVERED
 
     monkeypatch.setenv("AIRFLOW__CDR_WEBHOOK__CDRS_PER_TASK", "50")
@@ -319,3 +319,179 @@ def test_with_tasks_sized_by_the_run_a_delivered_cdr_of_a_chunk_is_not_cleared(c
     assert response.status_code == 200
     assert CHUNK_DELIVERED in unescape(response.text)
     assert "Cleared" not in response.text
+
+
+# -- what a disabled action says -------------------------------------------------------------------
+
+
+def redeliver_button(html: str) -> str:
+    """The detail page's Redeliver button tag, and the hint that follows it."""
+    return re.search(r"<button [^>]*>Redeliver</button>\s*<span[^>]*>(.*?)</span>", html, re.S).group(0)
+
+
+def test_a_skipped_cdrs_redeliver_is_off_and_says_how_to_send_it(client, cdr_db, populated):
+    from cdr_webhook.web.actions import SKIPPED
+
+    cdr_id = populated["by_status"]["skipped"][0]
+    created = cdr_db.execute(
+        "SELECT cdr_created_at FROM cdr_webhook.delivery WHERE cdr_id = %s", (cdr_id,)
+    ).fetchone()[0]
+    html = unescape(get(client, "/delivery", user="admin", cdr_id=cdr_id, endpoint="cdr_webhook").text)
+    action = redeliver_button(html)
+    assert "disabled" in action
+    assert "this CDR was skipped" in action
+    assert "mend the source row" in action
+    # The configuration of a run that selects this CDR alone, to paste into the trigger form.
+    start = created.astimezone(dt.UTC)
+    conf = json.loads(re.search(r'<code class="conf">(.*?)</code>', action).group(1))
+    assert conf == {
+        "window_start": start.isoformat(),
+        "window_end": (start + dt.timedelta(microseconds=1)).isoformat(),
+        "policy": "all",
+        "client_id": 2,
+    }
+    assert "same webhook-id" in action
+    # Selected on the list, it is reported as not cleared, with the same advice.
+    token = csrf_of(get(client, "/", user="admin").text)
+    response = post(client, "/redeliver", data={"csrf": token, "key": json.dumps([cdr_id, "cdr_webhook"])})
+    assert SKIPPED in unescape(response.text)
+    assert "Cleared" not in response.text
+
+
+def test_a_held_cdr_says_its_endpoint_is_paused_and_links_to_resume_it(client, cdr_db, populated):
+    from cdr_webhook.ledger import endpoints
+
+    cdr_id = populated["by_status"]["queued"][0]
+    cdr_db.execute(
+        "UPDATE cdr_webhook.delivery SET dag_id = NULL, run_id = NULL, map_index = NULL WHERE cdr_id = %s",
+        (cdr_id,),
+    )
+    plain = unescape(get(client, "/delivery", user="admin", cdr_id=cdr_id, endpoint="cdr_webhook").text)
+    assert "disabled" in redeliver_button(plain)
+    assert "no task holds this CDR yet" in redeliver_button(plain)
+    assert "the next run sends it" in redeliver_button(plain)
+
+    reason = "configuration: connection 'cdr_webhook' extra 'leg_types': must be a list of integers, not '1'"
+    endpoints.pause(cdr_db, "cdr_webhook", reason=reason, actor=endpoints.AUTOMATIC_ACTOR)
+    html = unescape(get(client, "/delivery", user="admin", cdr_id=cdr_id, endpoint="cdr_webhook").text)
+    action = redeliver_button(html)
+    assert "disabled" in action
+    assert f"its endpoint is paused ({reason})" in action
+    assert "mend the connection <code>cdr_webhook</code>" in action
+    assert '<a href="/cdr-webhook/endpoints#endpoint-cdr_webhook">Resume cdr_webhook</a>' in action
+    assert "it waits queued, its endpoint is paused" in html  # the task line, not "for the next run"
+    # The link's target: the endpoint's row on the Endpoints page.
+    assert '<tr id="endpoint-cdr_webhook">' in get(client, "/endpoints", user="admin").text
+
+
+def test_a_viewers_disabled_actions_say_why_on_the_page(client, populated):
+    cdr_id = populated["by_status"]["delivered"][0]
+    action = redeliver_button(get(client, "/delivery", cdr_id=cdr_id, endpoint="cdr_webhook").text)
+    assert "disabled" in action
+    assert "Redeliver is off: your Airflow role may not do this" in action
+    listing = get(client, "/", since=DAY.date().isoformat(), to=DAY.date().isoformat()).text
+    off = r"disabled[^>]*>{}</button>\s*<span [^>]*>{}: your Airflow role may not do this"
+    assert re.search(off.format("Redeliver selected", "Redeliver is off"), listing)
+    assert re.search(off.format("Redeliver this filter's result with a run", "Off"), listing)
+    # Completeness: its run buttons, one note for all of them.
+    days = {"since": "2026-11-20", "to": "2026-11-22"}
+    completeness = get(client, "/completeness", **days).text
+    assert "The run buttons are off: your Airflow role may not do this" in completeness
+    assert re.search(r'disabled aria-describedby="run-why"[^>]*>retry failed', completeness)
+    assert "The run buttons are off" not in get(client, "/completeness", user="admin", **days).text
+    # An admin's enabled button keeps its hint.
+    admin = get(client, "/delivery", user="admin", cdr_id=cdr_id, endpoint="cdr_webhook")
+    enabled = redeliver_button(admin.text)
+    assert "disabled" not in enabled
+    assert "it is sent again with the same webhook-id" in enabled
+
+
+def test_an_automatic_pause_is_said_once_and_as_automatic(client, cdr_db, populated, monkeypatch):
+    from cdr_webhook.adapters import load_endpoint
+    from cdr_webhook.endpoint_config import EndpointConfigError
+    from cdr_webhook.ledger import endpoints
+    from demo.connections import http_conn
+
+    broken = http_conn("https://hooks.example/42", leg_types="1")
+    monkeypatch.setenv("AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_42", broken)
+    with pytest.raises(EndpointConfigError) as err:
+        load_endpoint("cdr_webhook_client_42")
+    endpoints.hold(cdr_db, "cdr_webhook_client_42", [], err.value)
+    endpoints.pause(cdr_db, "cdr_webhook", reason="maintenance window", actor="admin (Deliveries page)")
+
+    html = unescape(get(client, "/endpoints", user="admin").text)
+    assert html.count(str(err.value)) == 1  # the pause's reason only, not the connection's error again
+    assert f'<td class="error-text why">paused automatically: configuration: {err.value}</td>' in html
+    assert "<td>automatically</td>" in html
+    assert '<td class="error-text why">maintenance window</td>' in html  # a person's pause: their reason
+    assert "<td>admin (Deliveries page)</td>" in html
+    assert ">cdr_webhook<" not in html.replace("<td>cdr_webhook<", "")  # never "by cdr_webhook"
+
+
+# -- the commit watcher's health ---------------------------------------------------------------------
+
+
+def watcher_line(html: str) -> tuple[str, str]:
+    """The watcher's line or banner on a page: its kind (hint or banner) and its text, tags removed."""
+    found = re.search(r'<(p|div) class="([^"]*)"[^>]*id="watcher"[^>]*>(.*?)</\1>', html, re.S)
+    assert found is not None, html
+    return found.group(2), " ".join(unescape(re.sub(r"<[^>]+>", "", found.group(3))).split())
+
+
+def record_watcher(conn, *, seen_ago: str | None, health: str = "watching", error: str | None = None) -> None:
+    conn.execute(
+        "INSERT INTO cdr_webhook.watch_state (source_relation, seen_at, health, health_since, health_error, "
+        "heartbeat_seconds) VALUES ('cdr_webhook_source', now() - %(ago)s::interval, %(health)s, "
+        "now() - interval '5 minutes', %(error)s, 5) ON CONFLICT (source_relation) DO UPDATE SET "
+        "seen_at = EXCLUDED.seen_at, health = EXCLUDED.health, health_since = EXCLUDED.health_since, "
+        "health_error = EXCLUDED.health_error",
+        {"ago": seen_ago, "health": health, "error": error},
+    )
+
+
+@pytest.mark.parametrize("path", ["/", "/endpoints"])
+def test_both_pages_say_when_the_commit_watcher_cannot_start_runs_and_what_it_costs(client, cdr_db, path):
+    # Never seen: no triggerer has ever run the watcher (or it never reached the database).
+    kind, text = watcher_line(get(client, path).text)
+    assert kind == "banner warn"
+    assert "Commit watcher: never seen" in text
+    assert "minute schedule only, so about a minute after their commit" in text
+    assert "airflow jobs check --job-type TriggererJob" in text
+
+    record_watcher(cdr_db, seen_ago="1 second")
+    kind, text = watcher_line(get(client, path).text)
+    assert kind == "hint"
+    assert re.fullmatch(r"commit watcher: watching, last seen [1-9] s ago", text), text
+
+    record_watcher(cdr_db, seen_ago="10 minutes")  # it stopped reporting: the triggerer, or its database
+    kind, text = watcher_line(get(client, path).text)
+    assert kind == "banner warn"
+    assert "last seen 10 min ago (it reports every 5 s): the triggerer may be down" in text
+
+    record_watcher(cdr_db, seen_ago="2 seconds", health="error", error="OperationalError: <no route>")
+    page = get(client, path).text
+    kind, text = watcher_line(page)
+    assert kind == "banner warn"
+    assert "failing for 5 min, retrying with a back-off: OperationalError: <no route>" in text
+    assert "&lt;no route&gt;" in page  # the error is text, never markup
+
+    record_watcher(cdr_db, seen_ago="2 seconds", health="source_failing", error="column cost: not numeric")
+    kind, text = watcher_line(get(client, path).text)
+    assert "the source check fails for 5 min: column cost: not numeric" in text
+    assert "no CDR is delivered" in text
+
+
+def test_a_watcher_switched_off_is_said_on_the_page(client, cdr_db, monkeypatch):
+    from cdr_webhook.adapters import load_settings
+
+    record_watcher(cdr_db, seen_ago="1 second")  # a heartbeat from before it was switched off
+    monkeypatch.setenv("AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS", "0")
+    load_settings.cache_clear()
+    try:
+        kind, text = watcher_line(get(client, "/").text)
+    finally:
+        monkeypatch.delenv("AIRFLOW__CDR_WEBHOOK__WATCH_INTERVAL_SECONDS")
+        load_settings.cache_clear()
+    assert kind == "banner warn"
+    assert "Commit watcher: off (watch_interval_seconds = 0)" in text
+    assert "set watch_interval_seconds in [cdr_webhook]" in text

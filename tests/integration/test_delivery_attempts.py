@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
+from bench.records import attempt
 from cdr_webhook import ledger
 from cdr_webhook.ledger import schema
-from cdr_webhook.outcome import Attempt, PostResult, decide
-from tests.ledger_records import attempt
-from tests.ledger_schema import indexes, install_up_to, versions
+from cdr_webhook.outcome import Attempt, PostResult, decide_attempt
+from tests.support.ledger_schema import indexes, install_up_to, versions
 
 if TYPE_CHECKING:
     import psycopg
@@ -66,7 +66,7 @@ def test_every_attempt_of_the_operators_write_path_is_kept(cdr_db):
         (2, "failed", 400, "HTTP 400", "manual__1", 0),
     ]
     # Changes that are not attempts (a requeue, a release, a skip) add none.
-    ledger.release(cdr_db, claim, reason="paused")
+    ledger.release_many(cdr_db, [claim], reason="paused")
     ledger.mark_skipped(cdr_db, claim, "bad row")
     assert len(history(cdr_db, "a")) == 2
 
@@ -80,7 +80,7 @@ def test_a_statement_that_records_many_cdrs_at_once_keeps_one_row_each(cdr_db):
     ledger.record_attempts(
         cdr_db,
         [
-            Attempt(claim, result, decide(result, try_number=1, max_tries=1), webhook_id=claim.cdr_id)
+            Attempt(claim, result, decide_attempt(result, try_number=1, max_tries=1), webhook_id=claim.cdr_id)
             for claim, result in zip(claims, results, strict=True)
         ],
     )

@@ -19,7 +19,7 @@ from demo.seed import main as seed_main
 from demo.seed import seed
 from demo.stack import free_port
 from tests.conftest import ROOT
-from tests.pki import issue, pem, tls_context
+from tests.support.pki import issue, pem, tls_context
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -2,7 +2,7 @@
 
 Every server runs on 127.0.0.1 (one decoy on 127.0.0.2); public addresses are only checked, never
 contacted. The TLS test PKI (a CA, server certificates, a client certificate) is made here, by
-:mod:`tests.pki`.
+:mod:`tests.support.pki`.
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ import pytest
 import requests
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from cdr_webhook.config import EndpointConfigError
 from cdr_webhook.deliver.egress import (
-    ALLOWED_NETWORKS_ENV,
     EndpointRefused,
     GuardedAdapter,
     TlsFiles,
     check_url,
-    parse_networks,
     pem_files,
     resolve,
 )
-from tests.pki import Issued, issue, pem, tls_context
+from cdr_webhook.endpoint_config import EndpointConfigError
+from cdr_webhook.networks import ALLOWED_NETWORKS_ENV, parse_networks
+from tests.support.pki import Issued, issue, pem, tls_context
 
 PUBLIC = "93.184.215.14"
 LOOPBACK_ONLY = parse_networks("127.0.0.1/32")
@@ -502,7 +501,7 @@ def test_pem_files_are_private_and_removed(pki):
 
 
 def test_pem_files_refuse_what_the_endpoint_rules_refuse():
-    """The one PEM rule (``config.tls_texts``, tested in tests/unit/test_config.py) guards the files too."""
+    """The one PEM rule (``endpoint_config.tls_texts``, unit-tested on its own) guards the files too."""
     with (
         pytest.raises(EndpointConfigError, match="connection 'tls' extra 'ca_bundle': must be PEM text"),
         pem_files("tls", {"ca_bundle": "/etc/ssl/certs/ca-certificates.crt"}),
@@ -551,7 +550,7 @@ def test_hook_uses_the_connection_ca_bundle_and_client_certificate(pki, monkeypa
 
 def test_hook_deadline_cuts_off_headers_sent_a_byte_at_a_time_over_tls(pki, monkeypatch):
     from cdr_webhook.deliver.hook import CdrWebhookHook
-    from tests.drip_server import DripServer
+    from tests.support.drip_server import DripServer
 
     reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\nok"
     with DripServer(head=b"HTTP/1.1 200 OK\r\n", drip=reply[17:], context=tls_context(pki.hooks)) as server:

@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
-from cdr_webhook.ledger import endpoints, schema
+from cdr_webhook.adapters import notify_endpoint_event
+from cdr_webhook.ledger import endpoints, pause_rules, schema
 from cdr_webhook.ledger.endpoints import GONE_REASON, EndpointEvent
-from tests.endpoints_cli import cli
-from tests.ledger_records import outcome
+from tests.support.endpoints_cli import cli
+from tests.support.ledger_records import outcome
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-RULES = {"pause_after_failures": 5, "pause_after_hours": 72.0}
+RULES = {"pause_after_failures": 5, "pause_after_hours": 72.0, "pause_after_minutes": 30.0}
 
 
 def record(
@@ -33,7 +34,7 @@ def record(
 ) -> EndpointEvent | None:
     """One attempt's outcome, through the recorder the delivery tasks use."""
     decided = outcome(delivered=delivered, final=final, gone=gone)
-    return endpoints.record_outcomes(conn, endpoint, [decided], **{**RULES, **rules})
+    return pause_rules.record_outcomes(conn, endpoint, [decided], **{**RULES, **rules})
 
 
 def fail(conn: psycopg.Connection[Any], endpoint: str = "ep", **kwargs: Any) -> EndpointEvent | None:
@@ -145,6 +146,41 @@ def test_failing_for_less_than_pause_after_hours_does_not_pause(db):
     fail(db)
     backdate_failing_since(db, hours=71)
     assert fail(db) is None
+    assert not endpoints.is_paused(db, "ep")
+
+
+def backdate_attempts_failing_since(conn: psycopg.Connection[Any], *, minutes: float) -> None:
+    conn.execute(
+        "UPDATE cdr_webhook.endpoint_state SET attempts_failing_since = now() - make_interval(secs => %s) "
+        "WHERE endpoint = 'ep'",
+        (minutes * 60,),
+    )
+
+
+def test_every_attempt_failing_for_pause_after_minutes_pauses_retries_included(db):
+    assert fail(db, final=False) is None  # a try that will be retried
+    first = state(db)["attempts_failing_since"]
+    assert first is not None
+    assert fail(db, final=False) is None
+    assert state(db)["attempts_failing_since"] == first  # the first failed attempt since the last success
+
+    backdate_attempts_failing_since(db, minutes=31)
+    event = fail(db, final=False)
+
+    assert event is not None
+    assert event.reason == "every attempt failed for 31 min, retries included (pause_after_minutes = 30)"
+    assert endpoints.is_paused(db, "ep")
+    assert state(db)["consecutive_failures"] == 0  # no delivery has ended: it is the attempts that count
+
+
+def test_a_success_restarts_the_failing_attempts_clock(db):
+    fail(db, final=False)
+    backdate_attempts_failing_since(db, minutes=29)
+    assert succeed(db) is None
+    assert state(db)["attempts_failing_since"] is None
+    fail(db, final=False)
+    backdate_attempts_failing_since(db, minutes=29)
+    assert fail(db, final=False) is None
     assert not endpoints.is_paused(db, "ep")
 
 
@@ -261,7 +297,7 @@ def test_list_endpoints_counts_queued_and_failed(db):
 def test_cli_pause_list_resume(cdr_db, cdr_dsn, tmp_path: Path):
     probe = tmp_path / "probe.jsonl"
     notifier_env = {
-        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.endpoint_notifier_probe:notifier",
+        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER": "tests.integration.endpoint_notifier_probe:notifier",
         "CDR_NOTIFIER_PROBE": str(probe),
     }
     paused = cli(
@@ -347,12 +383,12 @@ def test_cli_connection_error_names_the_source_and_hides_the_password():
 def test_notify_calls_the_configured_notifier(settings_env, tmp_path: Path, attribute: str, kind: str):
     probe = tmp_path / "probe.jsonl"
     settings_env.setenv(
-        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER", f"tests.endpoint_notifier_probe:{attribute}"
+        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER", f"tests.integration.endpoint_notifier_probe:{attribute}"
     )
     settings_env.setenv("CDR_NOTIFIER_PROBE", str(probe))
     at = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 
-    endpoints.notify(EndpointEvent("ep", "paused", GONE_REASON, "cdr_webhook", at))
+    notify_endpoint_event(EndpointEvent("ep", "paused", GONE_REASON, "cdr_webhook", at))
 
     recorded = [json.loads(line) for line in probe.read_text().splitlines()]
     assert recorded == [
@@ -370,11 +406,13 @@ def test_notify_calls_the_configured_notifier(settings_env, tmp_path: Path, attr
 
 
 def test_a_failing_notifier_is_logged_not_raised(settings_env, caplog):
-    settings_env.setenv("AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER", "tests.endpoint_notifier_probe:broken")
+    settings_env.setenv(
+        "AIRFLOW__CDR_WEBHOOK__FAILURE_NOTIFIER", "tests.integration.endpoint_notifier_probe:broken"
+    )
     event = EndpointEvent("ep", "paused", "by hand", "alice", dt.datetime(2026, 11, 28, tzinfo=dt.UTC))
 
     with caplog.at_level(logging.INFO, logger="cdr_webhook.ledger.endpoints"):
-        endpoints.notify(event)
+        notify_endpoint_event(event)
 
     messages = [record.getMessage() for record in caplog.records]
     assert any(message.startswith("Endpoint ep paused by alice") for message in messages)
@@ -386,7 +424,7 @@ def test_a_failing_notifier_is_logged_not_raised(settings_env, caplog):
 def test_notify_without_a_notifier_only_logs(settings_env, caplog):
     event = EndpointEvent("ep", "resumed", None, "alice", dt.datetime(2026, 11, 28, tzinfo=dt.UTC))
     with caplog.at_level(logging.INFO, logger="cdr_webhook.ledger.endpoints"):
-        endpoints.notify(event)
+        notify_endpoint_event(event)
     assert [record.getMessage() for record in caplog.records] == [
         "Endpoint ep resumed by alice at 2026-11-28 00:00:00+00:00: no reason given"
     ]
@@ -400,17 +438,37 @@ def test_cli_check_parses_endpoints_as_the_dag_does_and_names_what_is_wrong(monk
         http_conn("https://hooks.example.com/t0ken", api_key="s3cret-key", leg_types=[1], max_in_flight=2),
     )
     monkeypatch.setenv("AIRFLOW_CONN_BAD_EP", http_conn("https://hooks.example.com/t0ken", leg_types="1"))
-    good = cli("check", "good_ep", dsn=None)
-    assert good.returncode == 0, good.stderr
-    assert good.stdout.strip() == (
-        "ok     good_ep: https://hooks.example.com, x-api-key set, 0 signing secret(s), "
-        "no client certificate, max_in_flight 2, leg_types=[1]"
+    oauth2 = {
+        "oauth2_token_url": "https://idp.example/t",
+        "oauth2_client_id": "cdr-sender",
+        "oauth2_client_secret": "s3cret-c",
+    }
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AUTH_EP",
+        http_conn("https://hooks.example.com/t0ken", secret_headers={"X-Token": "s3cret-h"}, **oauth2),
     )
-    bad = cli("check", "good_ep", "bad_ep", "no_such_ep", dsn=None)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CLASH_EP",
+        http_conn("https://hooks.example.com/t0ken", headers={"X-Api-Key": "s3cret-x"}),
+    )
+    good = cli("check", "good_ep", "auth_ep", dsn=None)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip().splitlines() == [
+        "ok     good_ep: https://hooks.example.com, x-api-key set, 0 signing secret(s), "
+        "no client certificate, max_in_flight 2, leg_types=[1]",
+        "ok     auth_ep: https://hooks.example.com, x-api-key not set, 0 signing secret(s), "
+        "no client certificate, max_in_flight default, OAuth2 bearer token from https://idp.example; "
+        "headers X-Token (secret)",
+    ]
+    bad = cli("check", "good_ep", "bad_ep", "no_such_ep", "clash_ep", dsn=None)
     assert bad.returncode == 1
     assert "error  connection 'bad_ep' extra 'leg_types': must be a list of integers, not '1'" in bad.stdout
     assert "error  connection 'no_such_ep': does not exist" in bad.stdout
-    assert "2 of 3 endpoint(s) cannot be used: bad_ep, no_such_ep" in bad.stderr
+    assert (
+        "error  connection 'clash_ep' extra 'headers' header 'X-Api-Key': clashes with a header the delivery "
+        "sets itself (the connection's password sets it)" in bad.stdout
+    )
+    assert "3 of 4 endpoint(s) cannot be used: bad_ep, no_such_ep, clash_ep" in bad.stderr
     for secret in ("t0ken", "s3cret"):
         assert secret not in bad.stdout + good.stdout
 

@@ -64,6 +64,27 @@ def test_a_throttled_endpoint_gets_no_more_than_its_cap_in_flight(db):
     assert [cdr for cdr in assign(db, "scheduled__2", throttled={"slow": 3})] == other[8:18]
 
 
+def test_no_run_claims_a_failing_endpoints_cdrs_while_another_waits_to_retry_one(db):
+    slow = queue(db, "slow", 20)
+    # One slow CDR was tried and waits for its retry in a live run (Airflow keeps that run going).
+    db.execute(
+        "UPDATE cdr_webhook.delivery SET dag_id = 'cdr_webhook', run_id = 'scheduled__0', attempts = 1, "
+        "updated_at = now() WHERE cdr_id = %s",
+        (slow[0],),
+    )
+
+    # Room for 2 more in flight, but no second run is to be held by its retries: none.
+    assert assign(db, throttled={"slow": 3}) == []
+    # Not failing (its last attempt succeeded since), it is claimed as usual.
+    assert assign(db, "scheduled__2") == slow[1:11]
+    # Once the retry has ended, a run takes up to the cap again.
+    db.execute("UPDATE cdr_webhook.delivery SET status = 'failed' WHERE cdr_id = %s", (slow[0],))
+    db.execute(
+        "UPDATE cdr_webhook.delivery SET status = 'queued', run_id = NULL WHERE run_id = 'scheduled__2'"
+    )
+    assert assign(db, "scheduled__3", throttled={"slow": 3}) == slow[1:4]
+
+
 def test_paused_endpoints_and_windows_still_apply(db):
     queue(db, "paused", 5)
     live = queue(db, "live", 5, offset_ms=1)

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from cdr_webhook.config import EndpointConfigError
 from cdr_webhook.deliver.hook import CdrWebhookHook
+from cdr_webhook.endpoint_config import EndpointConfigError
 from cdr_webhook.signing import build_headers
 from demo.receiver import Receiver
-from tests.drip_server import DripServer
+from tests.support.drip_server import DripServer
 
 API_KEY = "key-5f2b9c1e7a"
 LOOPBACK = ("127.0.0.0/8",)

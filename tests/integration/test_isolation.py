@@ -12,13 +12,12 @@ import pytest
 
 from cdr_webhook import ledger
 from cdr_webhook.selection.source import fetch_rows
-from cdr_webhook.selection.step import RunInfo
-from cdr_webhook.selection.step import select_cdrs as claim_cdrs
+from cdr_webhook.selection.step import RunInfo, claim_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
-from tests.endpoint_configs import configs
-from tests.ledger_records import outcome
-from tests.source_feed import FEED, add_feed_row, create_feed
+from tests.support.endpoint_configs import configs
+from tests.support.ledger_records import outcome
+from tests.support.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -271,7 +270,7 @@ def test_an_endpoint_whose_connection_was_deleted_is_held(cdr_db):
 
 
 def test_a_failing_endpoint_is_throttled_to_its_in_flight_limit_across_runs(cdr_db):
-    from cdr_webhook.ledger import endpoints, schema
+    from cdr_webhook.ledger import pause_rules, schema
 
     schema.migrate(cdr_db)
     dialer = Dialer(cdr_db)
@@ -280,7 +279,7 @@ def test_a_failing_endpoint_is_throttled_to_its_in_flight_limit_across_runs(cdr_
     connections = {"cdr_webhook": {}, "cdr_webhook_client_7": {"max_in_flight": 3}}
     rules = {"pause_after_failures": 5, "pause_after_hours": 1}
     retried = outcome(delivered=False, final=False)
-    endpoints.record_outcomes(cdr_db, "cdr_webhook_client_7", [retried], **rules)
+    pause_rules.record_outcomes(cdr_db, "cdr_webhook_client_7", [retried], **rules)
 
     first = select_cdrs(cdr_db, scheduled(1), connections=connections)
     assert sorted(first) == sorted(healthy + failing[:3])  # oldest first within the endpoint
@@ -289,5 +288,5 @@ def test_a_failing_endpoint_is_throttled_to_its_in_flight_limit_across_runs(cdr_
     assert select_cdrs(cdr_db, scheduled(2), connections=connections) == [more]
     # Once it delivers again, it gets its share.
     delivered = outcome(delivered=True)
-    endpoints.record_outcomes(cdr_db, "cdr_webhook_client_7", [delivered], **rules)
+    pause_rules.record_outcomes(cdr_db, "cdr_webhook_client_7", [delivered], **rules)
     assert len(select_cdrs(cdr_db, scheduled(3), connections=connections)) == 17

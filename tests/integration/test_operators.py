@@ -20,7 +20,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from cdr_webhook.deliver.operator import CdrWebhookOperator, RetryLater
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.task_instances import (
+from tests.support.task_instances import (
     API_KEY,
     ENDPOINT,
     SECRET,
@@ -211,7 +211,7 @@ def test_a_try_that_finds_every_slot_busy_is_rescheduled_without_using_a_retry(
     import psycopg
     from airflow.sdk.exceptions import AirflowRescheduleException
 
-    from cdr_webhook.deliver.slots import endpoint_slot
+    from cdr_webhook.deliver.slots import endpoint_slots
 
     settings_env.setenv("AIRFLOW__CDR_WEBHOOK__SLOT_WAIT_SECONDS", "0")
     connect_endpoint(monkeypatch, receiver.url, signing_secret=SECRET, max_in_flight=1)
@@ -219,7 +219,7 @@ def test_a_try_that_finds_every_slot_busy_is_rescheduled_without_using_a_retry(
     queue(db, cdr)
     with psycopg.connect(cdr_dsn, autocommit=True) as other_worker:
         with (
-            endpoint_slot(other_worker, ENDPOINT, limit=1, wait_seconds=0),
+            endpoint_slots(other_worker, ENDPOINT, limit=1, wanted=1, wait_seconds=0),
             pytest.raises(AirflowRescheduleException) as raised,
         ):
             run_try(cdr, FakeTaskInstance())
@@ -249,9 +249,9 @@ def test_tries_of_one_run_at_once_never_wait_on_each_others_claims(db, cdr_dsn):
     db.execute("SET lock_timeout = '2s'")
     with psycopg.connect(cdr_dsn) as other_try:  # another try of the run, mid-transaction on its row
         other_try.execute("SELECT 1 FROM cdr_webhook.delivery WHERE cdr_id = %s FOR UPDATE", (theirs,))
-        claim = ledger.start_attempt(
+        [claim], _ = ledger.start_attempts(
             db,
-            cdr_id=mine,
+            cdr_ids=[mine],
             endpoint=ENDPOINT,
             dag_id="cdr_webhook",
             run_id="scheduled__1",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from cdr_webhook.ledger import endpoints
-from tests.page import csrf_of, get, post
+from tests.support.page import csrf_of, get, post
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -209,7 +209,7 @@ def test_the_ledger_bounds_what_every_path_writes(cdr_db, populated):
 
 def test_the_cli_refuses_a_name_that_is_no_endpoint_and_an_overlong_reason(cdr_db, cdr_dsn):
     from cdr_webhook.ledger import schema
-    from tests.endpoints_cli import cli
+    from tests.support.endpoints_cli import cli
 
     schema.migrate(cdr_db)
     refused = cli("pause", "cdr_db", "--reason", "oops", dsn=cdr_dsn)
@@ -329,7 +329,7 @@ def test_an_api_key_echoed_in_base64_is_scrubbed_in_the_ledger_and_on_the_page(
     from cdr_webhook.outcome import Attempt, Decision, Verdict
     from cdr_webhook.signing import build_headers
     from demo.connections import http_conn
-    from tests.deployments import API_KEY, SIGNING_SECRET
+    from tests.support.deployments import API_KEY, SIGNING_SECRET
 
     echoed = {
         "seen_key": base64.b64encode(API_KEY.encode()).decode(),

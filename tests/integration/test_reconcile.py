@@ -11,13 +11,13 @@ import pytest
 
 from cdr_webhook import ledger
 from cdr_webhook.ledger import schema
-from cdr_webhook.selection.routing import Route
-from cdr_webhook.selection.step import RunInfo, select_cdrs
+from cdr_webhook.routing import Route
+from cdr_webhook.selection.step import RunInfo, claim_cdrs
 from cdr_webhook.settings import Settings
 from demo.dialer import Dialer
-from tests.endpoint_configs import configs
-from tests.ledger_schema import columns, install_up_to, versions
-from tests.source_feed import FEED, add_feed_row, create_feed
+from tests.support.endpoint_configs import configs
+from tests.support.ledger_schema import columns, install_up_to, versions
+from tests.support.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -29,7 +29,7 @@ CONNECTIONS = {"cdr_webhook": {}}
 def run(conn, n: int, settings: Settings = SETTINGS) -> list[str]:
     """Scheduled run n, over [T0 + (n-1) min, T0 + n min), at the end of its interval."""
     info = RunInfo("cdr_webhook", f"scheduled__{n}", "scheduled", T0 + (n - 1) * MINUTE, T0 + n * MINUTE, {})
-    mapped = select_cdrs(conn, info, settings, now=T0 + n * MINUTE, connections=configs(CONNECTIONS))
+    mapped = claim_cdrs(conn, info, settings, now=T0 + n * MINUTE, connections=configs(CONNECTIONS))
     return [cdr_id for item in mapped for cdr_id in item["cdr_ids"]]
 
 
@@ -45,7 +45,7 @@ def test_a_cdr_committed_long_after_the_lag_is_queued_by_the_next_reconciliation
         assert [run(cdr_db, n) for n in (2, 3, 4)] == [[], [], []]
         late_conn.commit()
 
-    caplog.set_level(logging.INFO, logger="cdr_webhook.selection.step")
+    caplog.set_level(logging.INFO, logger="cdr_webhook.selection")
     caplog.clear()  # what runs 1 to 4 logged, if this logger was already at INFO
     assert run(cdr_db, 5) == []  # the last reconciliation was 60 s ago: not yet
     assert "Reconciliation" not in caplog.text
@@ -95,6 +95,27 @@ def test_late_clients_finds_rows_without_a_ledger_row_under_each_kind_of_key(cdr
     assert ledger.late_clients(cdr_db, **span) == []
     add_feed_row(cdr_db, None, T0 + 4 * SECOND, client_id=4, call_id="another row")
     assert ledger.late_clients(cdr_db, **span) == [4]
+
+
+def test_a_null_cdr_id_keeps_its_key_whatever_the_sessions_settings_and_a_new_column(cdr_db):
+    # The key of a row without a cdr_id is made from the columns that identify it, its times in UTC:
+    # not from the row's text, which the session's TimeZone and DateStyle and any new column change.
+    schema.migrate(cdr_db)
+    create_feed(cdr_db)
+    add_feed_row(cdr_db, None, T0 + SECOND, client_id=2)
+    span = {"relation": FEED, "start": T0, "end": T0 + MINUTE}
+    ledger.enqueue_new(cdr_db, routes={2: Route("cdr_webhook")}, **span)
+
+    cdr_db.execute("SET TimeZone = 'America/New_York'")
+    cdr_db.execute("SET DateStyle = 'SQL, DMY'")
+    cdr_db.execute(f"ALTER TABLE {FEED} ADD COLUMN note text DEFAULT 'a column added later'")
+
+    assert ledger.late_clients(cdr_db, **span) == []  # the reconciliation finds it recorded
+    ledger.enqueue_new(cdr_db, routes={2: Route("cdr_webhook")}, **span)  # and a scan records it once
+    rows = cdr_db.execute("SELECT cdr_id, status FROM cdr_webhook.delivery").fetchall()
+    assert len(rows) == 1
+    assert rows[0][0].startswith(ledger.NULL_CDR_ID_PREFIX)
+    assert rows[0][1] == "skipped"
 
 
 def test_a_cdr_recorded_under_another_created_at_is_not_late(cdr_db):
@@ -166,7 +187,7 @@ def test_a_sweep_in_slices_queues_a_late_cdr_anywhere_in_the_window_exactly_once
     assert sorted(sent) == sorted(on_time)
 
     late = {dialer.cdr(client_id=2, created_at=T0 + at * SECOND) for at in (15, 65, 118)}
-    caplog.set_level(logging.INFO, logger="cdr_webhook.selection.step")
+    caplog.set_level(logging.INFO, logger="cdr_webhook.selection")
     caplog.clear()
     # The window [T0, T0 + (n - 2) min) holds 15 ledger rows at most: a sweep is 5 runs, two sweeps 10.
     sent = [cdr_id for n in range(7, 17) for cdr_id in run(cdr_db, n, SLICED)]

@@ -9,12 +9,11 @@ import pytest
 
 from cdr_webhook import ledger
 from cdr_webhook.ledger import endpoints, schema
-from cdr_webhook.selection.step import RunInfo
-from cdr_webhook.selection.step import select_cdrs as claim_cdrs
+from cdr_webhook.selection.step import RunInfo, claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
 from demo.dialer import Dialer
-from tests.endpoint_configs import configs
+from tests.support.endpoint_configs import configs
 
 NOW = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -123,7 +122,7 @@ def test_a_prune_that_deletes_nothing_records_nothing(cdr_db):
 
 
 def test_an_install_of_unknown_pruning_is_checked_by_retention_days_until_its_next_prune(cdr_db):
-    from tests.ledger_schema import install_up_to
+    from tests.support.ledger_schema import install_up_to
 
     install_up_to(cdr_db, 8)
     add(cdr_db, "from-an-older-release", "delivered", NOW - 10 * DAY)

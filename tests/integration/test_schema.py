@@ -6,8 +6,8 @@ import threading
 
 import psycopg
 
-from cdr_webhook.ledger import schema
-from tests.ledger_schema import columns, indexes, install_up_to, versions
+from cdr_webhook.ledger import rates, schema
+from tests.support.ledger_schema import columns, indexes, install_up_to, versions
 
 
 def test_an_install_from_before_versioning_is_migrated_and_keeps_its_rows(cdr_db):
@@ -111,3 +111,70 @@ def test_step_9_records_retention_as_unknown_on_a_ledger_with_rows_and_as_never_
     assert cdr_db.execute("SELECT pruned_before, known FROM cdr_webhook.retention").fetchall() == [
         (None, True)
     ]
+
+
+def test_step_15_adds_the_owner_alert_outbox_owed_by_every_pause_and_resume_but_not_a_test(cdr_db):
+    install_up_to(cdr_db, 14)
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.endpoint_event (endpoint, action, reason, actor) "
+        "VALUES ('cdr_webhook', 'paused', 'before the upgrade', 'bob')"
+    )
+    assert schema.migrate(cdr_db) == schema.LATEST
+    assert 15 in versions(cdr_db)
+    assert "owner_alert_pending_idx" in indexes(cdr_db)
+    # An event from before the outbox owes nothing: its owner was never promised an alert.
+    assert cdr_db.execute("SELECT count(*) FROM cdr_webhook.owner_alert").fetchone()[0] == 0
+
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.endpoint_event (endpoint, action, reason, actor) VALUES "
+        "('cdr_webhook', 'resumed', NULL, 'bob'), ('cdr_webhook', 'tested', 'delivered', 'bob')"
+    )
+    with cdr_db.transaction():  # a pause rolled back owes nothing
+        cdr_db.execute(
+            "INSERT INTO cdr_webhook.endpoint_event (endpoint, action, reason, actor) "
+            "VALUES ('cdr_webhook', 'paused', 'rolled back', 'bob')"
+        )
+        raise psycopg.Rollback  # the pause's transaction fails
+    rows = cdr_db.execute(
+        "SELECT kind, reason, actor, status FROM cdr_webhook.owner_alert ORDER BY id"
+    ).fetchall()
+    assert rows == [("resumed", None, "bob", "pending")]
+
+
+def test_step_16_adds_the_shared_oauth2_token_table_to_a_database_at_version_14_keeping_its_rows(cdr_db):
+    install_up_to(cdr_db, 14)
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "VALUES ('a', 'cdr_webhook', '2026-11-28T09:00:00Z', 'queued')"
+    )
+    cdr_db.execute("INSERT INTO cdr_webhook.endpoint_state (endpoint, paused) VALUES ('cdr_webhook', true)")
+
+    assert schema.migrate(cdr_db) == schema.LATEST
+
+    assert 16 in versions(cdr_db)
+    assert columns(cdr_db, "oauth2_token") == {
+        "endpoint", "token", "fetched_at", "expires_at", "fetches", "updated_at"
+    }  # fmt: skip
+    assert cdr_db.execute("SELECT cdr_id, status FROM cdr_webhook.delivery").fetchall() == [("a", "queued")]
+    assert cdr_db.execute("SELECT paused FROM cdr_webhook.endpoint_state").fetchall() == [(True,)]
+    cdr_db.execute("INSERT INTO cdr_webhook.oauth2_token (endpoint) VALUES ('cdr_webhook')")
+    assert cdr_db.execute("SELECT token, fetches FROM cdr_webhook.oauth2_token").fetchall() == [(None, 0)]
+
+
+def test_step_17_adds_the_pace_table_to_a_database_at_version_16_and_keeps_its_rows(cdr_db):
+    install_up_to(cdr_db, 16)
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "VALUES ('a', 'cdr_webhook', '2026-11-28T09:00:00Z', 'queued')"
+    )
+    assert cdr_db.execute("SELECT to_regclass('cdr_webhook.endpoint_pace')").fetchone()[0] is None
+
+    assert schema.migrate(cdr_db) == schema.LATEST
+
+    assert 17 in versions(cdr_db)
+    assert columns(cdr_db, "endpoint_pace") == {"endpoint", "next_at", "updated_at"}
+    assert cdr_db.execute("SELECT cdr_id, status FROM cdr_webhook.delivery").fetchall() == [("a", "queued")]
+    # The endpoint's first reservation makes its row; the next one starts a spacing after it.
+    assert rates.reserve(cdr_db, "cdr_webhook", wanted=2, spacing=0.5, within=10) == [0.0, 0.5]
+    [third] = rates.reserve(cdr_db, "cdr_webhook", wanted=1, spacing=0.5, within=10)
+    assert 0.9 < third <= 1.0

@@ -7,7 +7,7 @@ import zlib
 
 from cryptography.fernet import Fernet
 
-from tests.secrets_sweep import Sweep
+from tests.support.secrets_sweep import Sweep
 
 API_KEY = "swp-db-key-8a31f07c55e2"
 

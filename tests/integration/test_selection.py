@@ -11,15 +11,14 @@ import psycopg
 import pytest
 
 from cdr_webhook import ledger
-from cdr_webhook.ledger import schema
-from cdr_webhook.selection import step as selection
-from cdr_webhook.selection.step import RunInfo
-from cdr_webhook.selection.step import select_cdrs as claim_cdrs
+from cdr_webhook.ledger import backlog, schema
+from cdr_webhook.selection import checks
+from cdr_webhook.selection.step import RunInfo, claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.window import InvalidRunRequest
 from demo.dialer import Dialer
-from tests.endpoint_configs import configs
-from tests.source_feed import add_feed_row, create_feed
+from tests.support.endpoint_configs import configs
+from tests.support.source_feed import add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -117,12 +116,13 @@ def test_the_backlog_in_the_log_is_counted_up_to_a_bound(cdr_db, monkeypatch, ca
     for s in range(1, 8):
         dialer.cdr(created_at=T0 + dt.timedelta(seconds=s))
     settings = dataclasses.replace(SETTINGS, max_cdrs_per_run=1)
-    monkeypatch.setattr(ledger.queue, "BACKLOG_COUNT_LIMIT", 5)
-    caplog.set_level("INFO", logger="cdr_webhook.selection.step")
+    monkeypatch.setattr(ledger.assignment, "BACKLOG_COUNT_LIMIT", 5)
+    caplog.set_level("INFO", logger="cdr_webhook.selection")
 
     select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), settings, now=T0 + MINUTE)
     assert "; at least 5 queued CDR(s) wait for later runs" in caplog.text
-    assert ledger.queued_backlog(cdr_db, at_most=100) == 6
+    monkeypatch.setattr(ledger.assignment, "BACKLOG_COUNT_LIMIT", 100)
+    assert ledger.queued_backlog(cdr_db) == 6
     two = dataclasses.replace(settings, max_cdrs_per_run=2)
     select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), two, now=T0 + 2 * MINUTE)
     assert "; 4 queued CDR(s) wait for later runs" in caplog.text
@@ -171,7 +171,7 @@ def test_cleared_select_maps_exactly_what_its_run_claimed(cdr_db):
 
 @pytest.mark.parametrize("batch", [1000, 2], ids=["one-read", "read-in-batches-of-2"])
 def test_rows_that_cannot_be_mapped_are_skipped_with_the_reason(cdr_db, monkeypatch, batch):
-    monkeypatch.setattr(selection, "_CHECK_BATCH", batch)
+    monkeypatch.setattr(checks, "_CHECK_BATCH", batch)
     create_feed(cdr_db)
 
     def add(cdr_id, second, **overrides):
@@ -269,24 +269,25 @@ def test_a_task_cannot_send_a_cdr_another_live_run_owns(cdr_db):
     cdr = dialer.cdr(created_at=T0 + dt.timedelta(seconds=1))
     select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)
     common = {
-        "cdr_id": cdr,
+        "cdr_ids": [cdr],
         "endpoint": "cdr_webhook",
         "dag_id": "cdr_webhook",
         "map_index": 0,
         "claim_timeout_seconds": 3600,
     }
 
-    with pytest.raises(ledger.ClaimLost, match="is being delivered by run 'scheduled__1'"):
-        ledger.start_attempt(cdr_db, run_id="scheduled__9", **common)
-    claim = ledger.start_attempt(cdr_db, run_id="scheduled__1", **common)
-    assert claim.cdr_id == cdr
+    claims, lost = ledger.start_attempts(cdr_db, run_id="scheduled__9", **common)
+    assert claims == []
+    assert "is being delivered by run 'scheduled__1'" in lost[cdr].reason
+    [claim], lost = ledger.start_attempts(cdr_db, run_id="scheduled__1", **common)
+    assert (claim.cdr_id, lost) == (cdr, {})
     finish(cdr_db, [cdr], "failed")
     # Finished, it still belongs to its run: only a clear of that run's task sends it again.
-    with pytest.raises(
-        ledger.ClaimLost, match="belongs to run 'scheduled__1', map index 0 \\(status failed\\)"
-    ):
-        ledger.start_attempt(cdr_db, run_id="scheduled__9", **common)
-    assert ledger.start_attempt(cdr_db, run_id="scheduled__1", **common).status == "queued"
+    claims, lost = ledger.start_attempts(cdr_db, run_id="scheduled__9", **common)
+    assert claims == []
+    assert "belongs to run 'scheduled__1', map index 0 (status failed)" in lost[cdr].reason
+    [claim], _ = ledger.start_attempts(cdr_db, run_id="scheduled__1", **common)
+    assert claim.status == "queued"
 
 
 def test_a_run_cleared_with_new_params_selects_anew(cdr_db):
@@ -348,3 +349,85 @@ def test_chunk_mode_maps_chunks_and_gives_back_those_beyond_the_map_length(cdr_d
     sent = [cdr for chunk in first + second + third for cdr in chunk["cdr_ids"]]
     assert sorted(sent) == sorted(cdr for cdrs in made.values() for cdr in cdrs)  # each once, none lost
     assert run(4) == []
+
+
+def backlog_rows(conn) -> list[tuple]:
+    return conn.execute(
+        "SELECT endpoint, bucket, queued, in_flight, retrying FROM cdr_webhook.endpoint_backlog "
+        "ORDER BY bucket, endpoint"
+    ).fetchall()
+
+
+def backlog_in_ledger(conn, endpoint: str) -> tuple[int, int, int]:
+    """The backlog counted here from the rows themselves: unclaimed, claimed and untried, retrying."""
+    rows = conn.execute(
+        "SELECT run_id, attempts FROM cdr_webhook.delivery WHERE endpoint = %s AND status = 'queued'",
+        (endpoint,),
+    ).fetchall()
+    return (
+        sum(1 for run_id, attempts in rows if attempts == 0 and run_id is None),
+        sum(1 for run_id, attempts in rows if attempts == 0 and run_id is not None),
+        sum(1 for _, attempts in rows if attempts > 0),
+    )
+
+
+def test_the_first_run_of_a_bucket_writes_the_backlog_and_the_others_do_not(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdrs = [dialer.cdr(created_at=T0 + dt.timedelta(seconds=s)) for s in range(1, 8)]
+    settings = dataclasses.replace(SETTINGS, max_cdrs_per_run=3)
+
+    select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), settings, now=T0 + MINUTE)
+    after_first = backlog_in_ledger(cdr_db, "cdr_webhook")
+    assert after_first == (4, 3, 0)
+    bucket = T0  # 09:01 is in 09:00's 5 minutes
+    assert backlog_rows(cdr_db) == [("cdr_webhook", bucket, *after_first)]
+
+    # Later runs of the same bucket find it taken: the rows stay what the first run saw.
+    cdr_db.execute("UPDATE cdr_webhook.delivery SET attempts = 1 WHERE cdr_id = %s", (cdrs[0],))
+    select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), settings, now=T0 + 2 * MINUTE)
+    select_cdrs(cdr_db, scheduled(3, T0 + 2 * MINUTE, T0 + 4 * MINUTE), settings, now=T0 + 4 * MINUTE)
+    assert backlog_rows(cdr_db) == [("cdr_webhook", bucket, *after_first)]
+    # Not counted again either: a new endpoint's queued row would have a row of its own.
+    cdr_db.execute(
+        "INSERT INTO cdr_webhook.delivery (cdr_id, endpoint, cdr_created_at, status) "
+        "VALUES ('other', 'elsewhere', now(), 'queued')"
+    )
+    assert backlog.snapshot_backlog(cdr_db, now=T0 + 4 * MINUTE) is False
+    assert backlog_rows(cdr_db) == [("cdr_webhook", bucket, *after_first)]
+    cdr_db.execute("DELETE FROM cdr_webhook.delivery WHERE cdr_id = 'other'")
+
+    # The next bucket's first run writes again.
+    select_cdrs(cdr_db, scheduled(4, T0 + 4 * MINUTE, T0 + 5 * MINUTE), settings, now=T0 + 5 * MINUTE)
+    now_in_ledger = backlog_in_ledger(cdr_db, "cdr_webhook")
+    assert now_in_ledger == (0, 6, 1)
+    assert backlog_rows(cdr_db)[1:] == [("cdr_webhook", T0 + 5 * MINUTE, *now_in_ledger)]
+
+
+def test_an_empty_backlog_writes_no_row(cdr_db):
+    dialer = Dialer(cdr_db)
+    cdrs = [dialer.cdr(created_at=T0 + dt.timedelta(seconds=s)) for s in range(1, 3)]
+    select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)
+    finish(cdr_db, cdrs, "delivered")
+    select_cdrs(cdr_db, scheduled(2, T0 + 5 * MINUTE, T0 + 6 * MINUTE), SETTINGS, now=T0 + 6 * MINUTE)
+    # The bucket is taken (no later run counts again), and no endpoint has a row in it.
+    assert cdr_db.execute("SELECT bucket FROM cdr_webhook.backlog_snapshot").fetchone() == (T0 + 5 * MINUTE,)
+    assert [row[1] for row in backlog_rows(cdr_db)] == [T0]
+
+
+def test_a_failed_snapshot_is_logged_and_the_run_goes_on(cdr_db, caplog):
+    dialer = Dialer(cdr_db)
+    cdrs = [dialer.cdr(created_at=T0 + dt.timedelta(seconds=s)) for s in range(1, 3)]
+    schema.migrate(cdr_db)
+    cdr_db.execute("ALTER TABLE cdr_webhook.endpoint_backlog RENAME TO endpoint_backlog_away")
+    caplog.set_level("WARNING", logger="cdr_webhook.selection")
+
+    mapped = select_cdrs(cdr_db, scheduled(1, T0, T0 + MINUTE), SETTINGS, now=T0 + MINUTE)
+
+    assert ids(mapped) == cdrs
+    assert "The backlog snapshot of 2026-11-28T09:00:00+00:00 is not written" in caplog.text
+    assert "UndefinedTable" in caplog.text
+    # Nothing of it stays: the next run of the bucket takes it.
+    assert cdr_db.execute("SELECT bucket FROM cdr_webhook.backlog_snapshot").fetchall() == []
+    cdr_db.execute("ALTER TABLE cdr_webhook.endpoint_backlog_away RENAME TO endpoint_backlog")
+    select_cdrs(cdr_db, scheduled(2, T0 + MINUTE, T0 + 2 * MINUTE), SETTINGS, now=T0 + 2 * MINUTE)
+    assert backlog_rows(cdr_db) == [("cdr_webhook", T0, 0, 2, 0)]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from cdr_webhook.selection.step import RunInfo
-from cdr_webhook.selection.step import select_cdrs as claim_cdrs
+from cdr_webhook.selection.step import RunInfo, claim_cdrs
 from cdr_webhook.settings import AUTO_SIZED, Settings
 from demo.dialer import Dialer
-from tests.endpoint_configs import configs
+from tests.support.endpoint_configs import configs
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -35,27 +34,32 @@ def make(conn, n: int, client_id: int) -> list[str]:
     ]
 
 
-def test_the_default_is_auto_a_few_cdrs_of_an_endpoint_are_a_task_each(cdr_db):
+def test_the_default_is_auto_a_run_of_up_to_chunk_above_cdrs_is_a_task_each(cdr_db):
     assert Settings().cdrs_per_task == AUTO_SIZED
-    quiet, other = make(cdr_db, 3, client_id=7), make(cdr_db, 16, client_id=1)
+    quiet, other = make(cdr_db, 3, client_id=7), make(cdr_db, 13, client_id=1)
 
     mapped = select(cdr_db, task_slots=8)
 
     assert sorted(item["cdr_ids"][0] for item in mapped) == sorted(quiet + other)
-    assert all(len(item["cdr_ids"]) == 1 for item in mapped)
+    assert all(len(item["cdr_ids"]) == 1 and "endpoints" not in item for item in mapped)
 
 
-def test_a_large_share_goes_in_chunks_the_small_one_a_task_each(cdr_db):
+def test_a_bigger_run_shares_few_tasks_a_large_share_split_the_small_one_riding_along(cdr_db):
     busy, quiet = make(cdr_db, 200, client_id=1), make(cdr_db, 3, client_id=7)
 
     mapped = select(cdr_db, task_slots=8)
 
-    chunks = [item for item in mapped if item["http_conn_id"] == "cdr_webhook"]
-    singles = [item for item in mapped if item["http_conn_id"] == "cdr_webhook_client_7"]
-    assert [len(item["cdr_ids"]) for item in chunks] == [25] * 8  # the run's 8 task slots, 200 dealt in turn
-    assert sorted(c for item in chunks for c in item["cdr_ids"]) == sorted(busy)
-    assert [item["cdr_ids"] for item in singles] == [[cdr] for cdr in quiet]
-    assert chunks[0]["cdr_ids"][:2] == [busy[0], busy[8]]  # chunks side by side send the oldest first
+    assert len(mapped) == 8  # the run's 8 task slots
+    per_task = [item.get("endpoints") or [[item["http_conn_id"], len(item["cdr_ids"])]] for item in mapped]
+    assert sorted(n for task in per_task for endpoint, n in task if endpoint == "cdr_webhook") == [25] * 8
+    # The quiet endpoint's 3 CDRs ride whole in one task, beside a piece of the busy one.
+    [shared] = [item for item in mapped if "endpoints" in item]
+    assert sorted(shared["endpoints"]) == [["cdr_webhook", 25], ["cdr_webhook_client_7", 3]]
+    assert [c for c in shared["cdr_ids"] if c in quiet] == quiet
+    assert sorted(c for item in mapped for c in item["cdr_ids"]) == sorted(busy + quiet)
+    # Chunks side by side send the oldest first: the busy endpoint's CDRs are dealt in turn.
+    [oldest] = [item for item in mapped if busy[0] in item["cdr_ids"]]
+    assert [c for c in oldest["cdr_ids"] if c in busy][:2] == [busy[0], busy[8]]
 
 
 def test_the_task_slots_are_the_smaller_of_max_active_posts_per_run_and_parallelism(cdr_db):

@@ -17,15 +17,16 @@ from cdr_webhook.__main__ import main
 from cdr_webhook.payload import PAYLOAD_FIELDS, InvalidCdr, build_payload, encode_body
 from cdr_webhook.selection import source_check
 from cdr_webhook.selection.source import SourceError, check_source, column_types, fetch_rows
-from cdr_webhook.selection.step import RunInfo, select_cdrs
+from cdr_webhook.selection.step import RunInfo, claim_cdrs
 from cdr_webhook.settings import Settings
 from cdr_webhook.source_types import RULES
+from cdr_webhook.watch import notify
 from demo.connections import http_conn
 from demo.dialer import REFERENCE_SCHEMA, Dialer
 from demo.receiver import Receiver
-from tests.endpoint_configs import configs
-from tests.payloads import source_row
-from tests.source_feed import FEED, add_feed_row, create_feed
+from tests.support.endpoint_configs import configs
+from tests.support.payloads import source_row
+from tests.support.source_feed import FEED, add_feed_row, create_feed
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -215,6 +216,41 @@ def test_a_deliverable_source_exits_0(cdr_db, capsys):
         assert re.search(rf"^{check} +ok ", out, re.M), out
 
 
+def test_the_check_warns_when_no_table_behind_the_view_wakes_the_watcher_and_names_the_command(
+    cdr_db, capsys
+):
+    Dialer(cdr_db).cdr()
+    assert main(["source", "check", "--sample", "10"]) == 0  # a warning: the watcher still polls
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^notify +WARN +no NOTIFY trigger: the commit watcher finds new CDRs by polling", out, re.M
+    )
+    advice = next(line.strip() for line in out.splitlines() if "install-notify" in line)
+    # The tables the reference view reads, the dialer's CDR table among them.
+    tables = re.search(r"\(([^)]*)\): python -m cdr_webhook source install-notify TABLE$", advice)
+    assert tables is not None, advice
+    assert "dialer.cdr" in tables.group(1).split(", ")
+    assert "public.cdr_webhook_source" not in advice  # a view is no place for the trigger
+
+    notify.install(cdr_db, "dialer.cdr")
+    assert main(["source", "check", "--sample", "10"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^notify +ok +the NOTIFY trigger on dialer.cdr wakes the commit watcher$", out, re.M), (
+        out
+    )
+
+
+def test_the_notify_check_reads_a_table_itself_and_views_over_views(cdr_db):
+    cdr_db.execute("CREATE VIEW dialer.outer_source AS SELECT * FROM public.cdr_webhook_source")
+    assert notify.tables_behind(cdr_db, "dialer.cdr") == {"dialer.cdr": False}
+    behind = notify.tables_behind(cdr_db, "dialer.outer_source")
+    assert "dialer.cdr" in behind
+    assert not any(behind.values())
+    notify.install(cdr_db, "dialer.cdr")
+    assert notify.tables_behind(cdr_db, "dialer.outer_source")["dialer.cdr"] is True
+    assert notify.source_finding(cdr_db, "dialer.outer_source").warn is False
+
+
 # -- the run: a view mistake fails it, the corrected view delivers every CDR ------------------------
 
 
@@ -224,7 +260,7 @@ def scheduled(run: int) -> RunInfo:
 
 
 def run(conn, number: int) -> list[str]:
-    mapped = select_cdrs(
+    mapped = claim_cdrs(
         conn, scheduled(number), SETTINGS, now=T0 + number * MINUTE, connections=configs({"cdr_webhook": {}})
     )
     return [cdr_id for item in mapped for cdr_id in item["cdr_ids"]]
@@ -283,8 +319,13 @@ def receivers(monkeypatch):
             "AIRFLOW_CONN_CDR_WEBHOOK", http_conn(default.url, api_key="default-key", signing_secret=SECRET)
         )
         monkeypatch.setenv(
-            "AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_2", http_conn(own.url + "/t0ken", api_key="key-2", leg_types=[1])
-        )
+            "AIRFLOW_CONN_CDR_WEBHOOK_CLIENT_2",
+            http_conn(
+                own.url + "/t0ken", api_key="key-2", leg_types=[1], headers={"X-Tenant": "acme"},
+                secret_headers={"X-Token": "hdr-s3cret-77"}, oauth2_token_url="https://idp.example/token",
+                oauth2_client_id="cdr", oauth2_client_secret="cl1ent-s3cret-77",
+            ),
+        )  # fmt: skip
         yield default, own
 
 
@@ -313,7 +354,11 @@ def test_preview_prints_the_exact_requests_and_sends_and_writes_nothing(cdr_db, 
     assert outside not in out
     assert "x-api-key: (secret, not shown)" in out
     assert "webhook-signature: v1,… (1 signature(s), computed when sent)" in out
-    for secret in ("default-key", "key-2", SECRET, "t0ken"):
+    # client 2's own headers, its secret one masked, and where its bearer token will come from (no fetch).
+    assert "X-Tenant: acme" in out
+    assert "X-Token: (secret, not shown)" in out
+    assert "authorization: Bearer (OAuth2 access token from https://idp.example, fetched when sent)" in out
+    for secret in ("default-key", "key-2", SECRET, "t0ken", "hdr-s3cret-77", "cl1ent-s3cret-77"):
         assert secret not in out
     assert "4 CDR(s) created in" in out
     assert "2 request(s) a run would send, 2 not sent" in out
@@ -349,3 +394,81 @@ def test_settings_source_relation_is_what_source_check_reads(cdr_db, settings_en
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"source relation {FEED}"
     assert "CREATE INDEX CONCURRENTLY ON public.cdr_feed (created_at)" in out
+
+
+# -- the relation's name: the check and the queries read the same relation ------------------------
+
+
+@pytest.mark.parametrize(
+    ("create", "setting"),
+    [
+        ("CREATE VIEW Public.Mixed AS SELECT * FROM cdr_webhook_source", "Public.Mixed"),  # folds
+        ('CREATE VIEW public."Mixed" AS SELECT * FROM cdr_webhook_source', 'public."Mixed"'),  # kept
+    ],
+    ids=["unquoted folds", "quoted keeps its case"],
+)
+def test_the_check_and_the_queries_read_the_relation_the_setting_names(cdr_db, create, setting):
+    dialer = Dialer(cdr_db)
+    cdr_db.execute(create)
+    cdr = dialer.cdr(created_at=T0 + MINUTE + dt.timedelta(seconds=5))
+    settings = Settings(lag_seconds=60, source_relation=setting)
+
+    check_source(cdr_db, setting)  # the check finds it ...
+    mapped = claim_cdrs(  # ... and the run reads the same relation: it queues and takes the CDR
+        cdr_db, scheduled(2), settings, now=T0 + 2 * MINUTE, connections=configs({"cdr_webhook": {}})
+    )
+    assert [cdr_id for item in mapped for cdr_id in item["cdr_ids"]] == [cdr]
+
+
+def test_a_name_that_folds_to_no_relation_fails_the_check_not_the_queries(cdr_db):
+    cdr_db.execute('CREATE VIEW public."Mixed" AS SELECT * FROM cdr_webhook_source')
+    with pytest.raises(SourceError, match="source relation 'Public.Mixed' does not exist"):
+        check_source(cdr_db, "Public.Mixed")  # public.mixed: the queries would not find it either
+
+
+# -- the fields: NULL shares, values, and a conversion that matches nothing -------------------------
+
+#: The docs' old leg conversion meeting a dialer that writes something else: every leg_type NULL.
+CASE_SENSITIVE_LEG = (
+    "cdr.leg_type::integer ",
+    "CASE cdr.leg_type::text WHEN 'A' THEN 1 WHEN 'B' THEN 2 END ",
+)
+
+
+def test_a_field_the_view_computes_null_in_every_row_is_warned(cdr_db, capsys):
+    dialer = Dialer(cdr_db)
+    for client in (1, 1, 2):
+        dialer.cdr(client_id=client)
+    replace_view(cdr_db, *CASE_SENSITIVE_LEG)
+
+    status = main(["source", "check", "--sample", "10"])
+
+    out = capsys.readouterr().out
+    assert status == 0  # every CDR still maps: a warning, not a failure
+    assert re.search(r"^fields +WARN +the newest 3 rows, field by field", out, re.M), out
+    assert re.search(r"^ +leg_type +100% NULL  no value$", out, re.M), out
+    assert re.search(r"^ +client_id +0% NULL  2 distinct: 1 ×2, 2$", out, re.M), out
+    assert re.search(r"^ +cdr_id +0% NULL  3 distinct: ", out, re.M), out
+    warnings = [line.strip() for line in out.splitlines() if line.strip().startswith("warning: ")]
+    assert len(warnings) == 1, out
+    assert warnings[0].startswith("warning: leg_type is NULL in all 3 sampled rows")
+
+
+def test_a_field_written_as_null_on_purpose_is_not_warned_and_shares_are_counted(cdr_db):
+    dialer = Dialer(cdr_db)
+    for _ in range(4):
+        dialer.cdr()
+    replace_view(cdr_db, "cdr.amd_status::integer ", "NULL::integer ")
+    cdr_db.execute("UPDATE dialer.cdr SET cost = NULL WHERE id IN (SELECT id FROM dialer.cdr LIMIT 1)")
+
+    findings = {f.check: f for f in source_check.run_checks(cdr_db, "cdr_webhook_source", sample=10)}
+
+    fields = findings["fields"]
+    assert fields.ok
+    assert not fields.warn, fields.lines
+    lines = {line.split()[0]: line for line in fields.lines[1:]}
+    assert "100% NULL  no value" in lines["amd_status"]
+    assert " 25% NULL  1 distinct: " in lines["cost"]
+    assert "  0% NULL" in lines["leg_type"]
+    # hangup_cause is NULL in the dialer's rows and sent named from its code: no warning either.
+    assert lines["hangup_cause"].endswith("(sent named from hangup_cause_code)")

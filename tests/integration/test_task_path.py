@@ -24,7 +24,9 @@ HEAVY = (
     "psycopg2",
 )
 
-PROBE = """
+#: A fresh interpreter as a task process starts (what it inherits, then the DAG file parsed); more
+#: imports, then the modules it loaded since the parse began, as JSON.
+PARSE_THEN = """
 import importlib.util, json, sys
 sys.path.insert(0, {plugins!r})
 import airflow.sdk.execution_time.task_runner  # what the task process has before it parses the file
@@ -32,24 +34,57 @@ before = set(sys.modules)
 spec = importlib.util.spec_from_file_location("cdr_webhook_dag", {dag!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-from cdr_webhook.deliver.operator import CdrWebhookOperator
-# every module execute() imports when it runs
-import cdr_webhook.db, cdr_webhook.ledger.endpoints, cdr_webhook.ledger, cdr_webhook.payload
-import cdr_webhook.signing, cdr_webhook.deliver.slots, cdr_webhook.selection.source, cdr_webhook.config
-import cdr_webhook.deliver.engine, cdr_webhook.deliver.report, cdr_webhook.deliver.hook
+{then}
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
+#: Every module a post_cdr try's execute() imports when it runs.
+TRY_IMPORTS = """
+from cdr_webhook.deliver.operator import CdrWebhookOperator
+import cdr_webhook.db, cdr_webhook.ledger.endpoints, cdr_webhook.ledger, cdr_webhook.payload
+import cdr_webhook.signing, cdr_webhook.deliver.slots, cdr_webhook.selection.source
+import cdr_webhook.endpoint_config, cdr_webhook.request, cdr_webhook.deliver.chunks, cdr_webhook.deliver.lanes
+import cdr_webhook.deliver.engine, cdr_webhook.deliver.report, cdr_webhook.deliver.hook
+"""
 
-def test_a_try_imports_neither_aiohttp_nor_the_provider_hooks():
-    probe = PROBE.format(plugins=str(ROOT / "plugins"), dag=str(ROOT / "dags" / "cdr_webhook_dag.py"))
+
+def imported_by(then: str) -> set[str]:
+    """The modules a fresh task-like interpreter loads parsing the DAG file, then running ``then``."""
+    probe = PARSE_THEN.format(
+        plugins=str(ROOT / "plugins"), dag=str(ROOT / "dags" / "cdr_webhook_dag.py"), then=then
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
-    imported = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_a_try_imports_neither_aiohttp_nor_the_provider_hooks():
+    imported = imported_by(TRY_IMPORTS)
 
     assert "cdr_webhook.deliver.operator" in imported  # the probe did load the task's modules
     assert sorted(name for name in imported if name.startswith(HEAVY)) == []
+
+
+#: What the DAG file's modules import inside functions (tests/unit/test_deferred_imports.py): a task's
+#: own modules, loaded when it runs, not by every parse of the file (each task process parses it).
+TASK_TIME = (
+    "cdr_webhook.selection.step",
+    "cdr_webhook.selection.tasks",
+    "cdr_webhook.deliver.engine",
+    "cdr_webhook.deliver.chunks",
+    "cdr_webhook.deliver.lanes",
+    "cdr_webhook.deliver.hook",
+    "cdr_webhook.web",
+    "requests",
+)
+
+
+def test_parsing_the_dag_file_loads_no_task_time_module():
+    imported = imported_by("")
+
+    assert "cdr_webhook.dag" in imported  # the probe did parse the DAG file
+    assert sorted(name for name in imported if name.startswith(TASK_TIME)) == []
 
 
 @pytest.mark.parametrize(

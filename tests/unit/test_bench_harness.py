@@ -1,24 +1,27 @@
 """The benchmark harness's pure parts: statistics, ratios, the phases of a try, the tables.
 
-No Airflow, no timing: bench/harness.py itself runs on demand only (docs/benchmarks.md).
+No Airflow, no timing: the benchmarks themselves run on demand only (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import ast
+import datetime as dt
+from pathlib import Path
+
 import pytest
 
-from bench.harness import (
-    Row,
-    concurrency_bound,
-    extra_env,
-    format_phases,
-    format_table,
-    parse_args,
-    percentile,
-    run_seconds,
-    run_timeline,
-    try_phases,
-)
+from bench.harness import parse_args
+from bench.phases import format_phases, run_timeline, try_phases
+from bench.records import attempt
+from bench.rest import run_seconds
+from bench.stacks import extra_env
+from bench.stats import percentile
+from bench.table import Row, concurrency_bound, format_table
+from cdr_webhook.outcome import Claim, Verdict
+from cdr_webhook.signing import webhook_id
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_percentile_interpolates_between_ranks_and_is_none_for_nothing() -> None:
@@ -188,3 +191,48 @@ def test_a_run_times_from_its_queued_at_and_from_its_start_date_to_its_end() -> 
     assert (row.ratio, row.run_ratio) == pytest.approx((0.45, 0.5))
     by_floor = Row("per-CDR", 90, 90, 10.0, "floor", 10.0, run_s=9.0, reference_run_rate=12.5)
     assert by_floor.run_ratio == pytest.approx(0.8)  # against the floor's own start→end rate
+
+
+def test_a_row_measured_against_a_reference_keeps_its_rate_by_run_start_to_end() -> None:
+    row = Row("per-CDR", 90, 90, 10.0, run_s=9.0).against("floor", 10.0, 12.5)
+    assert (row.reference, row.ratio, row.run_ratio) == ("floor", pytest.approx(0.9), pytest.approx(0.8))
+    bound = Row("raw", 10, 10, 2.0).against("bound", 10.0)
+    assert bound.run_ratio is None  # the raw loop has no run start→end
+    assert bound.ratio == pytest.approx(0.5)
+
+
+def test_env_pairs_read_alike_given_once_or_one_flag_each() -> None:
+    assert parse_args(["--env", "A=1", "B=2=3"]).env == ["A=1", "B=2=3"]
+    assert parse_args(["--env", "A=1", "--env", "B=2=3"]).env == ["A=1", "B=2=3"]
+    assert extra_env(["A=1", "B=2=3"]) == {"A": "1", "B": "2=3"}  # the value keeps its own '='
+
+
+def test_a_hand_made_attempt_leaves_its_row_in_the_status_asked_for() -> None:
+    claim = Claim("cdr-1", "cdr_webhook", 7, dt.datetime(2026, 12, 1, tzinfo=dt.UTC), "queued", 2)
+    made = attempt(claim, "failed", 503, "HTTP 503", "busy", 12)
+    assert made.decision.verdict is Verdict.FAIL_NOW
+    assert (made.number, made.result.http_status, made.result.latency_ms) == (3, 503, 12)
+    assert made.webhook_id == webhook_id("cdr-1", "cdr_webhook")
+    assert attempt(claim, "queued").decision.verdict is Verdict.RETRY
+    with pytest.raises(ValueError, match="'skipped'"):
+        attempt(claim, "skipped")
+
+
+def test_the_bench_modules_are_small_import_no_test_module_and_edit_no_sys_path() -> None:
+    """The benchmarks stand on the package's public API: tests may import bench, never the reverse."""
+    for path in sorted(BENCH.glob("*.py")):
+        assert len(path.read_text().splitlines()) < 400, f"{path.name}: a module of one concern is shorter"
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                names = []
+            for name in names:
+                assert name.split(".")[0] != "tests", f"{path.name} imports {name}"
+                private = [p for p in name.split(".") if p.startswith("_") and not p.endswith("__")]
+                assert not private, f"{path.name} reaches the private module {name}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                assert (node.value.id, node.attr) != ("sys", "path"), f"{path.name} edits sys.path"

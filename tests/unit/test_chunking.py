@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from cdr_webhook.ledger import Claim
-from cdr_webhook.selection.step import chunked
+from cdr_webhook.selection.tasks import chunked
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 

@@ -2,8 +2,14 @@ from __future__ import annotations
 
 import pytest
 
-from cdr_webhook.outcome import Decision, PostResult, Verdict, classify_response, describe_status
-from cdr_webhook.outcome import decide as decide_result
+from cdr_webhook.outcome import (
+    Decision,
+    PostResult,
+    Verdict,
+    classify_response,
+    decide_attempt,
+    describe_status,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +47,7 @@ def test_redirect_error_says_it_was_not_followed():
 
 def decide(http_status=None, *, error=None, refused=False, try_number=1, max_tries=3, reason=None):
     result = PostResult(http_status, reason, None, latency_ms=1, sent_at=0.0, error=error, refused=refused)
-    return decide_result(result, try_number=try_number, max_tries=max_tries)
+    return decide_attempt(result, try_number=try_number, max_tries=max_tries)
 
 
 def test_a_2xx_is_delivered_and_ends_the_delivery():

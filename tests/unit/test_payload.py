@@ -19,7 +19,7 @@ from cdr_webhook.payload import (
     shown,
     sized_body,
 )
-from tests.payloads import assert_valid_payload, source_row
+from tests.support.payloads import assert_valid_payload, source_row
 
 
 def body_of(**overrides):

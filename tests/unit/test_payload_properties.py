@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from cdr_webhook.payload import MAX_DURATION_SECONDS, PAYLOAD_FIELDS, build_payload, encode_body
 from cdr_webhook.q850 import cause_name
-from tests.payloads import assert_valid_payload, source_row
+from tests.support.payloads import assert_valid_payload, source_row
 
 # PostgreSQL text holds any Unicode but NUL, and UTF-8 has no lone surrogates.
 TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=40)

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from cdr_webhook.selection.routing import Route, Router
+from cdr_webhook import routing
+from cdr_webhook.routing import Route, Router
 
 EXISTING = {"cdr_webhook_client_7", "cdr_webhook_client_8"}
 
@@ -43,3 +44,19 @@ def test_each_client_is_looked_up_once():
 def test_unknown_unrouted_mode_is_refused():
     with pytest.raises(ValueError, match="unrouted_clients must be one of default, skip, not 'drop'"):
         router("drop")
+
+
+@pytest.mark.parametrize(
+    ("name", "route", "client"),
+    [
+        ("cdr_webhook", True, None),
+        ("cdr_webhook_client_7", True, 7),
+        ("cdr_webhook_client_-3", True, -3),
+        ("cdr_webhook_client_", False, None),
+        ("cdr_webhook_client_7x", False, None),
+        ("cdr_db", False, None),
+        ("cdr_webhook_client_12345678901234567890", False, None),  # more digits than a bigint has
+    ],
+)
+def test_the_names_the_routing_gives_endpoints(name, route, client):
+    assert (routing.is_route_name(name), routing.routed_client(name)) == (route, client)

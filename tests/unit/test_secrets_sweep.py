@@ -1,4 +1,4 @@
-"""The secrets sweep (tests/secrets_sweep.py) finds each form of a secret, says where, and never shows it."""
+"""The secrets sweep (tests/support/secrets_sweep.py) finds each form of a secret and says where, unshown."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.pki import issue, pem
-from tests.secrets_sweep import Sweep, forms_of
+from tests.support.pki import issue, pem
+from tests.support.secrets_sweep import Sweep, forms_of
 
 API_KEY = "swp-unit-key-5f0c2b9e41d7"
 KEY_BYTES = b"sweep-unit-signing-key-of-32-by!"

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 
 import pytest
 
-from cdr_webhook.settings import Settings, SettingsError, parse_settings, schedule_interval
+from cdr_webhook.setting_values import parse_settings, relation_parts, schedule_interval
+from cdr_webhook.settings import Settings, SettingsError
 
 
 def test_an_absent_option_keeps_its_default_and_a_set_one_changes_only_itself():
@@ -58,6 +60,8 @@ def test_values_are_parsed():
         ({"schedule": "2s"}, "an interval schedule must be at least 5s"),
         ({"start_from": "2026-11-01"}, "needs a UTC offset"),
         ({"source_relation": "a.b.c"}, "must be a relation name"),
+        ({"source_relation": 'billing."cdr'}, "has an unclosed double quote"),
+        ({"source_relation": "billing..cdr"}, "has an empty part"),
         ({"request_timeout_seconds": "0"}, "must be greater than 0"),
         ({"claim_timeout_seconds": "600"}, "CLAIM_TIMEOUT_SECONDS=600 must exceed"),
         ({"unrouted_clients": "drop"}, "UNROUTED_CLIENTS='drop' must be one of: default, skip"),
@@ -181,3 +185,59 @@ def test_max_payload_bytes_is_whole_bytes_of_at_least_1024():
             SettingsError, match=f"AIRFLOW__CDR_WEBHOOK__MAX_PAYLOAD_BYTES='{raw}' .*{message}"
         ):
             parse_settings({"max_payload_bytes": raw})
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("cdr_webhook_source", ("cdr_webhook_source",)),
+        ("Billing.CDR_Feed", ("billing", "cdr_feed")),  # unquoted parts fold, as in SQL
+        ('"Billing"."CDR Feed"', ("Billing", "CDR Feed")),  # quoted parts keep their case and spaces
+        (' billing . "a.b""c" ', ("billing", 'a.b"c')),  # a quoted dot and quote are part of the name
+        ("ÉTÉ.Vue", ("ÉtÉ", "vue")),  # PostgreSQL folds ASCII letters only (UTF-8)
+    ],
+)
+def test_a_relation_name_is_read_as_postgresql_reads_it(name, parts):
+    assert relation_parts(name) == parts
+    assert parse_settings({"source_relation": name}).source_relation == name
+
+
+def test_owner_alert_settings_are_minutes_a_fraction_and_a_connection_id():
+    default = Settings()
+    assert (default.owner_alert_window_minutes, default.owner_alert_interval_minutes) == (60, 60)
+    assert (default.owner_alert_failure_rate, default.owner_alert_min_attempts) == (0.5, 20)
+    assert default.owner_alert_smtp_conn_id == "smtp_default"
+    parsed = parse_settings(
+        {
+            "owner_alert_window_minutes": "15",
+            "owner_alert_interval_minutes": "240",
+            "owner_alert_failure_rate": "0",
+            "owner_alert_min_attempts": "5",
+            "owner_alert_smtp_conn_id": " smtp_owners ",
+        }
+    )
+    assert parsed.owner_alert_window_minutes == 15
+    assert parsed.owner_alert_interval_minutes == 240
+    assert parsed.owner_alert_failure_rate == 0  # off
+    assert parsed.owner_alert_min_attempts == 5
+    assert parsed.owner_alert_smtp_conn_id == "smtp_owners"
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        (
+            "owner_alert_window_minutes",
+            "4",
+            "AIRFLOW__CDR_WEBHOOK__OWNER_ALERT_WINDOW_MINUTES='4' must be at least 5",
+        ),
+        ("owner_alert_failure_rate", "50", "must be a fraction from 0 (off) to 1"),
+        ("owner_alert_failure_rate", "-0.1", "must be a fraction from 0 (off) to 1"),
+        ("owner_alert_failure_rate", "half", "OWNER_ALERT_FAILURE_RATE='half' is not a number"),
+        ("owner_alert_interval_minutes", "0", "must be at least 1"),
+        ("owner_alert_smtp_conn_id", " ", "must be an Airflow connection id"),
+    ],
+)
+def test_bad_owner_alert_settings_name_the_variable(name, raw, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        parse_settings({name: raw})

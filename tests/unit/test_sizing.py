@@ -1,10 +1,10 @@
-"""The run sizes its tasks: a task per CDR for a small share of an endpoint's queue, chunks beyond."""
+"""The run sizes its tasks: a task per CDR for a small run, a few tasks carrying many endpoints beyond."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from cdr_webhook.selection.sizing import Sizing, chunk_counts, plan
+from cdr_webhook.selection.sizing import Sizing, plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +32,36 @@ def sizing(chunk_above: int = 16, task_slots: int = 8, in_flight: dict[str, int]
     return Sizing(chunk_above, task_slots, lambda endpoint: (in_flight or {}).get(endpoint, 8))
 
 
-def test_steady_traffic_is_a_task_per_cdr():
-    run = claims(a=3, b=16)
+def endpoints_of(task) -> set[str]:
+    return {claim.endpoint for claim in task}
+
+
+def test_a_run_of_up_to_chunk_above_cdrs_is_a_task_per_cdr():
+    run = claims(a=3, b=13)
 
     tasks, surplus = plan(run, sizing())
 
     assert tasks == [[claim] for claim in run]
     assert surplus == []
+
+
+def test_spread_traffic_shares_few_tasks_each_carrying_many_endpoints():
+    run = claims(**{f"e{i:03d}": 1 for i in range(200)})  # 200 endpoints with a CDR each
+
+    tasks, surplus = plan(run, sizing(task_slots=2))
+
+    assert surplus == []
+    assert [len(task) for task in tasks] == [100, 100]
+    assert [len(endpoints_of(task)) for task in tasks] == [100, 100]
+    assert sorted(c.cdr_id for task in tasks for c in task) == sorted(c.cdr_id for c in run)
+
+
+def test_just_over_the_threshold_is_few_tasks_not_one_per_slot():
+    tasks, _ = plan(claims(a=17), sizing(chunk_above=16))
+    assert [len(task) for task in tasks] == [9, 8]
+    tasks, _ = plan(claims(a=10, b=7), sizing(chunk_above=16))
+    assert sorted(len(task) for task in tasks) == [7, 10]  # an endpoint's CDRs stay in one task
+    assert sorted(len(endpoints_of(task)) for task in tasks) == [1, 1]
 
 
 def test_a_burst_goes_in_as_many_chunks_as_the_run_has_task_slots_dealt_oldest_first():
@@ -53,47 +76,42 @@ def test_a_burst_goes_in_as_many_chunks_as_the_run_has_task_slots_dealt_oldest_f
     assert sorted(c.cdr_id for task in tasks for c in task) == sorted(c.cdr_id for c in run)
 
 
-def test_just_over_the_threshold_is_few_chunks_not_one_per_slot():
-    tasks, _ = plan(claims(a=17), sizing(chunk_above=16))
-    assert [len(task) for task in tasks] == [9, 8]
+def test_an_endpoint_is_never_split_over_more_tasks_than_its_in_flight_limit():
+    tasks, _ = plan(claims(a=1000, b=1000), sizing(task_slots=8, in_flight={"a": 1, "b": 8}))
+    assert sum(1 for task in tasks if "a" in endpoints_of(task)) == 1
+    assert sum(1 for task in tasks if "b" in endpoints_of(task)) == 4  # its share of 8 tasks: 1000 of 2000
 
 
-def test_chunks_never_outnumber_the_endpoints_in_flight_limit():
-    assert chunk_counts(claims(a=1000, b=1000), sizing(task_slots=8, in_flight={"a": 1, "b": 8})) == {
-        "a": 1,
-        "b": 4,
-    }
-
-
-def test_a_mixed_run_chunks_the_busy_endpoint_and_sends_the_others_one_task_each():
+def test_a_mixed_run_splits_the_busy_endpoint_and_packs_the_quiet_ones_into_the_lightest_tasks():
     run = claims(busy=300, quiet=2, other=1)
 
     tasks, _ = plan(run, sizing())
 
-    singles = [task for task in tasks if task[0].endpoint != "busy"]
-    chunks = [task for task in tasks if task[0].endpoint == "busy"]
-    assert [len(task) for task in singles] == [1, 1, 1]
-    assert [len(task) for task in chunks] == [38] * 4 + [37] * 4  # dealt evenly
-    # Every endpoint gets an early task: tasks are ordered by their first claim.
-    assert {task[0].endpoint for task in tasks[:3]} == {"busy", "quiet", "other"}
+    assert len(tasks) == 8
+    busy = [sum(1 for claim in task if claim.endpoint == "busy") for task in tasks]
+    assert sorted(busy) == [37] * 4 + [38] * 4  # dealt evenly
+    assert sum(len(task) for task in tasks) == 303
+    # The quiet endpoints go whole, each into one task, and every endpoint's oldest goes out early:
+    # the tasks are ordered by their first claim, which keeps the ledger's round-robin order.
+    assert sum(1 for task in tasks if "quiet" in endpoints_of(task)) == 1
+    assert {claim.endpoint for claim in tasks[0][:1] + tasks[1][:1] + tasks[2][:1]} == {
+        "busy",
+        "quiet",
+        "other",
+    }
+    for task in tasks:
+        order = [run.index(claim) for claim in task]
+        assert order == sorted(order)
 
 
-def test_many_endpoints_share_the_slots_at_least_one_chunk_each():
-    counts = chunk_counts(claims(**{f"e{i}": 100 for i in range(12)}), sizing(task_slots=8))
-    assert counts == {f"e{i}": 1 for i in range(12)}
+def test_many_endpoints_with_backlogs_share_the_slots():
+    tasks, _ = plan(claims(**{f"e{i}": 100 for i in range(12)}), sizing(task_slots=8))
+    assert len(tasks) == 8
+    assert sorted(len(task) for task in tasks) == [100, 100, 100, 100, 200, 200, 200, 200]
+    assert all(len([t for t in tasks if f"e{i}" in endpoints_of(t)]) == 1 for i in range(12))
 
 
-def test_a_run_that_would_pass_max_tasks_lowers_the_threshold_instead_of_giving_cdrs_back():
-    run = claims(**{f"e{i}": 10 for i in range(30)})  # 300 tasks of one CDR each
-
-    tasks, surplus = plan(run, sizing(task_slots=8), max_tasks=100)
-
-    assert surplus == []
-    assert len(tasks) <= 100
-    assert sorted(c.cdr_id for task in tasks for c in task) == sorted(c.cdr_id for c in run)
-
-
-def test_more_endpoints_than_max_tasks_gives_the_last_ones_back():
+def test_more_cdrs_than_max_tasks_in_a_light_run_gives_the_last_ones_back():
     run = claims(**{f"e{i}": 1 for i in range(5)})
 
     tasks, surplus = plan(run, sizing(), max_tasks=3)
@@ -103,7 +121,7 @@ def test_more_endpoints_than_max_tasks_gives_the_last_ones_back():
 
 
 def test_the_worker_cores_are_its_containers_cpu_limit_when_it_has_one(tmp_path):
-    from cdr_webhook.selection.step import cgroup_cpu_quota, worker_cores
+    from cdr_webhook.selection.tasks import cgroup_cpu_quota, worker_cores
 
     v2 = tmp_path / "v2"
     v2.mkdir()

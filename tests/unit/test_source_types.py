@@ -74,3 +74,12 @@ def test_text_fields_take_uuids_integers_and_enums_as_the_mapping_does():
         assert check_types({**REFERENCE, "cdr_id": found}) == []
     (problem,) = check_types({**REFERENCE, "cdr_id": "numeric"})
     assert problem.fatal
+
+
+def test_a_text_client_id_points_to_a_mapping_table_and_names_the_column_as_the_users():
+    [problem] = check_types({**REFERENCE, "client_id": "text"})
+    assert "client_id inside it standing for your own column" in problem.message
+    assert "map it to an integer through a table of yours" in problem.message
+    [other] = check_types({**REFERENCE, "hangup_cause_code": "text"})
+    assert "standing for your own column" in other.message
+    assert "table of yours" not in other.message

@@ -24,8 +24,9 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH, select_proxy
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 from urllib3.util import parse_url as _parse_url
 
-from cdr_webhook.config import tls_texts
 from cdr_webhook.deliver.deadline import WATCHED_POOLS, current_deadline
+from cdr_webhook.endpoint_config import tls_texts
+from cdr_webhook.networks import ALLOWED_NETWORKS_ENV
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
     from requests import PreparedRequest, Response
     from urllib3 import HTTPConnectionPool
 
+    from cdr_webhook.networks import Network
+
     Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-    Network = ipaddress.IPv4Network | ipaddress.IPv6Network
     #: ``(host, port) -> addresses``; the default is :func:`socket.getaddrinfo` over TCP.
     Resolver = Callable[[str, int], Iterable[str]]
 
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 #: request parsed it three times (its ``Url`` is an immutable tuple, safe to share).
 parse_url = functools.lru_cache(maxsize=256)(_parse_url)
 
-ALLOWED_NETWORKS_ENV = "AIRFLOW__CDR_WEBHOOK__ALLOWED_NETWORKS"
 ALLOW_HINT = (
     f"refused; to allow it, add its network to {ALLOWED_NETWORKS_ENV} "
     "(a comma-separated CIDR list, empty by default)"
@@ -83,19 +84,6 @@ class EndpointRefused(Exception):
         super().__init__(f"{reason}: {hint}")
         self.reason = reason
         self.rule = rule
-
-
-def parse_networks(raw: str) -> tuple[Network, ...]:
-    """Parse the comma-separated CIDR list of ``ALLOWED_NETWORKS``; an empty string allows nothing."""
-    networks = []
-    for entry in (part.strip() for part in raw.split(",")):
-        if not entry:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=True))
-        except ValueError as err:
-            raise ValueError(f"{ALLOWED_NETWORKS_ENV}: {entry!r} is not a CIDR network ({err})") from None
-    return tuple(networks)
 
 
 def _refused_rule(ip: Address, allowed_networks: Sequence[Network]) -> str | None:
@@ -371,10 +359,13 @@ def pem_files(conn_id: str, extra: Mapping[str, Any]) -> Iterator[TlsFiles]:
 
     requests and ssl want paths; the files live in a private directory, each 0600, and are removed
     when the block ends, so use the adapter only inside it (new connections reload them). The key may
-    also sit in ``client_cert`` itself. The texts pass :func:`cdr_webhook.config.tls_texts` (an
-    :class:`~cdr_webhook.config.EndpointConfigError` naming ``conn_id`` otherwise).
+    also sit in ``client_cert`` itself. The texts pass :func:`cdr_webhook.endpoint_config.tls_texts` (an
+    :class:`~cdr_webhook.endpoint_config.EndpointConfigError` naming ``conn_id`` otherwise).
     """
     texts = tls_texts(conn_id, extra)
+    if not texts:  # no PEM extras: nothing to write (a task of many endpoints has one block each)
+        yield TlsFiles()
+        return
     with tempfile.TemporaryDirectory(prefix="cdr-webhook-tls-") as directory:
         paths: dict[str, str] = {}
         for name, text in texts.items():

@@ -16,28 +16,24 @@ from airflow.sdk import BaseHook
 from requests import Session
 from requests.structures import CaseInsensitiveDict
 
-from cdr_webhook import __version__
-from cdr_webhook.config import load_endpoint
+from cdr_webhook.adapters import load_endpoint, load_settings
 from cdr_webhook.deliver.deadline import Deadline, watchdog_kept
-from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, parse_networks, pem_files
+from cdr_webhook.deliver.egress import EndpointRefused, GuardedAdapter, TlsFiles, pem_files
+from cdr_webhook.networks import parse_networks
 from cdr_webhook.outcome import PostResult
-from cdr_webhook.settings import load_settings
+from cdr_webhook.settings import CDR_DB_CONN_ID
+from cdr_webhook.signing import BASE_HEADERS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from cdr_webhook.config import EndpointConfig
+    from cdr_webhook.deliver.auth import BearerTokens
     from cdr_webhook.deliver.egress import Resolver
+    from cdr_webhook.endpoint_config import EndpointConfig
 
 
-#: Every request's headers besides the caller's (a session's, and each POST's).
 #: The most of a response body read and kept as its excerpt (the ledger's ``response_excerpt``).
 EXCERPT_BYTES = 2048
-
-BASE_HEADERS = {
-    "user-agent": f"cdr-webhook/{__version__}",
-    "accept-encoding": "identity",  # no compressed replies: no decompression bombs
-}
 
 
 class CdrWebhookHook(BaseHook):
@@ -47,9 +43,9 @@ class CdrWebhookHook(BaseHook):
     Unlike the HTTP provider's ``HttpHook`` it never follows a redirect (a 302
     would turn the POST into a GET and hand ``x-api-key`` to another host), gives each POST one
     deadline (``timeout``) for resolving, connecting, TLS, sending and the reply's status line and
-    headers, ignores proxy environment variables, sends none of the connection's extras as headers
-    (the signing secret lives there), and reads at most :data:`EXCERPT_BYTES` of a response, by the
-    same deadline.
+    headers, ignores proxy environment variables, sends no extra as a header but extras ``headers``
+    and ``secret_headers`` (the signing secret lives there too), and reads at most
+    :data:`EXCERPT_BYTES` of a response, by the same deadline.
     Every request goes through the egress guard (:mod:`cdr_webhook.deliver.egress`): no internal address
     unless ``allowed_networks`` lets it, no plain http outside them, the checked address is the one
     connected to, and TLS is always verified.
@@ -64,6 +60,8 @@ class CdrWebhookHook(BaseHook):
         (retryable) failure; a body still arriving then leaves a partial excerpt.
     :param allowed_networks: CIDRs the egress guard lets through (internal receivers).
     :param resolver: ``(host, port) -> addresses``, for tests; the default is the system resolver.
+    :param db_conn_id: The CDR database, where an OAuth2 endpoint's token is shared by every worker
+        (:mod:`cdr_webhook.deliver.auth`); None, each hook fetches its own.
 
     It derives from ``BaseHook``, not from the provider's ``HttpHook``: every method of that hook is
     replaced here, and importing its module would load ``aiohttp`` in every task process for nothing
@@ -82,19 +80,25 @@ class CdrWebhookHook(BaseHook):
         timeout: float = 15.0,
         allowed_networks: Sequence[str] = (),
         resolver: Resolver | None = None,
+        db_conn_id: str | None = CDR_DB_CONN_ID,
     ) -> None:
         super().__init__()
         self.http_conn_id = http_conn_id
         self.timeout = timeout
         self.allowed_networks = parse_networks(",".join(allowed_networks))
         self.resolver = resolver
+        self.db_conn_id = db_conn_id
+        self._bearer_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, http_conn_id: str) -> CdrWebhookHook:
+    def from_settings(cls, http_conn_id: str, *, db_conn_id: str = CDR_DB_CONN_ID) -> CdrWebhookHook:
         """The hook of an endpoint with the ``request_timeout_seconds`` and ``allowed_networks`` settings."""
         settings = load_settings()
         return cls(
-            http_conn_id, timeout=settings.request_timeout_seconds, allowed_networks=settings.allowed_networks
+            http_conn_id,
+            timeout=settings.request_timeout_seconds,
+            allowed_networks=settings.allowed_networks,
+            db_conn_id=db_conn_id,
         )
 
     @functools.cached_property
@@ -104,7 +108,7 @@ class CdrWebhookHook(BaseHook):
 
     @functools.cached_property
     def endpoint(self) -> EndpointConfig:
-        """The endpoint's configuration; raises :class:`~cdr_webhook.config.EndpointConfigError`."""
+        """The endpoint's configuration; raises :class:`~cdr_webhook.endpoint_config.EndpointConfigError`."""
         return load_endpoint(self.http_conn_id, lambda _: self.connection)
 
     @functools.cached_property
@@ -135,55 +139,87 @@ class CdrWebhookHook(BaseHook):
         session.trust_env = False
         session.headers.clear()
         session.headers.update(BASE_HEADERS)
-        tls = tls or TlsFiles()
-        guard = GuardedAdapter(
-            self.allowed_networks,
-            ca_bundle=tls.ca_bundle,
-            client_cert=tls.client_cert,
-            resolver=self.resolver,
-        )
+        guard = self.guard(tls)
         session.mount("http://", guard)
         session.mount("https://", guard)
         if headers:
             session.headers.update(headers)
         return session
 
-    @contextlib.contextmanager
-    def sessions(self) -> Iterator[Callable[[], Session]]:
-        """
-        Yield ``session()``: the calling thread's own session, made on first use, kept for the block.
+    def guard(self, tls: TlsFiles | None = None) -> GuardedAdapter:
+        """The egress guard of a session to the endpoint (or its token endpoint), with its TLS files."""
+        tls = tls or TlsFiles()
+        return GuardedAdapter(
+            self.allowed_networks,
+            ca_bundle=tls.ca_bundle,
+            client_cert=tls.client_cert,
+            resolver=self.resolver,
+        )
 
-        For many POSTs to the endpoint (a chunk): each thread's session keeps its connection alive
-        from one POST to the next, and the deadlines' watchdog thread stays for the block. Raises
-        :class:`ValueError` when a TLS extra is malformed (a POST without a session reports that as
-        the refusal it is).
+    def bearer(self) -> BearerTokens | None:
+        """The endpoint's OAuth2 tokens, made once per hook; None without OAuth2 (or a bad connection)."""
+        with self._bearer_lock:  # one per hook: its threads share one token and one fetch at a time
+            if "_bearer" not in self.__dict__:
+                try:
+                    oauth2 = self.endpoint.auth.oauth2
+                except ValueError:  # a connection that cannot be used: the POST reports it
+                    oauth2 = None
+                if oauth2 is None:
+                    self._bearer = None
+                else:
+                    from cdr_webhook.deliver.token_fetch import (
+                        bearer_tokens,
+                    )  # authlib, for OAuth2 tasks only
+
+                    self._bearer = bearer_tokens(self)
+            return self._bearer
+
+    @contextlib.contextmanager
+    def session_pool(self) -> Iterator[SessionPool]:
+        """
+        Yield a pool of kept-alive sessions to the endpoint, for the block.
+
+        A POST takes an idle session (or a new one) and gives it back after, so consecutive POSTs
+        to the endpoint reuse its connections whichever thread sends them; the deadlines' watchdog
+        thread stays for the block. Raises :class:`ValueError` when a TLS extra is malformed (a POST
+        without a session reports that as the refusal it is).
         """
         with pem_files(self.endpoint.conn_id, self.endpoint.tls_extra()) as tls, watchdog_kept():
+            pool = SessionPool(lambda: self.get_conn(tls=tls))
+            try:
+                yield pool
+            finally:
+                pool.close()
+
+    @contextlib.contextmanager
+    def sessions(self) -> Iterator[Callable[[], Session]]:
+        """Yield ``session()``: the calling thread's own session of a :meth:`session_pool`, for the block."""
+        with self.session_pool() as pool:
             local = threading.local()
-            made: list[Session] = []
-            lock = threading.Lock()
 
             def session() -> Session:
                 found = getattr(local, "session", None)
                 if found is None:
-                    found = local.session = self.get_conn(tls=tls)
-                    with lock:
-                        made.append(found)
+                    found = local.session = pool.take()
                 return found
 
-            try:
-                yield session
-            finally:
-                for each in made:
-                    each.close()
+            yield session
 
     def post(self, body: bytes, headers: dict[str, str], *, session: Session | None = None) -> PostResult:
         """
-        POST ``body`` with exactly ``headers``; never raise for HTTP or network trouble, or a refusal.
+        POST ``body`` with exactly ``headers`` (and an OAuth2 endpoint's bearer token); never raise
+        for HTTP or network trouble, or a refusal.
 
         ``session``: one from :meth:`sessions`, whose connections are kept alive from POST to POST;
         by default the POST has a session of its own.
         """
+        tokens = self.bearer()
+        if tokens is None:
+            return self._post_once(body, headers, session)
+        return tokens.post(lambda sent: self._post_once(body, sent, session), headers)
+
+    def _post_once(self, body: bytes, headers: dict[str, str], session: Session | None) -> PostResult:
+        """One POST of ``body`` with exactly ``headers``."""
         started, sent_at = time.monotonic(), time.time()
         refused = False
         try:
@@ -207,11 +243,11 @@ class CdrWebhookHook(BaseHook):
         except ValueError as err:  # the endpoint URL or a TLS extra is malformed: no retry can help
             error, refused = f"endpoint misconfigured: {err}", True
         except requests.Timeout as err:
-            error = f"timed out after {self.timeout:g} s ({_network_reason(err)})"
+            error = f"timed out after {self.timeout:g} s ({network_reason(err)})"
         except requests.exceptions.SSLError as err:
-            error = f"TLS failed: {_network_reason(err)}"
+            error = f"TLS failed: {network_reason(err)}"
         except requests.RequestException as err:
-            error = f"connection failed: {_network_reason(err)}"
+            error = f"connection failed: {network_reason(err)}"
         return PostResult(
             http_status=None,
             reason=None,
@@ -301,7 +337,7 @@ def _excerpt_text(raw: bytes) -> str:
     return text
 
 
-def _network_reason(err: BaseException) -> str:
+def network_reason(err: BaseException) -> str:
     """
     Describe a network error by its innermost cause.
 
@@ -330,3 +366,32 @@ def describe_excerpt(excerpt: str | None) -> str:
         return "(empty body)"
     shown = excerpt if len(excerpt) <= 200 else excerpt[:200] + "…"
     return json.dumps(shown, ensure_ascii=False)
+
+
+class SessionPool:
+    """Idle sessions to one endpoint, taken and given back by any thread; all closed at the end."""
+
+    def __init__(self, make: Callable[[], Session]) -> None:
+        self._make = make
+        self._idle: list[Session] = []
+        self._made: list[Session] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> Session:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        session = self._make()
+        with self._lock:
+            self._made.append(session)
+        return session
+
+    def give(self, session: Session) -> None:
+        with self._lock:
+            self._idle.append(session)
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made, self._idle = self._made, [], []
+        for session in made:
+            session.close()

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
-from airflow.sdk.exceptions import AirflowException
 
-from cdr_webhook.settings import AUTO_SIZED, CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID, load_settings
+from cdr_webhook.adapters import load_settings
+from cdr_webhook.deliver.errors import RetryLater
+from cdr_webhook.settings import AUTO_SIZED, CDR_DB_CONN_ID, DEFAULT_ENDPOINT_CONN_ID
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -22,18 +23,12 @@ if TYPE_CHECKING:
 #: The mapped task's name in the grid (ids only, never CDR text): its CDR, or a chunk's first and size.
 CDR_NAME_TEMPLATE = "{{ task.cdr_ids[0] }}"
 CHUNK_NAME_TEMPLATE = "{{ task.cdr_ids[0] }} ({{ task.cdr_ids | length }} CDRs)"
-#: With tasks sized by the run (``cdrs_per_task`` auto): a task of one CDR by its id, a chunk as above.
+#: With tasks sized by the run (``cdrs_per_task`` auto): a task of one CDR by its id, a chunk as above,
+#: a task of several endpoints by its first CDR, its CDRs and its endpoints.
 SIZED_NAME_TEMPLATE = (
-    "{{ task.cdr_ids[0] }}{% if task.cdr_ids | length > 1 %} ({{ task.cdr_ids | length }} CDRs){% endif %}"
+    "{{ task.cdr_ids[0] }}{% if task.cdr_ids | length > 1 %} ({{ task.cdr_ids | length }} CDRs"
+    "{% if task.endpoints | length > 1 %}, {{ task.endpoints | length }} endpoints{% endif %}){% endif %}"
 )
-
-
-class RetryLater(AirflowException):
-    """A retryable failure; ``retry_after`` is the wait the receiver asked for (Retry-After), if any."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class RetryAfterPolicy(RetryPolicy):
@@ -63,7 +58,7 @@ class RetryAfterPolicy(RetryPolicy):
 
 class CdrWebhookOperator(BaseOperator):
     """
-    POST the CDRs of one endpoint, each as its own Standard Webhooks–signed JSON request.
+    POST CDRs, each as its own Standard Webhooks–signed JSON request to its endpoint.
 
     The bodies are read from the source relation and built when the task runs: they are never a
     template field (CDR text such as ``{{ 7 * 7 }}`` must arrive verbatim) and never travel through
@@ -74,14 +69,18 @@ class CdrWebhookOperator(BaseOperator):
     the endpoint.
 
     A task of one CDR (``cdrs_per_task`` 1, or a one-CDR task of ``auto``, the default) ends as its CDR
-    does. A chunk (up to ``cdrs_per_task``, or a task of more than one CDR with ``auto``) sends up to
-    the endpoint's in-flight limit at once and ends by the worst outcome among its CDRs: some to retry,
-    it raises for Airflow to retry, and the retry sends only those; some failed for good (after its
-    other CDRs were delivered), it fails, naming them; clearing it sends again its CDRs not delivered.
+    does. A chunk (up to ``cdrs_per_task`` of one endpoint, or a task of more than one CDR of one or
+    many endpoints with ``auto``) sends up to each endpoint's in-flight limit at once and ends by the
+    worst outcome among its CDRs: some to retry, it raises for Airflow to retry, and the retry sends
+    only those; some failed for good (after its other CDRs were delivered), it fails, naming them;
+    clearing it sends again its CDRs not delivered.
 
-    :param cdr_ids: The CDRs to send, all of endpoint ``http_conn_id``, oldest first.
+    :param cdr_ids: The CDRs to send, oldest first (grouped by endpoint when ``endpoints`` is given).
     :param http_conn_id: The HTTP connection of the endpoint: ``host`` is the full URL, ``password``
         the ``x-api-key`` value, extra ``signing_secret`` the ``whsec_…`` secret.
+    :param endpoints: A task of several endpoints: ``[(http_conn_id, n), ...]``, the first ``n`` of
+        ``cdr_ids`` to the first endpoint, the next to the second, and so on; None, all to
+        ``http_conn_id``.
     :param db_conn_id: The Postgres connection of the CDR database.
     :param cdrs_per_task: The DAG's chunk size: above 1, the task is a chunk, whatever its length;
         ``auto`` (0), the select step sized it: a chunk when it has more than one CDR, with an
@@ -104,6 +103,7 @@ class CdrWebhookOperator(BaseOperator):
         http_conn_id: str = DEFAULT_ENDPOINT_CONN_ID,
         db_conn_id: str = CDR_DB_CONN_ID,
         cdrs_per_task: int = 1,
+        endpoints: Sequence[Sequence[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs["do_xcom_push"] = False
@@ -120,6 +120,12 @@ class CdrWebhookOperator(BaseOperator):
                 f"not {len(cdr_ids)}"
             )
         self.cdr_ids = list(cdr_ids)
+        self.endpoints = [(str(conn_id), int(n)) for conn_id, n in endpoints or ()]
+        if self.endpoints and sum(n for _, n in self.endpoints) != len(self.cdr_ids):
+            raise ValueError(
+                f"endpoints {self.endpoints!r} count {sum(n for _, n in self.endpoints)} CDR(s), "
+                f"cdr_ids {len(self.cdr_ids)}"
+            )
         self.http_conn_id = http_conn_id
         self.db_conn_id = db_conn_id
         self.cdrs_per_task = cdrs_per_task
@@ -127,23 +133,49 @@ class CdrWebhookOperator(BaseOperator):
 
     @functools.cached_property
     def hook(self) -> CdrWebhookHook:
-        """The hook that sends the requests, with the ``request_timeout_seconds`` and egress settings."""
+        """The hook of ``http_conn_id``, with the ``request_timeout_seconds`` and egress settings."""
         from cdr_webhook.deliver.hook import CdrWebhookHook
 
-        return CdrWebhookHook.from_settings(self.http_conn_id)
+        return CdrWebhookHook.from_settings(self.http_conn_id, db_conn_id=self.db_conn_id)
+
+    def hook_for(self, conn_id: str) -> CdrWebhookHook:
+        """The hook of an endpoint of this task, made once per task (:attr:`hook` for ``http_conn_id``)."""
+        from cdr_webhook.deliver.hook import CdrWebhookHook
+
+        if conn_id == self.http_conn_id:
+            return self.hook
+        hooks: dict[str, CdrWebhookHook] = self.__dict__.setdefault("_other_hooks", {})
+        if conn_id not in hooks:
+            hooks[conn_id] = CdrWebhookHook.from_settings(conn_id, db_conn_id=self.db_conn_id)
+        return hooks[conn_id]
+
+    def deliveries(self) -> list[tuple[str, list[str]]]:
+        """``(endpoint, its cdr_ids)`` of this task, in order."""
+        if not self.endpoints:
+            return [(self.http_conn_id, self.cdr_ids)]
+        out, start = [], 0
+        for conn_id, n in self.endpoints:
+            out.append((conn_id, self.cdr_ids[start : start + n]))
+            start += n
+        return out
 
     def execute(self, context: Context) -> None:
+        import functools
+
         from cdr_webhook.db import connect
-        from cdr_webhook.deliver.engine import DeliveryEngine
+        from cdr_webhook.deliver.chunks import ChunkDelivery
+        from cdr_webhook.deliver.engine import OneCdrDelivery
 
         with connect(self.db_conn_id) as conn:
-            engine = DeliveryEngine(
+            strategy = ChunkDelivery if self.chunk else OneCdrDelivery
+            engine = strategy(
                 conn,
-                self.hook,
+                self.hook_for,
                 ti=context["ti"],
                 settings=load_settings(),
                 log=self.log,
-                chunk=self.chunk,
                 retries=self.retries,
+                time_limit=self.execution_timeout,
+                connect=functools.partial(connect, self.db_conn_id),
             )
-            engine.run(self.cdr_ids)
+            engine.run(self.deliveries())

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 
 class NoSlot(RuntimeError):
@@ -29,22 +29,6 @@ def _key(endpoint: str, kind: str = "slot") -> int:
     return value - 2**32 if value >= 2**31 else value
 
 
-@contextlib.contextmanager
-def endpoint_slot(
-    conn: psycopg.Connection[Any],
-    endpoint: str,
-    *,
-    limit: int,
-    wait_seconds: float,
-    poll_seconds: float = 0.1,
-) -> Iterator[int]:
-    """Hold one of ``limit`` slots of ``endpoint`` for the duration of the block; yield its number."""
-    with endpoint_slots(
-        conn, endpoint, limit=limit, wanted=1, wait_seconds=wait_seconds, poll_seconds=poll_seconds
-    ) as held:
-        yield held.slots[0]
-
-
 class HeldSlots:
     """
     The slots a block holds. A chunk takes more as they come free (:meth:`take_more`) and gives
@@ -53,12 +37,20 @@ class HeldSlots:
     """
 
     def __init__(
-        self, conn: psycopg.Connection[Any], key: int, limit: int, slots: list[int], sharers_key: int
+        self,
+        conn: psycopg.Connection[Any],
+        key: int,
+        limit: int,
+        slots: list[int],
+        sharers_key: int,
+        *,
+        shared: bool = False,
     ) -> None:
         self._conn = conn
         self._key = key
         self._limit = limit
         self._sharers_key = sharers_key
+        self._shared = shared
         self.slots = slots
 
     def fair_share(self) -> int:
@@ -70,13 +62,11 @@ class HeldSlots:
         their sending (CPU-bound against a fast receiver) spreads over the workers' cores instead of
         one task holding every slot while the others wait for one.
         """
-        row = self._conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND classid = (%s::bigint & 4294967295)::oid AND objid = 0 AND objsubid = 2",
-            (self._sharers_key,),
-        ).fetchone()
-        sharers = max(int(row[0]) if row else 1, 1)
-        return max(math.ceil(self._limit / sharers), 1)
+        return fair_shares(self._conn, [self])[0]
+
+    def share_of(self, sharers: int) -> int:
+        """The limit divided among ``sharers`` blocks (rounded up, at least one)."""
+        return max(math.ceil(self._limit / max(sharers, 1)), 1)
 
     def take_more(self, wanted: int) -> None:
         """Take free slots until ``wanted`` are held (or none is free); never one held already."""
@@ -95,6 +85,45 @@ class HeldSlots:
         for slot in list(self.slots):
             self.give_back(slot)
 
+    def close(self) -> None:
+        """Give every slot back and stop counting among the endpoint's sharers."""
+        self.release_all()
+        if self._shared:
+            self._shared = False
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SELECT pg_advisory_unlock_shared(%s, 0)", (self._sharers_key,))
+
+
+def fair_shares(conn: psycopg.Connection[Any], helds: Sequence[HeldSlots]) -> list[int]:
+    """Each block's :meth:`~HeldSlots.fair_share`, from one look at the locks (a task of many endpoints)."""
+    keys = sorted({held._sharers_key & 0xFFFFFFFF for held in helds})
+    sharers = dict(
+        conn.execute(
+            "SELECT classid::bigint, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid = ANY(%s::bigint[]::oid[]) AND objid = 0 AND objsubid = 2 GROUP BY classid",
+            (keys,),
+        ).fetchall()
+    )
+    return [held.share_of(sharers.get(held._sharers_key & 0xFFFFFFFF, 1)) for held in helds]
+
+
+def open_slots(
+    conn: psycopg.Connection[Any], endpoint: str, *, limit: int, wanted: int, share: bool
+) -> HeldSlots:
+    """
+    Take, without waiting, up to ``wanted`` of ``limit`` slots of ``endpoint`` (none when all are busy).
+
+    ``share``: the holder counts among the endpoint's sharers (a shared advisory lock, until
+    :meth:`HeldSlots.close`) and takes at first only its :meth:`~HeldSlots.fair_share`. The caller
+    closes it; it takes more later with :meth:`~HeldSlots.take_more`.
+    """
+    key, sharers_key = _key(endpoint), _key(endpoint, "sharers")
+    if share:
+        conn.execute("SELECT pg_advisory_lock_shared(%s, 0)", (sharers_key,))
+    held = HeldSlots(conn, key, limit, [], sharers_key, shared=share)
+    held.take_more(min(wanted, held.fair_share()) if share else wanted)
+    return held
+
 
 @contextlib.contextmanager
 def endpoint_slots(
@@ -110,36 +139,24 @@ def endpoint_slots(
     """
     Hold up to ``wanted`` of ``limit`` slots of ``endpoint`` (at least one) for the block.
 
-    Takes every free slot up to ``wanted`` at once; waits ``wait_seconds`` at most for the first.
-    A session holds each slot once (advisory locks are re-entrant per session: a slot number is never
-    asked for twice while held). ``share``: the block counts among the endpoint's sharers (a shared
-    advisory lock, from before its first slot to its end), and takes at first only its
-    :meth:`~HeldSlots.fair_share`.
+    Takes every free slot up to ``wanted`` at once (see :func:`open_slots`); waits ``wait_seconds``
+    at most for the first. A session holds each slot once (advisory locks are re-entrant per
+    session: a slot number is never asked for twice while held).
     """
-    key, sharers_key = _key(endpoint), _key(endpoint, "sharers")
     deadline = time.monotonic() + wait_seconds
-    if share:
-        conn.execute("SELECT pg_advisory_lock_shared(%s, 0)", (sharers_key,))
+    held = open_slots(conn, endpoint, limit=limit, wanted=wanted, share=share)
     try:
-        while True:
-            held = HeldSlots(conn, key, limit, [], sharers_key)
-            held.take_more(min(wanted, held.fair_share()) if share else wanted)
-            if held.slots:
-                try:
-                    yield held
-                finally:
-                    held.release_all()
-                return
+        while not held.slots:
             if time.monotonic() >= deadline:
                 raise NoSlot(
                     f"all {limit} in-flight slots of endpoint {endpoint!r} stayed busy for "
                     f"{wait_seconds:g} s (extra max_in_flight, or setting max_in_flight_per_endpoint)"
                 )
             time.sleep(poll_seconds)
+            held.take_more(min(wanted, held.fair_share()) if share else wanted)
+        yield held
     finally:
-        if share:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("SELECT pg_advisory_unlock_shared(%s, 0)", (sharers_key,))
+        held.close()
 
 
 def _try_lock(conn: psycopg.Connection[Any], key: int, slot: int) -> bool:

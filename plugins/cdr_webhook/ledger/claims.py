@@ -15,29 +15,12 @@ from psycopg import sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from cdr_webhook.outcome import DeliveryStatus
+from cdr_webhook.outcome import Claim, DeliveryStatus
 
 if TYPE_CHECKING:
-    import datetime as dt
     from collections.abc import Sequence
 
     import psycopg
-
-
-@dataclasses.dataclass(frozen=True)
-class Claim:
-    """A ledger row a run owns: one CDR to POST to one endpoint."""
-
-    cdr_id: str
-    endpoint: str
-    client_id: int | None
-    cdr_created_at: dt.datetime
-    status: str
-    attempts: int
-
-
-class ClaimLost(RuntimeError):
-    """The CDR's ledger row is owned by another live run (or is gone); this task must not POST it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,45 +71,12 @@ def record_request(
     )
 
 
-def start_attempt(
-    conn: psycopg.Connection[Any],
-    *,
-    cdr_id: str,
-    endpoint: str,
-    dag_id: str,
-    run_id: str,
-    map_index: int,
-    claim_timeout_seconds: int,
-) -> Claim:
-    """
-    Confirm this task may POST the CDR now, recording the task as its owner; return the row.
-
-    A task may send when its own run owns the row (its first try, a retry, or a cleared try, which
-    re-sends on purpose even a delivered CDR), or when the row is queued and no live run owns it
-    (unowned, or its owner's claim went stale). It raises :class:`ClaimLost` when another run owns
-    the row: that run is delivering it, or delivered it already, and only a clear of *its* task
-    re-sends it. Starting an attempt also refreshes every queued claim of this run, so claims of a
-    live run never go stale while its other tasks wait for a worker.
-    """
-    claims, lost = start_attempts(
-        conn,
-        cdr_ids=[cdr_id],
-        endpoint=endpoint,
-        dag_id=dag_id,
-        run_id=run_id,
-        map_index=map_index,
-        claim_timeout_seconds=claim_timeout_seconds,
-    )
-    if claims:
-        return claims[0]
-    raise ClaimLost(lost[cdr_id].reason)
-
-
 #: :func:`start_attempts`'s statement: the rows this task may send now, taken by it.
 _START_ATTEMPTS = sql.SQL(
     "UPDATE cdr_webhook.delivery AS d SET dag_id = %(dag_id)s, run_id = %(run_id)s, "
     "map_index = %(map_index)s, status = 'queued', updated_at = now() "
-    "WHERE d.cdr_id = ANY(%(cdr_ids)s) AND d.endpoint = %(endpoint)s AND ("
+    "FROM unnest(%(cdr_ids)s::text[], %(endpoints)s::text[]) AS c(cdr_id, endpoint) "
+    "WHERE d.cdr_id = c.cdr_id AND d.endpoint = c.endpoint AND ("
     "  (d.dag_id = %(dag_id)s AND d.run_id = %(run_id)s AND d.status = ANY(%(own)s)) "
     "  OR (d.status = 'queued' AND ("
     "    d.run_id IS NULL OR d.updated_at < now() - make_interval(secs => %(timeout)s)))) "
@@ -138,7 +88,7 @@ def start_attempts(
     conn: psycopg.Connection[Any],
     *,
     cdr_ids: Sequence[str],
-    endpoint: str,
+    endpoint: str | Sequence[str],
     dag_id: str,
     run_id: str,
     map_index: int,
@@ -146,17 +96,25 @@ def start_attempts(
     own_statuses: Sequence[str] = tuple(DeliveryStatus),
 ) -> tuple[list[Claim], dict[str, NotStarted]]:
     """
-    Start an attempt on each of ``cdr_ids`` this task may POST now, in one statement (see
-    :func:`start_attempt` for who may send); return the claims (oldest first) and, for every other
-    CDR, why it is not sent.
+    Start an attempt on each of ``cdr_ids`` this task may POST now, in one statement, recording the
+    task as its owner; return the claims (oldest first) and, for every other CDR, why it is not sent.
+
+    A task may send when its own run owns the row (its first try, a retry, or a cleared try, which
+    re-sends on purpose even a delivered CDR), or when the row is queued and no live run owns it
+    (unowned, or its owner's claim went stale). A row another run owns is not sent: that run is
+    delivering it, or delivered it already, and only a clear of *its* task re-sends it. Starting also
+    refreshes every queued claim of this run, so claims of a live run never go stale while its other
+    tasks wait for a worker.
 
     ``own_statuses``: the statuses of its own run's rows that are sent again. A chunk's retry sends
-    only ``queued`` rows: its delivered and failed CDRs stay as they are.
+    only ``queued`` rows: its delivered and failed CDRs stay as they are. ``endpoint``: the CDRs'
+    endpoint, or each one's (a task of many endpoints starts them all in one statement).
     """
     query = _START_ATTEMPTS.format(columns=CLAIM_COLUMNS)
+    endpoints = [endpoint] * len(cdr_ids) if isinstance(endpoint, str) else list(endpoint)
     params = {
         "cdr_ids": list(cdr_ids),
-        "endpoint": endpoint,
+        "endpoints": endpoints,
         "dag_id": dag_id,
         "run_id": run_id,
         "map_index": map_index,
@@ -168,28 +126,29 @@ def start_attempts(
     if claims:
         keep_claims_alive(conn, dag_id=dag_id, run_id=run_id, claim_timeout_seconds=claim_timeout_seconds)
     claims.sort(key=lambda claim: (claim.cdr_created_at, claim.cdr_id))
-    taken = {claim.cdr_id for claim in claims}
-    missing = [cdr_id for cdr_id in dict.fromkeys(cdr_ids) if cdr_id not in taken]
+    taken = {(claim.cdr_id, claim.endpoint) for claim in claims}
+    missing = [pair for pair in dict.fromkeys(zip(cdr_ids, endpoints, strict=True)) if pair not in taken]
     if not missing:
         return claims, {}
-    return claims, _not_started(conn, missing, endpoint=endpoint, dag_id=dag_id, run_id=run_id)
+    return claims, _not_started(conn, missing, dag_id=dag_id, run_id=run_id)
 
 
 def _not_started(
-    conn: psycopg.Connection[Any], cdr_ids: Sequence[str], *, endpoint: str, dag_id: str, run_id: str
+    conn: psycopg.Connection[Any], missing: Sequence[tuple[str, str]], *, dag_id: str, run_id: str
 ) -> dict[str, NotStarted]:
-    """Why each of ``cdr_ids`` was not started by this run's task: no row, or whose row it is now."""
+    """Why each ``(cdr_id, endpoint)`` was not started by this run's task: no row, or whose row it is now."""
     owners = {
-        row[0]: row[1:]
+        (row[0], row[1]): row[2:]
         for row in conn.execute(
-            "SELECT cdr_id, dag_id, run_id, map_index, status FROM cdr_webhook.delivery "
-            "WHERE cdr_id = ANY(%s) AND endpoint = %s",
-            (list(cdr_ids), endpoint),
+            "SELECT d.cdr_id, d.endpoint, d.dag_id, d.run_id, d.map_index, d.status "
+            "FROM cdr_webhook.delivery AS d JOIN unnest(%s::text[], %s::text[]) AS c(cdr_id, endpoint) "
+            "ON d.cdr_id = c.cdr_id AND d.endpoint = c.endpoint",
+            ([cdr_id for cdr_id, _ in missing], [endpoint for _, endpoint in missing]),
         ).fetchall()
     }
     lost = {}
-    for cdr_id in cdr_ids:
-        owner = owners.get(cdr_id)
+    for cdr_id, endpoint in missing:
+        owner = owners.get((cdr_id, endpoint))
         if owner is None:
             lost[cdr_id] = NotStarted(f"CDR {cdr_id!r} has no ledger row for endpoint {endpoint!r}", None)
             continue
@@ -234,15 +193,13 @@ def keep_claims_alive(
     )
 
 
-def release(conn: psycopg.Connection[Any], claim: Claim, *, reason: str | None = None) -> None:
-    """Give a CDR back to the queue, unowned: the next run takes it, in order; ``reason``: why it waits."""
-    release_many(conn, [claim], reason=reason)
-
-
 def release_many(
     conn: psycopg.Connection[Any], claims: Sequence[Claim], *, reason: str | None = None
 ) -> None:
-    """Give CDRs back to the queue, unowned, in one statement (see :func:`release`)."""
+    """
+    Give CDRs back to the queue, unowned, in one statement: the next run takes them, in order;
+    ``reason``: why they wait.
+    """
     if not claims:
         return
     conn.execute(

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from psycopg.rows import class_row
 
 from cdr_webhook.db import without_jit
+from cdr_webhook.ledger import watch_requests
 from cdr_webhook.ledger.claims import release_many
-from cdr_webhook.outcome import Decision, Verdict
-from cdr_webhook.settings import load_settings, resolve_import_path
-from cdr_webhook.watch import state as watch_state
+from cdr_webhook.routing import is_route_name
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -26,21 +24,22 @@ if TYPE_CHECKING:
 
     import psycopg
 
-    from cdr_webhook.config import EndpointConfigError
+    from cdr_webhook.endpoint_config import EndpointConfigError
     from cdr_webhook.ledger.claims import Claim
 
 log = logging.getLogger(__name__)
 
 GONE_REASON = "HTTP 410 Gone: the receiver says this endpoint is gone"
+#: The actor of the pauses the delivery makes itself (a held connection, the pause rules).
+AUTOMATIC_ACTOR = "cdr_webhook"
 
 #: An endpoint is an Airflow connection id: at most 250 characters, Airflow's own column length.
 MAX_ENDPOINT_CHARS = 250
 #: A pause's reason and its actor as stored and shown (the Endpoints page, the CLI's table, the log).
 MAX_REASON_CHARS = 500
 MAX_ACTOR_CHARS = 200
-#: The connection ids the routing sends to (selection/routing.py): an endpoint may be paused before
+#: The connection ids the routing sends to (routing.py): an endpoint may be paused before
 #: it has ledger rows only when its name has one of these shapes.
-ROUTE_NAME = re.compile(r"cdr_webhook(_client_-?[0-9]{1,19})?")
 
 
 class EndpointNameError(ValueError):
@@ -79,7 +78,7 @@ def check_pausable(conn: psycopg.Connection[Any], endpoint: str) -> str:
     database's ``cdr_db``, a typo) would add a row the Endpoints page then shows to every viewer.
     """
     check_name(endpoint)
-    if ROUTE_NAME.fullmatch(endpoint):
+    if is_route_name(endpoint):
         return endpoint
     known = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM cdr_webhook.endpoint_state WHERE endpoint = %(e)s) "
@@ -133,9 +132,7 @@ def _record_event(
     return event
 
 
-def _set_paused(
-    conn: psycopg.Connection[Any], endpoint: str, reason: str, actor: str
-) -> EndpointEvent | None:
+def set_paused(conn: psycopg.Connection[Any], endpoint: str, reason: str, actor: str) -> EndpointEvent | None:
     # The WHERE on the conflict branch makes "already paused" a no-op that returns no row, and the
     # row lock it takes makes two concurrent pauses record one event, not two.
     row = conn.execute(
@@ -161,7 +158,7 @@ def pause(conn: psycopg.Connection[Any], endpoint: str, *, reason: str, actor: s
     """
     check_name(endpoint)
     with conn.transaction():
-        return _set_paused(
+        return set_paused(
             conn,
             endpoint,
             clean_text(reason, limit=MAX_REASON_CHARS),
@@ -187,7 +184,7 @@ def resume(
             return None
         # Its CDRs waited queued: the commit watcher (if one runs) starts a run for them now, rather
         # than leaving them to the next scheduled run.
-        watch_state.request_run(conn)
+        watch_requests.request_run(conn)
         return _record_event(conn, endpoint, "resumed", reason, actor)
 
 
@@ -202,102 +199,7 @@ def hold(
     """
     reason = f"configuration: {err}"
     release_many(conn, claims, reason=reason)
-    return pause(conn, endpoint, reason=reason, actor="cdr_webhook")
-
-
-#: One upsert both counts and locks the row until commit: concurrent outcomes of one endpoint queue
-#: on it, so every count is exact and only one of them can see the threshold crossed.
-_COUNT_OUTCOMES = (
-    "INSERT INTO cdr_webhook.endpoint_state AS s "
-    "(endpoint, consecutive_failures, failing_since, last_success_at, failed_attempts) "
-    "VALUES (%(endpoint)s, %(counted)s, CASE WHEN %(counted)s > 0 THEN now() END, "
-    "CASE WHEN %(ok)s THEN now() END, %(failed)s) "
-    "ON CONFLICT (endpoint) DO UPDATE SET "
-    "consecutive_failures = CASE WHEN %(ok)s THEN 0 ELSE s.consecutive_failures END + %(counted)s, "
-    "failing_since = CASE WHEN %(ok)s THEN CASE WHEN %(counted)s > 0 THEN now() END "
-    "  WHEN %(counted)s > 0 THEN COALESCE(s.failing_since, now()) ELSE s.failing_since END, "
-    "last_success_at = CASE WHEN %(ok)s THEN now() ELSE s.last_success_at END, "
-    "failed_attempts = CASE WHEN %(ok)s THEN 0 ELSE s.failed_attempts END + %(failed)s, "
-    "updated_at = now() "
-    "RETURNING paused, consecutive_failures, "
-    "COALESCE(failing_since <= now() - make_interval(secs => %(secs)s), false), "
-    "extract(epoch FROM now() - failing_since)::float8"
-)
-
-
-def record_outcomes(
-    conn: psycopg.Connection[Any],
-    endpoint: str,
-    decisions: Sequence[Decision],
-    *,
-    pause_after_failures: int,
-    pause_after_hours: float,
-    actor: str = "cdr_webhook",
-) -> EndpointEvent | None:
-    """
-    Count the decided attempts of one endpoint, in the order given, in one statement (a chunk's).
-
-    Every attempt moves ``failed_attempts`` (the failing attempts in a row, which the select step
-    reads to throttle the endpoint); only a delivery's end (``final``: delivered, failed at once, or
-    retries exhausted) counts in ``consecutive_failures``, whatever its tries. The counts end as one
-    call per attempt would leave them: a delivery resets them, so only the attempts after the last
-    delivery count. Pause rules: an HTTP 410 (``gone``) among them; ``pause_after_failures`` failed
-    deliveries in a row; or no success since the first failed delivery ``pause_after_hours`` ago,
-    checked on the counts at the end. Returns the event only when this call paused the endpoint.
-    """
-    if pause_after_failures < 1 or not pause_after_hours > 0:
-        raise ValueError(
-            f"pause_after_failures ({pause_after_failures}) must be at least 1 and "
-            f"pause_after_hours ({pause_after_hours}) greater than 0"
-        )
-    if not decisions:
-        return None
-    delivered_at = [i for i, decision in enumerate(decisions) if decision.verdict is Verdict.DELIVERED]
-    tail = decisions[delivered_at[-1] + 1 :] if delivered_at else decisions
-    counted = sum(1 for decision in tail if decision.final)  # failed deliveries since the last success
-    gone = any(decision.gone for decision in decisions)
-    params = {
-        "endpoint": endpoint,
-        "ok": bool(delivered_at),
-        "counted": counted,
-        "failed": len(tail),
-        "secs": pause_after_hours * 3600.0,
-    }
-    with conn.transaction():
-        row = conn.execute(_COUNT_OUTCOMES, params).fetchone()
-        assert row is not None
-        paused, failures, failing_too_long, failing_seconds = row
-        if paused or not (counted or gone):
-            return None
-        reason = _pause_reason(
-            gone=gone,
-            failures=failures,
-            failing_seconds=failing_seconds if failing_too_long else None,
-            pause_after_failures=pause_after_failures,
-            pause_after_hours=pause_after_hours,
-        )
-        return None if reason is None else _set_paused(conn, endpoint, reason, actor)
-
-
-def _pause_reason(
-    *,
-    gone: bool,
-    failures: int,
-    failing_seconds: float | None,
-    pause_after_failures: int,
-    pause_after_hours: float,
-) -> str | None:
-    """Why the endpoint is paused now, or None; ``failing_seconds`` only once ``pause_after_hours`` passed."""
-    if gone:
-        return GONE_REASON
-    if failures >= pause_after_failures:
-        return f"{failures} consecutive failed deliveries (pause_after_failures = {pause_after_failures})"
-    if failing_seconds is not None:
-        return (
-            f"no successful delivery for {failing_seconds / 3600:.3g} h "
-            f"(pause_after_hours = {pause_after_hours:g})"
-        )
-    return None
+    return pause(conn, endpoint, reason=reason, actor=AUTOMATIC_ACTOR)
 
 
 def failing_endpoints(conn: psycopg.Connection[Any]) -> set[str]:
@@ -364,39 +266,3 @@ def list_endpoints(conn: psycopg.Connection[Any], *, endpoint: str | None = None
     """
     with without_jit(conn), conn.cursor(row_factory=class_row(EndpointStatus)) as cur:
         return cur.execute(query, {"endpoint": endpoint}).fetchall()
-
-
-def notify(event: EndpointEvent) -> None:
-    """Log the event and hand it to the ``failure_notifier``, if set; a notifier's error is only logged."""
-    level = logging.WARNING if event.action == "paused" else logging.INFO
-    log.log(
-        level,
-        "Endpoint %s %s by %s at %s: %s",
-        event.endpoint,
-        event.action,
-        event.actor,
-        event.at,
-        event.reason or "no reason given",
-    )
-    try:
-        path = load_settings().failure_notifier
-        if not path:
-            return
-        notifier = resolve_import_path("failure_notifier", path)
-        context: dict[str, Any] = {}
-        try:
-            from airflow.sdk import get_current_context
-
-            context.update(get_current_context())
-        except RuntimeError:
-            pass  # not inside a task (the CLI): the event alone is the context
-        context["cdr_webhook_event"] = dataclasses.asdict(event)
-        # A BaseNotifier's __call__ would render its templates against a task context we may lack.
-        if hasattr(notifier, "notify"):
-            notifier.notify(context)
-        else:
-            notifier(context)
-    except Exception:
-        log.exception(
-            "The failure notifier could not be told that endpoint %s was %s", event.endpoint, event.action
-        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cdr_webhook.ledger import health
 from cdr_webhook.outcome import DeliveryStatus
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ def record_attempts(conn: psycopg.Connection[Any], attempts: Sequence[Attempt]) 
     """
     Record attempts on their CDRs' rows in one statement (an UPDATE of each row, as one attempt's is).
 
-    Each row gets one more attempt, its status, HTTP status, error, response excerpt and latency.
+    Each row gets one more attempt, its status, HTTP status, error, response excerpt and latency;
+    the endpoint's health rollup (:mod:`cdr_webhook.ledger.health`) counts them in the same statement.
     """
     if not attempts:
         return
@@ -59,6 +61,7 @@ def record_attempts(conn: psycopg.Connection[Any], attempts: Sequence[Attempt]) 
         [a.decision.error for a in attempts],
         [a.result.response_excerpt for a in attempts],
         [a.result.latency_ms for a in attempts],
+        health.rollups(attempts),
     )
 
 
@@ -70,6 +73,7 @@ def _write(
     errors: list[str | None],
     excerpts: list[str | None],
     latencies: list[int | None],
+    rollups: Sequence[health.Rollup] = (),
 ) -> None:
     columns = {
         "cdr_ids": [claim.cdr_id for claim in claims],
@@ -80,15 +84,19 @@ def _write(
         "excerpts": excerpts,
         "latencies": latencies,
     }
+    update = (
+        "UPDATE cdr_webhook.delivery AS d SET attempts = d.attempts + 1, status = a.status, "
+        "http_status = a.http_status, error = a.error, response_excerpt = a.excerpt, "
+        "latency_ms = a.latency_ms, last_attempt_at = now(), updated_at = now(), "
+        "delivered_at = CASE WHEN a.status = 'delivered' THEN now() ELSE d.delivered_at END "
+        "FROM unnest(%(cdr_ids)s::text[], %(endpoints)s::text[], %(statuses)s::text[], "
+        "  %(http_statuses)s::int[], %(errors)s::text[], %(excerpts)s::text[], %(latencies)s::int[]) "
+        "  AS a(cdr_id, endpoint, status, http_status, error, excerpt, latency_ms) "
+        "WHERE d.cdr_id = a.cdr_id AND d.endpoint = a.endpoint"
+    )
     with conn.transaction():
-        conn.execute(
-            "UPDATE cdr_webhook.delivery AS d SET attempts = d.attempts + 1, status = a.status, "
-            "http_status = a.http_status, error = a.error, response_excerpt = a.excerpt, "
-            "latency_ms = a.latency_ms, last_attempt_at = now(), updated_at = now(), "
-            "delivered_at = CASE WHEN a.status = 'delivered' THEN now() ELSE d.delivered_at END "
-            "FROM unnest(%(cdr_ids)s::text[], %(endpoints)s::text[], %(statuses)s::text[], "
-            "  %(http_statuses)s::int[], %(errors)s::text[], %(excerpts)s::text[], %(latencies)s::int[]) "
-            "  AS a(cdr_id, endpoint, status, http_status, error, excerpt, latency_ms) "
-            "WHERE d.cdr_id = a.cdr_id AND d.endpoint = a.endpoint",
-            columns,
-        )
+        if rollups:  # the endpoint's health rollup in the same statement (ledger/health.py)
+            statement = f"WITH recorded AS ({update}) {health.ADD_ROWS}"
+            conn.execute(statement, columns | health.add_params(rollups))
+        else:
+            conn.execute(update, columns)

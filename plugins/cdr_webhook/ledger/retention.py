@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from cdr_webhook.ledger import health
+
 if TYPE_CHECKING:
     import datetime as dt
 
@@ -32,6 +34,8 @@ def prune(conn: psycopg.Connection[Any], *, before: dt.datetime, limit: int = 10
             "  LIMIT %s)",
             (before, limit),
         ).rowcount
+        # The health charts' rollup keeps its own span (a week and a day), whatever retention_days.
+        conn.execute("DELETE FROM cdr_webhook.endpoint_health WHERE bucket < now() - %s", (health.KEEP,))
         conn.execute(
             "DELETE FROM cdr_webhook.run_selection AS r WHERE r.selected_at < %s AND NOT EXISTS ("
             "  SELECT 1 FROM cdr_webhook.delivery AS d WHERE d.dag_id = r.dag_id AND d.run_id = r.run_id)",

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from cdr_webhook.ledger import owner_alerts
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -176,6 +178,78 @@ CREATE TABLE IF NOT EXISTS cdr_webhook.watch_state (
 );
 """
 
+# Step 11: a test CDR sent by hand (issue #25) is an endpoint event, never a delivery: its verdict in
+# reason, and what the receiver answered (status, time taken, a bounded and scrubbed excerpt).
+_TESTS_V11 = """
+ALTER TABLE cdr_webhook.endpoint_event DROP CONSTRAINT IF EXISTS endpoint_event_action_check;
+ALTER TABLE cdr_webhook.endpoint_event ADD CONSTRAINT endpoint_event_action_check
+    CHECK (action IN ('paused', 'resumed', 'tested'));
+ALTER TABLE cdr_webhook.endpoint_event ADD COLUMN IF NOT EXISTS cdr_id text;
+ALTER TABLE cdr_webhook.endpoint_event ADD COLUMN IF NOT EXISTS http_status integer;
+ALTER TABLE cdr_webhook.endpoint_event ADD COLUMN IF NOT EXISTS latency_ms integer;
+ALTER TABLE cdr_webhook.endpoint_event ADD COLUMN IF NOT EXISTS response_excerpt text
+    CHECK (octet_length(response_excerpt) <= 2048);
+"""
+
+# Step 12: each endpoint's health per 5 minutes (cdr_webhook.ledger.health), written by record_attempts in
+# its transaction, so the charts read a few thousand rows, never the ledger. The histograms' bins are
+# health.EDGES_MS; histogram_add adds two of them bin by bin (a row's upsert).
+_HEALTH_V12 = """
+CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_health (
+    endpoint     text        NOT NULL,
+    bucket       timestamptz NOT NULL,
+    attempts     integer     NOT NULL,
+    delivered    integer     NOT NULL,
+    retried      integer     NOT NULL,
+    failed       integer     NOT NULL,
+    latency_hist integer[]   NOT NULL,
+    pickup_hist  integer[]   NOT NULL,
+    PRIMARY KEY (endpoint, bucket)
+);
+CREATE INDEX IF NOT EXISTS endpoint_health_bucket_idx ON cdr_webhook.endpoint_health (bucket);
+
+CREATE OR REPLACE FUNCTION cdr_webhook.histogram_add(a integer[], b integer[]) RETURNS integer[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT array_agg(COALESCE(x, 0) + COALESCE(y, 0) ORDER BY i)
+    FROM unnest(a, b) WITH ORDINALITY AS t(x, y, i)
+$$;
+"""
+
+# Step 13: the commit watcher's health (cdr_webhook.ledger.watch_health), for the page, the select step and
+# the CLI: seen_at is its last heartbeat (written every few seconds while it can reach the database, so a
+# stale one means it cannot: no triggerer, or no connection), health its state since health_since,
+# health_error why it is not watching (one line, scrubbed), heartbeat_seconds the longest it may go
+# between two heartbeats in that state.
+_WATCH_HEALTH_V13 = """
+ALTER TABLE cdr_webhook.watch_state ADD COLUMN IF NOT EXISTS seen_at timestamptz;
+ALTER TABLE cdr_webhook.watch_state ADD COLUMN IF NOT EXISTS health text
+    CHECK (health IN ('watching', 'source_failing', 'error'));
+ALTER TABLE cdr_webhook.watch_state ADD COLUMN IF NOT EXISTS health_since timestamptz;
+ALTER TABLE cdr_webhook.watch_state ADD COLUMN IF NOT EXISTS health_error text
+    CHECK (char_length(health_error) <= 500);
+ALTER TABLE cdr_webhook.watch_state ADD COLUMN IF NOT EXISTS heartbeat_seconds double precision;
+"""
+
+# Step 14: each endpoint's backlog per 5 minutes (cdr_webhook.ledger.health), a snapshot of its queued rows
+# that the select step takes at most once per bucket: backlog_snapshot holds the last bucket taken, so
+# every other run of the bucket reads one row and writes nothing. An endpoint with nothing queued has no
+# row: its chart draws an empty step.
+_BACKLOG_V14 = """
+CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_backlog (
+    endpoint  text        NOT NULL,
+    bucket    timestamptz NOT NULL,
+    queued    integer     NOT NULL,
+    in_flight integer     NOT NULL,
+    retrying  integer     NOT NULL,
+    PRIMARY KEY (endpoint, bucket)
+);
+CREATE INDEX IF NOT EXISTS endpoint_backlog_bucket_idx ON cdr_webhook.endpoint_backlog (bucket);
+CREATE TABLE IF NOT EXISTS cdr_webhook.backlog_snapshot (
+    singleton boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    bucket    timestamptz NOT NULL
+);
+"""
+
 STEPS: tuple[Step, ...] = (
     Step(1, "ledger, watermark and endpoint tables", _LEDGER_V1 + _ENDPOINTS_V1),
     Step(
@@ -230,6 +304,42 @@ STEPS: tuple[Step, ...] = (
         "  updated_at timestamptz NOT NULL DEFAULT now()); "
         "INSERT INTO cdr_webhook.retention (known) "
         "SELECT NOT EXISTS (SELECT 1 FROM cdr_webhook.delivery) ON CONFLICT DO NOTHING",
+    ),
+    Step(
+        10,
+        "since when an endpoint has failed every attempt",
+        # attempts_failing_since: the first failed attempt (retryable ones too) after the endpoint's
+        # last success; NULL while its last attempt succeeded. pause_after_minutes reads it.
+        "ALTER TABLE cdr_webhook.endpoint_state ADD COLUMN IF NOT EXISTS attempts_failing_since timestamptz",
+    ),
+    Step(11, "test CDRs as endpoint events", _TESTS_V11),
+    Step(12, "each endpoint's health per 5 minutes", _HEALTH_V12),
+    Step(13, "the commit watcher's heartbeat and health", _WATCH_HEALTH_V13),
+    Step(14, "each endpoint's backlog per 5 minutes", _BACKLOG_V14),
+    Step(15, "the owner-alert outbox, owed by every pause and resume", owner_alerts.DDL_V15),
+    Step(
+        16,
+        "each endpoint's OAuth2 access token, shared by every worker",
+        # token: the access token, Fernet-encrypted (cdr_webhook.deliver.auth: a key derived from
+        # Airflow's fernet_key and the client secret), never plain text; NULL until the first fetch.
+        # The row is also the lock that makes one worker fetch while the others wait for its token.
+        "CREATE TABLE IF NOT EXISTS cdr_webhook.oauth2_token ("
+        "  endpoint   text        PRIMARY KEY,"
+        "  token      bytea,"
+        "  fetched_at timestamptz,"
+        "  expires_at timestamptz,"
+        "  fetches    bigint      NOT NULL DEFAULT 0,"
+        "  updated_at timestamptz NOT NULL DEFAULT now())",
+    ),
+    Step(
+        17,
+        "each rate-limited endpoint's next free send time",
+        # One row per endpoint with a rate limit (ledger.rates): every task reserves its send times
+        # here, so the limit holds across workers, tasks and runs. Written by row lock, never scanned.
+        "CREATE TABLE IF NOT EXISTS cdr_webhook.endpoint_pace ("
+        "  endpoint text PRIMARY KEY,"
+        "  next_at timestamptz NOT NULL,"
+        "  updated_at timestamptz NOT NULL DEFAULT now())",
     ),
 )
 

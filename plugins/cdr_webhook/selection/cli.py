@@ -13,35 +13,46 @@ from cdr_webhook.selection.source import SourceError
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable, Sequence
 
     import psycopg
 
     from cdr_webhook.selection.dry_run import PreviewedCdr
+    from cdr_webhook.selection.source_check import Finding
+
+    #: One more check of ``source check``: the connection and the relation to its finding.
+    Check = Callable[[psycopg.Connection[Any], str], Finding]
 
 
-def run(conn: psycopg.Connection[Any], args: argparse.Namespace) -> str | None:
-    """Run ``source <args.command>``; return what failed (for the exit status 1), or None."""
-    from cdr_webhook.settings import load_settings
+def run(conn: psycopg.Connection[Any], args: argparse.Namespace, *, also: Sequence[Check] = ()) -> str | None:
+    """Run ``source <args.command>``; return what failed (for the exit status 1), or None.
+
+    :param also: ``source check``'s checks beyond the select step's own (the commit watcher's).
+    """
+    from cdr_webhook.adapters import load_settings
 
     settings = load_settings()
     try:
         if args.command == "check":
-            return check(conn, settings.source_relation, sample=args.sample)
+            return check(conn, settings.source_relation, sample=args.sample, also=also)
         return preview(conn, settings, args)
     except SourceError as err:
         print(f"error  {err}")
         return f"source relation {settings.source_relation!r} cannot be delivered as it stands"
 
 
-def check(conn: psycopg.Connection[Any], relation: str, *, sample: int) -> str | None:
+def check(
+    conn: psycopg.Connection[Any], relation: str, *, sample: int, also: Sequence[Check] = ()
+) -> str | None:
     """Print each check's finding; return the checks that failed, or None when the source is deliverable."""
     from cdr_webhook.selection.source_check import run_checks
 
     print(f"source relation {relation}")
-    findings = run_checks(conn, relation, sample=sample)
+    findings = run_checks(conn, relation, sample=sample) + [extra(conn, relation) for extra in also]
     for finding in findings:
         first, *rest = finding.lines
-        print(f"{finding.check:<8} {'ok   ' if finding.ok else 'FAIL '} {first}")
+        verdict = ("WARN " if finding.warn else "ok   ") if finding.ok else "FAIL "
+        print(f"{finding.check:<8} {verdict} {first}")
         for line in rest:
             print(f"{'':<14} {line}")
     failed = [finding.check for finding in findings if not finding.ok]
@@ -53,8 +64,8 @@ def check(conn: psycopg.Connection[Any], relation: str, *, sample: int) -> str |
 
 def preview(conn: psycopg.Connection[Any], settings: Any, args: argparse.Namespace) -> str | None:
     """Print the requests a run over the window would send, secrets masked; send and write nothing."""
+    from cdr_webhook.adapters import endpoint_configs
     from cdr_webhook.selection.dry_run import previews
-    from cdr_webhook.selection.step import airflow_connections
     from cdr_webhook.window import InvalidRunRequest, plan_window
 
     now = dt.datetime.now(dt.UTC)
@@ -72,7 +83,7 @@ def preview(conn: psycopg.Connection[Any], settings: Any, args: argparse.Namespa
         start=window.start,
         end=window.end,
         client_id=window.client_id,
-        connections=airflow_connections(),
+        connections=endpoint_configs(),
         limit=args.limit,
     ):
         shown += 1

@@ -1,7 +1,7 @@
 """``source preview``: the requests a run over a window would send, built by the run's own code, sent nowhere.
 
 Every CDR of the window (as policy ``all`` would select it) is routed to its endpoint
-(:mod:`cdr_webhook.selection.routing`), read as the select step reads it, mapped
+(:mod:`cdr_webhook.routing`), read as the select step reads it, mapped
 (:func:`~cdr_webhook.payload.build_payload`, the endpoint's filters), encoded and signed
 (:func:`~cdr_webhook.signing.signed_headers` with the connection's real secrets); the secrets are then
 masked for showing. Nothing is sent and nothing is written: not the ledger, not the watermark.
@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from cdr_webhook.config import EndpointConfigError, scrub
+from cdr_webhook.endpoint_config import EndpointConfigError
 from cdr_webhook.ledger import MAX_CDR_ID_LENGTH
-from cdr_webhook.payload import InvalidCdr, build_payload, sized_body
+from cdr_webhook.payload import InvalidCdr
+from cdr_webhook.redact import scrub
+from cdr_webhook.request import Excluded, request_body, shown_headers
+from cdr_webhook.routing import Router
 from cdr_webhook.selection import source
-from cdr_webhook.selection.routing import Router
 from cdr_webhook.settings import DEFAULT_ENDPOINT_CONN_ID
-from cdr_webhook.signing import masked_headers, signed_headers, webhook_id
+from cdr_webhook.signing import webhook_id
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
     import psycopg
 
-    from cdr_webhook.config import EndpointConfig
+    from cdr_webhook.endpoint_config import EndpointConfig
     from cdr_webhook.settings import Settings
 
 #: Source rows read at once (as the select step checks its claims).
@@ -81,7 +83,7 @@ def previews(
                 yield PreviewedCdr(cdr_id, route.endpoint, None, None, {}, f"skipped: {route.skip_reason}")
                 continue
             row = rows.get(cdr_id or "")
-            yield _request(cdr_id, row, route.endpoint, connections, settings.max_payload_bytes)
+            yield _previewed(cdr_id, row, route.endpoint, connections, settings.max_payload_bytes)
 
 
 def _earliest_rows(
@@ -106,7 +108,7 @@ def _exists(connections: Callable[[str], EndpointConfig | None], conn_id: str) -
         return True  # a malformed connection is held, not re-routed, as in a run
 
 
-def _request(
+def _previewed(
     cdr_id: str | None,
     row: Mapping[str, Any] | None,
     endpoint: str,
@@ -116,7 +118,7 @@ def _request(
     try:
         config = connections(endpoint)
         if config is None:
-            raise EndpointConfigError(endpoint, None, "does not exist (was it deleted or renamed?)")
+            raise EndpointConfigError.missing(endpoint)
     except EndpointConfigError as err:
         return PreviewedCdr(cdr_id, endpoint, None, None, {}, f"held (stays queued): configuration: {err}")
     secrets = config.secrets()
@@ -126,18 +128,10 @@ def _request(
         why = f"skipped: cdr_id is {len(cdr_id)} characters long, at most {MAX_CDR_ID_LENGTH} fit"
         return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, why)
     try:
-        payload = build_payload(row)
+        body = request_body(cdr_id, row, relation="the source", max_bytes=max_bytes, filters=config.filters)
+    except Excluded as err:
+        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {err}")
     except InvalidCdr as err:
         return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {scrub(str(err), secrets)}")
-    excluded = config.filters.exclusion(payload) if config.filters else None
-    if excluded is not None:
-        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {excluded}")
-    from cdr_webhook.deliver.hook import BASE_HEADERS  # imports Airflow: only once there is a body
-
-    try:
-        body = sized_body(payload, max_bytes)
-    except InvalidCdr as err:
-        return PreviewedCdr(cdr_id, endpoint, config.origin, None, {}, f"skipped: {scrub(str(err), secrets)}")
-    signed = signed_headers(config, body, webhook_id(cdr_id, endpoint))
-    headers = {**BASE_HEADERS, "content-length": str(len(body)), **signed}
-    return PreviewedCdr(cdr_id, endpoint, config.origin, body, masked_headers(headers))
+    shown = shown_headers(config, body, webhook_id(cdr_id, endpoint))
+    return PreviewedCdr(cdr_id, endpoint, config.origin, body, shown)

@@ -1,11 +1,16 @@
-"""How a run's CDRs become ``post_cdr`` tasks: one task per CDR, or chunks of one endpoint's CDRs.
+"""How a run's CDRs become ``post_cdr`` tasks: one task per CDR, or a few tasks that share the run.
 
-The default (``cdrs_per_task`` ``auto``) sizes the tasks from the run's own share of each endpoint's
-queue: an endpoint with up to ``chunk_above`` CDRs in the run gets a task per CDR (steady traffic:
-each CDR its own line in the grid, its own tries and log); an endpoint with more gets them in as few
-chunks as keep the run's task slots and the endpoint's in-flight slots busy (a burst, a backlog). A
-task start costs far more than a POST, so fewer, larger chunks send faster, as long as every slot
-that can send at once has one.
+The default (``cdrs_per_task`` ``auto``) sizes the tasks from the run's whole work: a run of up to
+``chunk_above`` CDRs maps a task per CDR (light traffic: each CDR its own line in the grid, its own
+tries and log, and that few tasks start within seconds); a bigger run maps one task per task slot
+at most, each carrying the CDRs of any number of endpoints. A task start costs far more than a POST
+(Airflow starts about 4 tasks a second on 2 cores), so spread traffic, a burst and a backlog all
+go faster in a few tasks that keep every slot busy than in a task per CDR.
+
+Inside a task each endpoint keeps its own rules (its in-flight limit, deadline, pause and retries:
+:mod:`cdr_webhook.deliver.lanes`). An endpoint's CDRs stay in one task unless it holds more than a
+task's share of the run; then they are dealt to several tasks, at most its in-flight limit, in
+turn, so the tasks sending side by side send its oldest first.
 
 Pure: it groups what it is given and reads nothing.
 """
@@ -33,9 +38,9 @@ class Sizing:
     """
     What the automatic sizing needs to know.
 
-    :param chunk_above: An endpoint's CDRs in a run up to this many go one task each; more, in chunks.
-    :param task_slots: The run's ``post_cdr`` tasks that can run at once: the smaller of
-        ``max_active_posts_per_run`` and the executor's ``[core] parallelism``.
+    :param chunk_above: A run of up to this many CDRs maps a task per CDR; a bigger one shares tasks.
+    :param task_slots: The run's ``post_cdr`` tasks that can run at once: the smallest of
+        ``max_active_posts_per_run``, the executor's ``[core] parallelism`` and the worker's cores.
     :param in_flight: ``endpoint -> its in-flight limit`` (POSTs at once, across every task).
     """
 
@@ -43,65 +48,58 @@ class Sizing:
     task_slots: int
     in_flight: Callable[[str], int]
 
-
-def chunk_counts(
-    claims: Sequence[HasEndpoint], sizing: Sizing, max_tasks: int | None = None
-) -> dict[str, int]:
-    """
-    How many tasks each endpoint's CDRs become; an endpoint absent from the result gets a task per CDR.
-
-    An endpoint over ``chunk_above`` gets ``ceil(n / chunk_above)`` chunks, at most its share of the
-    run's task slots (the slots divided among the endpoints that are chunked, at least one each) and
-    at most its in-flight limit (a chunk sends at least one POST at a time: more chunks than slots
-    would only wait). When that makes more than ``max_tasks`` tasks (many endpoints, each with a few
-    CDRs), the threshold is lowered until the run's CDRs fit, rather than sending some back.
-    """
-    counts: dict[str, int] = {}
-    for claim in claims:
-        counts[claim.endpoint] = counts.get(claim.endpoint, 0) + 1
-    for threshold in range(sizing.chunk_above, 0, -1):
-        chunks = _chunks_over(counts, threshold, sizing)
-        tasks = sum(chunks.get(endpoint, n) for endpoint, n in counts.items())
-        if max_tasks is None or tasks <= max_tasks:
-            break
-    return chunks
-
-
-def _chunks_over(counts: dict[str, int], threshold: int, sizing: Sizing) -> dict[str, int]:
-    chunked = {endpoint: n for endpoint, n in counts.items() if n > threshold}
-    share = max(sizing.task_slots // len(chunked), 1) if chunked else 1
-    return {
-        endpoint: max(min(math.ceil(n / threshold), share, sizing.in_flight(endpoint)), 1)
-        for endpoint, n in chunked.items()
-    }
+    def task_count(self, cdrs: int) -> int:
+        """How many tasks a run of ``cdrs`` CDRs maps (a task each up to ``chunk_above``)."""
+        if cdrs <= self.chunk_above:
+            return cdrs
+        return max(min(math.ceil(cdrs / self.chunk_above), self.task_slots), 1)
 
 
 def plan(claims: Sequence[C], sizing: Sizing, max_tasks: int | None = None) -> tuple[list[list[C]], list[C]]:
     """
-    Group a run's claims into tasks by :func:`chunk_counts`, in the claims' order; the surplus apart.
+    Group a run's claims (in the ledger's round-robin order) into tasks; the surplus apart.
 
-    A chunked endpoint's CDRs are dealt to its chunks in turn (the first to the first chunk, the
-    second to the second, ...), so chunks sending side by side together send the oldest first. The
-    tasks are ordered by their first claim, so every endpoint gets an early task. Beyond
-    ``max_tasks`` tasks, the later ones are returned apart, as the claims to give back to the queue.
+    Up to ``chunk_above`` claims: a task each. More: :meth:`Sizing.task_count` tasks. Each
+    endpoint's claims form one piece, or, when the endpoint holds more than a task's share of the
+    run, as many pieces as its share of the tasks, rounded (at most its in-flight limit), its claims dealt to
+    them in turn. The pieces go, largest first, to the least loaded task that has none of the same
+    endpoint. Each task keeps the claims' order, and the tasks are ordered by their first claim, so
+    every endpoint's oldest CDR goes out early. Beyond ``max_tasks`` tasks, the later ones are
+    returned apart, as the claims to give back to the queue.
     """
-    counts = chunk_counts(claims, sizing, max_tasks)
-    tasks: list[list[C]] = []
-    dealt: dict[str, list[list[C]]] = {}
-    turn: dict[str, int] = {}
+    if len(claims) <= sizing.chunk_above:
+        return split_surplus([[claim] for claim in claims], max_tasks)
+    count = sizing.task_count(len(claims))
+    if max_tasks is not None:
+        count = min(count, max_tasks)
+    order = {id(claim): index for index, claim in enumerate(claims)}
+    tasks: list[list[C]] = [[] for _ in range(count)]
+    endpoints_of: list[set[str]] = [set() for _ in range(count)]
+    for endpoint, piece in sorted(_pieces(claims, sizing, count), key=lambda item: -len(item[1])):
+        target = min(
+            (index for index in range(count) if endpoint not in endpoints_of[index]),
+            key=lambda index: (len(tasks[index]), index),
+        )
+        tasks[target].extend(piece)
+        endpoints_of[target].add(endpoint)
+    for task in tasks:
+        task.sort(key=lambda claim: order[id(claim)])
+    tasks = sorted((task for task in tasks if task), key=lambda task: order[id(task[0])])
+    return tasks, []
+
+
+def _pieces(claims: Sequence[C], sizing: Sizing, tasks: int) -> list[tuple[str, list[C]]]:
+    """Each endpoint's claims as one piece, or dealt in turn to several if well over a task's share."""
+    by_endpoint: dict[str, list[C]] = {}
     for claim in claims:
-        endpoint = claim.endpoint
-        if endpoint not in counts:
-            tasks.append([claim])
-            continue
-        chunks = dealt.setdefault(endpoint, [])
-        index = turn.get(endpoint, 0)
-        if index == len(chunks):
-            chunks.append([])
-            tasks.append(chunks[index])
-        chunks[index].append(claim)
-        turn[endpoint] = (index + 1) % counts[endpoint]
-    return split_surplus(tasks, max_tasks)
+        by_endpoint.setdefault(claim.endpoint, []).append(claim)
+    share = len(claims) / tasks
+    pieces = []
+    for endpoint, own in by_endpoint.items():
+        # Its share of the tasks, to the nearest whole: a piece is never far above a task's share.
+        count = max(min(math.floor(len(own) / share + 0.5), tasks, sizing.in_flight(endpoint)), 1)
+        pieces.extend((endpoint, own[turn::count]) for turn in range(count))
+    return pieces
 
 
 def split_surplus(tasks: list[list[C]], max_tasks: int | None) -> tuple[list[list[C]], list[C]]:

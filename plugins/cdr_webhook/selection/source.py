@@ -11,7 +11,7 @@ from psycopg.rows import dict_row
 from psycopg.types import datetime as pg_datetime
 from psycopg.types import json as pg_json
 
-from cdr_webhook.db import relation_identifier
+from cdr_webhook.db import relation_identifier, relation_name
 from cdr_webhook.payload import OUT_OF_RANGE, PAYLOAD_FIELDS, SOURCE_COLUMNS, Ambiguous, Unloadable
 from cdr_webhook.source_types import check_types, suggest_cast
 
@@ -97,7 +97,7 @@ def column_types(conn: psycopg.Connection[Any], relation: str) -> dict[str, str]
     A domain is named by its base type (psycopg loads its values as those of the base type), any enum
     type ``enum`` and an array of one ``enum[]`` (psycopg loads enum values as text).
     """
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation,)).fetchone()
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation_name(relation),)).fetchone()
     if not row or not row[0]:
         raise SourceError(
             f"source relation {relation!r} does not exist: create the view cdr_webhook_source over your "
@@ -116,7 +116,7 @@ def column_types(conn: psycopg.Connection[Any], relation: str) -> dict[str, str]
         WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum
         """,
-        (relation,),
+        (relation_name(relation),),
     ).fetchall()
     return {name: type_name for name, type_name in rows}
 
@@ -249,6 +249,16 @@ def invalid_indexes(conn: psycopg.Connection[Any], table: str) -> list[str]:
         (table,),
     ).fetchall()
     return [row[0] for row in rows]
+
+
+def view_definition(conn: psycopg.Connection[Any], relation: str) -> str | None:
+    """The SELECT of ``relation`` when it is a view or a materialized view (None for a table)."""
+    row = conn.execute(
+        "SELECT CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END "
+        "FROM pg_class AS c WHERE c.oid = to_regclass(%s)",
+        (relation,),
+    ).fetchone()
+    return row[0] if row else None
 
 
 def fetch_rows(

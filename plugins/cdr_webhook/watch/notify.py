@@ -1,4 +1,5 @@
-"""Install or remove the NOTIFY trigger (sql/notify_trigger.sql) on the table the dialer inserts into."""
+"""Install or remove the NOTIFY trigger (sql/notify_trigger.sql) on the table the dialer inserts into,
+and find whether the tables behind a source relation have it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
-from cdr_webhook.db import relation_identifier
+from cdr_webhook.db import relation_identifier, relation_name
+from cdr_webhook.selection.source_check import Finding
 
 if TYPE_CHECKING:
     import psycopg
@@ -23,7 +25,7 @@ class NotifyError(RuntimeError):
 
 def _kind(conn: psycopg.Connection[Any], table: str) -> str | None:
     row = conn.execute(
-        "SELECT c.relkind FROM pg_class AS c WHERE c.oid = to_regclass(%s)", (table,)
+        "SELECT c.relkind FROM pg_class AS c WHERE c.oid = to_regclass(%s)", (relation_name(table),)
     ).fetchone()
     return row[0] if row else None
 
@@ -57,7 +59,7 @@ def remove(conn: psycopg.Connection[Any], table: str) -> bool:
     with conn.transaction():
         row = conn.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s)",
-            (table, TRIGGER_NAME),
+            (relation_name(table), TRIGGER_NAME),
         ).fetchone()
         conn.execute(
             sql.SQL("DROP TRIGGER IF EXISTS {name} ON {table}").format(
@@ -65,3 +67,52 @@ def remove(conn: psycopg.Connection[Any], table: str) -> bool:
             )
         )
     return bool(row and row[0])
+
+
+#: The tables a relation reads, through views over views (the rewrite rules' dependencies), each with
+#: whether it has the trigger; a table reads itself.
+_TABLES_BEHIND = """
+WITH RECURSIVE behind(oid) AS (
+    SELECT to_regclass(%(relation)s)::oid
+    UNION
+    SELECT d.refobjid
+    FROM behind
+    JOIN pg_rewrite AS r ON r.ev_class = behind.oid
+    JOIN pg_depend AS d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+        AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> behind.oid
+)
+SELECT c.oid::regclass::text,
+       EXISTS (SELECT 1 FROM pg_trigger AS t WHERE t.tgrelid = c.oid AND t.tgname = %(name)s)
+FROM behind JOIN pg_class AS c ON c.oid = behind.oid
+WHERE c.relkind IN ('r', 'p')
+ORDER BY 1
+"""
+
+
+def tables_behind(conn: psycopg.Connection[Any], relation: str) -> dict[str, bool]:
+    """The tables ``relation`` reads (itself if it is one), each with whether it has the trigger."""
+    rows = conn.execute(_TABLES_BEHIND, {"relation": relation_name(relation), "name": TRIGGER_NAME})
+    return {table: bool(has) for table, has in rows.fetchall()}
+
+
+def source_finding(conn: psycopg.Connection[Any], relation: str) -> Finding:
+    """``source check``'s notify check: whether a table behind ``relation`` wakes the commit watcher at
+    each commit; a warning, naming the command, when none does (the watcher polls).
+    """
+    tables = tables_behind(conn, relation)
+    woken = [table for table, has in tables.items() if has]
+    if woken:
+        lines = (f"the NOTIFY trigger on {', '.join(woken)} wakes the commit watcher",)
+        return Finding("notify", True, lines)
+    candidates = ", ".join(tables) or relation
+    return Finding(
+        "notify",
+        True,
+        (
+            "no NOTIFY trigger: the commit watcher finds new CDRs by polling (every "
+            "watch_interval_seconds), about a second later than a trigger would wake it",
+            "install it on the table your dialer inserts CDRs into, one of those the relation reads "
+            f"({candidates}): python -m cdr_webhook source install-notify TABLE",
+        ),
+        warn=True,
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, get_parsing_context
+
 if TYPE_CHECKING:
     from cdr_webhook.settings import Settings
 
@@ -25,8 +27,6 @@ def watched_schedule(timetable: Any, settings: Settings) -> Any:
     """
     if not settings.watch_interval_seconds:
         return timetable
-    from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, get_parsing_context
-
     if get_parsing_context().task_id is not None:
         # A task process parses the DAG file for its task alone; the schedule it builds is never used
         # (the scheduler and the triggerer read the dag-processor's serialized DAG), and the trigger's

@@ -12,8 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from cdr_webhook.adapters import load_settings, notify_endpoint_event
 from cdr_webhook.ledger import endpoints
-from cdr_webhook.settings import DAG_ID, load_settings
+from cdr_webhook.settings import DAG_ID
 from cdr_webhook.web import airflow_api, deliveries, forms
 from cdr_webhook.web.deps import Conn, api_base_url, prefix, render
 from cdr_webhook.web.security import CanClear, CanPause, CanTrigger, caller_token, check_csrf
@@ -29,6 +30,12 @@ router = APIRouter()
 CHUNK_DELIVERED = (
     "delivered, and its task is a chunk: clearing a chunk re-sends only its CDRs "
     "not delivered: redeliver it with a run (policy all, its client and day) from Completeness"
+)
+
+#: Why a skipped CDR is not cleared, and what sends it.
+SKIPPED = (
+    "skipped: its source row cannot be sent as it is, and clearing its task would not send it: mend the "
+    "source row, then send it with a run with policy all over its window (its page gives the Params)"
 )
 
 
@@ -73,6 +80,9 @@ def redeliver(
         if (row.run_id, row.map_index) in chunks and row.status == "delivered":
             # A cleared chunk sends again only its CDRs not delivered: clearing would not resend this one.
             not_cleared.append((row, CHUNK_DELIVERED))
+        elif row.status == "skipped":
+            # Its claim is never taken again (ledger.claims): a cleared task would not send it.
+            not_cleared.append((row, SKIPPED))
         elif row.dag_id == DAG_ID and row.run_id and row.map_index is not None and row.map_index >= 0:
             by_run.setdefault(row.run_id, []).append(row.map_index)
         else:
@@ -157,5 +167,5 @@ def pause_or_resume(
     else:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no endpoint action {action!r}: pause or resume")
     if event is not None:
-        endpoints.notify(event)
+        notify_endpoint_event(event)
     return RedirectResponse(f"{prefix(request)}/endpoints", status_code=status.HTTP_303_SEE_OTHER)

@@ -15,10 +15,13 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cdr_webhook.config import EndpointConfigError, load_endpoint
-from cdr_webhook.ledger import endpoints
-from cdr_webhook.web import actions, deliveries, forms
+from cdr_webhook.adapters import load_endpoint
+from cdr_webhook.endpoint_config import EndpointConfigError
+from cdr_webhook.ledger import endpoints, health, owner_alerts, watch_health
+from cdr_webhook.web import actions, deliveries, endpoint_pages, forms
 from cdr_webhook.web.deps import HERE, Conn, login_url, prefix, render, settings, templates
+from cdr_webhook.web.endpoint_pages import owner_of
+from cdr_webhook.web.next_request import next_request
 from cdr_webhook.web.security import CanView  # noqa: TC001 (FastAPI reads the annotations at runtime)
 
 if TYPE_CHECKING:
@@ -54,6 +57,7 @@ def create_app() -> FastAPI:
     ):
         app.add_api_route(path, page, methods=["GET"], response_class=HTMLResponse, response_model=None)
     app.include_router(actions.router)
+    app.include_router(endpoint_pages.router)
     return app
 
 
@@ -130,21 +134,29 @@ def list_page(
         error = str(err)
     return render(
         request, "deliveries.html", user, status_code=400 if error else 200, page=page, query=query,
-        error=error, statuses=deliveries.LIST_STATUSES, cursor=cursor,
+        error=error, statuses=deliveries.LIST_STATUSES, cursor=cursor, watcher=_watcher(conn),
     )  # fmt: skip
 
 
 def delivery_page(request: Request, user: CanView, conn: Conn, cdr_id: str, endpoint: str) -> HTMLResponse:
     """One delivery: its row, every attempt, and the request it would send now."""
-    from cdr_webhook.web.preview import preview
-
     row = deliveries.get_delivery(conn, cdr_id=cdr_id, endpoint=endpoint)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no delivery of CDR {cdr_id!r} to {endpoint!r}")
+    # A queued CDR of a paused endpoint is held until someone resumes it: the page says so, and why.
+    state = endpoints.list_endpoints(conn, endpoint=row.endpoint) if row.status == "queued" else []
+    held = state[0] if state and state[0].paused else None
+    # The Params of a run that sends this CDR alone (window_end is excluded), if it cannot be cleared.
+    created = row.cdr_created_at.astimezone(dt.UTC)
+    alone = {
+        "window_start": created.isoformat(),
+        "window_end": (created + dt.timedelta(microseconds=1)).isoformat(),
+        "policy": "all",
+    } | ({"client_id": row.client_id} if row.client_id is not None else {})
     return render(
-        request, "delivery.html", user, row=row,
+        request, "delivery.html", user, row=row, held=held, alone=alone,
         history=deliveries.attempts(conn, cdr_id=cdr_id, endpoint=endpoint),
-        preview=preview(
+        next_request=next_request(
             conn, row, relation=settings().source_relation, max_bytes=settings().max_payload_bytes
         ),
     )  # fmt: skip
@@ -192,14 +204,32 @@ def completeness_page(
 
 
 def endpoints_page(request: Request, user: CanView, conn: Conn) -> HTMLResponse:
-    """Every endpoint's state, backlog and in-flight limit, with pause and resume."""
-    default_limit = settings().max_in_flight_per_endpoint
+    """Every endpoint's state, backlog, in-flight and rate limits, with pause and resume."""
+    default_limit, default_rate = settings().max_in_flight_per_endpoint, settings().rate_limit_per_second
     rows = []
+    alerts = owner_alerts.latest(conn)
     for state in endpoints.list_endpoints(conn):
         try:
             config = load_endpoint(state.endpoint)
             limit, origin, problem = config.in_flight_limit(default_limit), config.origin, None
+            auth = config.auth.describe()  # names and origins, never a value
+            rate = config.rate_limit(default_rate)
         except EndpointConfigError as err:
-            limit, origin, problem = default_limit, None, str(err)
-        rows.append({"state": state, "limit": limit, "origin": origin, "problem": problem})
-    return render(request, "endpoints.html", user, rows=rows)
+            limit, origin, problem, auth, rate = default_limit, None, str(err), None, default_rate
+            if problem in (state.reason or ""):
+                problem = None  # the pause's reason says it already (a held endpoint's)
+        rows.append({
+            "state": state, "limit": limit, "rate": rate, "origin": origin, "problem": problem, "auth": auth,
+            **owner_of(state.endpoint), "alert": alerts.get(state.endpoint),
+        })  # fmt: skip
+    day = health.trends(conn, health.PERIODS["day"], now=dt.datetime.now(dt.UTC))
+    return render(
+        request, "endpoints.html", user, rows=rows, automatic=endpoints.AUTOMATIC_ACTOR, trends=day,
+        watcher=_watcher(conn),
+    )  # fmt: skip
+
+
+def _watcher(conn: psycopg.Connection) -> watch_health.Verdict:
+    """The commit watcher's health: a banner when CDRs go out by the minute schedule only."""
+    config = settings()
+    return watch_health.watcher_verdict(conn, config.source_relation, config.watch_interval_seconds)

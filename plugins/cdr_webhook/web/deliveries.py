@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from cdr_webhook.db import relation_identifier, without_jit
-from cdr_webhook.outcome import DeliveryStatus
+from cdr_webhook.outcome import Claim, DeliveryStatus
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -53,15 +53,9 @@ class Filters:
 
 
 @dataclasses.dataclass(frozen=True)
-class Delivery:
-    """One ledger row: a CDR to one endpoint, and its last attempt."""
+class Delivery(Claim):
+    """One ledger row as the page shows it: a CDR to one endpoint (a claim's row), and its last attempt."""
 
-    cdr_id: str
-    endpoint: str
-    client_id: int | None
-    cdr_created_at: dt.datetime
-    status: str
-    attempts: int
     http_status: int | None
     error: str | None
     response_excerpt: str | None

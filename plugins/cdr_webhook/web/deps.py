@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
+from airflow.configuration import conf
+from airflow.exceptions import AirflowNotFoundException
+from airflow.sdk import BaseHook
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.templating import Jinja2Templates
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from cdr_webhook.config import scrub
+from cdr_webhook.adapters import load_settings
 from cdr_webhook.db import PROVIDER_EXTRAS, connect, connection_args
 from cdr_webhook.ledger.schema import migrate
-from cdr_webhook.settings import CDR_DB_CONN_ID, DAG_ID, load_settings
+from cdr_webhook.redact import scrub
+from cdr_webhook.settings import CDR_DB_CONN_ID, DAG_ID
 from cdr_webhook.web import airflow_api
 from cdr_webhook.web.security import csrf_token, permissions
 
@@ -60,8 +65,6 @@ class _Pools:
         self.migrated = False
 
     def get(self, args: dict[str, Any], timeout_ms: int) -> Any:
-        from psycopg_pool import ConnectionPool
-
         key = repr(sorted(args.items())) + f"/{timeout_ms}"
         with self._lock:
             if self._key != key:
@@ -99,9 +102,6 @@ def _unavailable(detail: str) -> HTTPException:
 
 def _connection() -> Any:
     """The ``cdr_db`` Airflow connection; a 503 naming it when it is not defined."""
-    from airflow.exceptions import AirflowNotFoundException
-    from airflow.sdk import BaseHook
-
     try:
         return BaseHook.get_connection(CDR_DB_CONN_ID)
     except AirflowNotFoundException:
@@ -114,8 +114,6 @@ def _connection() -> Any:
 @contextlib.contextmanager
 def _checked_out(connection: Any, timeout_ms: int) -> Iterator[psycopg.Connection[Any]]:
     """A connection of the pool (or, for a connection only the provider's hook opens, a new one)."""
-    from psycopg_pool import PoolTimeout
-
     if PROVIDER_EXTRAS & connection.extra_dejson.keys():
         # Cloud IAM tokens and the like expire: the provider's hook makes each connection afresh.
         with connect() as conn:
@@ -216,8 +214,6 @@ def api_base_url() -> str:
     Never the request's ``Host`` or origin: those are the client's to write, and a forged one would
     make the api-server POST, with the caller's token, to an address of the client's choosing.
     """
-    from airflow.configuration import conf
-
     base = (conf.get("api", "base_url", fallback="") or "").strip()
     if base.startswith(("http://", "https://")):
         return base.rstrip("/")

@@ -16,6 +16,7 @@ from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
+from airflow.configuration import conf
 from fastapi import Depends, HTTPException, Request, status
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
@@ -74,8 +75,6 @@ def caller_token(request: Request) -> str:
 
 
 def _serializer() -> URLSafeTimedSerializer:
-    from airflow.configuration import conf
-
     return URLSafeTimedSerializer(conf.get("api", "secret_key"), salt=_CSRF_SALT)
 
 

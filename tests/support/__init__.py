@@ -1,0 +1,1 @@
+"""What several test modules share: deployments, receivers, records made by hand, probes."""
