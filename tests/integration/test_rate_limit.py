@@ -44,7 +44,7 @@ def test_reservations_of_concurrent_senders_never_overlap(db, cdr_dsn):
         with psycopg.connect(cdr_dsn, autocommit=True) as conn:
             out = []
             for _ in range(5):
-                offsets = rates.reserve(conn, ENDPOINT, wanted=4, spacing=spacing, within=60)
+                offsets = rates.reserve(conn, ENDPOINT, wanted=4, spacing=spacing, within=60).offsets
                 now = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0]
                 # Back to absolute times on the database's clock (the offsets are from the reservation).
                 out += [float(now) + offset for offset in offsets]
@@ -61,10 +61,14 @@ def test_reservations_of_concurrent_senders_never_overlap(db, cdr_dsn):
 
 def test_nothing_is_reserved_beyond_the_window_and_a_hold_moves_every_sender_back(db):
     spacing = pacing.spacing(2)  # 0.55 s
-    assert len(rates.reserve(db, ENDPOINT, wanted=10, spacing=spacing, within=1.2)) == 3  # 0, .55, 1.1
-    assert rates.reserve(db, ENDPOINT, wanted=10, spacing=spacing, within=0.2) == []  # next is 1.65 s off
+    assert (
+        len(rates.reserve(db, ENDPOINT, wanted=10, spacing=spacing, within=1.2).offsets) == 3
+    )  # 0, .55, 1.1
+    assert (
+        rates.reserve(db, ENDPOINT, wanted=10, spacing=spacing, within=0.2).offsets == []
+    )  # next is 1.65 s off
     rates.hold(db, ENDPOINT, 30)
-    [first] = rates.reserve(db, ENDPOINT, wanted=1, spacing=spacing, within=60)
+    [first] = rates.reserve(db, ENDPOINT, wanted=1, spacing=spacing, within=60).offsets
     assert 29 < first <= 30
 
 
@@ -234,3 +238,29 @@ def test_the_setting_limits_an_endpoint_without_its_own_extra(db, monkeypatch):
     assert len(times) == 6
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert min(gaps) > pacing.spacing(4) - 0.02, gaps  # 0.275 s apart, not all at once
+
+
+def test_a_slow_reply_to_one_sender_does_not_move_its_send_times_onto_the_next_senders(
+    db, cdr_dsn, monkeypatch
+):
+    # The reply to one worker's reservation comes late (its commit waited for the disk, its process
+    # for a core): its send times must still be read on the database's clock, not from the moment
+    # the reply came, or they land on the times the next worker reserved after them.
+    spacing = pacing.spacing(20)
+    real = rates.reserve
+
+    def late_reply(*args, **kwargs):
+        reserved = real(*args, **kwargs)
+        time.sleep(0.15)
+        return reserved
+
+    with psycopg.connect(cdr_dsn, autocommit=True) as a, psycopg.connect(cdr_dsn, autocommit=True) as b:
+        slow, quick = Pacer(a, ENDPOINT, 20, ends=None), Pacer(b, ENDPOINT, 20, ends=None)
+        with monkeypatch.context() as patch:
+            patch.setattr(rates, "reserve", late_reply)
+            slow_times = [slow.next_time(4), *slow.times]
+        quick_times = [quick.next_time(4), *quick.times]
+    assert len(slow_times) == len(quick_times) == pacing.batch(20)
+    times = sorted(slow_times + quick_times)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) > spacing - 0.01, (slow_times, quick_times)

@@ -175,6 +175,6 @@ def test_step_17_adds_the_pace_table_to_a_database_at_version_16_and_keeps_its_r
     assert columns(cdr_db, "endpoint_pace") == {"endpoint", "next_at", "updated_at"}
     assert cdr_db.execute("SELECT cdr_id, status FROM cdr_webhook.delivery").fetchall() == [("a", "queued")]
     # The endpoint's first reservation makes its row; the next one starts a spacing after it.
-    assert rates.reserve(cdr_db, "cdr_webhook", wanted=2, spacing=0.5, within=10) == [0.0, 0.5]
-    [third] = rates.reserve(cdr_db, "cdr_webhook", wanted=1, spacing=0.5, within=10)
+    assert rates.reserve(cdr_db, "cdr_webhook", wanted=2, spacing=0.5, within=10).offsets == [0.0, 0.5]
+    [third] = rates.reserve(cdr_db, "cdr_webhook", wanted=1, spacing=0.5, within=10).offsets
     assert 0.9 < third <= 1.0

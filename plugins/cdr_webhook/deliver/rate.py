@@ -10,6 +10,7 @@ retry, and what cannot be sent before the try's time is up goes back to the queu
 from __future__ import annotations
 
 import collections
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,43 @@ def send_deadline(settings: Settings, time_limit: dt.timedelta | None) -> float 
     return time.monotonic() + max(left, 0.0)
 
 
+class DatabaseClock:
+    """
+    The database's clock read on this process's ``time.monotonic()``, to within half the quickest
+    round trip seen.
+
+    Every worker's send times are reserved on the database's clock, one spacing apart. Placing them
+    at the moment the reservation's reply came would move each batch later by however long that
+    reply took (its commit waiting for the disk, the worker waiting for a core), a different amount
+    for each worker, and so bring one worker's batch onto the next one's. A reading taken between
+    ``asked`` and ``answered`` puts the database's clock at their middle, off by at most half the
+    round trip; the quickest round trip wins, as NTP chooses its samples.
+    """
+
+    #: Readings taken before the first reservation: the quickest of them places the clock.
+    SAMPLES = 3
+
+    def __init__(self) -> None:
+        self.offset = 0.0  # the database's epoch seconds less time.monotonic()
+        self.error = math.inf  # half the round trip of the reading behind ``offset``
+
+    def heard(self, read_at: float | None, asked: float, answered: float) -> None:
+        """A reading of the database's clock, taken between monotonic ``asked`` and ``answered``."""
+        if read_at is None or answered < asked:
+            return
+        error = (answered - asked) / 2
+        if error < self.error:
+            self.offset, self.error = read_at - (asked + answered) / 2, error
+
+    def calibrate(self, conn: psycopg.Connection[Any]) -> None:
+        for _ in range(self.SAMPLES):
+            self.heard(*rates.clock(conn))
+
+    def local(self, at: float) -> float:
+        """The database's epoch seconds ``at`` as a ``time.monotonic()`` value."""
+        return at - self.offset
+
+
 class Pacer:
     """
     One endpoint's send times for one try: reserved a batch at a time, each used by one POST.
@@ -70,6 +108,7 @@ class Pacer:
         self.max_hold = max_hold  # the longest Retry-After honoured (max_retry_delay_seconds)
         self.times: collections.deque[float] = collections.deque()  # reserved, monotonic, in order
         self.given_up = 0  # reserved times passed unused (a thread busy, a hold)
+        self.clock = DatabaseClock()
 
     def next_time(self, waiting: int = 1) -> float | None:
         """
@@ -81,14 +120,17 @@ class Pacer:
             self.times.popleft()
             self.given_up += 1
         if not self.times:
+            if math.isinf(self.clock.error):
+                self.clock.calibrate(self.conn)
             within = (self.ends - now) if self.ends is not None else MAX_AHEAD_SECONDS
-            offsets = rates.reserve(
+            reserved = rates.reserve(
                 self.conn, self.endpoint, wanted=min(max(waiting, 1), self.batch), spacing=self.spacing,
                 within=within,
             )  # fmt: skip
-            # Read after the reply: the times map to this clock no earlier than the database meant.
-            base = time.monotonic()
-            self.times.extend(base + offset for offset in offsets)
+            self.clock.heard(reserved.read_at, reserved.asked, reserved.answered)
+            if reserved.read_at is not None:
+                base = self.clock.local(reserved.read_at)
+                self.times.extend(base + offset for offset in reserved.offsets)
         return self.times.popleft() if self.times else None
 
     def heard(self, attempt: Attempt) -> None:
