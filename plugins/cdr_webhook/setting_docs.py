@@ -65,7 +65,7 @@ DESCRIPTIONS: dict[str, str] = {
         "a few tasks, each carrying any endpoints' CDRs."
     ),
     "watch_interval_seconds": (
-        "Seconds between the commit watcher's polls and between its run starts; 0: off."
+        "The least time between the commit watcher's run starts; it polls twice an interval; 0: off."
     ),
     "page_statement_timeout_seconds": (
         "How long one query of the Deliveries page may run before it is cancelled."

@@ -59,8 +59,8 @@ class Settings:
     # tasks of any endpoints' CDRs); 1: a post_cdr task per CDR; more: each post_cdr task sends up to
     # this many CDRs of one endpoint.
     cdrs_per_task: int = 0
-    # Event-driven pick-up: the triggerer's watcher polls the source this often for new commits and
-    # starts a run on them (at most one run start per interval); 0 turns it off (the schedule only).
+    # Event-driven pick-up: the triggerer's watcher polls the source twice an interval for new commits
+    # and starts a run on them (at most one run start per interval); 0 turns it off (the schedule only).
     watch_interval_seconds: float = 1.0
     # Read by the tasks when they run.
     lag_seconds: int = 60

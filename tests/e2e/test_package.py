@@ -163,7 +163,7 @@ def test_the_config_section_answers_its_defaults(deployment):
     assert answer == default_text("watch_interval_seconds") == "1"
     assert stack.airflow("config", "get-value", "cdr_webhook", "cdrs_per_task").stdout.strip() == "auto"
     listed = stack.airflow("config", "list", "--section", "cdr_webhook", "--include-descriptions").stdout
-    assert "Seconds between the commit watcher's polls" in listed
+    assert "The least time between the commit watcher's run starts" in listed
 
 
 def test_the_deliveries_page_answers_with_its_package_data(deployment):

@@ -6,7 +6,13 @@ import datetime as dt
 
 import pytest
 
-from cdr_webhook.watch.firing import NOTIFY_FALLBACK_SECONDS, WatchState, poll_seconds, when_to_fire
+from cdr_webhook.watch.firing import (
+    NOTIFY_FALLBACK_SECONDS,
+    POLLS_PER_INTERVAL,
+    WatchState,
+    poll_seconds,
+    when_to_fire,
+)
 from cdr_webhook.window import event_scan_bounds
 
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
@@ -53,7 +59,9 @@ def test_first_start_without_a_scan_takes_a_baseline_instead_of_firing_for_histo
 
 
 def test_notify_makes_polling_a_slow_fallback():
-    assert poll_seconds(1.0, notify_installed=False) == 1.0
+    assert POLLS_PER_INTERVAL == 2
+    assert poll_seconds(1.0, notify_installed=False) == 0.5  # fires stay 1 s apart
+    assert poll_seconds(20.0, notify_installed=False) == 10.0
     assert poll_seconds(1.0, notify_installed=True) == NOTIFY_FALLBACK_SECONDS
     assert poll_seconds(60.0, notify_installed=True) == 60.0
 

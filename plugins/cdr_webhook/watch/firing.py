@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 NOTIFY_FALLBACK_SECONDS = 15.0
 
 
+#: Polls per ``watch_interval_seconds`` without the NOTIFY trigger. A commit waits for the next poll,
+#: then for the triggerer's hand-off (once a second): two polls an interval take half an interval off
+#: the worst case (for two index probes a poll), while fires stay at least the interval apart.
+POLLS_PER_INTERVAL = 2
+
+
 #: Seconds after a fire whose rows no scan has read yet (the watermark is still before them) when the
 #: watcher fires again: the run it asked for was never started (an event while the DAG was being
 #: paused, apache/airflow#49857) or waits (``max_active_runs`` reached, #56050). At most one such
@@ -123,5 +129,10 @@ def when_to_fire(
 
 
 def poll_seconds(interval_seconds: float, *, notify_installed: bool) -> float:
-    """How long the watcher waits between polls: the interval, or the fallback when NOTIFY wakes it."""
-    return max(interval_seconds, NOTIFY_FALLBACK_SECONDS) if notify_installed else interval_seconds
+    """
+    How long the watcher waits between polls: the fallback when NOTIFY wakes it; else a part of the
+    interval (:data:`POLLS_PER_INTERVAL`; fires stay at least the interval apart either way).
+    """
+    if notify_installed:
+        return max(interval_seconds, NOTIFY_FALLBACK_SECONDS)
+    return interval_seconds / POLLS_PER_INTERVAL

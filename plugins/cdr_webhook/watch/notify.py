@@ -109,8 +109,8 @@ def source_finding(conn: psycopg.Connection[Any], relation: str) -> Finding:
         "notify",
         True,
         (
-            "no NOTIFY trigger: the commit watcher finds new CDRs by polling (every "
-            "watch_interval_seconds), about a second later than a trigger would wake it",
+            "no NOTIFY trigger: the commit watcher finds new CDRs by polling (twice every "
+            "watch_interval_seconds), up to half an interval later than a trigger would wake it",
             "install it on the table your dialer inserts CDRs into, one of those the relation reads "
             f"({candidates}): python -m cdr_webhook source install-notify TABLE",
         ),

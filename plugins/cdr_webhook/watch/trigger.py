@@ -2,8 +2,8 @@
 
 ``CdrCommitTrigger`` is the trigger of the ``AssetWatcher`` on the DAG's asset
 (:func:`cdr_webhook.watch.schedule.watched_schedule`). It polls the source relation for a
-``created_at`` newer than what is covered (:mod:`cdr_webhook.watch.firing`), every
-``interval_seconds``, or waits on the NOTIFY channel when the source table carries the notify
+``created_at`` newer than what is covered (:mod:`cdr_webhook.watch.firing`), twice
+every ``interval_seconds``, or waits on the NOTIFY channel when the source table carries the notify
 trigger (``python -m cdr_webhook source install-notify TABLE``) and polls only as a fallback. When it
 fires it records the fire in ``cdr_webhook.watch_state`` first, then yields the event and goes on
 watching on the same connection; a watcher the triggerer starts again (after a restart, or a
