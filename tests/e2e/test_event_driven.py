@@ -19,7 +19,7 @@ from cdr_webhook.ledger import watch_health as health
 from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.support.deployments import API_KEY
+from tests.support.deployments import API_KEY, wait_for_watcher
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -69,16 +69,9 @@ def run_types(stack: AirflowStack, run_ids) -> set[str]:
     return {run["run_type"] for run in stack.runs() if run["dag_run_id"] in set(run_ids)}
 
 
-def watching(stack: AirflowStack) -> None:
-    """Wait for the watcher: the triggerer starts it once the dag-processor has registered the asset."""
-    wait_for(
-        lambda: "Watching cdr_webhook_source" in stack.log_tail("triggerer", 1_000_000), 90, "the watcher"
-    )
-
-
 def test_a_commit_is_delivered_by_a_run_the_watcher_starts_within_seconds(deployment, cdr_conn):
     stack, receiver, _ = deployment
-    watching(stack)
+    wait_for_watcher(stack)
     began = time.time()
     cdr = Dialer(cdr_conn).cdr()
 
@@ -142,7 +135,7 @@ def db_clock(conn) -> dt.datetime:
 
 def test_the_watcher_survives_an_infinity_row_and_idles_past_a_future_created_at(deployment, cdr_conn):
     stack, receiver, _ = deployment
-    watching(stack)
+    wait_for_watcher(stack)
     dialer = Dialer(cdr_conn)
     odd = [dialer.cdr(), dialer.cdr()]
     future = 20  # seconds ahead of the database's clock
@@ -173,7 +166,7 @@ def test_a_failing_source_view_starts_no_run_per_commit_and_delivers_once_correc
     from tests.integration.test_source_check import FAILING_CAST, replace_view
 
     stack, _, _ = deployment
-    watching(stack)
+    wait_for_watcher(stack)
     dialer = Dialer(cdr_conn)
     began = db_clock(cdr_conn)
     cdrs = [dialer.cdr(cost=Decimal("0"))]  # the row the broken view's cast fails on

@@ -4,7 +4,10 @@
   endpoint's retry and a clear of such a task send only its CDRs not delivered.
 * A failing customer holds only itself: client 7's endpoint answers 503 to everything while client
   7 makes a CDR every ~8 s, and a healthy customer making one every few seconds still gets each
-  POSTed within seconds of its commit; client 7's CDRs are held by one run at a time.
+  POSTed within seconds of its commit; client 7's CDRs are held by one run at a time. The two
+  customers call for five minutes from a thread of their own (:class:`Drip`), started with the
+  module's first test, which runs meanwhile: its run of many endpoints, its retry and its clear are
+  more of the traffic the healthy customer's CDRs get through.
 
 The settings are the defaults (retries 6, 30 s doubling to 900 s, ``max_active_runs`` 8, the watcher
 every second, a run every minute): the retry delays too, which the rest of the suite shortens, so
@@ -16,17 +19,19 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import threading
 import time
 import uuid
 from collections import Counter
 
+import psycopg
 import pytest
 
 from cdr_webhook.signing import webhook_id
 from demo.connections import http_conn
 from demo.dialer import Dialer
 from demo.receiver import Receiver
-from tests.support.deployments import API_KEY, SIGNING_SECRET
+from tests.support.deployments import API_KEY, SIGNING_SECRET, wait_for_watcher
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler]
 
@@ -61,6 +66,65 @@ def deployment(deploy):
         yield stack, receiver, failing, others
 
 
+class Drip:
+    """
+    Client 7, whose endpoint answers 503 to everything, makes a CDR every 6-10 s, and client 1 one
+    every 2-4 s, for ``seconds``, from a thread with a connection of its own; each commit's time
+    and how many runs hold client 7's CDRs are kept.
+    """
+
+    def __init__(self, cdr_dsn: str, failing: Receiver, seconds: float) -> None:
+        self.dsn = cdr_dsn
+        self.failing = failing
+        self.seconds = seconds
+        self.healthy: dict[str, float] = {}
+        self.doomed: list[str] = []
+        self.held_by: list[int] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drip", daemon=True)
+
+    def start(self) -> Drip:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                dialer = Dialer(conn)
+                next_failing = began = time.monotonic()
+                while time.monotonic() - began < self.seconds and not self._stop.is_set():
+                    if time.monotonic() >= next_failing:
+                        cdr = str(uuid.uuid4())
+                        self.failing.script(cdr, [503] * 50)  # its endpoint answers 503 to everything
+                        self.doomed.append(dialer.cdr(client_id=FAILING, cdr_id=cdr))
+                        next_failing += random.uniform(6, 10)
+                    self.healthy[dialer.cdr(client_id=1)] = time.time()
+                    self.held_by.append(runs_holding(conn, f"cdr_webhook_client_{FAILING}"))
+                    self._stop.wait(random.uniform(2, 4))
+        except BaseException as err:  # the test that joins the drip raises it
+            self.error = err
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def drip(deployment, cdr_dsn):
+    """The two customers calling for :data:`DRIP_SECONDS`, from the module's first test on."""
+    stack, _, failing, _ = deployment
+    wait_for_watcher(stack)  # until then only the minute's run would deliver
+    calling = Drip(cdr_dsn, failing, DRIP_SECONDS).start()
+    yield calling
+    calling.stop()
+
+
 def ledger(conn, cdr_ids) -> dict[str, tuple[str, int]]:
     rows = conn.execute(
         "SELECT cdr_id, status, attempts FROM cdr_webhook.delivery WHERE cdr_id = ANY(%s)", (list(cdr_ids),)
@@ -77,7 +141,11 @@ def wait_until(predicate, timeout: float, what: str):
     raise TimeoutError(what)
 
 
-def test_a_task_of_many_endpoints_retries_and_is_cleared_sending_only_its_undelivered(deployment, cdr_conn):
+def test_a_task_of_many_endpoints_retries_and_is_cleared_sending_only_its_undelivered(
+    deployment, drip, cdr_conn
+):
+    # The drip of the next test calls meanwhile: more traffic for this run's tasks, and its CDRs are
+    # for other clients (1 and 7) and dated now, outside this run's window.
     stack, receiver, _, others = deployment
     dialer = Dialer(cdr_conn)
     made: dict[str, int] = {}
@@ -147,23 +215,10 @@ def runs_holding(conn, endpoint: str) -> int:
     return row[0]
 
 
-def test_a_failing_customer_holds_only_itself_with_the_default_settings(deployment, cdr_conn):
-    stack, receiver, failing, _ = deployment
-    dialer = Dialer(cdr_conn)
-    healthy: dict[str, float] = {}
-    doomed: list[str] = []
-    held_by: list[int] = []
-    next_failing = time.monotonic()
-    began = time.monotonic()
-    while time.monotonic() - began < DRIP_SECONDS:
-        if time.monotonic() >= next_failing:
-            cdr = str(uuid.uuid4())
-            failing.script(cdr, [503] * 50)  # its endpoint answers 503 to everything
-            doomed.append(dialer.cdr(client_id=FAILING, cdr_id=cdr))
-            next_failing += random.uniform(6, 10)
-        healthy[dialer.cdr(client_id=1)] = time.time()
-        held_by.append(runs_holding(cdr_conn, f"cdr_webhook_client_{FAILING}"))
-        time.sleep(random.uniform(2, 4))
+def test_a_failing_customer_holds_only_itself_with_the_default_settings(deployment, drip, cdr_conn):
+    _, receiver, failing, _ = deployment
+    drip.join()  # five minutes of calls from the start of the module's first test
+    healthy, doomed, held_by = drip.healthy, drip.doomed, drip.held_by
     wait_until(lambda: all(receiver.received(c) for c in healthy), 60, "a healthy CDR was never POSTed")
 
     latencies = sorted(min(p.at for p in receiver.received(c)) - at for c, at in healthy.items())

@@ -22,6 +22,15 @@ API_KEY = "k3y-7d41c0ffee9b2e"
 SIGNING_SECRET = "whsec_" + base64.b64encode(b"cdr-webhook-test-signing-key-32b").decode()
 
 
+def wait_for_watcher(stack: AirflowStack, timeout: float = 90) -> None:
+    """Wait for the commit watcher: the triggerer starts it once the dag-processor registered the asset."""
+    deadline = time.monotonic() + timeout
+    while "Watching cdr_webhook_source" not in stack.log_tail("triggerer", 1_000_000):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the triggerer started no commit watcher within {timeout:g} s")
+        time.sleep(0.25)
+
+
 def prepare_cdr_database(dsn: str) -> None:
     """A clean CDR database for a deployment: the reference schema, the ledger and endpoint tables."""
     from cdr_webhook.ledger.schema import migrate
