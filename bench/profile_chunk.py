@@ -1,7 +1,7 @@
 """The CPU a chunk task spends per CDR, next to a raw keep-alive POST loop's per POST, without Airflow.
 
     PYTHONPATH=plugins .venv/bin/python -m bench.profile_chunk [--cdrs 2000] [--in-flight 8] [--repeat 3]
-        [--profile 25] [--endpoints 1] [--host localhost] [--dsn DSN]
+        [--profile 25] [--endpoints 1] [--host localhost] [--delay-ms 50] [--dsn DSN]
 
 One process plays the chunk task: ``CdrWebhookOperator.execute`` of a chunk of ``--cdrs`` CDRs (its
 claim, bodies, slots, POSTs from its pool of senders, records and log lines) over a real PostgreSQL
@@ -70,19 +70,19 @@ class TaskInstance:
     dag_id: str = "cdr_webhook"
 
 
-def _serve(pipe: Connection) -> None:
-    """The receiver's process: answer at once until told to stop; send back how many it received."""
-    with Receiver() as receiver:
+def _serve(pipe: Connection, delay_ms: float = 0) -> None:
+    """The receiver's process: answer (after ``delay_ms``) until told to stop; say how many it received."""
+    with Receiver(delay_ms=delay_ms) as receiver:
         pipe.send(receiver.url)
         pipe.recv()
         pipe.send(len(receiver.received()))
 
 
 @contextlib.contextmanager
-def receiver_process() -> Iterator[Callable[[], str]]:
-    """Yield the URL of a receiver in its own (spawned) process."""
+def receiver_process(delay_ms: float = 0) -> Iterator[Callable[[], str]]:
+    """Yield the URL of a receiver in its own (spawned) process, answering after ``delay_ms``."""
     here, there = multiprocessing.get_context("spawn").Pipe()
-    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(there,), daemon=True)
+    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(there, delay_ms), daemon=True)
     process.start()
     url = here.recv()
     try:
@@ -255,6 +255,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--endpoints", type=int, default=1, help="spread the CDRs over this many endpoints")
     parser.add_argument("--in-flight", type=int, default=8, help="max_in_flight_per_endpoint (default 8)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0,
+        help="the receiver answers each POST after this many ms; the chunk's rate is then also given "
+        "against the bound (in-flight limit / delay)",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print cProfile's top N")
     parser.add_argument(
         "--host",
@@ -281,7 +288,7 @@ def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -
     ).fetchone()
     bodies = signed_requests(conn, ids, endpoint=ENDPOINT, secret=SIGNING_SECRET, api_key=API_KEY)
     raw: dict[str, list[tuple[float, float]]] = {"requests.Session": [], "http.client": []}
-    for _ in range(args.repeat):
+    for _ in range(args.repeat if not args.delay_ms else 0):  # with a delay, the bound is the reference
         raw["requests.Session"].append(timed(lambda: all_ok(requests_loop(url, bodies))))
         raw["http.client"].append(timed(lambda: all_ok(http_client_loop(url, bodies))))
     load = load_average()
@@ -291,13 +298,21 @@ def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -
         f"{load} (after); the chunk delivered {delivered[0] if delivered else 0} in its last try.\n"
     )
     print("| what | CPU ms per CDR | wall ms per CDR |\n| --- | ---: | ---: |")
-    cpu, wall = median_per_item(chunk, args.cdrs)
-    print(f"| chunk task (`CdrWebhookOperator.execute`) | {cpu:.3f} | {wall:.3f} |")
+    cpu, wall_chunk = median_per_item(chunk, args.cdrs)
+    print(f"| chunk task (`CdrWebhookOperator.execute`) | {cpu:.3f} | {wall_chunk:.3f} |")
     db_ms = statistics.median(database) / args.cdrs * 1000
     print(f"| the CDR database server during the chunk (every PostgreSQL process) | {db_ms:.3f} | |")
-    for name, samples in raw.items():
+    for name, samples in raw.items() if not args.delay_ms else ():
         cpu, wall = median_per_item(samples, args.cdrs)
         print(f"| raw keep-alive loop, `{name}` (bodies built in advance) | {cpu:.3f} | {wall:.3f} |")
+    if args.delay_ms:
+        bound = args.in_flight / (args.delay_ms / 1000)
+        rate = 1000 / wall_chunk
+        print(
+            f"\nReceiver answering in {args.delay_ms:g} ms: the chunk sent {rate:.1f} CDR/s, "
+            f"{rate / bound:.3f}x the bound ({args.in_flight} in flight / {args.delay_ms:g} ms = "
+            f"{bound:.1f}/s)."
+        )
     if args.profile:
         print(profile_chunk(conn, ids, args.profile, args.endpoints))
 
@@ -317,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log_file = configure_task_logging(os.path.join(home, "task.log"))
     try:
-        with scratch_database(args.dsn, "cdr_webhook_profile") as dsn, receiver_process() as url:
+        with scratch_database(args.dsn, "cdr_webhook_profile") as dsn, receiver_process(args.delay_ms) as url:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 load_reference_schema(conn)
                 migrate(conn)

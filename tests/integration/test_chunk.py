@@ -200,6 +200,29 @@ def test_a_chunk_never_passes_the_endpoints_in_flight_limit_shared_with_other_ta
     assert elapsed < 12 * 0.15  # not one after the other
 
 
+def test_a_slot_goes_on_to_its_lanes_next_cdr_without_waiting_for_the_calling_thread(db, monkeypatch):
+    """A sending thread whose POST was delivered takes its lane's next CDR itself: with the calling
+    thread slowed to 0.3 s a turn, one slot's 10 POSTs still go out back to back."""
+    from cdr_webhook.deliver.lanes import LaneSender
+
+    collect = LaneSender.collect
+
+    def slow_collect(self):
+        time.sleep(0.3)  # the calling thread busy (a long log line, a slow ledger query, ...)
+        collect(self)
+
+    monkeypatch.setattr(LaneSender, "collect", slow_collect)
+    with Receiver(secret=SECRET, api_key=API_KEY) as server:
+        connect_endpoint(monkeypatch, server.url, signing_secret=SECRET, max_in_flight=1)
+        chunk = cdrs(db, 10)
+        run_chunk(chunk, FakeTaskInstance())
+        arrivals = [post.at for post in server.received()]
+
+    assert statuses(db, chunk) == {cdr: ("delivered", 1) for cdr in chunk}
+    # A slot handed back to the calling thread after each POST would take 9 x 0.3 s.
+    assert arrivals[-1] - arrivals[0] < 0.3
+
+
 def test_the_ledger_is_written_in_batches_not_per_cdr(db, receiver):
     """Statement-level triggers count the UPDATE statements on the ledger and the endpoint's state."""
     from cdr_webhook.deliver.recorder import RECORD_GAP_SECONDS

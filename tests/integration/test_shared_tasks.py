@@ -110,6 +110,36 @@ def test_each_endpoint_keeps_its_own_rules_and_a_failing_or_slow_one_stalls_none
     assert sum(len(slow.received(cdr)) for cdr in slowed) == len(slowed)
 
 
+def test_a_thread_goes_on_with_its_lane_only_while_no_other_lane_waits_for_one(db, receivers, monkeypatch):
+    """With fewer threads than lanes, a thread whose POST was delivered gives its turn to a lane
+    waiting for a thread instead of taking its own lane's next CDR: the lanes take turns."""
+    from cdr_webhook.deliver import lanes
+
+    monkeypatch.setattr(lanes, "MAX_THREADS", 2)
+    fast, _ = receivers
+    fast.delay_ms = 20
+    groups = {HEALTHY: claimed(db, HEALTHY, 1, 6), DOWN: claimed(db, DOWN, 2, 6, offset=100)}
+    third = "cdr_webhook_client_4"
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{third.upper()}",
+        http_conn(f"{fast.url}/{third}", api_key="key-third-0004", signing_secret=SECRET),
+    )
+    groups[third] = claimed(db, third, 4, 6, offset=200)
+
+    run_task(groups, FakeTaskInstance(try_number=1, max_tries=2))
+
+    order = [post.path.rsplit("/", 1)[-1] for post in sorted(fast.received(), key=lambda post: post.at)]
+    assert sorted(order) == sorted(endpoint for endpoint, ids in groups.items() for _ in ids)
+    # Every lane had its first POST before any lane had its third: no thread kept its lane.
+    first = {endpoint: order.index(endpoint) for endpoint in groups}
+    third_post = min(
+        [i for i, endpoint in enumerate(order) if order[: i + 1].count(endpoint) == 3], default=len(order)
+    )
+    assert max(first.values()) < third_post, order
+    all_ids = [cdr for ids in groups.values() for cdr in ids]
+    assert status_of(db, all_ids) == {cdr: ("delivered", 1) for cdr in all_ids}
+
+
 def test_a_cleared_task_of_many_endpoints_sends_again_only_what_is_not_delivered(db, receivers):
     fast, _ = receivers
     healthy = claimed(db, HEALTHY, 1, 4)

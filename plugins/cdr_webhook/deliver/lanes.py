@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import queue
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -62,19 +64,31 @@ class LaneSender:
     Send the lanes' CDRs as many at once as their slots allow, on one pool of threads, each thread
     with a kept-alive session per endpoint; decide, log and record the outcomes as they come.
 
-    The pool's threads only send. The calling thread holds the slots and keeps the claims alive on
-    the task's connection; the recorder writes the outcomes on a connection of its own, so a POST's
-    2xx is in the ledger within moments and the sending never waits for it, except after a delivery
-    failed for good (its endpoint may be paused: the lane learns it before it sends more). A lane
-    that gets no slot for ``slot_wait_seconds`` (its endpoint's other tasks hold them all) stops,
-    its CDRs kept.
+    The pool's threads send. A thread whose POST was delivered takes its lane's next CDR itself,
+    so a slot does not wait for the calling thread's turn between two POSTs, as long as its lane
+    stays within its share, has no rate limit, and no other lane waits for a thread. The calling
+    thread decides what the outcomes mean, holds the slots and keeps the claims alive on the task's
+    connection; the recorder writes the outcomes on a connection of its own, so a POST's 2xx is in
+    the ledger within moments and the sending never waits for it, except after a delivery failed
+    for good (its endpoint may be paused: the lane learns it before it sends more; a thread goes on
+    only after a delivery). A lane that gets no slot for ``slot_wait_seconds`` (its endpoint's other
+    tasks hold them all) stops, its CDRs kept.
     """
 
     def __init__(self, engine: DeliveryEngine, lanes: list[Lane], bodies: dict[str, bytes]) -> None:
         self.engine = engine
         self.lanes = lanes
         self.bodies = bodies
-        self.running: dict[concurrent.futures.Future[PostResult], tuple[Lane, Claim]] = {}
+        #: Each POST's outcome as a sending thread hands it over: (lane, claim, its attempt, or None
+        #: when its send time passed, or the error the thread raised; whether the thread ended).
+        self.results: queue.SimpleQueue[tuple[Lane, Claim, Attempt | BaseException | None, bool]] = (
+            queue.SimpleQueue()
+        )
+        self.sending = 0  # threads sending (each holds one of its lane's slots)
+        #: Guards the lanes' ``waiting``, ``running`` and ``stopped`` and ``sending``: the sending
+        #: threads take their lane's next CDR themselves.
+        self.lock = threading.Lock()
+        self.closing = False  # the try ends: no thread takes another CDR
         self.attempts: list[Attempt] = []
         self.recorder: Recorder | None = None
         self.last_grow = self.last_alive = time.monotonic()
@@ -114,6 +128,11 @@ class LaneSender:
             max_workers=max(self.threads, 1), thread_name_prefix="cdr-webhook"
         )
         self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
+        self._stack.callback(self._close)  # first out: the threads take no more CDRs
+
+    def _close(self) -> None:
+        with self.lock:
+            self.closing = True
 
     def __exit__(self, *exc_info: Any) -> None:
         self._stack.__exit__(*exc_info)
@@ -127,28 +146,81 @@ class LaneSender:
             self.follow_records(now)
             self.grow(now)
             self.stop_starved(now)
-            for lane in self.lanes:
-                lane.shrink()
+            with self.lock:
+                for lane in self.lanes:
+                    lane.shrink()
         return self.attempts, [lane for lane in self.lanes if lane.stopped]
 
     def dispatch(self) -> None:
         """Start waiting CDRs on free slots, a lane at a time in turn, up to the pool's threads."""
-        while len(self.running) < self.threads:
-            ready = [
-                lane for lane in self.lanes if lane.waiting and not lane.stopped and lane.free_slots() > 0
-            ]
-            if not ready:
-                return
-            for lane in ready[self.turn % len(ready) :] + ready[: self.turn % len(ready)]:
-                if len(self.running) >= self.threads:
+        out_of_time: list[Lane] = []
+        with self.lock:
+            while self.sending < self.threads:
+                ready = [lane for lane in self.lanes if self._ready(lane) and lane not in out_of_time]
+                if not ready:
                     break
-                if (at := lane.pacer.next_time(len(lane.waiting)) if lane.pacer else 0.0) is None:
-                    hand_back(self.engine, lane)  # no send time fits in this try
-                    continue
-                claim = lane.waiting.popleft()
-                lane.running += 1
-                self.running[self._pool.submit(self._post, lane, claim, at)] = (lane, claim)
-            self.turn += 1
+                for lane in ready[self.turn % len(ready) :] + ready[: self.turn % len(ready)]:
+                    if self.sending >= self.threads:
+                        break
+                    if (at := lane.pacer.next_time(len(lane.waiting)) if lane.pacer else 0.0) is None:
+                        out_of_time.append(lane)
+                        continue
+                    claim = lane.waiting.popleft()
+                    lane.running += 1
+                    self.sending += 1
+                    self._pool.submit(self._send, lane, claim, at)
+                self.turn += 1
+        for lane in out_of_time:  # no send time fits in this try (a paced lane: no thread takes its CDRs)
+            hand_back(self.engine, lane)
+
+    @staticmethod
+    def _ready(lane: Lane) -> bool:
+        return bool(lane.waiting) and not lane.stopped and lane.free_slots() > 0
+
+    def _send(self, lane: Lane, claim: Claim, at: float) -> None:
+        """
+        In a sending thread: POST the claim, hand its attempt over, and go on with the lane's next
+        CDR while :meth:`_goes_on` says so; the thread's slot is the lane's until then.
+        """
+        while True:
+            try:
+                result = self._post(lane, claim, at)
+                attempt = (
+                    None
+                    if result is None
+                    else self.engine.attempt_of(claim, result, lane.msg_ids[claim.cdr_id])
+                )
+            except BaseException as err:  # raised by the calling thread: the try fails as before
+                self.results.put((lane, claim, err, True))
+                return
+            with self.lock:
+                following = lane.waiting.popleft() if self._goes_on(lane, attempt) else None
+            self.results.put((lane, claim, attempt, following is None))
+            if following is None:
+                return
+            claim, at = following, 0.0
+
+    def _goes_on(self, lane: Lane, attempt: Attempt | None) -> bool:
+        """
+        Whether a thread that sent ``attempt`` takes its lane's next CDR itself (under the lock): only
+        after a delivery (any other outcome is for the calling thread to weigh first), not on a
+        paced lane, not beyond the lane's share of slots (it gives them back), and not while
+        another lane waits for a thread.
+        """
+        if (
+            self.closing
+            or attempt is None
+            or attempt.decision.verdict is not Verdict.DELIVERED
+            or lane.pacer is not None
+            or lane.stopped
+            or not lane.waiting
+            or lane.held is None
+            or lane.running > min(len(lane.held.slots), max(lane.share, 1))
+        ):
+            return False
+        return self.sending < self.threads or not any(
+            other is not lane and self._ready(other) for other in self.lanes
+        )
 
     def _post(self, lane: Lane, claim: Claim, at: float) -> PostResult | None:
         """POST a claim at its send time ``at`` (0: now); None: that time passed before the thread had it."""
@@ -164,22 +236,30 @@ class LaneSender:
             lane.sessions.give(session)
 
     def collect(self) -> None:
-        """Wait a moment for POSTs to finish; decide, record and report each one that did."""
-        if not self.running:
+        """Wait a moment for POSTs to finish; record and report each one that did, and weigh it."""
+        if not self.sending:
             time.sleep(GROW_SECONDS)  # every lane waits for a slot
             return
-        finished, _ = concurrent.futures.wait(
-            self.running, timeout=GROW_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
-        )
+        try:
+            finished = [self.results.get(timeout=GROW_SECONDS)]
+        except queue.Empty:
+            return
+        with contextlib.suppress(queue.Empty):
+            while True:
+                finished.append(self.results.get_nowait())
         assert self.recorder is not None
         failed = False
-        for future in finished:
-            lane, claim = self.running.pop(future)
-            lane.running -= 1
-            if (result := future.result()) is None:  # its send time passed: it takes the next one
-                lane.waiting.appendleft(claim)
+        for lane, claim, attempt, ended in finished:
+            with self.lock:
+                if ended:
+                    lane.running -= 1
+                    self.sending -= 1
+                if attempt is None:  # its send time passed: it takes the next one
+                    lane.waiting.appendleft(claim)
+            if isinstance(attempt, BaseException):
+                raise attempt
+            if attempt is None:
                 continue
-            attempt = self.engine.attempt_of(claim, result, lane.msg_ids[claim.cdr_id])
             if lane.pacer is not None:
                 lane.pacer.heard(attempt)
             self.recorder.put(attempt)
@@ -187,7 +267,9 @@ class LaneSender:
             self.attempts.append(attempt)
             failed = failed or attempt.decision.status is DeliveryStatus.FAILED
             lane.counted(attempt)
-            if lane.stopped and lane.waiting:
+            with self.lock:
+                stopped_now = lane.stopped and lane.waiting
+            if stopped_now:
                 self.engine.log.warning(
                     "Endpoint %s: %s; its %d other CDR(s) of this chunk are not sent in this try and "
                     "wait for its retry",
@@ -195,7 +277,8 @@ class LaneSender:
                     lane.stopped,
                     len(lane.waiting),
                 )
-                lane.waiting.clear()
+                with self.lock:
+                    lane.waiting.clear()
         if failed:  # a delivery that failed for good may pause its endpoint: recorded before more go
             self.recorder.wait()
 
@@ -227,16 +310,18 @@ class LaneSender:
 
     def release_waiting(self, lane: Lane) -> None:
         """Give a lane's CDRs not sent yet back to the queue: its endpoint was paused."""
-        if not lane.waiting:
+        with self.lock:  # taken from the lane at once: no sending thread takes one of them after
+            waiting = list(lane.waiting)
+            lane.waiting.clear()
+        if not waiting:
             return
-        ledger.release_many(self.engine.conn, list(lane.waiting))
+        ledger.release_many(self.engine.conn, waiting)
         self.engine.log.warning(
             "Endpoint %s was paused: the %d CDR(s) of this chunk not sent yet stay queued and go out, in "
             "order, once it is resumed",
             lane.conn_id,
-            len(lane.waiting),
+            len(waiting),
         )
-        lane.waiting.clear()
 
     def grow(self, now: float) -> None:
         """
