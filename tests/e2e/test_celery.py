@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.e2e, pytest.mark.scheduler, pytest.mark.celery]
 
-CDRS = 300  # the first run's
+CDRS = 120  # the first run's: a task each, spread over both workers
 KILL_CDRS = 120  # the run that loses a worker
 WORKERS = ("worker-1", "worker-2")
 # A killed worker's running tasks are retried this long after their last heartbeat, and the tasks it
