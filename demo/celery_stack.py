@@ -52,14 +52,13 @@ class CeleryStack(AirflowStack):
         broker_url: str,
         workers: int = 2,
         concurrency: int = 4,
-        meta_template: str | None = None,
     ) -> None:
         self.workers = [f"worker-{number}" for number in range(1, workers + 1)]
         self.concurrency = concurrency
         # A queue of its own: other deployments may share the broker, and their workers must not take
         # this deployment's tasks.
         self.queue = f"cdr-webhook-{uuid.uuid4().hex[:10]}"
-        super().__init__(home, pg_server, env, meta_template=meta_template)
+        super().__init__(home, pg_server, env)
         self.env |= {
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import psycopg
 import requests
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from demo.dialer import ROOT
@@ -108,7 +107,6 @@ class AirflowStack:
         port: int | None = None,
         python: str = sys.executable,
         metadata: str | None = None,
-        meta_template: str | None = None,
     ) -> None:
         """
         :param pg_server: the PostgreSQL to create the metadata DB on; None: ``metadata``, else
@@ -119,9 +117,6 @@ class AirflowStack:
             auth manager does not make everyone an admin); None: no credentials.
         :param triggerer: start the triggerer (False: a deployment without one, where only the
             schedule delivers).
-        :param meta_template: a database on ``pg_server`` that ``airflow db migrate`` of this
-            interpreter's Airflow made (:func:`migrated_template`): the metadata database is copied
-            from it instead of migrated (a test session starts many stacks); None: migrate.
         :param python: the interpreter whose Airflow runs (another virtualenv's: an installed package).
         :param port: the api-server's port (None: a free one).
         """
@@ -134,7 +129,6 @@ class AirflowStack:
         self.base = f"http://127.0.0.1:{self.port}"
         self.meta_db = f"airflow_meta_{uuid.uuid4().hex[:10]}"
         self._pg_server = pg_server
-        self._meta_template = meta_template if pg_server else None
         if pg_server:
             metadata = sqlalchemy_url(make_conninfo(pg_server, dbname=self.meta_db))
         elif not metadata:
@@ -170,16 +164,8 @@ class AirflowStack:
     def start(self, timeout: float = 180) -> AirflowStack:
         if self._pg_server:
             with psycopg.connect(self._pg_server, autocommit=True) as admin:
-                if self._meta_template:
-                    admin.execute(
-                        sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                            sql.Identifier(self.meta_db), sql.Identifier(self._meta_template)
-                        )
-                    )
-                else:
-                    admin.execute(f'CREATE DATABASE "{self.meta_db}"')
-        if not self._meta_template:
-            self.airflow("db", "migrate")
+                admin.execute(f'CREATE DATABASE "{self.meta_db}"')
+        self.airflow("db", "migrate")
         for component in self.components:
             self.spawn(component, component)
         self._wait_healthy(timeout)

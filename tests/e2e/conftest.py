@@ -15,7 +15,7 @@ import pytest
 from demo.connections import http_conn
 from demo.receiver import Receiver
 from tests.conftest import ROOT, reread_settings
-from tests.support.deployments import API_KEY, SIGNING_SECRET, migrated_template, receiver_deployment
+from tests.support.deployments import API_KEY, SIGNING_SECRET, receiver_deployment
 
 if TYPE_CHECKING:
     import contextlib
@@ -25,30 +25,21 @@ if TYPE_CHECKING:
     from demo.stack import AirflowStack
 
 
-@pytest.fixture(scope="session")
-def airflow_meta_template(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An Airflow metadata database migrated once for the session, that each module's stack copies."""
-    with migrated_template(pg_server, tmp_path_factory.mktemp("airflow-template")) as name:
-        yield name
-
-
 @pytest.fixture(scope="module")
 def deploy(
-    pg_server: str, cdr_dsn: str, airflow_meta_template: str, tmp_path_factory: pytest.TempPathFactory
+    pg_server: str, cdr_dsn: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., contextlib.AbstractContextManager[tuple[AirflowStack, Receiver]]]:
     """
     ``deploy(home, env, *servers, **stack_options)``: a module's real Airflow and its receiver.
 
-    :func:`tests.support.deployments.receiver_deployment` on this session's PostgreSQL, its metadata
-    database a copy of the session's migrated one; ``home`` is a path, or the name of a new temporary
-    directory.
+    :func:`tests.support.deployments.receiver_deployment` on this session's PostgreSQL; ``home`` is a path, or
+    the name of a new temporary directory.
     """
 
     def deployment(
         home: Path | str, env: Mapping[str, str], *servers: Any, **stack_options: Any
     ) -> contextlib.AbstractContextManager[tuple[AirflowStack, Receiver]]:
         where = tmp_path_factory.mktemp(home) if isinstance(home, str) else home
-        stack_options.setdefault("meta_template", airflow_meta_template)
         return receiver_deployment(where, pg_server, cdr_dsn, env, *servers, **stack_options)
 
     return deployment

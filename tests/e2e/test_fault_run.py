@@ -64,7 +64,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def deployment(cluster, pg_server, redis_url, airflow_meta_template, tmp_path_factory):
+def deployment(cluster, pg_server, redis_url, tmp_path_factory):
     dsn = cluster.create_database("fault_cdrs")
     chaos = ChaosReceiver(
         Chaos(seed=SEED), secret=SIGNING_SECRET, api_key=API_KEY, hang_seconds=REQUEST_TIMEOUT + 1
@@ -97,7 +97,6 @@ def deployment(cluster, pg_server, redis_url, airflow_meta_template, tmp_path_fa
         broker_url=redis_url,
         workers=2,
         concurrency=3,
-        meta_template=airflow_meta_template,
     ) as (stack, _):
         yield stack, chaos, dsn
 

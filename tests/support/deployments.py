@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
-import subprocess
-import sys
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from demo.connections import http_conn, postgres_conn
 from demo.receiver import Receiver
-from demo.stack import AirflowStack, sqlalchemy_url
+from demo.stack import AirflowStack
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -35,39 +29,6 @@ def wait_for_watcher(stack: AirflowStack, timeout: float = 90) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the triggerer started no commit watcher within {timeout:g} s")
         time.sleep(0.25)
-
-
-@contextlib.contextmanager
-def migrated_template(pg_server: str, home: Path) -> Iterator[str]:
-    """
-    A metadata database on ``pg_server`` that ``airflow db migrate`` (this interpreter's Airflow)
-    made once, for the stacks of a test session to copy (``meta_template``): a copy takes a tenth of
-    a second where a migration takes 10 s or more. Its name; dropped at the end.
-    """
-    name = f"airflow_template_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        env = os.environ | {
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(make_conninfo(pg_server, dbname=name)),
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "airflow", "db", "migrate"],
-            env=env,
-            cwd=home,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if done.returncode:
-            raise RuntimeError(f"airflow db migrate of the metadata template failed: {done.stdout[-3000:]}")
-        yield name
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def prepare_cdr_database(dsn: str) -> None:
