@@ -286,11 +286,13 @@ def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -
     delivered = conn.execute(
         "SELECT count(*) FROM cdr_webhook.delivery WHERE status = 'delivered' AND cdr_id = ANY(%s)", (ids,)
     ).fetchone()
-    bodies = signed_requests(conn, ids, endpoint=ENDPOINT, secret=SIGNING_SECRET, api_key=API_KEY)
-    raw: dict[str, list[tuple[float, float]]] = {"requests.Session": [], "http.client": []}
-    for _ in range(args.repeat if not args.delay_ms else 0):  # with a delay, the bound is the reference
-        raw["requests.Session"].append(timed(lambda: all_ok(requests_loop(url, bodies))))
-        raw["http.client"].append(timed(lambda: all_ok(http_client_loop(url, bodies))))
+    raw: dict[str, list[tuple[float, float]]] = {}
+    if not args.delay_ms:  # with a delay, the reference is the bound, not a loop
+        bodies = signed_requests(conn, ids, endpoint=ENDPOINT, secret=SIGNING_SECRET, api_key=API_KEY)
+        raw = {"requests.Session": [], "http.client": []}
+        for _ in range(args.repeat):
+            raw["requests.Session"].append(timed(lambda: all_ok(requests_loop(url, bodies))))
+            raw["http.client"].append(timed(lambda: all_ok(http_client_loop(url, bodies))))
     load = load_average()
     print(
         f"\n{args.cdrs} CDRs to {args.host} ({args.endpoints} endpoint(s)), "
@@ -302,7 +304,7 @@ def measure(args: argparse.Namespace, conn: psycopg.Connection[Any], url: str) -
     print(f"| chunk task (`CdrWebhookOperator.execute`) | {cpu:.3f} | {wall_chunk:.3f} |")
     db_ms = statistics.median(database) / args.cdrs * 1000
     print(f"| the CDR database server during the chunk (every PostgreSQL process) | {db_ms:.3f} | |")
-    for name, samples in raw.items() if not args.delay_ms else ():
+    for name, samples in raw.items():
         cpu, wall = median_per_item(samples, args.cdrs)
         print(f"| raw keep-alive loop, `{name}` (bodies built in advance) | {cpu:.3f} | {wall:.3f} |")
     if args.delay_ms:

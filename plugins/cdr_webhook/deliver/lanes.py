@@ -85,8 +85,8 @@ class LaneSender:
             queue.SimpleQueue()
         )
         self.sending = 0  # threads sending (each holds one of its lane's slots)
-        #: Guards the lanes' ``waiting``, ``running`` and ``stopped`` and ``sending``: the sending
-        #: threads take their lane's next CDR themselves.
+        #: Guards the lanes' ``waiting`` and ``running``, and ``sending``: the sending threads take
+        #: their lane's next CDR themselves.
         self.lock = threading.Lock()
         self.closing = False  # the try ends: no thread takes another CDR
         self.attempts: list[Attempt] = []
@@ -267,18 +267,18 @@ class LaneSender:
             self.attempts.append(attempt)
             failed = failed or attempt.decision.status is DeliveryStatus.FAILED
             lane.counted(attempt)
-            with self.lock:
-                stopped_now = lane.stopped and lane.waiting
-            if stopped_now:
+            with self.lock:  # a stopped lane's thread goes on no more: what waits is the retry's
+                left = len(lane.waiting) if lane.stopped else 0
+                if left:
+                    lane.waiting.clear()
+            if left:
                 self.engine.log.warning(
                     "Endpoint %s: %s; its %d other CDR(s) of this chunk are not sent in this try and "
                     "wait for its retry",
                     lane.conn_id,
                     lane.stopped,
-                    len(lane.waiting),
+                    left,
                 )
-                with self.lock:
-                    lane.waiting.clear()
         if failed:  # a delivery that failed for good may pause its endpoint: recorded before more go
             self.recorder.wait()
 
